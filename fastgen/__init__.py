@@ -1,0 +1,1 @@
+"""fastgen: a research framework for LLM serving schedulers on one ragged forward pass."""

@@ -1,0 +1,78 @@
+"""CausalLM: what every fastgen model family provides, and the one weight-loading routine they share."""
+from __future__ import annotations
+
+from typing import ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from fastgen.kv.cache import KVCache, KVCacheSpec
+from fastgen.ragged import RaggedBatch
+
+
+class CausalLM(nn.Module):
+    """A decoder-only model running on a RaggedBatch over a blocked KV cache.
+
+    Subclasses name their transformers `model_type`s and describe how transformers' parameter names map onto
+    theirs: `packed` lists (fused module, transformers module, shard index) for projections fastgen fuses,
+    `renames` lists plain substring renames.
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    packed: ClassVar[tuple[tuple[str, str, int], ...]] = ()
+    renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    @property
+    def kv_spec(self) -> KVCacheSpec:
+        raise NotImplementedError
+
+    @property
+    def max_positions(self) -> int:
+        return self.config.max_position_embeddings
+
+    def forward(self, batch: RaggedBatch, kv: KVCache) -> torch.Tensor:
+        """Returns float32 logits [num_seqs, vocab] for the last scheduled token of each sequence."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def load_hf_state_dict(self, state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
+        params = dict(self.named_parameters())
+        modules = dict(self.named_modules())
+        loaded: dict[str, set] = {}
+        for hf_name, tensor in state_dict.items():
+            name = hf_name
+            for old, new in self.renames:
+                name = name.replace(old, new)
+            shard = None
+            for fused, part, index in self.packed:
+                if f".{part}." in name:
+                    name, shard = name.replace(f".{part}.", f".{fused}."), index
+                    break
+            if name == "lm_head.weight" and "lm_head.weight" not in params:
+                continue   # tied: the embedding is the LM head
+            if name not in params:
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                raise ValueError(f"{source}: weight {hf_name!r} has no place in fastgen's "
+                                 f"{type(self).__name__}; is this checkpoint for a different architecture?")
+            dest = params[name]
+            if shard is not None:
+                sizes = modules[name.rsplit(".", 1)[0]].shard_sizes
+                dest = dest.narrow(0, sum(sizes[:shard]), sizes[shard])
+            if dest.shape != tensor.shape:
+                raise ValueError(f"{source}: weight {hf_name!r} has shape {tuple(tensor.shape)}, "
+                                 f"fastgen expects {tuple(dest.shape)}")
+            dest.copy_(tensor)
+            loaded.setdefault(name, set()).add(shard)
+        missing = [n for n, _ in self.named_parameters() if loaded.get(n) != self._expected_shards(n, modules)]
+        if missing:
+            raise ValueError(f"{source}: missing weights {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+    @staticmethod
+    def _expected_shards(name: str, modules: dict[str, nn.Module]) -> set:
+        sizes = getattr(modules[name.rsplit(".", 1)[0]], "shard_sizes", None)
+        return set(range(len(sizes))) if sizes else {None}

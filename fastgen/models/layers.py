@@ -1,0 +1,124 @@
+"""Layers shared by every model family. All tensor math goes through fastgen.kernels."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastgen import kernels
+from fastgen.ragged import RaggedBatch
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return kernels.rms_norm(x, self.weight, self.eps, residual)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if affine else None
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin table for every position, built from the frequencies transformers computes for this config, so
+    every rope-scaling variant transformers applies statically (linear, llama3, yarn, ...) is matched exactly."""
+
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float, max_positions: int):
+        super().__init__()
+        self.inv_freq = inv_freq.detach().to("cpu", torch.float32)   # plain attribute: survives to_empty()
+        self.attention_scaling, self.max_positions = attention_scaling, max_positions
+        self.build_table()
+
+    def build_table(self) -> None:
+        """(Re)computes the table; the loader calls it after materialising a model built on the meta device."""
+        t = torch.arange(self.max_positions, dtype=torch.float32, device="cpu")
+        freqs = torch.outer(t, self.inv_freq)
+        table = torch.cat([freqs.cos(), freqs.sin()], dim=-1) * self.attention_scaling
+        self.register_buffer("cos_sin", table, persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> None:
+        kernels.rotary(q, k, positions, self.cos_sin)
+
+
+class Attention(nn.Module):
+    """Self-attention over the blocked KV cache: fused QKV projection, optional rotary, optional sliding window."""
+
+    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *, qkv_bias: bool,
+                 out_bias: bool, rotary: RotaryEmbedding | None, window: int | None = None):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.qkv_proj.shard_sizes = [self.q_size, self.kv_size, self.kv_size]   # read by the weight loader
+        self.o_proj = nn.Linear(self.q_size, hidden, bias=out_bias)
+        self.rotary = rotary
+        self.window = window
+        self.scale = head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, batch: RaggedBatch, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.rotary is not None:
+            self.rotary(q, k, batch.positions)
+        k_cache, v_cache = kv
+        kernels.kv_write(k, v, k_cache, v_cache, batch.slot_mapping)
+        out = kernels.attention(q, k_cache, v_cache, batch.attn, self.scale, self.window)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU MLP with the gate and up projections fused into one matmul."""
+
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=bias)
+        self.gate_up_proj.shard_sizes = [intermediate, intermediate]
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+
+
+class MLP(nn.Module):
+    """Plain two-layer MLP (OPT)."""
+
+    def __init__(self, hidden: int, intermediate: int, activation: str, bias: bool = True):
+        super().__init__()
+        acts = {"relu": nn.functional.relu, "gelu": nn.functional.gelu}
+        if activation not in acts:
+            raise ValueError(f"unsupported MLP activation {activation!r}; supported: {', '.join(acts)}")
+        self.fc1 = nn.Linear(hidden, intermediate, bias=bias)
+        self.fc2 = nn.Linear(intermediate, hidden, bias=bias)
+        self.act = acts[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LMHead(nn.Module):
+    """Projects only the rows that need logits; shares the embedding matrix when the model ties them."""
+
+    def __init__(self, hidden: int, vocab: int, tied_to: nn.Embedding | None = None):
+        super().__init__()
+        # Tying by module, not by parameter: the tie then survives to_empty() and dtype/device moves.
+        self.tied_to = tied_to
+        self.weight = None if tied_to is not None else nn.Parameter(torch.empty(vocab, hidden))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        weight = self.tied_to.weight if self.tied_to is not None else self.weight
+        return nn.functional.linear(h, weight).float()

@@ -1,0 +1,106 @@
+"""Llama family: Llama-2/3, SmolLM2 (GQA, rope scaling), and the near-identical Mistral and Qwen2."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastgen.kv.cache import KVCache, KVCacheSpec
+from fastgen.models.base import CausalLM
+from fastgen.models.layers import Attention, GatedMLP, LMHead, RMSNorm, RotaryEmbedding
+from fastgen.ragged import RaggedBatch
+
+
+def rotary_from_config(config, layer_cls_module) -> RotaryEmbedding:
+    """Ask transformers' own rotary module for inv_freq and the attention scaling, so scaling variants match."""
+    with torch.device("cpu"):
+        hf_rotary = layer_cls_module(config=config)
+    if getattr(hf_rotary, "rope_type", "default") in ("dynamic", "longrope"):
+        raise ValueError(f"rope type {hf_rotary.rope_type!r} depends on the sequence length and is not supported; "
+                         "supported: default, linear, llama3, yarn")
+    return RotaryEmbedding(hf_rotary.inv_freq, float(hf_rotary.attention_scaling), config.max_position_embeddings)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, rotary: RotaryEmbedding, window: int | None, qkv_bias: bool):
+        super().__init__()
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.self_attn = Attention(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                                   head_dim, qkv_bias=qkv_bias, out_bias=getattr(config, "attention_bias", False),
+                                   rotary=rotary, window=window)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, bias=getattr(config, "mlp_bias", False))
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, h, residual, batch, kv):
+        h, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(h, batch, kv)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config, rotary: RotaryEmbedding, windows: list[int | None], qkv_bias: bool):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, rotary, w, qkv_bias) for w in windows)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(CausalLM):
+    model_types = ("llama",)
+    packed = (("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2),
+              ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1))
+
+    def __init__(self, config):
+        super().__init__(config)
+        if config.hidden_act != "silu":
+            raise ValueError(f"hidden_act={config.hidden_act!r} is not supported for {type(self).__name__}; "
+                             "supported: silu")
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+        rotary = rotary_from_config(config, LlamaRotaryEmbedding)
+        windows = self.layer_windows(config)
+        self.model = LlamaModel(config, rotary, windows, self.qkv_bias(config))
+        tied = self.model.embed_tokens if config.tie_word_embeddings else None
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, tied_to=tied)
+
+    def layer_windows(self, config) -> list[int | None]:
+        return [None] * config.num_hidden_layers
+
+    def qkv_bias(self, config) -> bool:
+        return getattr(config, "attention_bias", False)
+
+    @property
+    def kv_spec(self) -> KVCacheSpec:
+        attn = self.model.layers[0].self_attn
+        return KVCacheSpec(len(self.model.layers), attn.num_kv_heads, attn.head_dim)
+
+    def forward(self, batch: RaggedBatch, kv: KVCache) -> torch.Tensor:
+        h, residual = self.model.embed_tokens(batch.input_ids), None
+        for i, layer in enumerate(self.model.layers):
+            h, residual = layer(h, residual, batch, kv.layer(i))
+        idx = batch.logits_indices
+        h, _ = self.model.norm(h.index_select(0, idx), residual.index_select(0, idx))
+        return self.lm_head(h)
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Llama with sliding-window attention on every layer."""
+
+    model_types = ("mistral",)
+
+    def layer_windows(self, config) -> list[int | None]:
+        return [config.sliding_window] * config.num_hidden_layers
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Llama with biases on the QKV projection (not on o_proj), and optional per-layer sliding windows."""
+
+    model_types = ("qwen2",)
+
+    def qkv_bias(self, config) -> bool:
+        return True
+
+    def layer_windows(self, config) -> list[int | None]:
+        types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+        window = config.sliding_window if getattr(config, "use_sliding_window", False) else None
+        return [window if t == "sliding_attention" else None for t in types]

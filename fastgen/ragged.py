@@ -1,0 +1,71 @@
+"""RaggedBatch: the one input every model's forward pass takes.
+
+All tokens scheduled in a step, from all sequences, are flattened into one batch. Each sequence contributes one
+contiguous run: a prompt chunk of any length or a single decode token, starting at position `start` (the number
+of its tokens whose KV is already cached). The batch carries where each new token's K/V goes (`slot_mapping`),
+what attention needs to read each sequence's history (`attn`), and which rows get logits (`logits_indices`: the
+last scheduled token of each sequence; nothing else goes through the LM head).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from fastgen.kernels.metadata import AttentionMetadata
+
+
+@dataclass
+class SeqChunk:
+    """One sequence's share of a step: its new tokens, where they start, and the KV blocks it owns."""
+
+    token_ids: Sequence[int]
+    start: int
+    block_table: Sequence[int]
+
+
+@dataclass
+class RaggedBatch:
+    input_ids: torch.Tensor        # [T] int64
+    positions: torch.Tensor        # [T] int64
+    slot_mapping: torch.Tensor     # [T] int64
+    logits_indices: torch.Tensor   # [S] int64
+    attn: AttentionMetadata
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+    @classmethod
+    def build(cls, chunks: Sequence[SeqChunk], block_size: int, device: torch.device | str = "cpu") -> "RaggedBatch":
+        if not chunks:
+            raise ValueError("a ragged batch needs at least one sequence")
+        lens = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=len(chunks))
+        if (lens < 1).any():
+            raise ValueError("every sequence in a ragged batch must contribute at least one token")
+        starts = np.fromiter((c.start for c in chunks), dtype=np.int64, count=len(chunks))
+        ctx = starts + lens
+        max_blocks = max(len(c.block_table) for c in chunks)
+        tables = np.zeros((len(chunks), max(max_blocks, 1)), dtype=np.int64)
+        for i, c in enumerate(chunks):
+            if len(c.block_table) * block_size < ctx[i]:
+                raise ValueError(f"sequence {i} needs {ctx[i]} KV slots but owns {len(c.block_table)} blocks "
+                                 f"of {block_size}")
+            tables[i, :len(c.block_table)] = c.block_table
+        query_start = np.zeros(len(chunks) + 1, dtype=np.int64)
+        np.cumsum(lens, out=query_start[1:])
+        seq_of_token = np.repeat(np.arange(len(chunks)), lens)
+        positions = np.arange(int(query_start[-1])) - np.repeat(query_start[:-1] - starts, lens)
+        slots = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+        input_ids = np.fromiter((t for c in chunks for t in c.token_ids), dtype=np.int64, count=int(query_start[-1]))
+
+        def tensor(a: np.ndarray, dtype=torch.int64) -> torch.Tensor:
+            return torch.from_numpy(a).to(device=device, dtype=dtype)
+
+        attn = AttentionMetadata(query_start=tensor(query_start, torch.int32), context_lens=tensor(ctx, torch.int32),
+                                 block_tables=tensor(tables, torch.int32), max_query_len=int(lens.max()),
+                                 max_context_len=int(ctx.max()))
+        return cls(input_ids=tensor(input_ids), positions=tensor(positions), slot_mapping=tensor(slots),
+                   logits_indices=tensor(query_start[1:] - 1), attn=attn)

@@ -1,0 +1,81 @@
+"""Tiny random-weight transformers models of every supported family, and a minimal driver of the ragged
+forward pass, shared by the tests."""
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+
+from fastgen.kv.allocator import BlockAllocator
+from fastgen.kv.cache import KVCache
+from fastgen.models import build_model
+from fastgen.ragged import RaggedBatch, SeqChunk
+
+
+def tiny_config(family: str, seed: int = 0, **overrides):
+    common = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=256)
+    if family == "llama":
+        cfg = LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=False)
+    elif family == "llama-gqa-tied":
+        cfg = LlamaConfig(**{**common, "num_attention_heads": 6, "hidden_size": 48}, num_key_value_heads=2,
+                          tie_word_embeddings=True, rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0,
+                          "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 64})
+    elif family == "mistral":
+        cfg = MistralConfig(**common, num_key_value_heads=1, sliding_window=7, tie_word_embeddings=False)
+    elif family == "qwen2":
+        cfg = Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True)
+    elif family == "opt":
+        cfg = OPTConfig(vocab_size=211, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                        max_position_embeddings=256, word_embed_proj_dim=64)
+    elif family == "opt-postln":
+        cfg = OPTConfig(vocab_size=211, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                        max_position_embeddings=256, word_embed_proj_dim=32, do_layer_norm_before=False)
+    else:
+        raise KeyError(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+FAMILIES = ["llama", "llama-gqa-tied", "mistral", "qwen2", "opt", "opt-postln"]
+
+
+def tiny_hf_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = tiny_config(family)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():   # random biases and norm weights so that every weight matters
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.2)
+            elif "norm" in name:
+                p.normal_(1.0, 0.2)
+    return model
+
+
+class ChunkRunner:
+    """Feeds sequences through a fastgen model in chosen chunks, owning a KV cache and block tables."""
+
+    def __init__(self, model, num_blocks: int = 64, block_size: int = 16):
+        self.model, self.block_size = model, block_size
+        self.cache = KVCache(model.kv_spec, num_blocks, block_size, next(model.parameters()).dtype)
+        self.alloc = BlockAllocator(num_blocks)
+        self.tables: dict[int, list[int]] = {}
+        self.lens: dict[int, int] = {}
+
+    def step(self, work: dict[int, list[int]]) -> dict[int, torch.Tensor]:
+        chunks = []
+        for sid, toks in work.items():
+            start = self.lens.get(sid, 0)
+            table = self.tables.setdefault(sid, [])
+            need = -(-(start + len(toks)) // self.block_size) - len(table)
+            table.extend(self.alloc.allocate(max(need, 0)))
+            chunks.append(SeqChunk(toks, start, list(table)))
+            self.lens[sid] = start + len(toks)
+        logits = self.model(RaggedBatch.build(chunks, self.block_size), self.cache)
+        return dict(zip(work, logits))
+
+
+def fastgen_from_hf(hf_model, dtype=torch.float32):
+    return build_model(hf_model.config, hf_model.state_dict(), dtype, "cpu", "test")
