@@ -1,1 +1,8 @@
 """fastgen: a research framework for LLM serving schedulers on one ragged forward pass."""
+
+from fastgen.engine import LLMEngine, RequestOutput
+from fastgen.models import load_model
+from fastgen.pipeline import Pipeline, build_engine, pipeline
+from fastgen.sampling import SamplingParams
+
+__all__ = ["LLMEngine", "Pipeline", "RequestOutput", "SamplingParams", "build_engine", "load_model", "pipeline"]

@@ -79,3 +79,18 @@ class ChunkRunner:
 
 def fastgen_from_hf(hf_model, dtype=torch.float32):
     return build_model(hf_model.config, hf_model.state_dict(), dtype, "cpu", "test")
+
+
+def reference_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy tokens. For sliding-window models, transformers' generate() (its sliding-window KV
+    cache) disagrees with transformers' own cache-free forward on long prompts; there the reference is greedy
+    decoding with the cache-free forward, which is the model's definition."""
+    if getattr(hf_model.config, "sliding_window", None) is None:
+        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)
+        return out[0, len(prompt):].tolist()
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(hf_model(torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
+    return ids[len(prompt):]

@@ -1,9 +1,10 @@
 """When requests are sent: open-loop arrival times or the paper's closed-loop clients.
 
-Every process speaks the same two-call protocol so one driver loop serves them all:
+Every process speaks the same small protocol, so one driver loop serves them all:
 
 - ``initial_requests()`` once at run time 0 -> ``[(request_index, send_time), ...]``;
-- ``on_finish(request_index, now)`` whenever a request has fully finished -> more pairs.
+- ``on_finish(request_index, now)`` whenever a request has fully finished -> more pairs;
+- ``total`` requests are sent over the run, ``warmup_indices`` of them are warm-ups (not measured).
 
 A driver sends request ``i`` when its clock reaches ``send_time`` (send times may lie in the future).
 Open-loop processes return everything up front and nothing on finish; closed-loop clients only
@@ -11,7 +12,8 @@ release work when earlier work finishes, which is why the driver must report fin
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -19,6 +21,11 @@ Send = tuple[int, float]
 
 
 class ArrivalProcess(Protocol):
+    total: int
+
+    @property
+    def warmup_indices(self) -> range: ...
+
     def initial_requests(self) -> list[Send]: ...
 
     def on_finish(self, request_index: int, now: float) -> list[Send]: ...
@@ -50,6 +57,11 @@ class OpenLoopArrivals:
         if any(t < 0 for t in times):
             raise ValueError("arrival times must be >= 0 seconds")
         self.times = [float(t) for t in times]
+        self.total = len(self.times)
+
+    @property
+    def warmup_indices(self) -> range:
+        return range(0)
 
     def initial_requests(self) -> list[Send]:
         return sorted(enumerate(self.times), key=lambda send: send[1])

@@ -58,7 +58,8 @@ def _record(row: dict[str, Any], where: str) -> TraceRecord:
     arrival = _number(row["arrival_time"], "arrival_time", where, float)
     if arrival < 0:
         raise ValueError(f"{where}: arrival_time must be >= 0 seconds, got {arrival}")
-    record = TraceRecord(arrival_time=arrival, output_tokens=_positive_int(row["output_tokens"], "output_tokens", where))
+    output_tokens = _positive_int(row["output_tokens"], "output_tokens", where)
+    record = TraceRecord(arrival_time=arrival, output_tokens=output_tokens)
     field_name = given[0]
     value = row[field_name]
     if field_name == "prompt":
@@ -82,7 +83,8 @@ def _number(value: Any, name: str, where: str, kind: type) -> Any:
             raise TypeError
         return kind(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: {name} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+        expected = "an integer" if kind is int else "a number"
+        raise ValueError(f"{where}: {name} must be {expected}, got {value!r}") from None
 
 
 def _positive_int(value: Any, name: str, where: str) -> int:

@@ -1,0 +1,67 @@
+"""The benchmark behind run.py: build the engine and workload from a RunConfig, drive it, and write the
+paper's metrics to files (metrics.json, requests.jsonl, steps.jsonl) and, optionally, to wandb."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from fastgen.config import RunConfig
+from fastgen.driver import RunResult, run_workload
+from fastgen.metrics import format_table, summarize
+from fastgen.pipeline import build_engine
+from fastgen.workloads import build_workload
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cheap checks of values Hydra's types cannot express, before any model is loaded."""
+    cfg.workload.validate()
+    cfg.sla.validate()
+    if cfg.logger.name not in ("none", "wandb"):
+        raise ValueError(f"logger.name must be 'none' or 'wandb', got {cfg.logger.name!r}")
+
+
+def run_benchmark(cfg: RunConfig, out_dir: str | os.PathLike, model=None, tokenizer=None) -> dict:
+    validate(cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.workload.trace_path and not os.path.isabs(cfg.workload.trace_path):
+        cfg.workload.trace_path = os.path.abspath(cfg.workload.trace_path)
+    engine = build_engine(cfg, model, tokenizer)
+    workload = build_workload(cfg.workload, engine.vocab_size, engine.tokenizer)
+    result = run_workload(engine, workload, progress=cfg.progress)
+    metrics = summarize(result.traces, result.steps, cfg.sla, start_time=result.start_time,
+                        end_time=result.end_time)
+    metrics["config"] = OmegaConf.to_container(OmegaConf.structured(cfg))
+    write_results(out, metrics, result)
+    if cfg.logger.name == "wandb":
+        log_wandb(cfg, metrics, result, out)
+    print(format_table(metrics))
+    return metrics
+
+
+def write_results(out: Path, metrics: dict, result: RunResult) -> None:
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with open(out / "requests.jsonl", "w") as f:
+        for t in result.traces:
+            f.write(json.dumps(dataclasses.asdict(t)) + "\n")
+    with open(out / "steps.jsonl", "w") as f:
+        for s in result.steps:
+            f.write(json.dumps({**s, "time": s["time"] - result.start_time}) + "\n")
+
+
+def log_wandb(cfg: RunConfig, metrics: dict, result: RunResult, out: Path) -> None:
+    import wandb
+
+    run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode,
+                     tags=list(cfg.logger.tags), dir=str(out), config=metrics["config"],
+                     name=f"{cfg.scheduler.name}-{cfg.workload.arrival}-c{cfg.workload.clients}")
+    for i, s in enumerate(result.steps):
+        wandb.log({"step/time_s": s["time"] - result.start_time, "step/duration_s": s["duration_s"],
+                   "step/num_tokens": s["num_tokens"], "step/num_seqs": s["num_seqs"],
+                   "step/kv_used_tokens": s.get("kv_used_tokens")}, step=i)
+    run.summary.update({k: v for k, v in metrics.items() if k != "config" and v is not None})
+    run.finish()

@@ -1,0 +1,35 @@
+"""Paged KV: blocks from a shared pool, allocated on demand as tokens arrive (vLLM / DeepSpeed-FastGen)."""
+from __future__ import annotations
+
+from fastgen.kv.allocator import BlockAllocator
+from fastgen.kv.manager import KVManager, register_kv_manager
+from fastgen.request import Request
+
+
+@register_kv_manager
+class BlockedKVManager(KVManager):
+    name = "blocked"
+
+    def __init__(self, num_blocks: int, block_size: int):
+        super().__init__(num_blocks, block_size)
+        self.allocator = BlockAllocator(num_blocks)
+
+    def _new_blocks(self, req: Request, num_new_tokens: int) -> int:
+        held = len(self.tables.get(req.request_id, ()))
+        return max(0, self.blocks_for(req.num_computed_tokens + num_new_tokens) - held)
+
+    def can_allocate(self, req: Request, num_new_tokens: int) -> bool:
+        return self._new_blocks(req, num_new_tokens) <= self.allocator.num_free
+
+    def allocate(self, req: Request, num_new_tokens: int) -> None:
+        blocks = self.allocator.allocate(self._new_blocks(req, num_new_tokens))
+        self.tables.setdefault(req.request_id, []).extend(blocks)
+        self.tokens[req.request_id] = req.num_computed_tokens + num_new_tokens
+
+    def free(self, req: Request) -> None:
+        self.allocator.free(self.tables.pop(req.request_id, []))
+        self.tokens.pop(req.request_id, None)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.allocator.num_free

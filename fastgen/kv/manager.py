@@ -1,0 +1,67 @@
+"""KVManager: which KV blocks each request owns. Schedulers ask it whether a request can grow; the model runner
+asks it for block tables. It never touches tensors (fastgen.kv.cache holds those).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+from fastgen.request import Request
+
+KV_MANAGERS: dict[str, type["KVManager"]] = {}
+
+
+def register_kv_manager(cls: type["KVManager"]) -> type["KVManager"]:
+    KV_MANAGERS[cls.name] = cls
+    return cls
+
+
+def make_kv_manager(name: str, num_blocks: int, block_size: int) -> "KVManager":
+    if name not in KV_MANAGERS:
+        raise ValueError(f"unknown KV manager {name!r}; available: {', '.join(sorted(KV_MANAGERS))}")
+    return KV_MANAGERS[name](num_blocks, block_size)
+
+
+class KVManager(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"KV pool needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.tables: dict[str, list[int]] = {}
+        self.tokens: dict[str, int] = {}       # KV slots in use (computed + scheduled) per request
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def fits_ever(self, req: Request) -> bool:
+        """Could the request finish if it had the whole pool to itself?"""
+        return self.blocks_for(req.max_kv_tokens) <= self.num_blocks
+
+    @abstractmethod
+    def can_allocate(self, req: Request, num_new_tokens: int) -> bool:
+        """Can the request hold num_computed_tokens + num_new_tokens tokens of KV?"""
+
+    @abstractmethod
+    def allocate(self, req: Request, num_new_tokens: int) -> None: ...
+
+    @abstractmethod
+    def free(self, req: Request) -> None: ...
+
+    @property
+    @abstractmethod
+    def num_free_blocks(self) -> int: ...
+
+    def block_table(self, req: Request) -> list[int]:
+        return self.tables[req.request_id]
+
+    def usage(self) -> dict[str, int]:
+        """Used vs reserved slots: their gap is the memory a policy wastes (fragmentation, over-reservation)."""
+        reserved = sum(len(t) for t in self.tables.values()) * self.block_size
+        return {"kv_used_tokens": sum(self.tokens.values()), "kv_reserved_tokens": reserved,
+                "kv_capacity_tokens": self.capacity_tokens}

@@ -1,0 +1,260 @@
+"""Serving metrics from request timing traces, including DeepSpeed-FastGen's effective throughput.
+
+Definitions follow the paper's published benchmark scripts (DeepSpeedExamples, benchmarks/inference/mii):
+
+- A request is *completed* when it has a finish time, at least one token and was not aborted;
+  every latency statistic and SLA fraction is over completed requests.
+- Throughput window = last finish - first arrival (the scripts' `calc_throughput`); request,
+  output-token and total-token throughput all divide by it.
+- Chat SLA for a generation rate g (tokens/s):
+  prompt part: TTFT <= prompt_tokens / prompt_tokens_per_s (the scripts fail a request only when
+  the limit is *strictly* below its TTFT, so the exact limit passes);
+  EMA part: the pandas ``ewm(span, adjust=True).mean()`` of the inter-token gaps of tokens 2..n is
+  strictly ``< 1/g`` at every token (the paper's "below", and the scripts' ``<``);
+  cumulative variant: token i after the first arrives ``<= i/g`` s after the first token.
+  A single-token output meets the generation part trivially.
+  Effective throughput = request throughput x fraction of completed requests meeting the SLA
+  (i.e. SLA-meeting requests per second of the window).
+- Percentiles use numpy's default linear interpolation, as the scripts do.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from fastgen.trace import RequestTrace
+
+LATENCY_STATS = ("mean", "p50", "p90", "p95", "p99")
+STEP_STATS = ("mean", "p50", "p95")
+TOKEN_LATENCY_PERCENTILES = (50, 90, 95)
+
+Metrics = dict[str, Optional[float]]
+
+
+@dataclass
+class SLAConfig:
+    """The chat SLA of the paper; OmegaConf-compatible (lists via default_factory)."""
+
+    prompt_tokens_per_s: float = 512.0
+    gen_tokens_per_s: list[float] = field(default_factory=lambda: [2.0, 4.0, 6.0])
+    ema_span: int = 16
+
+    def validate(self) -> None:
+        if not self.prompt_tokens_per_s > 0:
+            raise ValueError(f"prompt_tokens_per_s must be > 0, got {self.prompt_tokens_per_s}")
+        if not self.gen_tokens_per_s or not all(g > 0 for g in self.gen_tokens_per_s):
+            raise ValueError(f"gen_tokens_per_s must be a non-empty list of rates > 0, got {self.gen_tokens_per_s}")
+        if self.ema_span < 1:
+            raise ValueError(f"ema_span must be >= 1, got {self.ema_span}")
+
+
+def g_suffix(g: float) -> str:
+    """Key suffix for a generation rate: 4.0 -> 'g4', 2.5 -> 'g2p5' (no dots, safe for loggers)."""
+    return "g" + f"{g:g}".replace(".", "p")
+
+
+def is_completed(trace: RequestTrace) -> bool:
+    return trace.finish_time is not None and bool(trace.token_times) and trace.finish_reason != "abort"
+
+
+# ---------------------------------------------------------------------------- per-request quantities
+
+def ttft(trace: RequestTrace) -> float:
+    return trace.token_times[0] - trace.arrival_time
+
+
+def tpot(trace: RequestTrace) -> Optional[float]:
+    """Mean time per output token after the first; undefined for a single token."""
+    n = len(trace.token_times)
+    return (trace.token_times[-1] - trace.token_times[0]) / (n - 1) if n > 1 else None
+
+
+def inter_token_gaps(trace: RequestTrace) -> list[float]:
+    """Gaps between consecutive output tokens (tokens 2..n)."""
+    times = trace.token_times
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def ewm_mean(values: Sequence[float], span: int) -> list[float]:
+    """pandas ``Series(values).ewm(span=span).mean()`` (adjust=True), step for step, for NaN-free input.
+
+    Reimplemented so the SLA check does not need pandas; the recurrence (including pandas' guard
+    that keeps a constant series exactly constant) matches pandas' `ewma` kernel bit for bit.
+    """
+    decay = 1.0 - 1.0 / (1.0 + (span - 1) / 2.0)     # pandas: alpha = 1 / (1 + com), com = (span - 1) / 2
+    out: list[float] = []
+    weight = 1.0
+    for x in values:
+        if not out:
+            average = x
+        else:
+            weight *= decay
+            if average != x:
+                average = (weight * average + x) / (weight + 1.0)
+            weight += 1.0
+        out.append(average)
+    return out
+
+
+def meets_ttft_sla(trace: RequestTrace, prompt_tokens_per_s: float) -> bool:
+    return ttft(trace) <= trace.prompt_tokens / prompt_tokens_per_s
+
+
+def meets_ema_sla(trace: RequestTrace, gen_tokens_per_s: float, span: int) -> bool:
+    limit = 1.0 / gen_tokens_per_s
+    return all(average < limit for average in ewm_mean(inter_token_gaps(trace), span))
+
+
+def meets_cumulative_sla(trace: RequestTrace, gen_tokens_per_s: float) -> bool:
+    first = trace.token_times[0]
+    return all(t - first <= i / gen_tokens_per_s for i, t in enumerate(trace.token_times[1:], start=1))
+
+
+# The generation part of the SLA, by key infix: "" is the paper's EMA check, "cumulative_" the variant.
+GENERATION_CHECKS = {
+    "": lambda trace, g, sla: meets_ema_sla(trace, g, sla.ema_span),
+    "cumulative_": lambda trace, g, sla: meets_cumulative_sla(trace, g),
+}
+
+
+def sla_fractions(traces: Sequence[RequestTrace], sla: SLAConfig) -> Metrics:
+    """Fractions of `traces` (assumed completed) meeting the TTFT part alone (``sla_ttft_frac``) and
+    each full SLA (``sla_frac_g4``, ``sla_cumulative_frac_g4``, ...); None for no traces."""
+    ttft_ok = [meets_ttft_sla(t, sla.prompt_tokens_per_s) for t in traces]
+    out: Metrics = {"sla_ttft_frac": float(np.mean(ttft_ok)) if traces else None}
+    for g in sla.gen_tokens_per_s:
+        for kind, check in GENERATION_CHECKS.items():
+            met = [ok and check(t, g, sla) for t, ok in zip(traces, ttft_ok)]
+            out[f"sla_{kind}frac_{g_suffix(g)}"] = float(np.mean(met)) if traces else None
+    return out
+
+
+# ---------------------------------------------------------------------------- aggregates
+
+def stats(name: str, values: Iterable[float], which: Sequence[str] = LATENCY_STATS) -> Metrics:
+    """``{name}_{stat}`` for stat in `which` ('mean', 'max' or 'pNN'); None for every stat when empty."""
+    data = np.asarray(list(values), dtype=np.float64)
+    out: Metrics = {}
+    for stat in which:
+        if data.size == 0:
+            value = None
+        elif stat == "mean":
+            value = float(data.mean())
+        elif stat == "max":
+            value = float(data.max())
+        else:
+            value = float(np.percentile(data, float(stat[1:])))
+        out[f"{name}_{stat}"] = value
+    return out
+
+
+def token_latency_percentiles(traces: Sequence[RequestTrace],
+                              percentiles: Sequence[int] = TOKEN_LATENCY_PERCENTILES) -> Metrics:
+    """The paper's token-latency percentiles (keys ``token_latency_s_pNN``).
+
+    As in the published scripts: sort requests by start time, drop the first and the last, pool
+    each request's inter-token gaps (the first token's latency excluded) without its last gap.
+    """
+    ordered = sorted(traces, key=lambda t: t.arrival_time)[1:-1]
+    pooled = [gap for t in ordered for gap in inter_token_gaps(t)[:-1]]
+    return stats("token_latency_s", pooled, [f"p{p}" for p in percentiles])
+
+
+def step_metrics(steps: Sequence[Mapping[str, Any]]) -> Metrics:
+    """Per-step size and time, and KV utilisation for steps that report it."""
+    out: Metrics = {"num_steps": len(steps)}
+    out |= stats("step_tokens", (s["num_tokens"] for s in steps), STEP_STATS)
+    out |= stats("step_seqs", (s["num_seqs"] for s in steps), ("mean",))
+    out |= stats("step_time_s", (s["duration_s"] for s in steps), STEP_STATS)
+    out |= stats("kv_used_frac_of_reserved", _ratios(steps, "kv_reserved_tokens"), ("mean",))
+    out |= stats("kv_used_frac_of_capacity", _ratios(steps, "kv_capacity_tokens"), ("mean", "max"))
+    return out
+
+
+def _ratios(steps: Sequence[Mapping[str, Any]], denominator: str) -> list[float]:
+    return [s["kv_used_tokens"] / s[denominator] for s in steps
+            if s.get("kv_used_tokens") is not None and s.get(denominator)]
+
+
+def summarize(traces: Sequence[RequestTrace], steps: Sequence[Mapping[str, Any]] = (),
+              sla: Optional[SLAConfig] = None, *, start_time: Optional[float] = None,
+              end_time: Optional[float] = None) -> Metrics:
+    """All run metrics as one flat, JSON-serialisable dict (None where undefined, never NaN).
+
+    `traces` should hold only measured requests (drop closed-loop warm-ups first). `start_time` and
+    `end_time` bound the whole run for `duration_s` and `busy_frac`; without them the throughput
+    window is used.
+    """
+    sla = sla or SLAConfig()
+    sla.validate()
+    done = [t for t in traces if is_completed(t)]
+    window = (max(t.finish_time for t in done) - min(t.arrival_time for t in traces)) if done else None
+    per_s = (lambda count: count / window) if window else (lambda count: None)
+    duration = end_time - start_time if start_time is not None and end_time is not None else window
+    prompt_tokens = sum(t.prompt_tokens for t in done)
+    output_tokens = sum(t.output_tokens for t in done)
+
+    out: Metrics = {
+        "num_requests": len(traces), "num_completed": len(done),
+        "num_prompt_tokens": prompt_tokens, "num_output_tokens": output_tokens,
+        "duration_s": duration, "window_s": window,
+        "request_throughput": per_s(len(done)),
+        "output_token_throughput": per_s(output_tokens),
+        "total_token_throughput": per_s(prompt_tokens + output_tokens),
+    }
+    out |= stats("ttft_s", map(ttft, done))
+    out |= stats("tpot_s", (v for v in map(tpot, done) if v is not None))
+    out |= stats("itl_s", (gap for t in done for gap in inter_token_gaps(t)))
+    out |= stats("e2e_s", (t.finish_time - t.arrival_time for t in done))
+    out |= stats("queue_s", (t.first_scheduled_time - t.arrival_time for t in done
+                             if t.first_scheduled_time is not None))
+    out |= token_latency_percentiles(done)
+    out |= sla_fractions(done, sla)
+    throughput = out["request_throughput"]
+    for g in sla.gen_tokens_per_s:
+        for kind in GENERATION_CHECKS:
+            fraction = out[f"sla_{kind}frac_{g_suffix(g)}"]
+            out[f"effective_{kind}throughput_{g_suffix(g)}"] = (
+                None if throughput is None or fraction is None else throughput * fraction)
+    out |= step_metrics(steps)
+    busy = sum(s["duration_s"] for s in steps)
+    out["busy_frac"] = busy / duration if steps and duration else None
+    return out
+
+
+# ---------------------------------------------------------------------------- rendering
+
+def format_table(metrics: Mapping[str, Any]) -> str:
+    """A compact plain-text summary of a `summarize` result, for logs and terminals."""
+    def num(key: str, unit: str = "") -> str:
+        value = metrics.get(key)
+        return "-" if value is None else f"{value:.4g}{unit}"
+
+    lines = [
+        f"requests     {metrics.get('num_completed')}/{metrics.get('num_requests')} completed"
+        f" in {num('duration_s', ' s')} (window {num('window_s', ' s')})",
+        f"throughput   {num('request_throughput', ' req/s')}  {num('output_token_throughput', ' out tok/s')}"
+        f"  {num('total_token_throughput', ' tok/s')}",
+        "",
+        f"{'latency (s)':<14}" + "".join(f"{s:>10}" for s in LATENCY_STATS),
+    ]
+    for name in ("ttft", "tpot", "itl", "e2e", "queue"):
+        lines.append(f"  {name:<12}" + "".join(f"{num(f'{name}_s_{s}'):>10}" for s in LATENCY_STATS))
+    lines.append("token latency (paper method)  "
+                 + "  ".join(f"P{p} {num(f'token_latency_s_p{p}', ' s')}" for p in TOKEN_LATENCY_PERCENTILES))
+    lines += ["", f"SLA          TTFT met {num('sla_ttft_frac')}",
+              f"  {'g (tok/s)':<10}{'ema frac':>10}{'effective':>11}{'cum frac':>10}{'cum eff':>10}"]
+    for key in (k for k in metrics if k.startswith("sla_frac_g")):
+        g = key[len("sla_frac_"):]
+        lines.append(f"  {g[1:].replace('p', '.'):<10}{num(key):>10}{num(f'effective_throughput_{g}'):>11}"
+                     f"{num(f'sla_cumulative_frac_{g}'):>10}{num(f'effective_cumulative_throughput_{g}'):>10}")
+    lines += ["", f"steps        {metrics.get('num_steps', 0)}  tokens/step mean {num('step_tokens_mean')}"
+                  f" p50 {num('step_tokens_p50')} p95 {num('step_tokens_p95')}",
+              f"step time    mean {num('step_time_s_mean', ' s')} p50 {num('step_time_s_p50', ' s')}"
+              f" p95 {num('step_time_s_p95', ' s')}  busy {num('busy_frac')}",
+              f"KV used      of reserved {num('kv_used_frac_of_reserved_mean')}"
+              f"  of capacity mean {num('kv_used_frac_of_capacity_mean')} max {num('kv_used_frac_of_capacity_max')}"]
+    return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""Request: one generation request and its progress, as the scheduler and the engine see it.
+
+A request has `num_tokens` tokens (prompt + generated so far) of which `num_computed_tokens` have their KV in
+the cache. Each step the scheduler gives it some of the rest; the step that computes its last token yields a new
+token. A preempted request drops its KV (num_computed_tokens = 0) and recomputes prompt + generated tokens.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from fastgen.sampling import SamplingParams
+from fastgen.trace import RequestTrace
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    arrival_time: float
+    eos_token_ids: frozenset[int] = frozenset()
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+    output_text: str = ""                       # kept only when stop strings need it
+    generator: torch.Generator | None = None
+    trace: RequestTrace = None
+
+    def __post_init__(self):
+        if self.trace is None:
+            self.trace = RequestTrace(self.request_id, len(self.prompt_token_ids), self.arrival_time)
+        if self.sampling.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.sampling.seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens still to run through the model before the next token can be sampled."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        return bool(self.output_token_ids) and self.num_pending_tokens == 1
+
+    @property
+    def max_kv_tokens(self) -> int:
+        """KV slots the request needs at its longest: the last generated token is never fed back."""
+        return len(self.prompt_token_ids) + self.sampling.max_new_tokens - 1
+
+    def token_slice(self, start: int, n: int) -> list[int]:
+        p = len(self.prompt_token_ids)
+        if start + n <= p:
+            return self.prompt_token_ids[start:start + n]
+        return (self.prompt_token_ids + self.output_token_ids)[start:start + n]
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        ids = frozenset(self.sampling.stop_token_ids)
+        return ids if self.sampling.ignore_eos else ids | self.eos_token_ids

@@ -1,0 +1,140 @@
+"""Scheduler: the policy that decides, each step, which requests run and how many of their tokens.
+
+Schedulers are pure policy. They own the waiting queue and the running list, read request state and ask the KV
+manager for room; they return a SchedulerOutput and never touch tensors. The engine owns the loop and tells the
+scheduler when a request finishes or is aborted.
+
+Budget vocabulary (as in vLLM's v1 scheduler): a step carries at most `token_budget` tokens from at most
+`max_seqs` sequences. A decode costs one token; a prompt costs as many tokens as the policy gives it.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from fastgen.config import SchedulerConfig
+from fastgen.kv.manager import KVManager
+from fastgen.request import Request, RequestStatus
+
+SCHEDULERS: dict[str, type["Scheduler"]] = {}
+
+
+def register_scheduler(name: str):
+    """Class decorator: makes a policy selectable as `scheduler=name`."""
+    def wrap(cls: type["Scheduler"]) -> type["Scheduler"]:
+        cls.name = name
+        SCHEDULERS[name] = cls
+        return cls
+    return wrap
+
+
+@dataclass
+class ScheduledChunk:
+    request: Request
+    num_tokens: int
+
+    @property
+    def is_prefill(self) -> bool:
+        """Runs prompt (or recomputed) tokens rather than the one token of a decode."""
+        return not self.request.is_decode
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    def __bool__(self) -> bool:
+        return bool(self.chunks)
+
+
+class Scheduler:
+    name: ClassVar[str] = "base"
+
+    def __init__(self, config: SchedulerConfig, kv: KVManager):
+        self.config, self.kv = config, kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    # -- the policy ---------------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        raise NotImplementedError
+
+    # -- bookkeeping shared by every policy ----------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
+
+    def finish(self, req: Request) -> None:
+        """Called by the engine when a request finishes or is aborted: drop it and free its KV at once."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req)
+        req.status = RequestStatus.FINISHED
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def num_requests(self) -> tuple[int, int]:
+        return len(self.running), len(self.waiting)
+
+    def admit(self, req: Request) -> None:
+        """Moves a waiting request to the running list (reserve() does this when it first gets KV)."""
+        self.waiting.remove(req)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+
+    def preempt(self, req: Request, out: SchedulerOutput) -> None:
+        """Recompute preemption: free the victim's KV and put it back at the front of the queue; its generated
+        tokens become part of what it must recompute, so nothing it produced is lost."""
+        self.running.remove(req)
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+        out.preempted.append(req)
+
+    def victim(self, out: SchedulerOutput) -> Request | None:
+        """The request to preempt: the newest running one not already scheduled in this step."""
+        scheduled = {id(c.request) for c in out.chunks}
+        candidates = [r for r in self.running if id(r) not in scheduled]
+        if not candidates:
+            return None
+        key = (lambda r: r.arrival_time) if self.config.preemption == "newest" else (lambda r: -r.arrival_time)
+        return max(candidates, key=key)
+
+    def reserve(self, req: Request, n: int, out: SchedulerOutput, preempt: bool = True) -> bool:
+        """Finds KV for n more tokens of req, preempting victims if allowed; on success adds the chunk."""
+        while not self.kv.can_allocate(req, n):
+            victim = self.victim(out) if preempt else None
+            if victim is None:
+                return False
+            self.preempt(victim, out)
+            if victim is req:
+                return False
+        self.kv.allocate(req, n)
+        out.chunks.append(ScheduledChunk(req, n))
+        if req.status is RequestStatus.WAITING:
+            self.admit(req)
+        return True
+
+    def schedule_decodes(self, out: SchedulerOutput, budget: int, preempt: bool = True) -> int:
+        """One token for every running request that is decoding, oldest first; returns the budget left."""
+        for req in list(self.running):
+            if budget < 1 or len(out.chunks) >= self.config.max_seqs:
+                break
+            if req.status is RequestStatus.RUNNING and req.is_decode and self.reserve(req, 1, out, preempt):
+                budget -= 1
+        return budget
+
+    def prefill_candidates(self) -> list[Request]:
+        """Running requests part-way through their prompt, then the waiting queue in order."""
+        return [r for r in self.running if not r.is_decode] + list(self.waiting)

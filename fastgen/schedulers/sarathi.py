@@ -1,0 +1,21 @@
+"""Sarathi-Serve stall-free batching: decodes first, then the ongoing partial prefills, then new prefills, each
+in chunks of at most `chunk_size` tokens, until the step's `token_budget` is spent. KV is allocated per chunk;
+a decode that finds no free block preempts the newest request."""
+from __future__ import annotations
+
+from fastgen.schedulers.base import Scheduler, SchedulerOutput, register_scheduler
+
+
+@register_scheduler("sarathi")
+class SarathiScheduler(Scheduler):
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.schedule_decodes(out, self.config.token_budget, preempt=True)
+        for req in self.prefill_candidates():
+            if budget < 1 or len(out.chunks) >= self.config.max_seqs:
+                break
+            n = min(req.num_pending_tokens, self.config.chunk_size, budget)
+            if not self.reserve(req, n, out, preempt=False):
+                break
+            budget -= n
+        return out

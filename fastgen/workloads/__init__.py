@@ -1,0 +1,171 @@
+"""Benchmark workloads: which requests are sent (prompt tokens, output budget) and when.
+
+`build_workload(cfg, vocab_size, tokenizer)` turns a flat `WorkloadConfig` into a `Workload`:
+a list of `WorkloadRequest`s plus an arrival process (see `arrivals` for the driver protocol).
+Everything is deterministic under `seed`; prompt lengths, output lengths, prompt tokens and
+arrival times come from independent streams, so e.g. sweeping the rate keeps the requests fixed.
+
+Arrival processes (`WorkloadConfig.arrival`):
+
+- ``closed_loop``: the paper's method, `clients` concurrent clients (1..32), each sending its next
+  request when its previous one finished; with `warmup` the first `clients` requests are one
+  warm-up per client (``WorkloadRequest.warmup``; exclude them from metrics);
+- ``poisson``: open loop at `rate` requests/s;
+- ``gamma``: open loop at `rate` requests/s with Gamma gaps of shape `burstiness` (= 1/CV^2);
+- ``trace``: replay `trace_path`, at most `num_requests` rows, at the file's arrival offsets.
+
+Trace files are JSONL (one object per line) or CSV (header row; chosen by the `.csv` suffix):
+
+- ``arrival_time``: seconds from the start of the run (float, >= 0), used as is;
+- exactly one prompt column per row:
+  ``prompt`` (text, tokenized with ``tokenizer.encode(text, add_special_tokens=False)``),
+  ``prompt_token_ids`` (a JSON list of ints; in CSV one space-separated string), or
+  ``prompt_tokens`` (an int length; tokens are made by `prompt_source` like synthetic prompts);
+- ``output_tokens``: the request's max_new_tokens (int >= 1).
+
+In CSV an empty cell means the column is absent for that row. `data/example_trace.jsonl` is a
+20-row example. Synthetic prompts are random ids in [random_token_low, vocab_size) or windows of
+`data/corpus.txt` (English prose) tokenized by the given tokenizer. `max_prompt_len`, when set,
+truncates every prompt, trace prompts included.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .arrivals import ArrivalProcess, ClosedLoopArrivals, OpenLoopArrivals, gamma_arrivals, poisson_arrivals
+from .corpus import CORPUS_PATH, CorpusPrompts, Tokenizer, random_prompt
+from .lengths import LengthSpec, sample_lengths
+from .trace import TraceRecord, load_trace
+
+EXAMPLE_TRACE_PATH = Path(__file__).parent / "data" / "example_trace.jsonl"
+ARRIVALS = ("closed_loop", "poisson", "gamma", "trace")
+PROMPT_SOURCES = ("random", "corpus")
+
+__all__ = [
+    "ARRIVALS", "CORPUS_PATH", "EXAMPLE_TRACE_PATH", "PROMPT_SOURCES", "ArrivalProcess",
+    "ClosedLoopArrivals", "CorpusPrompts", "LengthSpec", "OpenLoopArrivals", "TraceRecord",
+    "Workload", "WorkloadConfig", "WorkloadRequest", "build_workload", "gamma_arrivals",
+    "load_trace", "poisson_arrivals", "random_prompt", "sample_lengths",
+]
+
+
+@dataclass
+class WorkloadConfig:
+    """Flat, OmegaConf-compatible description of a workload (defaults: the paper's 1200/60 setup)."""
+
+    num_requests: int = 512              # measured requests (closed loop adds `clients` warm-ups)
+    prompt: LengthSpec = field(default_factory=lambda: LengthSpec(mean=1200.0))
+    output: LengthSpec = field(default_factory=lambda: LengthSpec(mean=60.0))
+    arrival: str = "closed_loop"         # one of ARRIVALS
+    clients: int = 16                    # closed_loop
+    warmup: bool = True                  # closed_loop: one warm-up request per client
+    jitter_s_per_client: float = 0.01    # closed_loop: start jitter U(0, clients) * this
+    rate: float = 1.0                    # poisson/gamma: requests per second
+    burstiness: float = 1.0              # gamma: shape = 1/CV^2; 1 == poisson
+    trace_path: Optional[str] = None     # trace
+    prompt_source: str = "random"        # one of PROMPT_SOURCES
+    corpus_path: Optional[str] = None    # corpus text; None = the shipped data/corpus.txt
+    random_token_low: int = 0            # random prompts draw ids from [random_token_low, vocab_size)
+    max_prompt_len: Optional[int] = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Check the fields only this config knows; arrival/length parameters are checked where used."""
+        if self.num_requests < 1:
+            raise ValueError(f"num_requests must be >= 1, got {self.num_requests}")
+        if self.arrival not in ARRIVALS:
+            raise ValueError(f"arrival must be one of {ARRIVALS}, got {self.arrival!r}")
+        if self.arrival == "trace" and not self.trace_path:
+            raise ValueError("arrival='trace' needs trace_path: set trace_path to a .jsonl or .csv file")
+        if self.prompt_source not in PROMPT_SOURCES:
+            raise ValueError(f"prompt_source must be one of {PROMPT_SOURCES}, got {self.prompt_source!r}")
+        if self.max_prompt_len is not None and self.max_prompt_len < 1:
+            raise ValueError(f"max_prompt_len must be >= 1 or None (no cap), got {self.max_prompt_len}")
+        self.prompt.validate("prompt")
+        self.output.validate("output")
+
+
+@dataclass
+class WorkloadRequest:
+    index: int                       # position in Workload.requests, the id arrival processes use
+    prompt_token_ids: list[int]
+    max_new_tokens: int
+    warmup: bool = False             # closed-loop warm-up: send it, but leave it out of metrics
+
+
+@dataclass
+class Workload:
+    requests: list[WorkloadRequest]
+    arrivals: ArrivalProcess
+
+    @property
+    def measured(self) -> list[WorkloadRequest]:
+        return [r for r in self.requests if not r.warmup]
+
+
+def build_workload(cfg: WorkloadConfig, vocab_size: int, tokenizer: Optional[Tokenizer] = None,
+                   seed: Optional[int] = None) -> Workload:
+    """Materialise `cfg` into requests and an arrival process; `seed` overrides `cfg.seed`."""
+    cfg.validate()
+    sequence = np.random.SeedSequence(cfg.seed if seed is None else seed)
+    prompt_rng, output_rng, token_rng, arrival_rng = (np.random.default_rng(s) for s in sequence.spawn(4))
+    make_prompt = _prompt_source(cfg, vocab_size, tokenizer, token_rng)
+
+    if cfg.arrival == "trace":
+        records = load_trace(cfg.trace_path)[: cfg.num_requests]
+        arrivals: ArrivalProcess = OpenLoopArrivals([r.arrival_time for r in records])
+        prompts = [_trace_prompt(r, make_prompt, tokenizer) for r in records]
+        outputs = [r.output_tokens for r in records]
+    else:
+        arrivals = _synthetic_arrivals(cfg, arrival_rng)
+        lengths = sample_lengths(cfg.prompt, arrivals.total, prompt_rng, "prompt")
+        prompts = [make_prompt(int(length)) for length in lengths]
+        outputs = sample_lengths(cfg.output, arrivals.total, output_rng, "output").tolist()
+
+    prompts = [p[: cfg.max_prompt_len] for p in prompts]
+    top = max(max(p) for p in prompts) if prompts else -1
+    if top >= vocab_size:
+        raise ValueError(f"prompt token id {top} is outside the vocabulary (vocab_size={vocab_size}); "
+                         "check the trace's prompt_token_ids or that the tokenizer matches the model")
+    requests = [WorkloadRequest(i, p, int(o), warmup=i in arrivals.warmup_indices)
+                for i, (p, o) in enumerate(zip(prompts, outputs))]
+    return Workload(requests=requests, arrivals=arrivals)
+
+
+def _synthetic_arrivals(cfg: WorkloadConfig, rng: np.random.Generator) -> ArrivalProcess:
+    if cfg.arrival == "closed_loop":
+        return ClosedLoopArrivals(cfg.num_requests, cfg.clients, rng, cfg.warmup, cfg.jitter_s_per_client)
+    burstiness = 1.0 if cfg.arrival == "poisson" else cfg.burstiness
+    return OpenLoopArrivals(gamma_arrivals(cfg.num_requests, cfg.rate, burstiness, rng))
+
+
+def _prompt_source(cfg: WorkloadConfig, vocab_size: int, tokenizer: Optional[Tokenizer],
+                   rng: np.random.Generator) -> Callable[[int], list[int]]:
+    """A function from prompt length to token ids, following `cfg.prompt_source`."""
+    if cfg.prompt_source == "random":
+        if not 0 <= cfg.random_token_low < vocab_size:
+            raise ValueError(f"random_token_low must satisfy 0 <= random_token_low < vocab_size ({vocab_size}), "
+                             f"got {cfg.random_token_low}")
+        return lambda length: random_prompt(length, vocab_size, rng, cfg.random_token_low)
+    if tokenizer is None:
+        raise ValueError("prompt_source='corpus' needs a tokenizer: pass tokenizer= or use prompt_source='random'")
+    return CorpusPrompts(tokenizer, rng, cfg.corpus_path).take
+
+
+def _trace_prompt(record: TraceRecord, make_prompt: Callable[[int], list[int]],
+                  tokenizer: Optional[Tokenizer]) -> list[int]:
+    if record.prompt_token_ids is not None:
+        return record.prompt_token_ids
+    if record.prompt_tokens is not None:
+        return make_prompt(record.prompt_tokens)
+    if tokenizer is None:
+        raise ValueError("the trace has text prompts: pass tokenizer= to build_workload")
+    ids = tokenizer.encode(record.prompt, add_special_tokens=False)
+    if not ids:
+        raise ValueError(f"trace prompt {record.prompt!r} tokenized to no tokens")
+    return ids
