@@ -22,9 +22,20 @@ class BlockedKVManager(KVManager):
         return self._new_blocks(req, num_new_tokens) <= self.allocator.num_free
 
     def allocate(self, req: Request, num_new_tokens: int) -> None:
-        blocks = self.allocator.allocate(self._new_blocks(req, num_new_tokens))
-        self.tables.setdefault(req.request_id, []).extend(blocks)
+        if not self.try_allocate(req, num_new_tokens):
+            raise MemoryError(f"request {req.request_id} needs {self._new_blocks(req, num_new_tokens)} more KV "
+                              f"blocks but only {self.allocator.num_free} are free")
+
+    def try_allocate(self, req: Request, num_new_tokens: int) -> bool:
+        need = self._new_blocks(req, num_new_tokens)
+        if need > self.allocator.num_free:
+            return False
+        if need:
+            self.tables.setdefault(req.request_id, []).extend(self.allocator.allocate(need))
+        else:
+            self.tables.setdefault(req.request_id, [])
         self.tokens[req.request_id] = req.num_computed_tokens + num_new_tokens
+        return True
 
     def free(self, req: Request) -> None:
         self.allocator.free(self.tables.pop(req.request_id, []))

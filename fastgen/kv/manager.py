@@ -50,6 +50,13 @@ class KVManager(ABC):
     @abstractmethod
     def allocate(self, req: Request, num_new_tokens: int) -> None: ...
 
+    def try_allocate(self, req: Request, num_new_tokens: int) -> bool:
+        """allocate() if can_allocate(); one call because schedulers ask this for every token of every step."""
+        if not self.can_allocate(req, num_new_tokens):
+            return False
+        self.allocate(req, num_new_tokens)
+        return True
+
     @abstractmethod
     def free(self, req: Request) -> None: ...
 

@@ -113,14 +113,13 @@ class Scheduler:
 
     def reserve(self, req: Request, n: int, out: SchedulerOutput, preempt: bool = True) -> bool:
         """Finds KV for n more tokens of req, preempting victims if allowed; on success adds the chunk."""
-        while not self.kv.can_allocate(req, n):
+        while not self.kv.try_allocate(req, n):
             victim = self.victim(out) if preempt else None
             if victim is None:
                 return False
             self.preempt(victim, out)
             if victim is req:
                 return False
-        self.kv.allocate(req, n)
         out.chunks.append(ScheduledChunk(req, n))
         if req.status is RequestStatus.WAITING:
             self.admit(req)
