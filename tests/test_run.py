@@ -72,3 +72,10 @@ def test_bad_override_exits_nonzero_naming_the_problem(override, message, tiny_d
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_wandb_logger_offline_writes_a_run(tiny_dir, tmp_path):
+    proc = run_py(*small(tiny_dir, f"hydra.run.dir={tmp_path}", "logger=wandb"), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb")), "wandb wrote no offline run"

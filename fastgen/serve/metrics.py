@@ -1,0 +1,54 @@
+"""Prometheus metrics of one server. Each app gets its own CollectorRegistry, so several apps in one process (tests,
+notebooks) never collide on metric names. The engine thread writes them (prometheus-client is thread-safe); the
+/metrics endpoint reads them."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from fastgen.engine import LLMEngine, RequestOutput
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ServerMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.running = Gauge("fastgen_requests_running", "Requests the scheduler is running", registry=r)
+        self.waiting = Gauge("fastgen_requests_waiting", "Requests waiting to be scheduled", registry=r)
+        self.kv_used = Gauge("fastgen_kv_blocks_used", "KV cache blocks in use", registry=r)
+        self.kv_free = Gauge("fastgen_kv_blocks_free", "KV cache blocks free", registry=r)
+        self.prompt_tokens = Counter("fastgen_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
+        self.generation_tokens = Counter("fastgen_generation_tokens", "Generated tokens", registry=r)
+        self.ttft = Histogram("fastgen_time_to_first_token_seconds", "Arrival to first token",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("fastgen_inter_token_latency_seconds", "Gap between consecutive tokens of a request",
+                             buckets=ITL_BUCKETS, registry=r)
+
+    def observe_engine(self, engine: LLMEngine) -> None:
+        """Sets the gauges from the engine's state (call from the engine thread)."""
+        running, waiting = engine.scheduler.num_requests()
+        free = engine.kv.num_free_blocks
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.kv_free.set(free)
+        self.kv_used.set(engine.kv.num_blocks - free)
+
+    def observe_outputs(self, engine: LLMEngine, outputs: Sequence[RequestOutput]) -> None:
+        """Counts a step's tokens and their latencies (before finished requests are popped from the engine)."""
+        for out in outputs:
+            req = engine.requests[out.request_id]
+            times, new = req.trace.token_times, len(out.new_token_ids)
+            self.generation_tokens.inc(new)
+            if len(times) == new:
+                self.ttft.observe(times[0] - req.arrival_time)
+            for i in range(max(len(times) - new, 1), len(times)):
+                self.itl.observe(times[i] - times[i - 1])
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
