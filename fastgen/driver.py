@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tqdm import tqdm
 
@@ -24,7 +24,6 @@ class RunResult:
     steps: list[dict]
     start_time: float
     end_time: float
-    all_traces: list[RequestTrace] = field(default_factory=list)
 
 
 def run_workload(engine: LLMEngine, workload: Workload, progress: bool = True, sleep=time.sleep) -> RunResult:
@@ -59,4 +58,4 @@ def run_workload(engine: LLMEngine, workload: Workload, progress: bool = True, s
     warmups = set(arrivals.warmup_indices)
     traces = {index_of[rid]: engine.requests[rid].trace for rid in index_of}
     return RunResult([t for i, t in sorted(traces.items()) if i not in warmups], engine.steps[first_step:], start,
-                     engine.clock(), [t for _, t in sorted(traces.items())])
+                     engine.clock())

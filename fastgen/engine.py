@@ -39,7 +39,6 @@ class LLMEngine:
                  clock: Callable[[], float] = time.perf_counter, runner: ModelRunner | None = None):
         self.config = config or EngineConfig()
         self.tokenizer = tokenizer
-        self.model_config = model.config
         self.clock = clock
         self.runner = runner or ModelRunner(model, self.config.kv)
         self.kv = make_kv_manager(self.config.kv.name, self.runner.cache.num_blocks, self.config.kv.block_size)

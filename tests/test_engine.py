@@ -203,7 +203,7 @@ def test_sampling_seeded_reproducible_and_filtered():
         eng = engine(model)
         rid = eng.add_request([3, 4, 5], SamplingParams(max_new_tokens=12, ignore_eos=True, temperature=1.0,
                                                          seed=seed, **kw))
-        other = eng.add_request([7, 8], SamplingParams(max_new_tokens=12, ignore_eos=True, temperature=1.5))
+        eng.add_request([7, 8], SamplingParams(max_new_tokens=12, ignore_eos=True, temperature=1.5))
         while eng.has_unfinished():
             eng.step()
         return eng.requests[rid].output_token_ids

@@ -21,13 +21,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastgen.config import EngineConfig, KVConfig, SchedulerConfig
 from fastgen.engine import LLMEngine
-from fastgen.models.loader import EMBEDDED
 from fastgen.pipeline import CONF_DIR, Pipeline
 from fastgen.serve import ServeConfig, create_app, run_http_requests
 from fastgen.serve.config import register_configs
 from fastgen.serve.detokenizer import IncrementalDetokenizer
 from fastgen.workloads import ClosedLoopArrivals
-from tiny import fastgen_from_hf, tiny_config
+from tiny import fastgen_from_hf, smollm2_files, tiny_config
 
 API_KEY = "test-key"
 MODEL = "tiny-smollm2"
@@ -66,12 +65,8 @@ class Served:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    emb = EMBEDDED["smollm2-135m"]
-    try:
-        directory = emb.directory()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    return AutoTokenizer.from_pretrained(directory, gguf_file=emb.gguf_file)
+    directory, gguf_file = smollm2_files()
+    return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
 
 
 @pytest.fixture(scope="module")

@@ -3,22 +3,16 @@ import pytest
 import torch
 
 import fastgen
-from fastgen.models import EMBEDDED, load_model
+from fastgen.models import load_model
+from tiny import reference_greedy, smollm2_files
 
 
 @pytest.fixture(scope="module")
 def hf_and_tok():
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    emb = EMBEDDED["smollm2-135m"]
-    d = emb.directory()
-    hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=emb.gguf_file, dtype=torch.float32).eval()
-    return hf, AutoTokenizer.from_pretrained(d, gguf_file=emb.gguf_file)
-
-
-def hf_greedy(hf, ids, n):
-    out = hf.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                      eos_token_id=None, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+    directory, gguf_file = smollm2_files()
+    hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32).eval()
+    return hf, AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
 
 
 def chat(tok, text):
@@ -35,7 +29,7 @@ def test_short_name_loads_offline_and_greedy_32_tokens_match(hf_and_tok, monkeyp
     ids = tokenizer.encode(prompt)
     pipe = fastgen.Pipeline(fastgen.LLMEngine(model, tokenizer))
     out = pipe([ids], max_new_tokens=32, ignore_eos=True)[0]
-    assert out.token_ids == hf_greedy(hf, ids, 32)
+    assert out.token_ids == reference_greedy(hf, ids, 32)
     assert out.prompt_tokens == len(ids) and out.finish_reason == "length"
 
 
@@ -49,7 +43,7 @@ def test_pipeline_from_in_memory_model_matches_transformers_for_every_scheduler(
                             overrides=["scheduler.token_budget=128", "scheduler.chunk_size=64", "kv.block_size=16",
                                        "kv.num_blocks=128"])
     outs = pipe(prompts, max_new_tokens=news, ignore_eos=True)
-    assert [o.token_ids for o in outs] == [hf_greedy(hf, p, n) for p, n in zip(prompts, news)]
+    assert [o.token_ids for o in outs] == [reference_greedy(hf, p, n) for p, n in zip(prompts, news)]
     assert pipe.engine.kv.num_free_blocks == 128
 
 

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, OPTCo
 
 from fastgen.kv.allocator import BlockAllocator
 from fastgen.kv.cache import KVCache
-from fastgen.models import build_model
+from fastgen.models import EMBEDDED, build_model
 from fastgen.ragged import RaggedBatch, SeqChunk
 
 
@@ -94,3 +94,9 @@ def reference_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
         for _ in range(n):
             ids.append(int(hf_model(torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
     return ids[len(prompt):]
+
+
+def smollm2_files() -> tuple[str, str]:
+    """Directory and GGUF file name of the embedded SmolLM2 (installed with the package, never downloaded)."""
+    emb = EMBEDDED["smollm2-135m"]
+    return str(emb.directory()), emb.gguf_file

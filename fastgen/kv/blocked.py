@@ -30,10 +30,7 @@ class BlockedKVManager(KVManager):
         need = self._new_blocks(req, num_new_tokens)
         if need > self.allocator.num_free:
             return False
-        if need:
-            self.tables.setdefault(req.request_id, []).extend(self.allocator.allocate(need))
-        else:
-            self.tables.setdefault(req.request_id, [])
+        self.tables.setdefault(req.request_id, []).extend(self.allocator.allocate(need))
         self.tokens[req.request_id] = req.num_computed_tokens + num_new_tokens
         return True
 

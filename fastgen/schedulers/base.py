@@ -34,11 +34,6 @@ class ScheduledChunk:
     request: Request
     num_tokens: int
 
-    @property
-    def is_prefill(self) -> bool:
-        """Runs prompt (or recomputed) tokens rather than the one token of a decode."""
-        return not self.request.is_decode
-
 
 @dataclass
 class SchedulerOutput:
