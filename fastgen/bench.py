@@ -1,7 +1,9 @@
-"""The benchmark behind run.py: build the engine and workload from a RunConfig, drive it, and write the
+"""The benchmark behind run.py: build the workload from a RunConfig, drive the in-process engine with it (or,
+with target=http, any OpenAI-compatible server, timing tokens at the client as the paper does), and write the
 paper's metrics to files (metrics.json, requests.jsonl, steps.jsonl) and, optionally, to wandb."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -12,7 +14,9 @@ from omegaconf import OmegaConf
 from fastgen.config import RunConfig
 from fastgen.driver import RunResult, run_workload
 from fastgen.metrics import format_table, summarize
+from fastgen.models import load_config
 from fastgen.pipeline import build_engine
+from fastgen.serve.client import run_http_requests
 from fastgen.workloads import build_workload
 
 
@@ -22,6 +26,10 @@ def validate(cfg: RunConfig) -> None:
     cfg.sla.validate()
     if cfg.logger.name not in ("none", "wandb"):
         raise ValueError(f"logger.name must be 'none' or 'wandb', got {cfg.logger.name!r}")
+    if cfg.target.name not in ("engine", "http"):
+        raise ValueError(f"target.name must be 'engine' or 'http', got {cfg.target.name!r}")
+    if cfg.target.name == "http" and not cfg.target.url:
+        raise ValueError("target=http needs target.url, e.g. target.url=http://127.0.0.1:8000")
 
 
 def run_benchmark(cfg: RunConfig, out_dir: str | os.PathLike, model=None, tokenizer=None) -> dict:
@@ -30,9 +38,12 @@ def run_benchmark(cfg: RunConfig, out_dir: str | os.PathLike, model=None, tokeni
     out.mkdir(parents=True, exist_ok=True)
     if cfg.workload.trace_path and not os.path.isabs(cfg.workload.trace_path):
         cfg.workload.trace_path = os.path.abspath(cfg.workload.trace_path)
-    engine = build_engine(cfg, model, tokenizer)
-    workload = build_workload(cfg.workload, engine.vocab_size, engine.tokenizer)
-    result = run_workload(engine, workload, progress=cfg.progress)
+    if cfg.target.name == "http":
+        result = run_over_http(cfg, model, tokenizer)
+    else:
+        engine = build_engine(cfg, model, tokenizer)
+        workload = build_workload(cfg.workload, engine.vocab_size, engine.tokenizer)
+        result = run_workload(engine, workload, progress=cfg.progress)
     metrics = summarize(result.traces, result.steps, cfg.sla, start_time=result.start_time,
                         end_time=result.end_time)
     metrics["config"] = OmegaConf.to_container(OmegaConf.structured(cfg))
@@ -41,6 +52,21 @@ def run_benchmark(cfg: RunConfig, out_dir: str | os.PathLike, model=None, tokeni
         log_wandb(cfg, metrics, result, out)
     print(format_table(metrics))
     return metrics
+
+
+def run_over_http(cfg: RunConfig, model=None, tokenizer=None) -> RunResult:
+    """The same workload sent to a server. The model (its config and tokenizer, no weights) only shapes the
+    prompts; the server has no per-step records to give, so steps stay empty."""
+    config = model.config if model is not None else None
+    if config is None:
+        config, tokenizer = load_config(cfg.model.source, tokenizer)
+    workload = build_workload(cfg.workload, config.vocab_size, tokenizer)
+    traces = asyncio.run(run_http_requests(cfg.target.url, workload.requests, workload.arrivals,
+                                           api_key=cfg.target.api_key, model=cfg.target.served_model))
+    warmups = set(workload.arrivals.warmup_indices)
+    measured = [t for t in traces if int(t.request_id) not in warmups]
+    end = max((t.finish_time or t.arrival_time for t in traces), default=0.0)
+    return RunResult(measured, [], 0.0, end)
 
 
 def write_results(out: Path, metrics: dict, result: RunResult) -> None:

@@ -62,12 +62,21 @@ class LoggerConfig:
 
 
 @dataclass
+class TargetConfig:
+    name: str = "engine"                 # engine (in-process) | http (any OpenAI-compatible server)
+    url: Optional[str] = None            # http: the server, e.g. http://127.0.0.1:8000
+    api_key: Optional[str] = None
+    served_model: Optional[str] = None   # http: the `model` to send; None: the first the server lists
+
+
+@dataclass
 class RunConfig(EngineConfig):
-    """run.py: an engine, a workload to drive it with, the SLA to judge it by, and where metrics go."""
+    """run.py: an engine (or a server), a workload to drive it with, the SLA to judge it by, where metrics go."""
 
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     sla: SLAConfig = field(default_factory=SLAConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
     progress: bool = True
 
 

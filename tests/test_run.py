@@ -65,6 +65,7 @@ def test_multirun_2x2_and_gather(tiny_dir, tmp_path):
     ("workload.rate=-1", "rate"),
     ("kv.no_such_key=1", "no_such_key"),
     ("workload.clients=abc", "clients"),
+    ("target=http", "target=http needs target.url"),
 ])
 def test_bad_override_exits_nonzero_naming_the_problem(override, message, tiny_dir, tmp_path):
     extra = ["workload.arrival=poisson"] if "rate" in override else []

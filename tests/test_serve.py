@@ -361,3 +361,32 @@ def test_module_entry_point_prints_its_config():
                          text=True, timeout=120, env={**os.environ, "FASTGEN_API_KEY": ""})
     assert out.returncode == 0, out.stderr
     assert "port: 9002" in out.stdout and "host: 127.0.0.1" in out.stdout
+
+
+# -- the benchmark runner's HTTP target ----------------------------------------------------------------------------
+def test_benchmark_http_target_writes_the_same_metrics_as_in_process(served, tokenizer, tmp_path):
+    """run.py's target=http against this server and the in-process target on the same model and workload: both
+    complete every request and write metrics.json with the same keys (the values differ)."""
+    from fastgen.bench import run_benchmark
+    from fastgen.pipeline import compose_config
+
+    model = served.engine.runner.model
+    common = ["workload.num_requests=6", "workload.clients=2", "workload.prompt.mean=20", "workload.prompt.max=60",
+              "workload.output.mean=5", "kv.block_size=16", "kv.num_blocks=64", "progress=false"]
+    over_http = run_benchmark(compose_config(common + ["target=http", f"target.url={served.url}",
+                                                       f"target.api_key={API_KEY}"]),
+                              tmp_path / "http", model=model, tokenizer=tokenizer)
+    in_process = run_benchmark(compose_config(common), tmp_path / "engine", model=model, tokenizer=tokenizer)
+    assert over_http["num_completed"] == in_process["num_completed"] == 6
+    assert set(over_http) == set(in_process)
+    assert over_http["num_output_tokens"] == in_process["num_output_tokens"]
+    for d in ("http", "engine"):
+        assert len((tmp_path / d / "requests.jsonl").read_text().splitlines()) == 6
+    assert served.engine.kv.num_free_blocks == served.engine.kv.num_blocks
+
+
+def test_http_target_needs_a_url(tmp_path):
+    from fastgen.bench import run_benchmark
+    from fastgen.pipeline import compose_config
+    with pytest.raises(ValueError, match="target=http needs target.url"):
+        run_benchmark(compose_config(["target=http", "target.url=null"]), tmp_path)

