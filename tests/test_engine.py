@@ -76,6 +76,17 @@ def test_preemption_under_a_small_pool_keeps_outputs_exact(scheduler):
     assert eng.kv.num_free_blocks == 7
 
 
+@pytest.mark.parametrize("scheduler", ["sarathi", "splitfuse"])
+def test_partial_prefills_that_fill_the_pool_do_not_deadlock(scheduler):
+    """4 blocks of 4 slots, two 12-token prompts fed 4 tokens at a time: after two steps each holds 2 blocks and
+    needs a third, so one must be preempted for the other to go on."""
+    prompts, news, ref = workload("llama", lens=(12, 12), news=(2, 2))
+    eng = engine(tiny("llama")[1], scheduler, num_blocks=4, block_size=4, token_budget=8, chunk_size=4)
+    got, reqs = run_all(eng, prompts, news)
+    assert got == ref
+    assert eng.kv.num_free_blocks == 4
+
+
 class PlanRecorder:
     """Wraps a scheduler's schedule() to keep each step's plan as (tokens per chunk, prefill flags)."""
 

@@ -13,13 +13,31 @@ import torch
 
 
 @dataclass
-class TorchAttentionPlan:
-    """Gather indices and masks for the PyTorch attention path, shared by every layer of one step."""
+class DecodePlan:
+    """All single-query sequences as one padded batch: each reads the same number of whole KV blocks."""
 
-    decode_rows: torch.Tensor | None          # [B] query rows of single-query sequences
-    decode_slots: torch.Tensor | None         # [B, C] KV slots to gather for them
-    decode_mask: torch.Tensor | None          # [B, 1, 1, C] bool, True = attend
-    chunks: list[tuple[int, int, torch.Tensor, torch.Tensor | None]]  # (row start, row end, slots [C], mask [n, C])
+    rows: torch.Tensor | slice                # query rows (a slice when they are the first B rows)
+    blocks: torch.Tensor                      # [B * nb] block ids, nb per sequence
+    mask: torch.Tensor                        # [B, 1, 1, nb * block_size] bool, True = attend
+
+
+@dataclass
+class ChunkPlan:
+    """One prompt chunk: its query rows and the KV it reads, [first, first + length) of its gathered blocks."""
+
+    rows: slice
+    blocks: torch.Tensor | slice              # block ids, or a slice of the pool when they are consecutive
+    first: int
+    length: int
+    mask: torch.Tensor | None                 # [n, length] bool; None = plain causal (queries == keys)
+
+
+@dataclass
+class TorchAttentionPlan:
+    """Block gathers and masks for the PyTorch attention path, built once per step and shared by every layer."""
+
+    decode: DecodePlan | None
+    chunks: list[ChunkPlan]
 
 
 @dataclass
@@ -42,42 +60,46 @@ class AttentionMetadata:
         return self._plans[key]
 
 
-def _slots(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Flat KV slot of each position; rows of block_tables broadcast against rows of positions."""
-    blocks = torch.gather(block_tables.long(), 1, positions // block_size)
-    return blocks * block_size + positions % block_size
-
-
 def _build_torch_plan(meta: AttentionMetadata, block_size: int, window: int | None) -> TorchAttentionPlan:
-    qs = meta.query_start.cpu()
+    qs = meta.query_start.cpu().long()
     ctx = meta.context_lens.cpu().long()
-    tables = meta.block_tables.cpu()
+    tables = meta.block_tables.cpu().long()
     device = meta.block_tables.device
     q_lens = qs[1:] - qs[:-1]
-    decode_idx = torch.nonzero(q_lens == 1).flatten()
+    first_q = ctx - q_lens
+    # Keys a sequence reads: [lo, ctx); lo > 0 only under a sliding window. Whole blocks are gathered.
+    lo = (first_q - window + 1).clamp(min=0) if window else torch.zeros_like(ctx)
+    first_block = lo // block_size
+    num_blocks = (ctx - 1) // block_size - first_block + 1
 
-    decode_rows = decode_slots = decode_mask = None
+    decode = None
+    decode_idx = torch.nonzero(q_lens == 1).flatten()
     if decode_idx.numel():
-        d_ctx = ctx[decode_idx]
-        lo = (d_ctx - window).clamp(min=0) if window else torch.zeros_like(d_ctx)
-        span = int((d_ctx - lo).max())
-        pos = lo[:, None] + torch.arange(span)[None, :]                    # [B, span]
-        valid = pos < d_ctx[:, None]
-        pos = torch.where(valid, pos, torch.zeros_like(pos))
-        decode_rows = qs[decode_idx].long().to(device)
-        decode_slots = _slots(tables[decode_idx], pos, block_size).to(device)
-        decode_mask = valid[:, None, None, :].to(device)
+        nb = int(num_blocks[decode_idx].max())
+        cols = (first_block[decode_idx, None] + torch.arange(nb)).clamp(max=tables.shape[1] - 1)
+        blocks = torch.gather(tables[decode_idx], 1, cols)
+        pos = first_block[decode_idx, None] * block_size + torch.arange(nb * block_size)
+        mask = (pos >= lo[decode_idx, None]) & (pos < ctx[decode_idx, None])
+        rows = qs[decode_idx]
+        n = decode_idx.numel()
+        rows = slice(0, n) if int(rows[-1]) == n - 1 else rows.to(device)
+        decode = DecodePlan(rows, blocks.flatten().to(device), mask[:, None, None, :].to(device))
 
     chunks = []
     for s in torch.nonzero(q_lens > 1).flatten().tolist():
-        n, c = int(q_lens[s]), int(ctx[s])
-        first_q = c - n
-        lo = max(0, first_q - window + 1) if window else 0
-        kpos = torch.arange(lo, c)
-        qpos = torch.arange(first_q, c)
-        allowed = kpos[None, :] <= qpos[:, None]
-        if window:
-            allowed &= kpos[None, :] > qpos[:, None] - window
-        slots = _slots(tables[s:s + 1], kpos[None, :], block_size)[0]
-        chunks.append((int(qs[s]), int(qs[s + 1]), slots.to(device), allowed.to(device)))
-    return TorchAttentionPlan(decode_rows, decode_slots, decode_mask, chunks)
+        n, c, low, fb, nb = (int(x[s]) for x in (q_lens, ctx, lo, first_block, num_blocks))
+        blocks = tables[s, fb:fb + nb]
+        if bool((blocks == blocks[0] + torch.arange(nb)).all()):
+            blocks = slice(int(blocks[0]), int(blocks[0]) + nb)     # consecutive blocks: a view, no copy
+        else:
+            blocks = blocks.to(device)
+        mask = None
+        if low != c - n or (window and window < n):
+            kpos = torch.arange(low, c)
+            qpos = torch.arange(c - n, c)
+            mask = kpos[None, :] <= qpos[:, None]
+            if window:
+                mask &= kpos[None, :] > qpos[:, None] - window
+            mask = mask.to(device)
+        chunks.append(ChunkPlan(slice(int(qs[s]), int(qs[s + 1])), blocks, low - fb * block_size, c - low, mask))
+    return TorchAttentionPlan(decode, chunks)

@@ -60,25 +60,35 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
               scale: float, window: int | None = None) -> torch.Tensor:
     """Causal attention of each sequence's queries over its whole KV history, read through its block table.
 
-    Decode rows (one query each) run as one padded batch; each prompt chunk runs on its own. The gather
-    indices and masks depend only on the batch, so they are built once per step and reused by every layer.
+    Decode rows (one query each) run as one padded batch with the query heads of a KV group folded into the
+    query dimension, so grouped-query attention needs no repeated K/V. Each prompt chunk runs on its own, as
+    plain causal attention when it has no cached prefix. KV is gathered by whole blocks (a view when the
+    blocks are consecutive), and the plan behind the gathers is built once per step and reused by every layer.
+    Slots past a context are read and masked, so they must hold finite values (KVCache zero-fills its pools).
     """
     plan = meta.torch_plan(k_cache.shape[1], window)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
     out = torch.empty_like(q)
-    k_flat = k_cache.view(-1, *k_cache.shape[2:])
-    v_flat = v_cache.view(-1, *v_cache.shape[2:])
-    if plan.decode_rows is not None:
-        qd = q.index_select(0, plan.decode_rows)[:, :, None, :]            # [B, Hq, 1, D]
-        kd = k_flat[plan.decode_slots].transpose(1, 2)                     # [B, Hkv, C, D]
-        vd = v_flat[plan.decode_slots].transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=plan.decode_mask, scale=scale,
-                                            enable_gqa=kd.shape[1] != qd.shape[1])
-        out.index_copy_(0, plan.decode_rows, od[:, :, 0, :])
-    for start, end, slots, mask in plan.chunks:
-        qc = q[start:end].transpose(0, 1)                                  # [Hq, n, D]
-        kc = k_flat[slots].transpose(0, 1)                                 # [Hkv, C, D]
-        vc = v_flat[slots].transpose(0, 1)
-        oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale,
-                                            enable_gqa=kc.shape[0] != qc.shape[0])
-        out[start:end] = oc.transpose(0, 1)
+    if plan.decode is not None:
+        d = plan.decode
+        qd = q[d.rows]
+        b = qd.shape[0]
+        kd = _gather(k_cache, d.blocks).view(b, -1, num_kv_heads, head_dim).transpose(1, 2)   # [B, Hkv, C, D]
+        vd = _gather(v_cache, d.blocks).view(b, -1, num_kv_heads, head_dim).transpose(1, 2)
+        od = F.scaled_dot_product_attention(qd.view(b, num_kv_heads, -1, head_dim), kd, vd, attn_mask=d.mask,
+                                            scale=scale)
+        out[d.rows] = od.reshape(b, num_heads, head_dim)
+    for c in plan.chunks:
+        kc = _gather(k_cache, c.blocks).flatten(0, 1).narrow(0, c.first, c.length)      # [C, Hkv, D]
+        vc = _gather(v_cache, c.blocks).flatten(0, 1).narrow(0, c.first, c.length)
+        # 4-D inputs: SDPA's fused CPU kernel; 3-D ones fall back to the much slower math path.
+        oc = F.scaled_dot_product_attention(q[c.rows].transpose(0, 1)[None], kc.transpose(0, 1)[None],
+                                            vc.transpose(0, 1)[None], attn_mask=c.mask, is_causal=c.mask is None,
+                                            scale=scale, enable_gqa=num_kv_heads != num_heads)
+        out[c.rows] = oc[0].transpose(0, 1)
     return out
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor | slice) -> torch.Tensor:
+    return cache[blocks] if isinstance(blocks, slice) else cache.index_select(0, blocks)

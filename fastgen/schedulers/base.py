@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 from fastgen.config import SchedulerConfig
 from fastgen.kv.manager import KVManager
@@ -128,6 +128,17 @@ class Scheduler:
             if req.status is RequestStatus.RUNNING and req.is_decode and self.reserve(req, 1, out, preempt):
                 budget -= 1
         return budget
+
+    def until_progress(self, plan: Callable[[SchedulerOutput], object]) -> SchedulerOutput:
+        """Runs `plan`; while it schedules nothing, preempts the victim and runs it again. Requests that each hold
+        part of the pool and each wait for more would otherwise deadlock (DeepSpeed-MII flushes likewise)."""
+        out = SchedulerOutput()
+        while True:
+            plan(out)
+            victim = None if out else self.victim(out)
+            if victim is None:
+                return out
+            self.preempt(victim, out)
 
     def prefill_candidates(self) -> list[Request]:
         """Running requests part-way through their prompt, then the waiting queue in order."""

@@ -1,6 +1,7 @@
 """Sarathi-Serve stall-free batching: decodes first, then the ongoing partial prefills, then new prefills, each
 in chunks of at most `chunk_size` tokens, until the step's `token_budget` is spent. KV is allocated per chunk;
-a decode that finds no free block preempts the newest request."""
+a decode that finds no free block preempts the newest request, and so does a step in which partial
+prefills hold the whole pool and nothing can run."""
 from __future__ import annotations
 
 from fastgen.schedulers.base import Scheduler, SchedulerOutput, register_scheduler
@@ -9,7 +10,9 @@ from fastgen.schedulers.base import Scheduler, SchedulerOutput, register_schedul
 @register_scheduler("sarathi")
 class SarathiScheduler(Scheduler):
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        return self.until_progress(self.plan)
+
+    def plan(self, out: SchedulerOutput) -> None:
         budget = self.schedule_decodes(out, self.config.token_budget, preempt=True)
         for req in self.prefill_candidates():
             if budget < 1 or len(out.chunks) >= self.config.max_seqs:
@@ -18,4 +21,3 @@ class SarathiScheduler(Scheduler):
             if not self.reserve(req, n, out, preempt=False):
                 break
             budget -= n
-        return out

@@ -15,14 +15,8 @@ from fastgen.schedulers.base import Scheduler, SchedulerOutput, register_schedul
 @register_scheduler("splitfuse")
 class SplitFuseScheduler(Scheduler):
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
-        while True:
-            budget = self.schedule_decodes(out, self.config.token_budget, preempt=False)
-            self.schedule_prompts(out, budget)
-            victim = None if out else self.victim(out)
-            if victim is None:
-                return out
-            self.preempt(victim, out)
+        return self.until_progress(lambda out: self.schedule_prompts(
+            out, self.schedule_decodes(out, self.config.token_budget, preempt=False)))
 
     def prompt_order(self):
         return self.prefill_candidates()
