@@ -63,9 +63,11 @@ class Request:
 
     def token_slice(self, start: int, n: int) -> list[int]:
         p = len(self.prompt_token_ids)
+        if start >= p:
+            return self.output_token_ids[start - p:start - p + n]
         if start + n <= p:
             return self.prompt_token_ids[start:start + n]
-        return (self.prompt_token_ids + self.output_token_ids)[start:start + n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:start + n - p]
 
     @property
     def stop_ids(self) -> frozenset[int]:

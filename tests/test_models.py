@@ -77,6 +77,16 @@ def test_bfloat16_runs_and_agrees_on_top1():
     assert agree >= 0.8 * 32
 
 
+@pytest.mark.parametrize("flags, expected", [({"avx512f", "avx512_bf16"}, torch.float32),
+                                              ({"avx512_bf16", "amx_tile", "amx_bf16"}, torch.bfloat16)])
+def test_auto_dtype_picks_bfloat16_only_with_bf16_matrix_units(monkeypatch, flags, expected):
+    from fastgen.models import loader
+    monkeypatch.setattr(loader, "cpu_flags", lambda: flags)
+    assert loader.resolve_dtype("auto", "cpu") is expected
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'.*or auto"):
+        loader.resolve_dtype("fp8")
+
+
 def test_unsupported_architecture_names_supported_ones():
     from transformers import GPT2Config, GPT2LMHeadModel
     with pytest.raises(ValueError, match=r"unsupported architecture 'gpt2'.*llama.*mistral.*opt.*qwen2"):

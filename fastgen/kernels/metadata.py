@@ -38,6 +38,21 @@ class TorchAttentionPlan:
 
     decode: DecodePlan | None
     chunks: list[ChunkPlan]
+    _buffers: dict = field(default_factory=dict, repr=False)
+
+    def gather(self, cache: torch.Tensor, blocks: torch.Tensor | slice, name: str) -> torch.Tensor:
+        """cache[blocks]: a view for a slice, else a copy into a buffer kept for the step. Reusing the buffer in
+        every layer spares the page faults a fresh multi-megabyte tensor costs each time on a CPU."""
+        if isinstance(blocks, slice):
+            return cache[blocks]
+        rows = cache.view(cache.shape[0], -1)
+        n = blocks.numel() * rows.shape[1]
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != cache.dtype:
+            buf = self._buffers[name] = torch.empty(n, dtype=cache.dtype, device=cache.device)
+        out = buf[:n].view(blocks.numel(), rows.shape[1])
+        torch.index_select(rows, 0, blocks, out=out)
+        return out.view(blocks.numel(), *cache.shape[1:])
 
 
 @dataclass

@@ -74,14 +74,14 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
         d = plan.decode
         qd = q[d.rows]
         b = qd.shape[0]
-        kd = _gather(k_cache, d.blocks).view(b, -1, num_kv_heads, head_dim).transpose(1, 2)   # [B, Hkv, C, D]
-        vd = _gather(v_cache, d.blocks).view(b, -1, num_kv_heads, head_dim).transpose(1, 2)
+        kd = plan.gather(k_cache, d.blocks, "k").view(b, -1, num_kv_heads, head_dim).transpose(1, 2)  # [B,Hkv,C,D]
+        vd = plan.gather(v_cache, d.blocks, "v").view(b, -1, num_kv_heads, head_dim).transpose(1, 2)
         od = F.scaled_dot_product_attention(qd.view(b, num_kv_heads, -1, head_dim), kd, vd, attn_mask=d.mask,
                                             scale=scale)
         out[d.rows] = od.reshape(b, num_heads, head_dim)
     for c in plan.chunks:
-        kc = _gather(k_cache, c.blocks).flatten(0, 1).narrow(0, c.first, c.length)      # [C, Hkv, D]
-        vc = _gather(v_cache, c.blocks).flatten(0, 1).narrow(0, c.first, c.length)
+        kc = plan.gather(k_cache, c.blocks, "k").flatten(0, 1).narrow(0, c.first, c.length)  # [C, Hkv, D]
+        vc = plan.gather(v_cache, c.blocks, "v").flatten(0, 1).narrow(0, c.first, c.length)
         # 4-D inputs: SDPA's fused CPU kernel; 3-D ones fall back to the much slower math path.
         oc = F.scaled_dot_product_attention(q[c.rows].transpose(0, 1)[None], kc.transpose(0, 1)[None],
                                             vc.transpose(0, 1)[None], attn_mask=c.mask, is_causal=c.mask is None,
@@ -89,6 +89,3 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
         out[c.rows] = oc[0].transpose(0, 1)
     return out
 
-
-def _gather(cache: torch.Tensor, blocks: torch.Tensor | slice) -> torch.Tensor:
-    return cache[blocks] if isinstance(blocks, slice) else cache.index_select(0, blocks)
