@@ -76,6 +76,16 @@ def test_preemption_under_a_small_pool_keeps_outputs_exact(scheduler):
     assert eng.kv.num_free_blocks == 7
 
 
+def test_decodes_attended_in_many_small_groups_stay_exact(monkeypatch):
+    """The CPU attention splits a step's decodes into groups by KV slots; with a tiny group size every decode
+    batch here is cut into several groups, some with non-consecutive query rows."""
+    from fastgen.kernels import metadata
+    monkeypatch.setattr(metadata, "DECODE_GROUP_SLOTS", 40)
+    prompts, news, ref = workload("mistral")
+    got, _ = run_all(engine(tiny("mistral")[1], "splitfuse", block_size=8), prompts, news)
+    assert got == ref
+
+
 @pytest.mark.parametrize("scheduler", ["sarathi", "splitfuse"])
 def test_partial_prefills_that_fill_the_pool_do_not_deadlock(scheduler):
     """4 blocks of 4 slots, two 12-token prompts fed 4 tokens at a time: after two steps each holds 2 blocks and

@@ -60,8 +60,9 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
               scale: float, window: int | None = None) -> torch.Tensor:
     """Causal attention of each sequence's queries over its whole KV history, read through its block table.
 
-    Decode rows (one query each) run as one padded batch with the query heads of a KV group folded into the
-    query dimension, so grouped-query attention needs no repeated K/V. Each prompt chunk runs on its own, as
+    Decode rows (one query each) run as padded batches, in groups small enough that the gathered K/V stays in
+    cache, with the query heads of a KV group folded into the query dimension, so grouped-query attention needs
+    no repeated K/V. Each prompt chunk runs on its own, as
     plain causal attention when it has no cached prefix. KV is gathered by whole blocks (a view when the
     blocks are consecutive), and the plan behind the gathers is built once per step and reused by every layer.
     Slots past a context are read and masked, so they must hold finite values (KVCache zero-fills its pools).
@@ -70,8 +71,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     out = torch.empty_like(q)
-    if plan.decode is not None:
-        d = plan.decode
+    for d in plan.decodes:
         qd = q[d.rows]
         b = qd.shape[0]
         kd = plan.gather(k_cache, d.blocks, "k").view(b, -1, num_kv_heads, head_dim).transpose(1, 2)  # [B,Hkv,C,D]
