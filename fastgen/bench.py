@@ -28,11 +28,15 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"logger.name must be 'none' or 'wandb', got {cfg.logger.name!r}")
     if cfg.target.name not in ("engine", "http"):
         raise ValueError(f"target.name must be 'engine' or 'http', got {cfg.target.name!r}")
+    cfg.executor.validate()
+    if cfg.target.name == "http" and cfg.executor.name != "real":
+        raise ValueError("target=http measures a server; executor=simulated runs only the in-process engine")
     if cfg.target.name == "http" and not cfg.target.url:
         raise ValueError("target=http needs target.url, e.g. target.url=http://127.0.0.1:8000")
 
 
-def run_benchmark(cfg: RunConfig, out_dir: str | os.PathLike, model=None, tokenizer=None) -> dict:
+def run_benchmark(cfg: RunConfig, out_dir: str | os.PathLike, model=None, tokenizer=None, clock=None) -> dict:
+    """`clock`: the real engine's clock (default the wall clock; fastgen.sim.CPUClock for steady CPU timings)."""
     validate(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -41,7 +45,7 @@ def run_benchmark(cfg: RunConfig, out_dir: str | os.PathLike, model=None, tokeni
     if cfg.target.name == "http":
         result = run_over_http(cfg, model, tokenizer)
     else:
-        engine = build_engine(cfg, model, tokenizer)
+        engine = build_engine(cfg, model, tokenizer, clock)
         workload = build_workload(cfg.workload, engine.vocab_size, engine.tokenizer)
         result = run_workload(engine, workload, progress=cfg.progress)
     metrics = summarize(result.traces, result.steps, cfg.sla, start_time=result.start_time,

