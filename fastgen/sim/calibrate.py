@@ -97,7 +97,18 @@ def fit(cost: CostModel, batches: list[BatchShape], seconds: list[float]) -> Pro
         result = least_squares(lambda x: predict(x) - measured, np.clip(x0, lo + 1e-6, hi - 1e-6), bounds=(lo, hi))
         if best is None or result.cost < best.cost:
             best = result
-    return Profile(**dict(zip(names, np.exp(best.x).tolist())))
+    profile = Profile(**dict(zip(names, np.exp(best.x).tolist())))
+    profile.token_correction = token_correction(cost, profile, works, seconds)
+    return profile
+
+
+def token_correction(cost: CostModel, profile: Profile, works: list[StepWork], seconds: list[float]) -> dict:
+    """Per token count, measured / modelled time (geometric mean over the points with that count), so the
+    simulator follows BLAS's steps between sizes that the smooth model cannot."""
+    ratios: dict[int, list[float]] = {}
+    for work, measured in zip(works, seconds):
+        ratios.setdefault(int(work.linear[2]), []).append(np.log(measured / cost.breakdown(work, profile)["total"]))
+    return {str(t): float(np.exp(np.mean(r))) for t, r in sorted(ratios.items())}
 
 
 def main(argv: list[str] | None = None) -> Profile:
@@ -107,7 +118,7 @@ def main(argv: list[str] | None = None) -> Profile:
     parser.add_argument("--max-tokens", type=int, default=768, help="largest step, in tokens")
     parser.add_argument("--max-context", type=int, default=1024, help="longest KV history")
     parser.add_argument("--max-seqs", type=int, default=32, help="most sequences in a step")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7, help="median of this many runs per point")
     parser.add_argument("--timer", choices=TIMERS, default="wall",
                         help="cpu: process CPU time, steadier on a shared machine (CPU, hardware.threads=1 only)")
     args = parser.parse_args(argv)

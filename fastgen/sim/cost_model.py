@@ -61,11 +61,21 @@ class Profile:
     chunk_overhead_s: float = 2e-6       # per layer and prefill chunk (attention runs chunk by chunk)
     step_overhead_s: float = 2e-3        # per step: host-side scheduling, batch building, sampling
     seq_overhead_s: float = 10e-6        # per sequence and step on the host
+    # Measured / modelled step time at a step's token count ({"tokens": factor}, interpolated in log tokens):
+    # BLAS libraries switch kernels at small sizes (a CPU's 4-token GEMM can cost as much as its 16-token one),
+    # steps no smooth efficiency curve follows. Filled in by calibration from the fit's residuals.
+    token_correction: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)   # how it was made: device, model, measurements, fit error
 
     @classmethod
     def fitted_names(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name != "meta"]
+        return [f.name for f in fields(cls) if f.name not in ("meta", "token_correction")]
+
+    def correction(self, tokens: float) -> float:
+        if not self.token_correction:
+            return 1.0
+        points = sorted((float(t), f) for t, f in self.token_correction.items())
+        return float(np.interp(np.log(tokens), [np.log(t) for t, _ in points], [f for _, f in points]))
 
     @classmethod
     def load(cls, name_or_path: str) -> "Profile":
@@ -162,7 +172,8 @@ class CostModel:
                "allreduce_s": work.allreduce_s,
                "overhead_s": p.step_overhead_s + p.seq_overhead_s * work.num_seqs
                + self.shape.num_layers * (p.layer_overhead_s + p.chunk_overhead_s * work.prefill_chunks)}
-        out["total"] = sum(v for k, v in out.items() if k not in ("linear_compute_s", "linear_memory_s"))
+        out["total"] = sum(v for k, v in out.items() if k not in ("linear_compute_s", "linear_memory_s")) \
+            * p.correction(work.linear[2])
         return out
 
     def step_time(self, batch: BatchShape) -> float:
