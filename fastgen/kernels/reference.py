@@ -62,9 +62,9 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
 
     Decode rows (one query each) run as padded batches, in groups small enough that the gathered K/V stays in
     cache, with the query heads of a KV group folded into the query dimension, so grouped-query attention needs
-    no repeated K/V. Each prompt chunk runs on its own, as
-    plain causal attention when it has no cached prefix. KV is gathered by whole blocks (a view when the
-    blocks are consecutive), and the plan behind the gathers is built once per step and reused by every layer.
+    no repeated K/V. Each prompt chunk runs on its own, as plain causal attention when it has no cached prefix.
+    KV is gathered by whole blocks (a view when the blocks are consecutive), and the plan behind the gathers is
+    built once per step and reused by every layer.
     Slots past a context are read and masked, so they must hold finite values (KVCache zero-fills its pools).
     """
     plan = meta.torch_plan(k_cache.shape[1], window)
