@@ -82,9 +82,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from fastgen.models import EMBEDDED, load_model, resolve_dtype  # noqa: E402
+from fastgen.pipeline import CONF_DIR, build_engine, compose_config  # noqa: E402
+from fastgen.sampling import SamplingParams  # noqa: E402
 from fastgen.workloads import LengthSpec, WorkloadConfig, build_workload  # noqa: E402
 
-CONF_DIR = ROOT / "conf"
 SYSTEMS = ("hf-generate", "hf-generate-batch", "fastgen")
 
 
@@ -147,15 +149,8 @@ def register_configs() -> None:
 
 def compose_bench_config(overrides: list[str] | tuple[str, ...] = ()) -> BenchConfig:
     """conf/bench_vs_hf.yaml with Hydra overrides applied, as a typed BenchConfig (for tests and notebooks)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("bench_vs_hf", overrides=list(overrides))
-    GlobalHydra.instance().clear()
-    return OmegaConf.to_object(cfg)
+    return compose_config(overrides, config_name="bench_vs_hf")
 
 
 def apply_quick(cfg: BenchConfig) -> None:
@@ -253,17 +248,11 @@ def row(system: str, setting: str, dtype: str, reqs: list[Req], wall: float, out
     return r
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    from fastgen.models.loader import resolve_dtype as rd
-    return rd(name)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # transformers
 # ---------------------------------------------------------------------------------------------------------------
 def load_hf(model: str, dtype: str, attn: str = "sdpa"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from fastgen.models.loader import EMBEDDED
     if model in EMBEDDED:
         emb = EMBEDDED[model]
         kw = dict(gguf_file=emb.gguf_file)
@@ -388,7 +377,6 @@ class TimedModel:
 
 
 def build_fastgen(model, tokenizer, scheduler: str, dtype: str, overrides: list[str]):
-    from fastgen.pipeline import build_engine, compose_config
     cfg = compose_config([f"scheduler={scheduler}", f"hardware.dtype={dtype}", "progress=false", *overrides])
     engine = build_engine(cfg, model, tokenizer)
     engine.runner.model = TimedModel(engine.runner.model)
@@ -398,7 +386,6 @@ def build_fastgen(model, tokenizer, scheduler: str, dtype: str, overrides: list[
 
 def fastgen_run(engine, reqs: list[Req]) -> tuple[float, list[list[int]], list[dict]]:
     """All requests at t=0, step to the end; returns (wall, outputs, the run's step records)."""
-    from fastgen.sampling import SamplingParams
     first = len(engine.steps)
     start = time.perf_counter()
     ids = [engine.add_request(r.prompt, SamplingParams(max_new_tokens=r.max_new_tokens, ignore_eos=True))
@@ -431,7 +418,6 @@ def measure_limit(model, tokenizer, dtype: str, overrides: list[str], lcfg: Limi
                   max_decode_batch: int, vocab: int) -> dict:
     """Prefill throughput of one budget-sized pass, and decode step time on a grid of batch sizes."""
     import random
-    from fastgen.sampling import SamplingParams
     engine = build_fastgen(model, tokenizer, "splitfuse", dtype, overrides)
     budget = engine.scheduler.config.token_budget
     rng = random.Random(0)
@@ -738,7 +724,6 @@ def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike) -> dict:
     PARTIAL = out / "partial.jsonl"
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    from fastgen.models import load_model
 
     results: dict[str, Any] = {"config": OmegaConf.to_container(OmegaConf.structured(cfg)), "machine": machine_info(),
                                "workloads": {}}

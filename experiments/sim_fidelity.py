@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))          # run from a checkout without installing fastgen
 
+from fastgen.analysis import markdown_table  # noqa: E402
 from fastgen.bench import run_benchmark  # noqa: E402
 from fastgen.pipeline import compose_config  # noqa: E402
 from fastgen.sim.clocks import CPUClock  # noqa: E402
@@ -49,18 +50,17 @@ def compare(real: dict, sim: dict) -> dict[str, float]:
 
 
 def table(rows: list[tuple[str, str, dict, dict]]) -> str:
-    head = "| scheduler | workload | " + " | ".join(f"{n} real | sim | error" for n in METRICS.values()) + " |"
-    lines = [head, "|" + "---|" * (2 + 3 * len(METRICS))]
-    worst = {key: 0.0 for key in METRICS}
+    header = ["scheduler", "workload"] + [h for n in METRICS.values() for h in (f"{n} real", "sim", "error")]
+    cells, worst = [], {key: 0.0 for key in METRICS}
     for scheduler, workload, real, sim in rows:
         errors = compare(real, sim)
-        cells = []
+        line = [scheduler, workload]
         for key in METRICS:
-            cells += [f"{real[key]:.4g}", f"{sim[key]:.4g}", f"{errors[key]:+.1%}"]
+            line += [f"{real[key]:.4g}", f"{sim[key]:.4g}", f"{errors[key]:+.1%}"]
             worst[key] = max(worst[key], abs(errors[key]))
-        lines.append(f"| {scheduler} | {workload} | " + " | ".join(cells) + " |")
-    lines.append("| **max abs error** | | " + " | ".join(f" | | **{worst[k]:.1%}**" for k in METRICS) + " |")
-    return "\n".join(lines) + "\n"
+        cells.append(line)
+    cells.append(["**max abs error**", ""] + [c for k in METRICS for c in ("", "", f"**{worst[k]:.1%}**")])
+    return markdown_table(header, cells)
 
 
 def main(argv: list[str] | None = None) -> str:

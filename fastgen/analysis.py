@@ -37,9 +37,12 @@ def write_table(rows: list[dict], out: Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
-    (out / "table.md").write_text("\n".join(lines) + "\n")
+    (out / "table.md").write_text(markdown_table(COLUMNS, [[fmt(r.get(c)) for c in COLUMNS] for r in rows]))
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]) + "\n"
 
 
 def plot(rows: list[dict], out: Path, latency: str = "e2e_s_mean", g: str = "4") -> list[Path]:

@@ -23,8 +23,9 @@ from fastgen.sampling import SamplingParams
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-def compose_config(overrides: Sequence[str] = ()) -> RunConfig:
-    """The run.py config with Hydra overrides applied, as a typed RunConfig object."""
+def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -> RunConfig:
+    """The run.py config (or another top-level config of conf/, whose schema is registered) with Hydra overrides
+    applied, as a typed object: a RunConfig for run.py's."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -34,7 +35,7 @@ def compose_config(overrides: Sequence[str] = ()) -> RunConfig:
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides=list(overrides))
+        cfg = compose(config_name, overrides=list(overrides))
     return OmegaConf.to_object(cfg)
 
 

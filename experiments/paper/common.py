@@ -21,6 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))          # run from a checkout without installing fastgen
 
+from fastgen.analysis import markdown_table  # noqa: E402
 from fastgen.bench import run_benchmark  # noqa: E402
 from fastgen.pipeline import compose_config  # noqa: E402
 from fastgen.sim.shapes import model_shape  # noqa: E402
@@ -113,9 +114,7 @@ def fmt(value, spec: str = ".2f") -> str:
 
 
 def markdown(header: list[str], rows: list[list], notes: list[str] = ()) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines + [""] + [f"{n}  " for n in notes]) + "\n"
+    return markdown_table(header, rows) + "\n".join([""] + [f"{n}  " for n in notes]) + "\n"
 
 
 def save(args, stem: str, table: str, figures: dict) -> None:
