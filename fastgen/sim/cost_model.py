@@ -18,10 +18,12 @@ from typing import Sequence
 import numpy as np
 
 from fastgen.config import HardwareConfig
+from fastgen.models.loader import DTYPES
 from fastgen.sim.shapes import ModelShape
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Explicit dtype names only: "auto" would ask this machine about a device the simulator only pretends to be.
+DTYPE_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
 
 @dataclass
