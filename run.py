@@ -10,18 +10,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fastgen.bench import run_benchmark
-from fastgen.config import register_configs
-
-register_configs()
+from fastgen.cli import run_hydra
 
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    try:
-        run_benchmark(OmegaConf.to_object(cfg), HydraConfig.get().runtime.output_dir)
-    except ValueError as e:   # a bad value in the config: say which, without a traceback
-        raise SystemExit(f"error: {e}") from None
+    run_benchmark(OmegaConf.to_object(cfg), HydraConfig.get().runtime.output_dir)
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

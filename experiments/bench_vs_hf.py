@@ -41,10 +41,10 @@ the best generate row and by the best generate_batch row.
   the in-forward fraction of wall time. Caveats: P is measured at zero past context, so chunks of long prompts
   (which attend to earlier chunks) run slower than predicted, which lowers the efficiency; a fused step pays the
   weight read of both terms, which raises it slightly.
-- **time outside the forward**: the model's ``__call__`` (inside ``engine.runner.run``) and ``engine.runner.run``
-  are wrapped in this script (never in the engine) with timers; 1 - in-model time / wall is the fraction spent
-  scheduling, building the ragged batch, sampling and bookkeeping ("outside model"), and 1 - runner.run time / wall
-  the same without batch building ("outside runner.run"). With ``profile_requests`` > 0, a separate, smaller
+- **time outside the forward**: the steps' forward time and executor time (prepare + forward) come from the
+  engine's typed step stats; 1 - in-model time / wall is the fraction spent scheduling, building the ragged
+  batch, sampling and bookkeeping ("outside model"), and 1 - executor time / wall
+  the same without batch building ("outside executor"). With ``profile_requests`` > 0, a separate, smaller
   splitfuse run is cProfiled and the top functions (the forward included, for reference) go to
   ``profile_<workload>.txt``.
 
@@ -62,6 +62,7 @@ Timings on a shared machine are noisy; the load average at start and end is reco
 from __future__ import annotations
 
 import cProfile
+import dataclasses
 import io
 import json
 import math
@@ -73,7 +74,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))          # run from a checkout without installing fastgen
@@ -83,7 +84,9 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from fastgen.models import EMBEDDED, load_model, resolve_dtype  # noqa: E402
-from fastgen.pipeline import CONF_DIR, build_engine, compose_config  # noqa: E402
+from fastgen.compose import CONF_DIR, build_engine, compose_config  # noqa: E402
+from fastgen.metrics import step_rows  # noqa: E402
+from fastgen.schedulers import SCHEDULERS  # noqa: E402
 from fastgen.sampling import SamplingParams  # noqa: E402
 from fastgen.workloads import LengthSpec, WorkloadConfig, build_workload  # noqa: E402
 
@@ -341,72 +344,47 @@ def hf_generate_batch(hf, reqs: list[Req], setting: GenerateBatchSetting, warm: 
 # ---------------------------------------------------------------------------------------------------------------
 # fastgen
 # ---------------------------------------------------------------------------------------------------------------
-class Timed:
-    """Wraps a callable; accumulates its wall time. The script's instrument, the engine is left as it is."""
+@dataclass
+class Fastgen:
+    """An engine and the step stats it reported (the engine's step observer fills `steps`)."""
 
-    def __init__(self, fn: Callable):
-        self.fn, self.total, self.calls = fn, 0.0, 0
-        self.times: list[float] = []
-
-    def __call__(self, *args, **kwargs):
-        t = time.perf_counter()
-        try:
-            return self.fn(*args, **kwargs)
-        finally:
-            dt = time.perf_counter() - t
-            self.total += dt
-            self.calls += 1
-            self.times.append(dt)
-
-    def reset(self) -> None:
-        self.total, self.calls, self.times = 0.0, 0, []
+    engine: object
+    token_budget: int
+    steps: list = field(default_factory=list)
 
 
-class TimedModel:
-    """Stands in for the fastgen model inside the runner: times __call__, forwards every attribute."""
-
-    def __init__(self, model):
-        self.__dict__["_model"] = model
-        self.__dict__["timer"] = Timed(model)
-
-    def __call__(self, *args, **kwargs):
-        return self.timer(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-
-def build_fastgen(model, tokenizer, scheduler: str, dtype: str, overrides: list[str]):
+def build_fastgen(model, tokenizer, scheduler: str, dtype: str, overrides: list[str]) -> Fastgen:
+    """`overrides` are shared by every scheduler: a `scheduler.<knob>` one applies to the policies that have it."""
+    knobs = {f.name for f in dataclasses.fields(SCHEDULERS.get(scheduler).Config)}
+    overrides = [o for o in overrides if not o.startswith("scheduler.") or o.split("=")[0].split(".", 1)[1] in knobs]
     cfg = compose_config([f"scheduler={scheduler}", f"hardware.dtype={dtype}", "progress=false", *overrides])
-    engine = build_engine(cfg, model, tokenizer)
-    engine.runner.model = TimedModel(engine.runner.model)
-    engine.runner.run = Timed(engine.runner.run)
-    return engine
+    fg = Fastgen(build_engine(cfg, model, tokenizer), getattr(cfg.scheduler, "token_budget", 0))
+    fg.engine.add_step_observer(fg.steps.append)
+    return fg
 
 
-def fastgen_run(engine, reqs: list[Req]) -> tuple[float, list[list[int]], list[dict]]:
-    """All requests at t=0, step to the end; returns (wall, outputs, the run's step records)."""
-    first = len(engine.steps)
+def fastgen_run(fg: Fastgen, reqs: list[Req]) -> tuple[float, list[list[int]], list]:
+    """All requests at t=0, step to the end; returns (wall, outputs, the run's step stats)."""
+    first = len(fg.steps)
     start = time.perf_counter()
-    ids = [engine.add_request(r.prompt, SamplingParams(max_new_tokens=r.max_new_tokens, ignore_eos=True))
-           for r in reqs]
-    while engine.has_unfinished():
-        engine.step()
+    ids = [fg.engine.add_request(r.prompt, SamplingParams(max_new_tokens=r.max_new_tokens, ignore_eos=True,
+                                                          detokenize=False)) for r in reqs]
+    finished = {}
+    while fg.engine.has_unfinished():
+        finished.update((o.request_id, o.request) for o in fg.engine.step() if o.finished)
     wall = time.perf_counter() - start
-    outputs = [list(engine.pop_finished(i).output_token_ids) for i in ids]
-    return wall, outputs, engine.steps[first:]
+    return wall, [list(finished[i].output_token_ids) for i in ids], fg.steps[first:]
 
 
-def fastgen_timed(engine, reqs: list[Req], warm: list[Req]) -> tuple[float, list[list[int]], list[dict], dict]:
-    fastgen_run(engine, warm)
-    engine.runner.model.timer.reset()
-    engine.runner.run.reset()
-    wall, outputs, steps = fastgen_run(engine, reqs)
-    in_model, in_run = engine.runner.model.timer.total, engine.runner.run.total
-    overhead = {"in_model_s": in_model, "in_runner_run_s": in_run,
-                "outside_model_frac": 1 - in_model / wall, "outside_runner_run_frac": 1 - in_run / wall,
+def fastgen_timed(fg: Fastgen, reqs: list[Req], warm: list[Req]) -> tuple[float, list[list[int]], list[dict], dict]:
+    fastgen_run(fg, warm)
+    wall, outputs, steps = fastgen_run(fg, reqs)
+    in_model = sum(s.forward_s for s in steps)
+    in_executor = in_model + sum(s.prepare_s for s in steps)
+    overhead = {"in_model_s": in_model, "in_executor_s": in_executor,
+                "outside_model_frac": 1 - in_model / wall, "outside_executor_frac": 1 - in_executor / wall,
                 "num_steps": len(steps)}
-    return wall, outputs, steps, overhead
+    return wall, outputs, step_rows(steps), overhead
 
 
 def decode_seqs(step: dict) -> int:
@@ -418,22 +396,20 @@ def measure_limit(model, tokenizer, dtype: str, overrides: list[str], lcfg: Limi
                   max_decode_batch: int, vocab: int) -> dict:
     """Prefill throughput of one budget-sized pass, and decode step time on a grid of batch sizes."""
     import random
-    engine = build_fastgen(model, tokenizer, "splitfuse", dtype, overrides)
-    budget = engine.scheduler.config.token_budget
+    fg = build_fastgen(model, tokenizer, "splitfuse", dtype, overrides)
+    engine, budget = fg.engine, fg.token_budget
     rng = random.Random(0)
-    timer = engine.runner.model.timer
 
     def prompt(n: int) -> list[int]:
         return [rng.randrange(vocab) for _ in range(n)]
 
     prefill_times = []
     for _ in range(lcfg.repeats + 1):                        # first pass is a warm-up
-        rid = engine.add_request(prompt(budget), SamplingParams(max_new_tokens=1, ignore_eos=True))
-        timer.reset()
+        engine.add_request(prompt(budget), SamplingParams(max_new_tokens=1, ignore_eos=True, detokenize=False))
+        first = len(fg.steps)
         while engine.has_unfinished():
             engine.step()
-        engine.pop_finished(rid)
-        prefill_times.append(timer.total)
+        prefill_times.append(sum(s.forward_s for s in fg.steps[first:]))
     prefill_s = statistics.median(prefill_times[1:])
 
     grid = sorted({b for b in (2 ** k for k in range(12)) if b <= max_decode_batch} | {max(1, max_decode_batch)})
@@ -442,23 +418,23 @@ def measure_limit(model, tokenizer, dtype: str, overrides: list[str], lcfg: Limi
     # request finishes before the smallest batch size is timed
     prefill_steps = math.ceil(levels[0] * context / budget) + levels[0]
     steps_needed = (lcfg.decode_repeats + 1) * len(levels) + prefill_steps + 2
-    ids = [engine.add_request(prompt(context), SamplingParams(max_new_tokens=steps_needed + 1, ignore_eos=True))
-           for _ in range(levels[0])]
-    while any(not engine.requests[i].output_token_ids for i in ids):    # prefill all of them
-        engine.step()
+    ids = [engine.add_request(prompt(context), SamplingParams(max_new_tokens=steps_needed + 1, ignore_eos=True,
+                                                              detokenize=False)) for _ in range(levels[0])]
+    started: set[str] = set()
+    while len(started) < len(ids):                                      # prefill all of them
+        started.update(o.request_id for o in engine.step())
     decode_s: dict[int, float] = {}
     for b in levels:
         while len(ids) > b:
             engine.abort(ids.pop())
         times = []
         for _ in range(lcfg.decode_repeats + 1):
-            timer.reset()
             engine.step()
-            last = engine.steps[-1]
-            if last["num_prefill_tokens"] != 0 or last["num_seqs"] != b:
-                raise RuntimeError(f"decode probe at batch {b} ran a step of {last['num_seqs']} sequences with "
-                                   f"{last['num_prefill_tokens']} prompt tokens")
-            times.append(timer.total)
+            last = fg.steps[-1]
+            if last.num_prefill_tokens != 0 or last.num_seqs != b:
+                raise RuntimeError(f"decode probe at batch {b} ran a step of {last.num_seqs} sequences with "
+                                   f"{last.num_prefill_tokens} prompt tokens")
+            times.append(last.forward_s)
         decode_s[b] = statistics.median(times[1:])
     for i in ids:
         engine.abort(i)
@@ -677,9 +653,9 @@ def markdown(results: dict) -> str:
                       "(sum over steps of prompt tokens / prefill tok/s + decode step time at the step's decode "
                       "batch) / wall time = achieved total tok/s / forward-pass throughput at the scheduled token "
                       "counts. Outside model = 1 - time in the model's forward / wall (scheduling, batch building, "
-                      "sampling, bookkeeping); outside runner.run = the same without batch building.", "",
+                      "sampling, bookkeeping); outside executor = the same without batch building.", "",
                       "| fastgen | steps | mean step tokens | mean decode batch | limit tok/s | achieved tok/s | "
-                      "engine efficiency | forward efficiency | outside model | outside runner.run |",
+                      "engine efficiency | forward efficiency | outside model | outside executor |",
                       "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for sched, e in lim["efficiency"].items():
                 r = next(r for r in w["rows"] if r["system"] == "fastgen" and r["setting"] == sched
@@ -689,7 +665,7 @@ def markdown(results: dict) -> str:
                              f"{e['mean_decode_batch']:.1f} | {fmt(e['limit_tok_s'], '.1f')} | "
                              f"{r['total_tok_s']:.1f} | {e['engine_efficiency']:.3f} | "
                              f"{fmt(e['forward_efficiency'], '.3f')} | {o['outside_model_frac']:.2%} | "
-                             f"{o['outside_runner_run_frac']:.2%} |")
+                             f"{o['outside_executor_frac']:.2%} |")
             lines.append("")
         c = w.get("correctness", {})
         if "vs_hf_generate_bs1" in c:

@@ -2,10 +2,10 @@
 
     python experiments/sim_fidelity.py                                   # 3 schedulers x 2 workloads, CPU profile
     python experiments/sim_fidelity.py --schedulers splitfuse --reuse    # one scheduler; keep earlier real runs
-    python experiments/sim_fidelity.py --timer cpu hardware.profile=cpu-1thread   # on a busy machine (below)
+    python experiments/sim_fidelity.py --timer cpu --profile cpu-1thread          # on a busy machine (below)
 
 Every case runs run.py's benchmark twice with the same config, once with executor=real (SmolLM2-135M, float32,
-on this CPU) and once with executor=simulated (hardware.profile, `cpu` unless overridden), and compares request
+on this CPU) and once with executor=simulated (--profile, the datasheet's `cpu` unless given), and compares request
 throughput, P50 TTFT and P50 inter-token latency. Both use the same KV pool (kv.num_blocks), so preemption
 happens alike. Results go to --out: fidelity.md, and run.py's files under runs/real/<case>/ and runs/sim/<case>/.
 On a machine other processes load, wall times are noise; `--timer cpu` runs single-threaded and times real runs in
@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))          # run from a checkout without installing 
 
 from fastgen.analysis import markdown_table  # noqa: E402
 from fastgen.bench import run_benchmark  # noqa: E402
-from fastgen.pipeline import compose_config  # noqa: E402
+from fastgen.compose import compose_config  # noqa: E402
 from fastgen.sim.clocks import CPUClock  # noqa: E402
 
 # Two CPU-sized shapes of the paper's workload: chat-like and long-prompt; closed loop with warm-ups.
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "sim_fidelity")
     parser.add_argument("--reuse", action="store_true", help="keep real runs already in --out (they are slow)")
     parser.add_argument("--num-blocks", type=int, default=256, help="the KV pool of both runs (64-token blocks)")
+    parser.add_argument("--profile", help="the simulator's fitted profile (name or .json); default: the datasheet's")
     parser.add_argument("--timer", choices=("wall", "cpu"), default="wall",
                         help="cpu: time real runs in CPU seconds, single-threaded (steady on a shared machine); "
                              "use with a profile calibrated with --timer cpu")
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> str:
                 model, tokenizer = load_model(cfg.model.source, cfg.hardware.dtype, cfg.hardware.device)
             real = run_case([*case, "executor=real"], real_dir, args.reuse, model, tokenizer,
                             CPUClock() if args.timer == "cpu" else None)
-            sim = run_case([*case, "executor=simulated"], args.out / "runs" / "sim" / name, False, model)
+            profile = [f"executor.device.profile={args.profile}"] if args.profile else []
+            sim = run_case([*case, "executor=simulated", *profile], args.out / "runs" / "sim" / name, False, model)
             rows.append((scheduler, workload, real, sim))
     text = table(rows)
     (args.out / "fidelity.md").write_text(text)

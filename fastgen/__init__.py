@@ -1,8 +1,10 @@
 """fastgen: a research framework for LLM serving schedulers on one ragged forward pass."""
 
+from fastgen.compose import build_engine, compose_config
 from fastgen.engine import LLMEngine, RequestOutput
 from fastgen.models import load_model
-from fastgen.pipeline import Pipeline, build_engine, pipeline
+from fastgen.pipeline import Pipeline, pipeline
 from fastgen.sampling import SamplingParams
 
-__all__ = ["LLMEngine", "Pipeline", "RequestOutput", "SamplingParams", "build_engine", "load_model", "pipeline"]
+__all__ = ["LLMEngine", "Pipeline", "RequestOutput", "SamplingParams", "build_engine", "compose_config", "load_model",
+           "pipeline"]

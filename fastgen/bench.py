@@ -3,7 +3,6 @@ with target=http, any OpenAI-compatible server, timing tokens at the client as t
 paper's metrics to files (metrics.json, requests.jsonl, steps.jsonl) and, optionally, to wandb."""
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import os
@@ -11,33 +10,18 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from fastgen.config import RunConfig
-from fastgen.driver import RunResult, run_workload
+from fastgen.compose import build_engine
+from fastgen.driver import EngineTarget, RunResult, run_workload
 from fastgen.metrics import format_table, summarize
 from fastgen.models import load_config
-from fastgen.pipeline import build_engine
-from fastgen.serve.client import run_http_requests
+from fastgen.run_config import RunConfig
+from fastgen.serve.client import HttpTarget
 from fastgen.workloads import build_workload
-
-
-def validate(cfg: RunConfig) -> None:
-    """Cheap checks of values Hydra's types cannot express, before any model is loaded."""
-    cfg.workload.validate()
-    cfg.sla.validate()
-    if cfg.logger.name not in ("none", "wandb"):
-        raise ValueError(f"logger.name must be 'none' or 'wandb', got {cfg.logger.name!r}")
-    if cfg.target.name not in ("engine", "http"):
-        raise ValueError(f"target.name must be 'engine' or 'http', got {cfg.target.name!r}")
-    cfg.executor.validate()
-    if cfg.target.name == "http" and cfg.executor.name != "real":
-        raise ValueError("target=http measures a server; executor=simulated runs only the in-process engine")
-    if cfg.target.name == "http" and not cfg.target.url:
-        raise ValueError("target=http needs target.url, e.g. target.url=http://127.0.0.1:8000")
 
 
 def run_benchmark(cfg: RunConfig, out_dir: str | os.PathLike, model=None, tokenizer=None, clock=None) -> dict:
     """`clock`: the real engine's clock (default the wall clock; fastgen.sim.CPUClock for steady CPU timings)."""
-    validate(cfg)
+    cfg.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.workload.trace_path and not os.path.isabs(cfg.workload.trace_path):
@@ -46,8 +30,11 @@ def run_benchmark(cfg: RunConfig, out_dir: str | os.PathLike, model=None, tokeni
         result = run_over_http(cfg, model, tokenizer)
     else:
         engine = build_engine(cfg, model, tokenizer, clock)
-        workload = build_workload(cfg.workload, engine.vocab_size, engine.tokenizer)
-        result = run_workload(engine, workload, progress=cfg.progress)
+        try:
+            workload = build_workload(cfg.workload, engine.vocab_size, engine.tokenizer)
+            result = run_workload(EngineTarget(engine), workload, progress=cfg.progress)
+        finally:
+            engine.close()
     metrics = summarize(result.traces, result.steps, cfg.sla, start_time=result.start_time,
                         end_time=result.end_time)
     metrics["config"] = OmegaConf.to_container(OmegaConf.structured(cfg))
@@ -60,17 +47,13 @@ def run_benchmark(cfg: RunConfig, out_dir: str | os.PathLike, model=None, tokeni
 
 def run_over_http(cfg: RunConfig, model=None, tokenizer=None) -> RunResult:
     """The same workload sent to a server. The model (its config and tokenizer, no weights) only shapes the
-    prompts; the server has no per-step records to give, so steps stay empty."""
+    prompts."""
     config = model.config if model is not None else None
     if config is None:
         config, tokenizer = load_config(cfg.model.source, tokenizer)
     workload = build_workload(cfg.workload, config.vocab_size, tokenizer)
-    traces = asyncio.run(run_http_requests(cfg.target.url, workload.requests, workload.arrivals,
-                                           api_key=cfg.target.api_key, model=cfg.target.served_model))
-    warmups = set(workload.arrivals.warmup_indices)
-    measured = [t for t in traces if int(t.request_id) not in warmups]
-    end = max((t.finish_time or t.arrival_time for t in traces), default=0.0)
-    return RunResult(measured, [], 0.0, end)
+    with HttpTarget(cfg.target.url, api_key=cfg.target.api_key, model=cfg.target.served_model) as target:
+        return run_workload(target, workload, progress=cfg.progress)
 
 
 def write_results(out: Path, metrics: dict, result: RunResult) -> None:
@@ -80,7 +63,7 @@ def write_results(out: Path, metrics: dict, result: RunResult) -> None:
             f.write(json.dumps(dataclasses.asdict(t)) + "\n")
     with open(out / "steps.jsonl", "w") as f:
         for s in result.steps:
-            f.write(json.dumps({**s, "time": s["time"] - result.start_time}) + "\n")
+            f.write(json.dumps({**dataclasses.asdict(s), "start": s.start - result.start_time}) + "\n")
 
 
 def log_wandb(cfg: RunConfig, metrics: dict, result: RunResult, out: Path) -> None:
@@ -89,9 +72,9 @@ def log_wandb(cfg: RunConfig, metrics: dict, result: RunResult, out: Path) -> No
     run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode,
                      tags=list(cfg.logger.tags), dir=str(out), config=metrics["config"],
                      name=f"{cfg.scheduler.name}-{cfg.workload.arrival}-c{cfg.workload.clients}")
-    for i, s in enumerate(result.steps):
-        wandb.log({"step/time_s": s["time"] - result.start_time, "step/duration_s": s["duration_s"],
-                   "step/num_tokens": s["num_tokens"], "step/num_seqs": s["num_seqs"],
-                   "step/kv_used_tokens": s.get("kv_used_tokens")}, step=i)
+    for s in result.steps:
+        wandb.log({"step/time_s": s.start - result.start_time, "step/duration_s": s.duration_s,
+                   "step/forward_s": s.forward_s, "step/num_tokens": s.num_tokens, "step/num_seqs": s.num_seqs,
+                   "step/kv_used_tokens": s.kv_used_tokens}, step=s.index)
     run.summary.update({k: v for k, v in metrics.items() if k != "config" and v is not None})
     run.finish()

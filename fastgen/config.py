@@ -1,12 +1,16 @@
-"""Structured config schema: the dataclasses behind conf/. Hydra validates every override against them, so a
-typo in a key fails with Hydra's own error naming it."""
+"""The core config schema: what builds an engine (model, hardware, scheduler, KV manager, executor).
+
+Each scheduler, KV manager and executor has its own config dataclass, declared next to it and subclassing the base
+here; Hydra validates every override against the chosen part's own knobs (fastgen.registry). What only a benchmark
+or a server needs (workload, SLA, logger, target, HTTP limits) lives in their own configs (fastgen.run_config,
+fastgen.serve.config), so importing the engine never imports the workload generator.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
-from fastgen.metrics import SLAConfig
-from fastgen.workloads import WorkloadConfig
+from omegaconf import MISSING
 
 
 @dataclass
@@ -17,94 +21,91 @@ class ModelConfig:
 
 @dataclass
 class HardwareConfig:
+    """The device the real executor runs on (executor=simulated only reads dtype and tensor_parallel)."""
+
     device: str = "cpu"
     dtype: str = "float32"               # float32 | bfloat16 | float16 | auto (bf16 on AMX CPUs / bf16 GPUs)
     threads: Optional[int] = None        # torch intra-op threads; None keeps torch's choice
     kernels: str = "auto"                # auto (CUDA -> triton, CPU -> torch) | torch | triton
-    # What executor=simulated needs to know about the device (datasheet ceilings, per device):
-    memory_gb: float = 24.0              # device memory; the simulated KV pool is what weights leave of it
-    peak_tflops: float = 0.15            # dense matmul peak at `dtype`
-    memory_bandwidth_gbs: float = 12.0   # memory bandwidth
-    tensor_parallel: int = 1             # devices the model is split over (weights, KV heads, all-reduces)
-    link_bandwidth_gbs: float = 0.0      # per-device all-reduce bus bandwidth between them (NVLink)
-    link_latency_us: float = 0.0         # latency of one all-reduce step
-    profile: Optional[str] = None        # the simulator's fitted efficiencies: a file in fastgen/sim/profiles/
-                                         # (by name) or a path; None: typical GPU efficiencies, uncalibrated
+    tensor_parallel: int = 1             # devices the model is split over
+
+    def validate(self) -> None:
+        if self.tensor_parallel < 1:
+            raise ValueError(f"hardware.tensor_parallel must be >= 1, got {self.tensor_parallel}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"hardware.threads must be >= 1 or null, got {self.threads}")
+
+
+def check_positive(section: str, **values) -> None:
+    for key, value in values.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{section}.{key} must be >= 1, got {value}")
 
 
 @dataclass
 class SchedulerConfig:
-    name: str = "splitfuse"
-    token_budget: int = 768              # tokens per forward pass (DeepSpeed-FastGen's max_ragged_batch_size)
+    """Knobs every policy has. A policy's own config subclasses this beside the policy (fastgen/schedulers/)."""
+
+    name: str = MISSING
     max_seqs: int = 512                  # sequences per forward pass (max_ragged_sequence_count)
-    chunk_size: int = 512                # sarathi: largest prefill chunk of one request
-    batch_size: int = 32                 # static / orca: requests in a batch
     preemption: str = "newest"           # victim order: newest | oldest
-    module: Optional[str] = None         # import this module first (a policy defined outside fastgen)
-    options: dict[str, Any] = field(default_factory=dict)   # free-form knobs for new policies
+    module: Optional[str] = None         # import this module or file first (a policy defined outside fastgen)
+
+    def validate(self) -> None:
+        check_positive("scheduler", max_seqs=self.max_seqs)
+        if self.preemption not in ("newest", "oldest"):
+            raise ValueError(f"scheduler.preemption must be 'newest' or 'oldest', got {self.preemption!r}")
 
 
 @dataclass
 class KVConfig:
-    name: str = "blocked"                # blocked | contiguous
+    """Knobs every KV manager has; a manager's own config subclasses this beside it (fastgen/kv/)."""
+
+    name: str = MISSING
     block_size: int = 64
-    num_blocks: Optional[int] = None     # None: as many as memory_gb holds
-    memory_gb: float = 2.0
+    num_blocks: Optional[int] = None     # None: as many as the executor's memory for KV holds
+    memory_gb: float = 2.0               # real executor: memory for the KV pool
+    module: Optional[str] = None         # import this module or file first (a manager defined outside fastgen)
+
+    def validate(self) -> None:
+        check_positive("kv", block_size=self.block_size, num_blocks=self.num_blocks)
+        if self.num_blocks is None and not self.memory_gb > 0:
+            raise ValueError(f"kv.memory_gb must be > 0, got {self.memory_gb}")
 
 
 @dataclass
 class ExecutorConfig:
-    """What runs a step: the real model, or the simulator's cost model on a virtual clock (fastgen/sim)."""
+    """What runs a step; an executor's own config subclasses this beside it (fastgen/executors/)."""
 
-    name: str = "real"                   # real | simulated
-    memory_utilization: float = 0.9      # simulated: the share of device memory the deployment may use
+    name: str = MISSING
+    module: Optional[str] = None         # import this module or file first (an executor defined outside fastgen)
 
     def validate(self) -> None:
-        if self.name not in ("real", "simulated"):
-            raise ValueError(f"executor.name must be 'real' or 'simulated', got {self.name!r}")
-        if not 0 < self.memory_utilization <= 1:
-            raise ValueError(f"executor.memory_utilization must be in (0, 1], got {self.memory_utilization}")
+        pass
+
+
+def _default(group: str, name: str):
+    from fastgen.plugins import REGISTRIES
+    return REGISTRIES[group]().config(name)
 
 
 @dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    kv: KVConfig = field(default_factory=KVConfig)
+    scheduler: SchedulerConfig = field(default_factory=lambda: _default("scheduler", "splitfuse"))
+    kv: KVConfig = field(default_factory=lambda: _default("kv", "blocked"))
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
-    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    executor: ExecutorConfig = field(default_factory=lambda: _default("executor", "real"))
     seed: int = 0
 
-
-@dataclass
-class LoggerConfig:
-    name: str = "none"                   # none | wandb
-    project: str = "fastgen"
-    entity: Optional[str] = None
-    mode: str = "offline"                # wandb mode: offline unless the user asks for online
-    tags: list[str] = field(default_factory=list)
+    def validate(self) -> None:
+        """Cheap checks Hydra's types cannot express, before anything is loaded."""
+        self.hardware.validate()
+        for part in (self.scheduler, self.kv, self.executor):
+            part.validate()
 
 
-@dataclass
-class TargetConfig:
-    name: str = "engine"                 # engine (in-process) | http (any OpenAI-compatible server)
-    url: Optional[str] = None            # http: the server, e.g. http://127.0.0.1:8000
-    api_key: Optional[str] = None
-    served_model: Optional[str] = None   # http: the `model` to send; None: the first the server lists
-
-
-@dataclass
-class RunConfig(EngineConfig):
-    """run.py: an engine (or a server), a workload to drive it with, the SLA to judge it by, where metrics go."""
-
-    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
-    sla: SLAConfig = field(default_factory=SLAConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    target: TargetConfig = field(default_factory=TargetConfig)
-    progress: bool = True
-
-
-def register_configs() -> None:
-    """Registers the schema with Hydra, so conf/config.yaml is validated against RunConfig."""
-    from hydra.core.config_store import ConfigStore
-    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+def hydra_schema(config_class: type):
+    """The node to store in Hydra's ConfigStore for a top-level config: its parts typed by their bases, so that
+    whichever scheduler, KV manager or executor a config group picks can merge in with its own knobs."""
+    return config_class(scheduler=SchedulerConfig(), kv=KVConfig(), executor=ExecutorConfig())

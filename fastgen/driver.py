@@ -1,63 +1,115 @@
-"""Driver: plays a workload against the engine in real time.
+"""The load driver: plays a workload's arrival process against a target, the in-process engine or any
+OpenAI-compatible server over HTTP (fastgen.serve.client.HttpTarget), with one protocol for both.
 
-Requests enter the engine at their scheduled send times (open loop) or when a client's previous request has
-finished (closed loop); the engine steps whenever it has work and the driver sleeps until the next send
-otherwise. Time comes from the engine's clock, so an engine on a virtual clock is driven the same way.
+Requests are sent at their scheduled times (open loop) or when a client's previous request has finished (closed
+loop); the driver waits on the target in between (the engine steps, or the client waits for streams to end).
+Time comes from the target's clock, so an engine on a virtual clock is driven the same way. Closed-loop warm-ups
+are sent like the others but labelled (request ids `warmup-<k>`, measured ones `0..N-1`) and left out of the
+results and the progress bar.
 """
 from __future__ import annotations
 
 import heapq
 import time
 from dataclasses import dataclass
+from typing import Callable, Protocol
 
 from tqdm import tqdm
 
 from fastgen.engine import LLMEngine
 from fastgen.sampling import SamplingParams
+from fastgen.stats import StepStats
 from fastgen.trace import RequestTrace
-from fastgen.workloads import Workload
+from fastgen.workloads import Workload, WorkloadRequest
 
 
 @dataclass
 class RunResult:
-    traces: list[RequestTrace]          # measured requests only (closed-loop warm-ups left out)
-    steps: list[dict]
-    start_time: float
+    traces: list[RequestTrace]          # measured requests only, in workload order
+    steps: list[StepStats]              # the engine's steps during the run (none over HTTP)
+    start_time: float                   # the target's clock when the run began: the time origin of the files
     end_time: float
 
 
-def run_workload(engine: LLMEngine, workload: Workload, progress: bool = True, sleep=None) -> RunResult:
-    """`sleep` defaults to the engine clock's own (a virtual clock advances itself) or else time.sleep."""
-    sleep = sleep or getattr(engine.clock, "sleep", time.sleep)
+class Target(Protocol):
+    clock: Callable[[], float]
+
+    def send(self, index: int, request_id: str, request: WorkloadRequest, send_time: float) -> None:
+        """Sends workload request `index` (`send_time` on the target's clock: when it was due)."""
+
+    def wait(self, until: float | None) -> list[tuple[int, RequestTrace]]:
+        """Makes progress until some requests finish or the clock reaches `until` (None: until one finishes);
+        returns the finished ones."""
+
+    def busy(self) -> bool:
+        """Are requests in flight?"""
+
+    def steps(self) -> list[StepStats]: ...
+
+
+class EngineTarget:
+    """The in-process engine: each wait runs one step, or sleeps on the engine's clock while it is idle."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine, self.clock = engine, engine.clock
+        self._sleep = getattr(engine.clock, "sleep", time.sleep)
+        self._steps: list[StepStats] = []
+        engine.add_step_observer(self._steps.append)
+        self._index: dict[str, int] = {}
+
+    def send(self, index: int, request_id: str, request: WorkloadRequest, send_time: float) -> None:
+        sampling = SamplingParams(max_new_tokens=request.max_new_tokens, ignore_eos=True, detokenize=False)
+        self._index[self.engine.add_request(request.prompt_token_ids, sampling, request_id, send_time)] = index
+
+    def wait(self, until: float | None) -> list[tuple[int, RequestTrace]]:
+        if not self.engine.has_unfinished():
+            if until is not None:
+                self._sleep(max(0.0, until - self.clock()))
+            return []
+        return [(self._index.pop(out.request_id), out.request.trace) for out in self.engine.step() if out.finished]
+
+    def busy(self) -> bool:
+        return self.engine.has_unfinished()
+
+    def steps(self) -> list[StepStats]:
+        return self._steps
+
+
+def request_ids(workload: Workload) -> list[str]:
+    """Measured requests are numbered from 0 in workload order; warm-ups are `warmup-<k>`."""
+    warmups = set(workload.arrivals.warmup_indices)
+    measured, warm, ids = 0, 0, []
+    for i in range(len(workload.requests)):
+        if i in warmups:
+            ids.append(f"warmup-{warm}")
+            warm += 1
+        else:
+            ids.append(str(measured))
+            measured += 1
+    return ids
+
+
+def run_workload(target: Target, workload: Workload, progress: bool = True) -> RunResult:
     arrivals = workload.arrivals
-    start = engine.clock()
+    ids = request_ids(workload)
+    warmups = set(arrivals.warmup_indices)
+    start = target.clock()
     pending: list[tuple[float, int]] = [(t, i) for i, t in arrivals.initial_requests()]
     heapq.heapify(pending)
-    index_of: dict[str, int] = {}
-    first_step = len(engine.steps)
-    bar = tqdm(total=arrivals.total, desc="requests", unit="req", disable=not progress, smoothing=0)
-    done = 0
-    while pending or engine.has_unfinished():
-        now = engine.clock() - start
-        while pending and pending[0][0] <= now:
+    first_step = len(target.steps())
+    traces: dict[int, RequestTrace] = {}
+    bar = tqdm(total=arrivals.total - len(warmups), desc="requests", unit="req", disable=not progress, smoothing=0)
+    while pending or target.busy():
+        while pending and pending[0][0] <= target.clock() - start:
             send, i = heapq.heappop(pending)
-            req = workload.requests[i]
-            rid = engine.add_request(req.prompt_token_ids, SamplingParams(max_new_tokens=req.max_new_tokens,
-                                                                          ignore_eos=True),
-                                     request_id=f"w{i}", arrival_time=start + send)
-            index_of[rid] = i
-        if not engine.has_unfinished():
-            sleep(max(0.0, pending[0][0] - (engine.clock() - start)))
-            continue
-        for out in engine.step():
-            if out.finished:
-                done += 1
+            target.send(i, ids[i], workload.requests[i], start + send)
+        for i, trace in target.wait(start + pending[0][0] if pending else None):
+            traces[i] = trace
+            if i not in warmups:
                 bar.update(1)
-                bar.set_postfix(req_per_s=f"{done / max(engine.clock() - start, 1e-9):.2f}")
-                for item in arrivals.on_finish(index_of[out.request_id], engine.clock() - start):
-                    heapq.heappush(pending, (item[1], item[0]))
+                bar.set_postfix(req_per_s=f"{bar.n / max(target.clock() - start, 1e-9):.2f}")
+            for item in arrivals.on_finish(i, target.clock() - start):
+                heapq.heappush(pending, (item[1], item[0]))
     bar.close()
-    warmups = set(arrivals.warmup_indices)
-    traces = {index_of[rid]: engine.requests[rid].trace for rid in index_of}
-    return RunResult([t for i, t in sorted(traces.items()) if i not in warmups], engine.steps[first_step:], start,
-                     engine.clock())
+    return RunResult([t for i, t in sorted(traces.items()) if i not in warmups], target.steps()[first_step:], start,
+                     target.clock())

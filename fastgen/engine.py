@@ -1,56 +1,61 @@
-"""LLMEngine: owns the loop. Each step asks the scheduler for a plan, has the model runner run it, samples, and
-updates request state and KV; finished requests free their blocks at once.
+"""LLMEngine: owns the loop. Each step asks the scheduler for a plan, turns it into plain per-sequence data for
+the executor, samples from the logits it returns and commits the results to the requests; finished requests free
+their blocks at once.
 
-The engine never decides what runs (the scheduler does) and never builds tensors (the model runner does).
+The engine never decides what runs (the scheduler does) and never builds tensors (the executor does). It is put
+together from its parts by `fastgen.compose.build_engine(config)`.
 """
 from __future__ import annotations
 
 import itertools
-import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from fastgen.config import EngineConfig
-from fastgen.kv.manager import make_kv_manager
-from fastgen.model_runner import ModelRunner
+from fastgen.detokenizer import IncrementalDetokenizer
+from fastgen.executors.base import Executor
+from fastgen.kv.manager import KVManager
+from fastgen.model_spec import eos_ids
+from fastgen.ragged import SeqChunk
 from fastgen.request import Request
 from fastgen.sampling import Sampler, SamplingParams
-from fastgen.schedulers import make_scheduler
+from fastgen.schedulers.base import Scheduler, SchedulerOutput
+from fastgen.stats import EngineSnapshot, StepStats
+from fastgen.trace import RequestTrace
 
 
 @dataclass
 class RequestOutput:
+    """One request's news from one step: its new tokens (and their text, when the request is detokenized) and its
+    timing record so far. The last output of a request carries the finished request itself (`request`), which the
+    engine then forgets."""
+
     request_id: str
     new_token_ids: list[int]
+    trace: RequestTrace
     finished: bool
     finish_reason: str | None = None
+    new_text: str = ""
+    request: Request | None = None
 
 
-def eos_ids(model_config, tokenizer) -> frozenset[int]:
-    ids = set()
-    for source in (getattr(tokenizer, "eos_token_id", None), getattr(model_config, "eos_token_id", None)):
-        if source is not None:
-            ids.update(source if isinstance(source, (list, tuple)) else [source])
-    return frozenset(ids)
+StepObserver = Callable[[StepStats], None]
 
 
 class LLMEngine:
-    def __init__(self, model, tokenizer, config: EngineConfig | None = None,
-                 clock: Callable[[], float] = time.perf_counter, runner: ModelRunner | None = None):
-        self.config = config or EngineConfig()
-        self.tokenizer = tokenizer
-        self.clock = clock
-        self.runner = runner or ModelRunner(model, self.config.kv)
-        self.kv = make_kv_manager(self.config.kv.name, self.runner.cache.num_blocks, self.config.kv.block_size)
-        self.scheduler = make_scheduler(self.config.scheduler, self.kv)
-        self.sampler = Sampler(self.config.seed)
-        limit = self.config.model.max_model_len
-        self.max_model_len = min(model.max_positions, limit) if limit else model.max_positions
-        self.vocab_size = model.config.vocab_size
-        self.eos_token_ids = eos_ids(model.config, tokenizer)
-        self.requests: dict[str, Request] = {}
-        self.steps: list[dict] = []         # one record per step: the benchmark's per-step series
+    def __init__(self, executor: Executor, scheduler: Scheduler, kv: KVManager, *, seed: int = 0,
+                 max_model_len: int | None = None, clock: Callable[[], float] | None = None):
+        self._executor, self._scheduler, self._kv = executor, scheduler, kv
+        self.tokenizer = executor.tokenizer
+        self.clock = clock or executor.clock
+        self.spec = executor.spec
+        self.max_model_len = min(self.spec.max_positions, max_model_len or self.spec.max_positions)
+        self.vocab_size = self.spec.vocab_size
+        self.eos_token_ids = eos_ids(getattr(self.tokenizer, "eos_token_id", None)) | self.spec.eos_token_ids
+        self._sampler = Sampler(seed)
+        self._requests: dict[str, Request] = {}
+        self._observers: list[StepObserver] = []
         self._ids = itertools.count()
+        self._num_steps = 0
 
     # -- requests ------------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], sampling: SamplingParams | None = None,
@@ -59,8 +64,10 @@ class LLMEngine:
         token_ids = self._tokenize(prompt)
         if sampling.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; pass stop_token_ids instead")
+        if sampling.stop and not sampling.detokenize:
+            raise ValueError("stop strings are matched on the text: they need detokenize=True")
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
-        if request_id in self.requests:
+        if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         total = len(token_ids) + sampling.max_new_tokens
         if total > self.max_model_len:
@@ -68,12 +75,14 @@ class LLMEngine:
                              f"{total} exceeds the model's context limit max_model_len={self.max_model_len}")
         req = Request(request_id, token_ids, sampling, self.clock() if arrival_time is None else arrival_time,
                       eos_token_ids=self.eos_token_ids)
-        if not self.kv.fits_ever(req):
+        if not self._kv.fits_ever(req):
             raise ValueError(f"request needs {req.max_kv_tokens} KV slots but the whole KV pool holds "
-                             f"{self.kv.capacity_tokens} (kv.num_blocks={self.kv.num_blocks} x "
-                             f"kv.block_size={self.kv.block_size}); raise kv.num_blocks or kv.memory_gb")
-        self.requests[request_id] = req
-        self.scheduler.add_request(req)
+                             f"{self._kv.capacity_tokens} (kv.num_blocks={self._kv.num_blocks} x "
+                             f"kv.block_size={self._kv.block_size}); raise kv.num_blocks or kv.memory_gb")
+        if sampling.detokenize and self.tokenizer is not None:
+            req.detokenizer = IncrementalDetokenizer(self.tokenizer, sampling.stop)
+        self._requests[request_id] = req
+        self._scheduler.add_request(req)
         return request_id
 
     def _tokenize(self, prompt: str | Sequence[int]) -> list[int]:
@@ -90,72 +99,109 @@ class LLMEngine:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         return token_ids
 
-    def abort(self, request_id: str) -> bool:
-        """Stops a request and frees its KV blocks at once; False if it is unknown or already finished."""
-        req = self.requests.get(request_id)
-        if req is None or req.finish_reason is not None:
-            return False
+    def abort(self, request_id: str) -> Request | None:
+        """Stops a request and frees its KV blocks at once; returns it (finish_reason "abort"), or None if it is
+        unknown or already finished."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return None
         self._finish(req, "abort", self.clock())
-        return True
+        return req
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self._scheduler.has_unfinished()
+
+    def add_step_observer(self, observer: StepObserver) -> None:
+        """`observer(stats)` is called after every step, on the engine's thread."""
+        self._observers.append(observer)
+
+    def snapshot(self) -> EngineSnapshot:
+        running, waiting = self._scheduler.num_requests()
+        return EngineSnapshot(running, waiting, self._kv.num_blocks, self._kv.num_free_blocks, self._num_steps)
+
+    def close(self) -> None:
+        self._executor.close()
 
     def _finish(self, req: Request, reason: str, now: float) -> None:
         req.finish_reason = reason
         req.trace.finish_time, req.trace.finish_reason = now, reason
-        self.scheduler.finish(req)
-
-    def pop_finished(self, request_id: str) -> Request:
-        """Hands a finished request to the caller and forgets it."""
-        return self.requests.pop(request_id)
+        if req.detokenizer is not None:
+            req.output_text = req.detokenizer.final_text
+        self._scheduler.finish(req)
+        del self._requests[req.request_id]
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        plan = self.scheduler.schedule()
+        start = self.clock()
+        plan = self._scheduler.schedule()
         if not plan:
             if self.has_unfinished():
-                raise RuntimeError(f"scheduler {self.scheduler.name!r} scheduled nothing while "
-                                   f"{self.scheduler.num_requests()} (running, waiting) requests are unfinished")
+                raise RuntimeError(f"scheduler {self._scheduler.name!r} scheduled nothing while "
+                                   f"{self._scheduler.num_requests()} (running, waiting) requests are unfinished")
             return []
-        start = self.clock()
-        for chunk in plan.chunks:
-            if chunk.request.trace.first_scheduled_time is None:
-                chunk.request.trace.first_scheduled_time = start
-        logits = self.runner.run(plan, self.kv)
+        chunks = [SeqChunk(c.request.token_slice(c.request.num_computed_tokens, c.num_tokens),
+                           c.request.num_computed_tokens, self._kv.block_table(c.request)) for c in plan.chunks]
+        for c in plan.chunks:
+            if c.request.trace.first_scheduled_time is None:
+                c.request.trace.first_scheduled_time = start
+        scheduled = self.clock()
+        result = self._executor.execute(chunks)
+        executed = self.clock()
+        outputs = self._commit(plan, result.logits)
+        now = self.clock()
+        self._report(StepStats(
+            index=self._num_steps, start=start, duration_s=now - start, schedule_s=scheduled - start,
+            prepare_s=result.prepare_s, forward_s=result.forward_s, sample_s=now - executed,
+            num_tokens=plan.num_tokens, num_seqs=len(plan.chunks),
+            num_prefill_tokens=sum(c.num_tokens for c in plan.chunks if c.num_tokens > 1),
+            num_preempted=len(plan.preempted), **self._scheduler_counts(), **self._kv.usage()))
+        return outputs
+
+    def _commit(self, plan: SchedulerOutput, logits) -> list[RequestOutput]:
+        """Applies a step's results: every chunk's tokens are computed; the chunks that reached the end of their
+        request's pending tokens sample one token each, which may finish the request."""
         sampled = [i for i, c in enumerate(plan.chunks) if c.num_tokens == c.request.num_pending_tokens]
         for c in plan.chunks:
             c.request.num_computed_tokens += c.num_tokens
         reqs = [plan.chunks[i].request for i in sampled]
-        tokens = self.sampler(logits[sampled], [r.sampling for r in reqs], [r.generator for r in reqs],
-                              [list(r.stop_ids) if len(r.output_token_ids) < r.sampling.min_new_tokens else []
-                               for r in reqs]).tolist() if reqs else []
+        if not reqs:
+            return []
+        tokens = self._sampler(logits[sampled], [r.sampling for r in reqs], [r.generator for r in reqs],
+                               [list(r.stop_ids) if len(r.output_token_ids) < r.sampling.min_new_tokens else []
+                                for r in reqs]).tolist()
         now = self.clock()
         outputs = []
         for req, token in zip(reqs, tokens):
             req.output_token_ids.append(token)
             req.trace.token_times.append(now)
             reason = self._stop_reason(req, token)
+            text = ""
+            if req.detokenizer is not None:
+                text = req.detokenizer.delta(finished=reason is not None)
             if reason:
                 self._finish(req, reason, now)
-            outputs.append(RequestOutput(req.request_id, [token], reason is not None, reason))
-        self.steps.append({"time": start, "duration_s": now - start, "num_tokens": plan.num_tokens,
-                           "num_seqs": len(plan.chunks),
-                           "num_prefill_tokens": sum(c.num_tokens for c in plan.chunks if c.num_tokens > 1),
-                           "num_preempted": len(plan.preempted), **self.kv.usage()})
+            outputs.append(RequestOutput(req.request_id, [token], req.trace, reason is not None, reason, text,
+                                         req if reason else None))
         return outputs
 
     def _stop_reason(self, req: Request, token: int) -> str | None:
         n = len(req.output_token_ids)
-        if n >= req.sampling.min_new_tokens and token in req.stop_ids:
+        past_min = n >= req.sampling.min_new_tokens
+        stop_string = False
+        if req.detokenizer is not None:
+            req.detokenizer.push([token], match_stop=past_min)
+            stop_string = req.detokenizer.stop_at is not None
+        if past_min and (token in req.stop_ids or stop_string):
             return "stop"
-        if req.sampling.stop:
-            req.output_text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
-            for s in req.sampling.stop:
-                cut = req.output_text.find(s)
-                if cut >= 0 and n >= req.sampling.min_new_tokens:
-                    req.output_text = req.output_text[:cut]
-                    return "stop"
         if n >= req.sampling.max_new_tokens or req.num_tokens >= self.max_model_len:
             return "length"
         return None
+
+    def _scheduler_counts(self) -> dict[str, int]:
+        running, waiting = self._scheduler.num_requests()
+        return {"num_running": running, "num_waiting": waiting}
+
+    def _report(self, stats: StepStats) -> None:
+        self._num_steps += 1
+        for observer in self._observers:
+            observer(stats)

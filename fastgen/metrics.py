@@ -19,6 +19,7 @@ Definitions follow the paper's published benchmark scripts (DeepSpeedExamples, b
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -163,6 +164,11 @@ def token_latency_percentiles(traces: Sequence[RequestTrace],
     return stats("token_latency_s", pooled, [f"p{p}" for p in percentiles])
 
 
+def step_rows(steps: Sequence[Any]) -> list[Mapping[str, Any]]:
+    """Steps as mappings: the engine's StepStats records, or rows read back from steps.jsonl."""
+    return [s if isinstance(s, Mapping) else dataclasses.asdict(s) for s in steps]
+
+
 def step_metrics(steps: Sequence[Mapping[str, Any]]) -> Metrics:
     """Per-step size and time, and KV utilisation for steps that report it."""
     out: Metrics = {"num_steps": len(steps)}
@@ -179,7 +185,7 @@ def _ratios(steps: Sequence[Mapping[str, Any]], denominator: str) -> list[float]
             if s.get("kv_used_tokens") is not None and s.get(denominator)]
 
 
-def summarize(traces: Sequence[RequestTrace], steps: Sequence[Mapping[str, Any]] = (),
+def summarize(traces: Sequence[RequestTrace], steps: Sequence[Any] = (),
               sla: Optional[SLAConfig] = None, *, start_time: Optional[float] = None,
               end_time: Optional[float] = None) -> Metrics:
     """All run metrics as one flat, JSON-serialisable dict (None where undefined, never NaN).
@@ -190,6 +196,7 @@ def summarize(traces: Sequence[RequestTrace], steps: Sequence[Mapping[str, Any]]
     """
     sla = sla or SLAConfig()
     sla.validate()
+    steps = step_rows(steps)
     done = [t for t in traces if is_completed(t)]
     window = (max(t.finish_time for t in done) - min(t.arrival_time for t in traces)) if done else None
     per_s = (lambda count: count / window) if window else (lambda count: None)

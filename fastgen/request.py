@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastgen.detokenizer import IncrementalDetokenizer
 from fastgen.sampling import SamplingParams
 from fastgen.trace import RequestTrace
 
@@ -33,7 +34,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0
-    output_text: str = ""                       # kept only when stop strings need it
+    output_text: str = ""                       # the final text (detokenized requests), set when it finishes
+    detokenizer: IncrementalDetokenizer | None = None   # detokenized requests: text and stop strings as it grows
     generator: torch.Generator | None = None
     trace: RequestTrace = None
 

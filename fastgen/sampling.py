@@ -17,6 +17,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)   # in addition to EOS unless ignore_eos
     stop: list[str] = field(default_factory=list)             # stop strings (need a tokenizer)
     ignore_eos: bool = False
+    detokenize: bool = True           # produce text (and match stop strings); False: token ids only
 
     def __post_init__(self):
         checks = [(self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),

@@ -10,10 +10,10 @@ sampling and bookkeeping.
 import pytest
 import torch
 
-from fastgen.config import EngineConfig, KVConfig, SchedulerConfig
 from fastgen.engine import LLMEngine
 from fastgen.models import load_model
 from fastgen.sampling import SamplingParams
+from tiny import compose_engine
 
 BUDGET = 768
 SHAPES = {            # name: (running decodes, prompt tokens added each step)
@@ -37,15 +37,17 @@ def engine_with_decodes(model, tokenizer, num_decodes: int, context: int = 256) 
     """An engine whose running requests are all mid-generation with `context` tokens of KV (zeros: the values do
     not change the cost, and skipping their prefill keeps the setup instant). They generate for longer than any
     benchmark runs, so every step keeps the same shape (contexts grow by one token a step)."""
-    cfg = EngineConfig(scheduler=SchedulerConfig(name="splitfuse", token_budget=BUDGET),
-                       kv=KVConfig(block_size=64, num_blocks=256))
-    eng = LLMEngine(model, tokenizer, cfg)
+    eng, scheduler, kv = compose_engine(model, "splitfuse", "blocked", num_blocks=256, block_size=64,
+                                        token_budget=BUDGET)
     for i in range(num_decodes):
-        req = eng.requests[eng.add_request(prompt(context, i), SamplingParams(max_new_tokens=4096, ignore_eos=True))]
-        eng.scheduler.admit(req)
-        eng.kv.allocate(req, context)
+        eng.add_request(prompt(context, i), SamplingParams(max_new_tokens=4096, ignore_eos=True))
+        req = scheduler.waiting[-1]
+        scheduler.admit(req)
+        kv.allocate(req, context)
         req.num_computed_tokens = context
         req.output_token_ids.append(1)
+    eng.stats = []
+    eng.add_step_observer(eng.stats.append)
     return eng
 
 
@@ -62,7 +64,6 @@ def test_one_engine_step(benchmark, smollm2, shape):
         return (), {}
 
     outputs = benchmark.pedantic(eng.step, setup=add_prompt, rounds=5, warmup_rounds=1)
-    step = eng.steps[-1]
-    assert (step["num_tokens"], step["num_seqs"]) == (num_decodes + prompt_tokens,
-                                                      num_decodes + (1 if prompt_tokens else 0))
-    assert len(outputs) == step["num_seqs"] and not eng.scheduler.waiting
+    step = eng.stats[-1]
+    assert (step.num_tokens, step.num_seqs) == (num_decodes + prompt_tokens, num_decodes + (1 if prompt_tokens else 0))
+    assert len(outputs) == step.num_seqs and eng.snapshot().num_waiting == 0

@@ -4,17 +4,17 @@ Runs as a plain test by default (benchmarks disabled); time it with
 `python -m pytest tests/test_bench_scheduler.py --benchmark-enable`, compare with `--benchmark-compare`."""
 import pytest
 
-from fastgen.config import SchedulerConfig
-from fastgen.kv import make_kv_manager
+from fastgen.kv import KV_MANAGERS, make_kv_manager
 from fastgen.request import Request
 from fastgen.sampling import SamplingParams
 from fastgen.schedulers import make_scheduler
+from tiny import scheduler_config
 
 
 def busy_scheduler(name: str):
     """256 requests mid-decode (prompt 500, 20 tokens out) and 1,000 prompts waiting."""
-    kv = make_kv_manager("blocked", num_blocks=8192, block_size=64)
-    sched = make_scheduler(SchedulerConfig(name=name, token_budget=768, max_seqs=512, batch_size=256), kv)
+    kv = make_kv_manager(KV_MANAGERS.config("blocked", block_size=64), num_blocks=8192)
+    sched = make_scheduler(scheduler_config(name, token_budget=768, max_seqs=512, batch_size=256), kv)
     for i in range(256):
         req = Request(f"r{i}", list(range(500)), SamplingParams(max_new_tokens=200), arrival_time=float(i))
         sched.add_request(req)

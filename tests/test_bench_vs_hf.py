@@ -104,7 +104,7 @@ def test_quick_run_end_to_end(bench, tmp_path):
         e = lim["efficiency"][sched]
         assert e["engine_efficiency"] > 0 and math.isfinite(e["engine_efficiency"])
         o = rows[("fastgen", sched, "float32")]["overhead"]
-        assert 0 <= o["outside_runner_run_frac"] <= o["outside_model_frac"] < 1
+        assert 0 <= o["outside_executor_frac"] <= o["outside_model_frac"] < 1
     bf = w["dtypes"]["bfloat16"]
     assert bf["speedup_total_tok_s"] > 0 and 0 <= bf["greedy_agreement_vs_float32"]["identical_frac"] <= 1
     assert (tmp_path / w["profile"]["file"]).exists()

@@ -6,11 +6,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastgen.config import EngineConfig, KVConfig, SchedulerConfig
-from fastgen.engine import LLMEngine
 from fastgen.sampling import SamplingParams
 from fastgen.schedulers import SCHEDULERS
-from tiny import fastgen_from_hf, reference_greedy, tiny_hf_model
+from tiny import compose_engine, drain, fastgen_from_hf, reference_greedy, tiny_hf_model
 
 SCHEDULER_NAMES = ["splitfuse", "continuous", "orca", "sarathi", "static"]
 
@@ -31,18 +29,19 @@ def workload(family, lens=(5, 40, 17, 90, 3, 60, 1), news=(12, 7, 20, 5, 30, 9, 
     return prompts, news, ref
 
 
-def engine(model, scheduler="splitfuse", kv="blocked", num_blocks=64, block_size=16, **sched):
+def built(model, scheduler="splitfuse", kv="blocked", num_blocks=64, block_size=16, **sched):
     sched = {"token_budget": 32, "chunk_size": 16, "batch_size": 3, **sched}
-    cfg = EngineConfig(scheduler=SchedulerConfig(name=scheduler, **sched),
-                       kv=KVConfig(name=kv, block_size=block_size, num_blocks=num_blocks))
-    return LLMEngine(model, None, cfg)
+    return compose_engine(model, scheduler, kv, num_blocks, block_size, **sched)
+
+
+def engine(model, *args, **kwargs):
+    return built(model, *args, **kwargs).engine
 
 
 def run_all(eng, prompts, news):
     ids = [eng.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True)) for p, n in zip(prompts, news)]
-    while eng.has_unfinished():
-        eng.step()
-    return [eng.requests[i].output_token_ids for i in ids], [eng.requests[i] for i in ids]
+    finished = drain(eng)
+    return [finished[i].output_token_ids for i in ids], [finished[i] for i in ids]
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
@@ -73,14 +72,14 @@ def test_preemption_under_a_small_pool_keeps_outputs_exact(scheduler):
     assert got == ref
     if scheduler != "static":   # static admits only what fits whole, so it never needs to preempt
         assert sum(r.num_preemptions for r in reqs) > 0
-    assert eng.kv.num_free_blocks == 7
+    assert eng.snapshot().kv_blocks_free == 7
 
 
 def test_decodes_attended_in_many_small_groups_stay_exact(monkeypatch):
     """The CPU attention splits a step's decodes into groups by KV slots; with a tiny group size every decode
     batch here is cut into several groups, some with non-consecutive query rows."""
-    from fastgen.kernels import metadata
-    monkeypatch.setattr(metadata, "DECODE_GROUP_SLOTS", 40)
+    from fastgen.kernels import torch_plan
+    monkeypatch.setattr(torch_plan, "DECODE_GROUP_SLOTS", 40)
     prompts, news, ref = workload("mistral")
     got, _ = run_all(engine(tiny("mistral")[1], "splitfuse", block_size=8), prompts, news)
     assert got == ref
@@ -94,30 +93,30 @@ def test_partial_prefills_that_fill_the_pool_do_not_deadlock(scheduler):
     eng = engine(tiny("llama")[1], scheduler, num_blocks=4, block_size=4, token_budget=8, chunk_size=4)
     got, reqs = run_all(eng, prompts, news)
     assert got == ref
-    assert eng.kv.num_free_blocks == 4
+    assert eng.snapshot().kv_blocks_free == 4
 
 
 class PlanRecorder:
     """Wraps a scheduler's schedule() to keep each step's plan as (tokens per chunk, prefill flags)."""
 
-    def __init__(self, eng):
-        self.plans, inner = [], eng.scheduler.schedule
+    def __init__(self, scheduler):
+        self.plans, inner = [], scheduler.schedule
 
         def schedule():
-            waiting_before = [(r.request_id, r.num_pending_tokens) for r in eng.scheduler.waiting]
-            running_before = [r for r in eng.scheduler.running]
+            waiting_before = [(r.request_id, r.num_pending_tokens) for r in scheduler.waiting]
+            running_before = [r for r in scheduler.running]
             plan = inner()
             self.plans.append((plan, waiting_before, running_before,
                                [(c.num_tokens, c.request.is_decode, c.request.num_pending_tokens) for c in plan.chunks]))
             return plan
-        eng.scheduler.schedule = schedule
+        scheduler.schedule = schedule
 
 
 def record_plans(scheduler, **kw):
     prompts, news, _ = workload("llama")
-    eng = engine(tiny("llama")[1], scheduler, **kw)
-    rec = PlanRecorder(eng)
-    run_all(eng, prompts, news)
+    parts = built(tiny("llama")[1], scheduler, **kw)
+    rec = PlanRecorder(parts.scheduler)
+    run_all(parts.engine, prompts, news)
     return rec.plans
 
 
@@ -176,11 +175,12 @@ def test_scheduler_registered_from_outside_the_package(tmp_path, monkeypatch):
         "    def prompt_order(self):\n"
         "        return sorted(self.prefill_candidates(), key=lambda r: r.num_pending_tokens)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    from fastgen.plugins import import_module_or_file
+    import_module_or_file("shortest_first")
     prompts, news, ref = workload("llama")
-    got, _ = run_all(engine(tiny("llama")[1], "shortest-first", module="shortest_first"), prompts, news)
+    got, _ = run_all(engine(tiny("llama")[1], "shortest-first"), prompts, news)
     assert got == ref
-    assert "shortest-first" in SCHEDULERS
-    SCHEDULERS.pop("shortest-first")
+    assert "shortest-first" in SCHEDULERS.names()
 
 
 def test_bad_requests_are_refused_with_the_limit_named():
@@ -198,24 +198,24 @@ def test_bad_requests_are_refused_with_the_limit_named():
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="unknown scheduler 'nope'; available: continuous, orca"):
-        engine(tiny("llama")[1], "nope")
+        SCHEDULERS.config("nope")
     assert not eng.has_unfinished()
 
 
 def test_abort_frees_kv_at_once_and_others_continue():
     prompts, news, ref = workload("llama")
-    eng = engine(tiny("llama")[1], "splitfuse")
+    eng, _, kv = built(tiny("llama")[1], "splitfuse")
     ids = [eng.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True)) for p, n in zip(prompts, news)]
     eng.step()
     eng.step()
-    assert eng.abort(ids[1]) and not eng.abort(ids[1]) and not eng.abort("unknown")
-    assert ids[1] not in eng.kv.tables
-    while eng.has_unfinished():
-        eng.step()
-    got = [eng.requests[i].output_token_ids for i in ids]
-    assert [g for i, g in enumerate(got) if i != 1] == [r for i, r in enumerate(ref) if i != 1]
-    assert eng.requests[ids[1]].finish_reason == "abort"
-    assert eng.kv.num_free_blocks == 64
+    aborted = eng.abort(ids[1])
+    assert aborted is not None and eng.abort(ids[1]) is None and eng.abort("unknown") is None
+    assert ids[1] not in kv.tables
+    finished = drain(eng)
+    got = [finished[i].output_token_ids for i in ids if i != ids[1]]
+    assert got == [r for i, r in enumerate(ref) if i != 1]
+    assert aborted.finish_reason == "abort"
+    assert eng.snapshot().kv_blocks_free == 64
 
 
 def test_sampling_seeded_reproducible_and_filtered():
@@ -225,17 +225,14 @@ def test_sampling_seeded_reproducible_and_filtered():
         rid = eng.add_request([3, 4, 5], SamplingParams(max_new_tokens=12, ignore_eos=True, temperature=1.0,
                                                          seed=seed, **kw))
         eng.add_request([7, 8], SamplingParams(max_new_tokens=12, ignore_eos=True, temperature=1.5))
-        while eng.has_unfinished():
-            eng.step()
-        return eng.requests[rid].output_token_ids
+        return drain(eng)[rid].output_token_ids
     assert sample(1) == sample(1)
     assert sample(1) != sample(2)
     greedy = engine(model)
     gid = greedy.add_request([3, 4, 5], SamplingParams(max_new_tokens=12, ignore_eos=True))
-    while greedy.has_unfinished():
-        greedy.step()
-    assert sample(3, top_k=1) == greedy.requests[gid].output_token_ids
-    assert sample(4, top_p=1e-6) == greedy.requests[gid].output_token_ids
+    greedy_ids = drain(greedy)[gid].output_token_ids
+    assert sample(3, top_k=1) == greedy_ids
+    assert sample(4, top_p=1e-6) == greedy_ids
 
 
 def test_stop_token_and_min_new_tokens():
@@ -245,11 +242,10 @@ def test_stop_token_and_min_new_tokens():
     eng = engine(tiny("llama")[1])
     a = eng.add_request(prompts[2], SamplingParams(max_new_tokens=20, stop_token_ids=[stop_at]))
     b = eng.add_request(prompts[2], SamplingParams(max_new_tokens=20, stop_token_ids=[stop_at], min_new_tokens=20))
-    while eng.has_unfinished():
-        eng.step()
-    assert eng.requests[a].output_token_ids == ref[2][:first + 1] and eng.requests[a].finish_reason == "stop"
-    assert len(eng.requests[b].output_token_ids) == 20 and eng.requests[b].finish_reason == "length"
-    assert stop_at not in eng.requests[b].output_token_ids
+    finished = drain(eng)
+    assert finished[a].output_token_ids == ref[2][:first + 1] and finished[a].finish_reason == "stop"
+    assert len(finished[b].output_token_ids) == 20 and finished[b].finish_reason == "length"
+    assert stop_at not in finished[b].output_token_ids
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.large_base_example, HealthCheck.data_too_large])
@@ -261,10 +257,12 @@ def test_property_every_request_finishes_once_and_kv_drains(data, scheduler, kv)
     need = max(-(-(p + n - 1) // block_size) for p, n in lens)
     num_blocks = data.draw(st.integers(need, need + 12))
     budget = data.draw(st.integers(1, 64))
-    eng = engine(model, scheduler, kv, num_blocks=num_blocks, block_size=block_size, token_budget=budget,
-                 chunk_size=data.draw(st.integers(1, 32)), batch_size=data.draw(st.integers(1, 6)))
+    eng, _, manager = built(model, scheduler, kv, num_blocks=num_blocks, block_size=block_size, token_budget=budget,
+                            chunk_size=data.draw(st.integers(1, 32)), batch_size=data.draw(st.integers(1, 6)))
+    steps = []
+    eng.add_step_observer(steps.append)
     pending = list(enumerate(lens))
-    ids, aborted, finished_events = {}, set(), []
+    ids, aborted, finished_events, finished = {}, set(), [], {}
     while pending or eng.has_unfinished():
         if pending and data.draw(st.booleans()):
             i, (p, n) = pending.pop(0)
@@ -272,22 +270,22 @@ def test_property_every_request_finishes_once_and_kv_drains(data, scheduler, kv)
                                      SamplingParams(max_new_tokens=n, ignore_eos=True))
         if ids and data.draw(st.integers(0, 9)) == 0:
             victim = data.draw(st.sampled_from(sorted(ids.values())))
-            if eng.abort(victim):
+            if eng.abort(victim) is not None:
                 aborted.add(victim)
                 finished_events.append(victim)
         if not eng.has_unfinished():
             continue
         plan_owners = {}
         outs = eng.step()
-        step = eng.steps[-1]
-        assert step["num_tokens"] <= (budget if scheduler in ("splitfuse", "sarathi") else 10**9)
-        for rid, blocks in eng.kv.tables.items():
+        assert steps[-1].num_tokens <= (budget if scheduler in ("splitfuse", "sarathi") else 10**9)
+        for rid, blocks in manager.tables.items():
             for b in blocks:
                 assert plan_owners.setdefault(b, rid) == rid, "a KV block is shared by two live sequences"
         finished_events += [o.request_id for o in outs if o.finished]
+        finished.update((o.request_id, o.request) for o in outs if o.finished)
     assert sorted(finished_events) == sorted(ids.values()), "every request finishes exactly once"
     for i, (p, n) in enumerate(lens):
-        req = eng.requests[ids[i]]
         if ids[i] not in aborted:
+            req = finished[ids[i]]
             assert len(req.output_token_ids) == n and req.finish_reason == "length"
-    assert eng.kv.num_free_blocks == num_blocks and not eng.kv.tables
+    assert eng.snapshot().kv_blocks_free == num_blocks and not manager.tables

@@ -280,32 +280,21 @@ def test_split_heuristic(monkeypatch):
 
 
 @needs_interpreter
-def test_env_forces_backend(monkeypatch):
+def test_hardware_kernels_chooses_the_backend_once_for_every_layer():
+    """hardware.kernels picks the backend when the engine is built; every kernel-using layer of the model then
+    runs on it (auto: torch on a CPU, triton on CUDA)."""
+    from fastgen.models.layers import KernelUser
+    from tiny import compose_engine, fastgen_from_hf, tiny_hf_model
+
+    model = fastgen_from_hf(tiny_hf_model("llama"))
+    for name, backend in (("triton", triton_ops), ("torch", reference), ("auto", reference)):
+        compose_engine(model, kernels=name)
+        assert {m.ops for m in model.modules() if isinstance(m, KernelUser)} == {backend}
+    assert kernels.resolve_backend("auto", "cuda") == "triton" and kernels.resolve_backend("auto", "cpu") == "torch"
     x = torch.randn(3, 64)
-    monkeypatch.setenv("FASTGEN_KERNELS", "triton")
-    assert kernels._impl(x) is triton_ops
-    assert rel_err(kernels.silu_and_mul(x), reference.silu_and_mul(x)) <= TOL[torch.float32]
-    monkeypatch.setenv("FASTGEN_KERNELS", "torch")
-    assert kernels._impl(x) is reference
-    monkeypatch.setenv("FASTGEN_KERNELS", "cuda")
-    with pytest.raises(ValueError, match="FASTGEN_KERNELS"):
-        kernels.backend_for(x)
-
-
-def test_set_backend(monkeypatch):
-    x = torch.randn(2, 8)
-    monkeypatch.setenv("FASTGEN_KERNELS", "triton")
-    try:
-        kernels.set_backend("torch")                     # wins over the environment
-        assert kernels.backend_for(x) == "torch"
-        kernels.set_backend("auto")
-        assert kernels.backend_for(x) == "triton"
-        with pytest.raises(ValueError, match="unknown kernel backend"):
-            kernels.set_backend("cuda")
-    finally:
-        kernels.set_backend("auto")
-    monkeypatch.delenv("FASTGEN_KERNELS")
-    assert kernels.backend_for(x) == "torch"
+    assert rel_err(kernels.load_backend("triton").silu_and_mul(x), reference.silu_and_mul(x)) <= TOL[torch.float32]
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
+        kernels.load_backend("cuda")
 
 
 @needs_interpreter
@@ -313,25 +302,17 @@ def test_set_backend(monkeypatch):
 def test_full_model_greedy_tokens_same_through_triton_and_reference(family):
     """A tiny Llama and a tiny Mistral (window 7, shorter than the sequences) through the engine: every kernel on
     the Triton path gives the same greedy tokens as the PyTorch path, with prompt chunks and decodes mixed."""
-    from fastgen.config import EngineConfig, KVConfig, SchedulerConfig
-    from fastgen.engine import LLMEngine
     from fastgen.sampling import SamplingParams
-    from tiny import fastgen_from_hf, tiny_hf_model
+    from tiny import compose_engine, drain, fastgen_from_hf, tiny_hf_model
 
     model = fastgen_from_hf(tiny_hf_model(family, seed=1))
     gen = torch.Generator().manual_seed(SEED)
     prompts = [torch.randint(0, 211, (n,), generator=gen).tolist() for n in (5, 23, 2, 12)]
 
     def greedy(backend):
-        kernels.set_backend(backend)
-        try:
-            eng = LLMEngine(model, None, EngineConfig(scheduler=SchedulerConfig(token_budget=16),
-                                                      kv=KVConfig(block_size=16, num_blocks=16)))
-            ids = [eng.add_request(p, SamplingParams(max_new_tokens=5, ignore_eos=True)) for p in prompts]
-            while eng.has_unfinished():
-                eng.step()
-            return [eng.requests[i].output_token_ids for i in ids]
-        finally:
-            kernels.set_backend("auto")
+        eng = compose_engine(model, num_blocks=16, block_size=16, kernels=backend, token_budget=16).engine
+        ids = [eng.add_request(p, SamplingParams(max_new_tokens=5, ignore_eos=True)) for p in prompts]
+        finished = drain(eng)
+        return [finished[i].output_token_ids for i in ids]
 
     assert greedy("triton") == greedy("torch")

@@ -80,3 +80,72 @@ def test_wandb_logger_offline_writes_a_run(tiny_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb")), "wandb wrote no offline run"
+
+
+SCHEDULER_PLUGIN = '''
+from dataclasses import dataclass
+
+from fastgen.schedulers import register_scheduler
+from fastgen.schedulers.splitfuse import SplitFuseConfig, SplitFuseScheduler
+
+
+@dataclass
+class PromptOrderConfig(SplitFuseConfig):
+    name: str = "prompt-order"
+    longest_first: bool = False          # the knob of its own
+
+
+@register_scheduler("prompt-order", config=PromptOrderConfig)
+class PromptOrderScheduler(SplitFuseScheduler):
+    def prompt_order(self):
+        return sorted(self.prefill_candidates(), key=lambda r: r.num_pending_tokens,
+                      reverse=self.config.longest_first)
+'''
+
+KV_PLUGIN = '''
+from dataclasses import dataclass
+
+from fastgen.kv.blocked import BlockedKVConfig, BlockedKVManager
+from fastgen.kv.manager import register_kv_manager
+from fastgen.request import RequestStatus
+
+
+@dataclass
+class WatermarkKVConfig(BlockedKVConfig):
+    name: str = "watermark"
+    watermark_blocks: int = 2            # the knob of its own: blocks a new request may not take
+
+
+@register_kv_manager("watermark", config=WatermarkKVConfig)
+class WatermarkKVManager(BlockedKVManager):
+    def can_allocate(self, req, num_new_tokens):
+        reserve = self.config.watermark_blocks if req.status is RequestStatus.WAITING else 0
+        return self._new_blocks(req, num_new_tokens) + reserve <= self.allocator.num_free
+'''
+
+
+def test_plugins_from_outside_the_package_with_knobs_of_their_own(tiny_dir, tmp_path):
+    """A scheduler and a KV manager, each one Python file plus one YAML file in the user's own folder (not in
+    fastgen), run by run.py from that folder; a typo in a new knob is refused by Hydra listing the valid keys."""
+    (tmp_path / "my_policies").mkdir()
+    (tmp_path / "my_policies" / "prompt_order.py").write_text(SCHEDULER_PLUGIN)
+    (tmp_path / "my_kv.py").write_text(KV_PLUGIN)
+    for group, name, body in (("scheduler", "prompt-order", "module: my_policies.prompt_order\ntoken_budget: 32\n"
+                                                            "longest_first: true\n"),
+                              ("kv", "watermark", "module: my_kv.py\nblock_size: 16\nwatermark_blocks: 3\n")):
+        (tmp_path / "conf" / group).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "conf" / group / f"{name}.yaml").write_text(f"defaults: [{name}_schema, _self_]\n{body}")
+    args = small(tiny_dir, "scheduler=prompt-order", "kv=watermark", "hydra.run.dir=out")
+    proc = run_py(*args, "kv.watermark_blocks=4", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((tmp_path / "out" / "metrics.json").read_text())["config"]
+    assert config["scheduler"] == {"name": "prompt-order", "max_seqs": 512, "preemption": "newest",
+                                   "module": "my_policies.prompt_order", "token_budget": 32, "longest_first": True}
+    assert config["kv"]["watermark_blocks"] == 4 and config["kv"]["name"] == "watermark"
+    typo = run_py(*args, "scheduler.longest_frist=false", cwd=tmp_path)
+    assert typo.returncode != 0 and "Traceback" not in typo.stderr
+    assert "longest_frist" in typo.stderr and "valid keys of PromptOrderConfig" in typo.stderr
+    assert "longest_first" in typo.stderr.split("valid keys")[1]
+    bad = run_py(*small(tiny_dir, "scheduler=prompt-order", "scheduler.module=no_such_module"), cwd=tmp_path)
+    assert bad.returncode != 0 and "cannot import plugin module 'no_such_module'" in bad.stderr
+    assert "Traceback" not in bad.stderr and "Loading" not in bad.stderr     # refused before any model loads

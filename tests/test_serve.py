@@ -19,26 +19,30 @@ import torch
 import uvicorn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fastgen.config import EngineConfig, KVConfig, SchedulerConfig
+from fastgen.compose import CONF_DIR, build_engine, register_all
+from fastgen.config import EngineConfig
+from fastgen.detokenizer import IncrementalDetokenizer
+from fastgen.driver import run_workload
 from fastgen.engine import LLMEngine
-from fastgen.pipeline import CONF_DIR, Pipeline
-from fastgen.serve import ServeConfig, create_app, run_http_requests
-from fastgen.serve.config import register_configs
-from fastgen.serve.detokenizer import IncrementalDetokenizer
-from fastgen.workloads import ClosedLoopArrivals
+from fastgen.kv import KV_MANAGERS
+from fastgen.pipeline import Pipeline
+from fastgen.schedulers import SCHEDULERS
+from fastgen.serve import HttpTarget, ServeConfig, create_app
+from fastgen.workloads import ClosedLoopArrivals, OpenLoopArrivals, Workload, WorkloadRequest
 from tiny import fastgen_from_hf, smollm2_files, tiny_config
 
 API_KEY = "test-key"
 MODEL = "tiny-smollm2"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-ENGINE_CFG = EngineConfig(scheduler=SchedulerConfig(name="splitfuse", token_budget=256),
-                          kv=KVConfig(name="blocked", block_size=16, num_blocks=512))
+ENGINE_CFG = EngineConfig(scheduler=SCHEDULERS.config("splitfuse", token_budget=256),
+                          kv=KV_MANAGERS.config("blocked", block_size=16, num_blocks=512))
 
 
 @dataclass
 class Served:
     url: str
     engine: LLMEngine
+    model: object
     cfg: ServeConfig
     reference: Pipeline          # a second engine over the same weights, driven directly
 
@@ -52,8 +56,8 @@ class Served:
         """Waits until the engine holds no request and every KV block is free again."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            kv = self.engine.kv
-            if not self.engine.requests and kv.num_free_blocks == kv.num_blocks:
+            state = self.engine.snapshot()
+            if state.num_running == state.num_waiting == 0 and state.kv_blocks_free == state.kv_blocks_total:
                 return True
             time.sleep(0.02)
         return False
@@ -74,7 +78,7 @@ def served(tokenizer):
     torch.manual_seed(0)
     config = tiny_config("llama", vocab_size=len(tokenizer), max_position_embeddings=512)
     model = fastgen_from_hf(AutoModelForCausalLM.from_config(config, attn_implementation="eager"))
-    engine = LLMEngine(model, tokenizer, ENGINE_CFG)
+    engine = build_engine(ENGINE_CFG, model, tokenizer)
     cfg = ServeConfig(port=0, api_key=API_KEY, served_model_name=MODEL, max_prompt_tokens=400, max_tokens_limit=200,
                       max_concurrent_requests=128, max_body_bytes=16384, request_timeout_s=60.0)
     server = uvicorn.Server(uvicorn.Config(create_app(engine, cfg), host=cfg.host, port=0, log_level="warning"))
@@ -85,7 +89,7 @@ def served(tokenizer):
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
-    yield Served(f"http://127.0.0.1:{port}", engine, cfg, Pipeline(LLMEngine(model, tokenizer, ENGINE_CFG)))
+    yield Served(f"http://127.0.0.1:{port}", engine, model, cfg, Pipeline(build_engine(ENGINE_CFG, model, tokenizer)))
     server.should_exit = True
     thread.join(timeout=10)
 
@@ -314,15 +318,19 @@ def test_a_failing_step_fails_its_requests_and_the_server_lives_on(served, monke
 
 
 # -- the benchmark client ------------------------------------------------------------------------------------------
-def test_run_http_requests_closed_and_open_loop(served):
-    requests = [([11 + i, 400, 9000 + i], 3 + i % 4) for i in range(6)]
+def test_http_target_closed_and_open_loop(served):
+    """The one driver over HTTP: closed loop (2 warm-ups left out of the results) and open loop."""
+    requests = [WorkloadRequest(i, [11 + i, 400, 9000 + i], 3 + i % 4) for i in range(6)]
     arrivals = ClosedLoopArrivals(num_requests=4, clients=2, rng=np.random.default_rng(0), jitter_s_per_client=0.001)
-    for process in (arrivals, [0.0, 0.02, 0.04, 0.06, 0.08, 0.1]):
-        traces = asyncio.run(run_http_requests(served.url, requests, process, api_key=API_KEY))
-        assert [t.output_tokens for t in traces] == [n for _, n in requests]
+    for process, measured in ((arrivals, requests[2:]), (OpenLoopArrivals([0.0, 0.02, 0.04, 0.06, 0.08, 0.1]),
+                                                         requests)):
+        with HttpTarget(served.url, api_key=API_KEY) as target:
+            traces = run_workload(target, Workload(requests, process), progress=False).traces
+        assert [t.output_tokens for t in traces] == [r.max_new_tokens for r in measured]
         assert all(t.finish_reason == "length" and t.finish_time >= t.token_times[-1] >= t.arrival_time
                    for t in traces)
-    bad = asyncio.run(run_http_requests(served.url, requests[:1], api_key="wrong", model=MODEL))
+    with HttpTarget(served.url, api_key="wrong", model=MODEL) as target:
+        bad = run_workload(target, Workload(requests[:1], OpenLoopArrivals([0.0])), progress=False).traces
     assert bad[0].finish_reason.startswith("error: HTTP 401") and bad[0].finish_time is None
 
 
@@ -331,13 +339,18 @@ def test_detokenizer_streams_split_characters_and_holds_back_stop_prefixes(token
     text = "naïve café 日本語 😀 done. STOP here"
     ids = tokenizer.encode(text)
     detok = IncrementalDetokenizer(tokenizer)
-    assert "".join(detok.push([t]) for t in ids) + detok.push([], finished=True) == tokenizer.decode(ids)
+
+    def push(t):
+        detok.push([t])
+        return detok.delta()
+    assert "".join(push(t) for t in ids) + detok.delta(finished=True) == tokenizer.decode(ids)
     detok = IncrementalDetokenizer(tokenizer, stop=[" STOP"])
     kept = text[:text.index(" STOP")]
     stop_at = len(tokenizer.encode(kept))
-    streamed = "".join(detok.push([t]) for t in ids[:stop_at + 1])     # the last token, " ST", may begin " STOP"
-    assert streamed == kept
-    assert detok.push([], finished=True, final_text=kept) == ""
+    streamed = "".join(push(t) for t in ids[:stop_at + 1])     # the last token, " ST", may begin " STOP"
+    assert streamed == kept and detok.stop_at is None
+    push(ids[stop_at + 1])                                     # "OP": the stop string is complete
+    assert detok.stop_at == len(kept) and detok.delta(finished=True) == "" and detok.final_text == kept
 
 
 def test_serve_config_composes_from_conf(monkeypatch):
@@ -346,7 +359,7 @@ def test_serve_config_composes_from_conf(monkeypatch):
     from omegaconf import OmegaConf
 
     monkeypatch.setenv("FASTGEN_API_KEY", "from-env")
-    register_configs()
+    register_all()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = OmegaConf.to_object(compose("serve", overrides=["port=9001", "scheduler=sarathi"]))
@@ -368,9 +381,9 @@ def test_benchmark_http_target_writes_the_same_metrics_as_in_process(served, tok
     """run.py's target=http against this server and the in-process target on the same model and workload: both
     complete every request and write metrics.json with the same keys (the values differ)."""
     from fastgen.bench import run_benchmark
-    from fastgen.pipeline import compose_config
+    from fastgen.compose import compose_config
 
-    model = served.engine.runner.model
+    model = served.model
     common = ["workload.num_requests=6", "workload.clients=2", "workload.prompt.mean=20", "workload.prompt.max=60",
               "workload.output.mean=5", "kv.block_size=16", "kv.num_blocks=64", "progress=false"]
     over_http = run_benchmark(compose_config(common + ["target=http", f"target.url={served.url}",
@@ -382,11 +395,11 @@ def test_benchmark_http_target_writes_the_same_metrics_as_in_process(served, tok
     assert over_http["num_output_tokens"] == in_process["num_output_tokens"]
     for d in ("http", "engine"):
         assert len((tmp_path / d / "requests.jsonl").read_text().splitlines()) == 6
-    assert served.engine.kv.num_free_blocks == served.engine.kv.num_blocks
+    assert served.idle()
 
 
 def test_http_target_needs_a_url(tmp_path):
     from fastgen.bench import run_benchmark
-    from fastgen.pipeline import compose_config
+    from fastgen.compose import compose_config
     with pytest.raises(ValueError, match="target=http needs target.url"):
         run_benchmark(compose_config(["target=http", "target.url=null"]), tmp_path)

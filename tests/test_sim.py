@@ -10,11 +10,13 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from fastgen.bench import run_benchmark
-from fastgen.driver import run_workload
-from fastgen.kv.manager import KV_MANAGERS
-from fastgen.pipeline import build_engine, compose_config
-from fastgen.schedulers import SCHEDULERS
-from fastgen.sim import BatchShape, CostModel, CPUClock, Profile, SimulatedRunner, kv_pool_blocks, model_shape
+from fastgen.compose import compose_config
+from fastgen.driver import EngineTarget, run_workload
+from fastgen.executors.simulated import SimulatedExecutor, kv_pool_blocks
+from fastgen.kv.manager import KV_MANAGERS, make_kv_manager
+from fastgen.engine import LLMEngine
+from fastgen.schedulers import SCHEDULERS, make_scheduler
+from fastgen.sim import BatchShape, CostModel, CPUClock, Profile, model_spec
 from fastgen.sim.calibrate import fit, grid
 from fastgen.sim.calibrate import main as calibrate
 from fastgen.workloads import build_workload
@@ -25,9 +27,9 @@ SMALL = ["workload.num_requests=12", "workload.clients=4", "workload.prompt.mean
          "workload.output.max=64"]
 
 
-def cost(model="llama-2-7b", hardware="a100-80gb", tp=1, profile=None) -> CostModel:
-    cfg = compose_config([f"hardware={hardware}", f"hardware.tensor_parallel={tp}"])
-    return CostModel(model_shape(model), cfg.hardware, profile)
+def cost(model="llama-2-7b", hardware="a100-80gb", tp=1, profile=None, *overrides) -> CostModel:
+    cfg = compose_config([f"hardware={hardware}", f"hardware.tensor_parallel={tp}", "executor=simulated", *overrides])
+    return CostModel(model_spec(model), cfg.executor.device, cfg.hardware.dtype, tp, profile)
 
 
 def decodes(n: int, context: int) -> BatchShape:
@@ -35,11 +37,11 @@ def decodes(n: int, context: int) -> BatchShape:
 
 
 def test_paper_model_shapes():
-    billions = {name: model_shape(name).num_params / 1e9 for name in ("llama-2-7b", "llama-2-13b", "llama-2-70b",
-                                                                      "mistral-7b")}
+    billions = {name: model_spec(name).num_params / 1e9 for name in ("llama-2-7b", "llama-2-13b", "llama-2-70b",
+                                                                     "mistral-7b")}
     assert billions == pytest.approx({"llama-2-7b": 6.74, "llama-2-13b": 13.0, "llama-2-70b": 69.0,
                                       "mistral-7b": 7.24}, rel=0.01)
-    assert model_shape("mistral-7b").window == 4096 and model_shape("llama-2-70b").num_kv_heads == 8
+    assert set(model_spec("mistral-7b").windows) == {4096} and model_spec("llama-2-70b").num_kv_heads == 8
 
 
 def test_roofline_decode_is_bandwidth_bound_and_large_prefill_compute_bound():
@@ -68,14 +70,13 @@ def test_tensor_parallel_splits_work_and_adds_all_reduces():
     batch = BatchShape.of([1] * 16 + [752], [2000] * 16 + [1500])
     assert one.breakdown(batch)["allreduce_s"] == 0 < four.breakdown(batch)["allreduce_s"]
     assert four.step_time(batch) < one.step_time(batch) / 2.5
-    pcie = CostModel(four.shape, compose_config(["hardware=a100-80gb", "hardware.tensor_parallel=4",
-                                                 "hardware.link_bandwidth_gbs=25"]).hardware)
+    pcie = cost("llama-2-70b", "a100-80gb", 4, None, "executor.device.link_bandwidth_gbs=25")
     assert pcie.breakdown(batch)["allreduce_s"] > 5 * four.breakdown(batch)["allreduce_s"]
 
 
 def test_kv_pool_is_memory_left_by_weights_and_activations():
     cfg = compose_config(["hardware=a100-80gb", "hardware.tensor_parallel=4", "model.source=llama-2-70b", *SIM])
-    shape = model_shape("llama-2-70b")
+    shape = model_spec("llama-2-70b")
     blocks = kv_pool_blocks(shape, cfg)
     per_block = 64 * 2 * 80 * 2 * 128 * 2                  # 64 tokens, K+V, 80 layers, 8/4 KV heads, 128, fp16
     free = 80 * 2**30 * 0.9 - shape.num_params * 2 / 4
@@ -89,21 +90,24 @@ def test_kv_pool_is_memory_left_by_weights_and_activations():
         kv_pool_blocks(shape, cfg)                         # 138 GB of weights do not fit one 80 GB GPU
 
 
-@pytest.mark.parametrize("scheduler,kv", [(s, "blocked") for s in sorted(SCHEDULERS)] + [("orca", "contiguous")])
+@pytest.mark.parametrize("scheduler,kv", [(s, "blocked") for s in SCHEDULERS.names()] + [("orca", "contiguous")])
 def test_simulated_run_of_every_scheduler_completes_with_workload_lengths(scheduler, kv):
     cfg = compose_config(["model.source=llama-2-7b", "hardware=a100-80gb", f"scheduler={scheduler}", f"kv={kv}",
                           "kv.num_blocks=120", *SIM, *SMALL])       # a tight pool: preemption happens
-    engine = build_engine(cfg)
-    assert type(engine.scheduler) is SCHEDULERS[scheduler] and type(engine.kv) is KV_MANAGERS[kv]
-    assert isinstance(engine.runner, SimulatedRunner)
+    executor = SimulatedExecutor(cfg)
+    manager = make_kv_manager(cfg.kv, executor.num_kv_blocks)
+    policy = make_scheduler(cfg.scheduler, manager)
+    assert type(policy) is SCHEDULERS.get(scheduler) and type(manager) is KV_MANAGERS.get(kv)
+    engine = LLMEngine(executor, policy, manager)
     workload = build_workload(cfg.workload, engine.vocab_size)
-    result = run_workload(engine, workload, progress=False)
-    wanted = {f"w{r.index}": r.max_new_tokens for r in workload.requests if not r.warmup}
-    assert {t.request_id: t.output_tokens for t in result.traces} == wanted
+    result = run_workload(EngineTarget(engine), workload, progress=False)
+    wanted = [r.max_new_tokens for r in workload.requests if not r.warmup]
+    assert [t.output_tokens for t in result.traces] == wanted
+    assert [t.request_id for t in result.traces] == [str(i) for i in range(len(wanted))]
     assert all(t.finish_reason == "length" for t in result.traces)
-    busy = sum(s["duration_s"] for s in result.steps)
+    busy = sum(s.duration_s for s in result.steps)
     assert 0 < busy <= result.end_time - result.start_time + 1e-9
-    assert engine.kv.num_free_blocks == 120
+    assert engine.snapshot().kv_blocks_free == 120
 
 
 def test_profile_files_load_and_unknown_names_say_what_exists(tmp_path):
@@ -181,9 +185,9 @@ def _fidelity_case(tmp_path):
     calibrate([*common, "--profile", str(tmp_path / "p.json"), "--max-tokens", "512", "--max-context", "512",
                "--max-seqs", "2", "--timer", "cpu"])
     case = [*common, "workload.num_requests=8", "workload.clients=2", "workload.prompt.mean=192",
-            "workload.prompt.max=400", "workload.output.mean=16", "workload.output.max=40", "kv.num_blocks=64",
-            f"hardware.profile={tmp_path / 'p.json'}"]
+            "workload.prompt.max=400", "workload.output.mean=16", "workload.output.max=40", "kv.num_blocks=64"]
     real = run_benchmark(compose_config(case), tmp_path / "real", clock=CPUClock())
-    sim = run_benchmark(compose_config([*case, "executor=simulated"]), tmp_path / "sim")
+    sim = run_benchmark(compose_config([*case, "executor=simulated", f"executor.device.profile={tmp_path / 'p.json'}"]),
+                        tmp_path / "sim")
     for key in ("request_throughput", "ttft_s_p50", "itl_s_p50"):
         assert sim[key] == pytest.approx(real[key], rel=0.2), key

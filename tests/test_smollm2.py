@@ -1,9 +1,12 @@
 """The embedded SmolLM2-135M: loads offline from its package and decodes exactly as transformers does."""
+import dataclasses
+
 import pytest
 import torch
 
 import fastgen
 from fastgen.models import load_model
+from fastgen.schedulers import SCHEDULERS
 from tiny import reference_greedy, smollm2_files
 
 
@@ -27,7 +30,7 @@ def test_short_name_loads_offline_and_greedy_32_tokens_match(hf_and_tok, monkeyp
     assert len(model.model.layers) == 30
     prompt = chat(tokenizer, "Write a haiku about the sea.")
     ids = tokenizer.encode(prompt)
-    pipe = fastgen.Pipeline(fastgen.LLMEngine(model, tokenizer))
+    pipe = fastgen.Pipeline(fastgen.build_engine(fastgen.compose_config(), model, tokenizer))
     out = pipe([ids], max_new_tokens=32, ignore_eos=True)[0]
     assert out.token_ids == reference_greedy(hf, ids, 32)
     assert out.prompt_tokens == len(ids) and out.finish_reason == "length"
@@ -39,12 +42,13 @@ def test_pipeline_from_in_memory_model_matches_transformers_for_every_scheduler(
     texts = ["What is the capital of France?", "Explain KV caching in one sentence.", "Hi"]
     prompts = [tok.encode(chat(tok, t)) for t in texts] + [list(range(100, 400))]   # one longer than the budget
     news = [12, 9, 5, 7]
+    knobs = {f.name for f in dataclasses.fields(SCHEDULERS.get(scheduler).Config)}
+    policy = [f"scheduler.{k}={v}" for k, v in (("token_budget", 128), ("chunk_size", 64)) if k in knobs]
     pipe = fastgen.pipeline(hf, scheduler=scheduler, tokenizer=tok,
-                            overrides=["scheduler.token_budget=128", "scheduler.chunk_size=64", "kv.block_size=16",
-                                       "kv.num_blocks=128"])
+                            overrides=[*policy, "kv.block_size=16", "kv.num_blocks=128"])
     outs = pipe(prompts, max_new_tokens=news, ignore_eos=True)
     assert [o.token_ids for o in outs] == [reference_greedy(hf, p, n) for p, n in zip(prompts, news)]
-    assert pipe.engine.kv.num_free_blocks == 128
+    assert pipe.engine.snapshot().kv_blocks_free == 128
 
 
 def test_pipeline_text_stop_strings_and_eos(hf_and_tok):

@@ -2,13 +2,21 @@
 forward pass, shared by the tests."""
 from __future__ import annotations
 
+import dataclasses
+from typing import NamedTuple
+
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
+from fastgen.config import EngineConfig
+from fastgen.engine import LLMEngine
+from fastgen.executors import make_executor
+from fastgen.kv import KV_MANAGERS, KVManager, make_kv_manager
 from fastgen.kv.allocator import BlockAllocator
 from fastgen.kv.cache import KVCache
 from fastgen.models import EMBEDDED, build_model
 from fastgen.ragged import RaggedBatch, SeqChunk
+from fastgen.schedulers import SCHEDULERS, Scheduler, make_scheduler
 
 
 def tiny_config(family: str, seed: int = 0, **overrides):
@@ -59,7 +67,7 @@ class ChunkRunner:
 
     def __init__(self, model, num_blocks: int = 64, block_size: int = 16):
         self.model, self.block_size = model, block_size
-        self.cache = KVCache(model.kv_spec, num_blocks, block_size, next(model.parameters()).dtype)
+        self.cache = KVCache(model.spec, num_blocks, block_size, next(model.parameters()).dtype)
         self.alloc = BlockAllocator(num_blocks)
         self.tables: dict[int, list[int]] = {}
         self.lens: dict[int, int] = {}
@@ -100,3 +108,37 @@ def smollm2_files() -> tuple[str, str]:
     """Directory and GGUF file name of the embedded SmolLM2 (installed with the package, never downloaded)."""
     emb = EMBEDDED["smollm2-135m"]
     return str(emb.directory()), emb.gguf_file
+
+
+def scheduler_config(name: str, **knobs):
+    """`name`'s typed config with those of `knobs` it has (tests pass one set of knobs to every policy)."""
+    valid = {f.name for f in dataclasses.fields(SCHEDULERS.get(name).Config)}
+    return SCHEDULERS.config(name, **{k: v for k, v in knobs.items() if k in valid})
+
+
+class Built(NamedTuple):
+    """An engine composed in the test, with the parts it was given, so a test can look at them."""
+
+    engine: LLMEngine
+    scheduler: Scheduler
+    kv: KVManager
+
+
+def compose_engine(model, scheduler: str = "splitfuse", kv: str = "blocked", num_blocks: int = 64,
+                   block_size: int = 16, kernels: str = "auto", **knobs) -> Built:
+    cfg = EngineConfig(scheduler=scheduler_config(scheduler, **knobs),
+                       kv=KV_MANAGERS.config(kv, block_size=block_size, num_blocks=num_blocks))
+    cfg.hardware.kernels = kernels
+    cfg.validate()
+    executor = make_executor(cfg, model)
+    manager = make_kv_manager(cfg.kv, executor.num_kv_blocks)
+    policy = make_scheduler(cfg.scheduler, manager)
+    return Built(LLMEngine(executor, policy, manager), policy, manager)
+
+
+def drain(eng: LLMEngine) -> dict:
+    """Steps until the engine is idle; the finished requests by id."""
+    finished = {}
+    while eng.has_unfinished():
+        finished.update((o.request_id, o.request) for o in eng.step() if o.finished)
+    return finished

@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))          # run from a checkout without installing 
 
 from fastgen.analysis import markdown_table  # noqa: E402
 from fastgen.bench import run_benchmark  # noqa: E402
-from fastgen.pipeline import compose_config  # noqa: E402
-from fastgen.sim.shapes import model_shape  # noqa: E402
+from fastgen.compose import compose_config  # noqa: E402
+from fastgen.sim.shapes import model_spec  # noqa: E402
 from fastgen.workloads import LengthSpec  # noqa: E402
 
 SCHEDULERS = ("splitfuse", "continuous")
@@ -92,7 +92,7 @@ def run_point(args, deployment: Deployment, scheduler: str, prompt: int, gen: in
     cfg = copy.deepcopy(base_config((*deployment.overrides, f"scheduler={scheduler}", "progress=false",
                                      *executor(args, deployment))))
     set_workload(cfg, prompt, gen, clients, QUICK_REQUESTS if args.quick else args.num_requests,
-                 model_shape(deployment.model).max_positions)
+                 model_spec(deployment.model).max_positions)
     name = f"{deployment.model}-tp{deployment.tensor_parallel}-{scheduler}-p{prompt}-g{gen}-c{clients}"
     with contextlib.redirect_stdout(io.StringIO()):     # run_benchmark prints a table per run
         metrics = run_benchmark(cfg, args.out / "runs" / name)

@@ -1,12 +1,14 @@
-"""The kernel seam: every model calls these functions, never an implementation directly.
+"""The kernel seam: every model layer calls its kernels through a backend, never an implementation directly.
 
-CUDA tensors go to the Triton kernels, CPU tensors to the PyTorch references. The backend can be forced with
-the environment variable FASTGEN_KERNELS=torch|triton (or `set_backend`); with TRITON_INTERPRET=1 the Triton
-kernels run on CPU tensors, which is how CI tests them.
+A backend is a module with the same functions (rms_norm, layer_norm, rotary, silu_and_mul, kv_write, attention)
+and a `prepare(metadata, block_size, windows)` hook that derives whatever per-step state it needs from the
+backend-neutral `AttentionMetadata` once, before the layers run. Two backends exist: `torch` (PyTorch, the CPU
+path and the reference) and `triton` (the GPU path; under TRITON_INTERPRET=1 it runs on CPU tensors, which is
+how CI tests it). The executor chooses one when the engine is built (`hardware.kernels`: auto picks triton on
+CUDA, torch elsewhere) and hands it to the model (`CausalLM.use_kernels`).
 """
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 import torch
@@ -15,55 +17,23 @@ from fastgen.kernels import reference
 from fastgen.kernels.metadata import AttentionMetadata
 
 BACKENDS = ("auto", "torch", "triton")
-_forced: str | None = None
 
 
-def set_backend(name: str) -> None:
+def resolve_backend(name: str, device: str | torch.device) -> str:
+    """The backend `hardware.kernels=name` means on `device`."""
     if name not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    global _forced
-    _forced = None if name == "auto" else name
-
-
-def backend_for(x: torch.Tensor) -> str:
-    name = _forced or os.environ.get("FASTGEN_KERNELS", "auto")
-    if name not in BACKENDS:
-        raise ValueError(f"FASTGEN_KERNELS={name!r} is not a kernel backend; choose one of {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown kernel backend {name!r}; choose hardware.kernels from {', '.join(BACKENDS)}")
     if name == "auto":
-        return "triton" if x.is_cuda else "torch"
+        return "triton" if torch.device(device).type == "cuda" else "torch"
     return name
 
 
-def _impl(x: torch.Tensor) -> ModuleType:
-    if backend_for(x) == "torch":
+def load_backend(name: str, device: str | torch.device = "cpu") -> ModuleType:
+    """The backend module for `hardware.kernels=name` on `device` (triton is imported only when chosen)."""
+    if resolve_backend(name, device) == "torch":
         return reference
-    from fastgen.kernels import triton_ops  # imported lazily: triton is only needed on this path
+    from fastgen.kernels import triton_ops
     return triton_ops
 
 
-def rms_norm(x, weight, eps, residual=None):
-    return _impl(x).rms_norm(x, weight, eps, residual)
-
-
-def layer_norm(x, weight, bias, eps):
-    return _impl(x).layer_norm(x, weight, bias, eps)
-
-
-def rotary(q, k, positions, cos_sin):
-    return _impl(q).rotary(q, k, positions, cos_sin)
-
-
-def silu_and_mul(x):
-    return _impl(x).silu_and_mul(x)
-
-
-def kv_write(k, v, k_cache, v_cache, slot_mapping):
-    return _impl(k).kv_write(k, v, k_cache, v_cache, slot_mapping)
-
-
-def attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None):
-    return _impl(q).attention(q, k_cache, v_cache, meta, scale, window)
-
-
-__all__ = ["AttentionMetadata", "attention", "kv_write", "layer_norm", "rms_norm", "rotary", "set_backend",
-           "silu_and_mul", "backend_for"]
+__all__ = ["BACKENDS", "AttentionMetadata", "load_backend", "reference", "resolve_backend"]

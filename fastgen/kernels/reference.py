@@ -1,4 +1,5 @@
-"""PyTorch implementations of every kernel: the CPU path and the reference the Triton kernels are tested against.
+"""The PyTorch backend: every kernel in plain PyTorch. The CPU path, and the reference the Triton kernels are
+tested against.
 
 Layouts (shared with the Triton kernels):
   q:        [T, Hq, D]   the step's queries, all sequences flattened (ragged)
@@ -12,6 +13,20 @@ import torch
 import torch.nn.functional as F
 
 from fastgen.kernels.metadata import AttentionMetadata
+from fastgen.kernels.torch_plan import TorchAttentionPlan, build_plan
+
+
+def prepare(meta: AttentionMetadata, block_size: int, windows) -> None:
+    """Builds the step's attention plan for each attention window the model uses, before the layers run."""
+    for window in windows:
+        _plan(meta, block_size, window)
+
+
+def _plan(meta: AttentionMetadata, block_size: int, window: int | None) -> TorchAttentionPlan:
+    plan = meta.prepared.get(window)
+    if plan is None:
+        plan = meta.prepared[window] = build_plan(meta, block_size, window)
+    return plan
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -67,7 +82,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
     built once per step and reused by every layer.
     Slots past a context are read and masked, so they must hold finite values (KVCache zero-fills its pools).
     """
-    plan = meta.torch_plan(k_cache.shape[1], window)
+    plan = _plan(meta, k_cache.shape[1], window)
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     out = torch.empty_like(q)

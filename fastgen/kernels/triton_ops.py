@@ -353,6 +353,10 @@ def _num_kv_splits(meta: AttentionMetadata, num_kv_heads: int, device: torch.dev
     return splits
 
 
+def prepare(meta: AttentionMetadata, block_size: int, windows) -> None:
+    """Nothing to precompute: the kernel reads the block tables and context lengths directly."""
+
+
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
               scale: float, window: int | None = None) -> torch.Tensor:
     """Ragged paged attention of a whole step in one launch (two with split-KV, chosen by _num_kv_splits)."""

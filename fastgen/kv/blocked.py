@@ -1,17 +1,23 @@
 """Paged KV: blocks from a shared pool, allocated on demand as tokens arrive (vLLM / DeepSpeed-FastGen)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from fastgen.config import KVConfig
 from fastgen.kv.allocator import BlockAllocator
 from fastgen.kv.manager import KVManager, register_kv_manager
 from fastgen.request import Request
 
 
-@register_kv_manager
-class BlockedKVManager(KVManager):
-    name = "blocked"
+@dataclass
+class BlockedKVConfig(KVConfig):
+    name: str = "blocked"
 
-    def __init__(self, num_blocks: int, block_size: int):
-        super().__init__(num_blocks, block_size)
+
+@register_kv_manager("blocked", config=BlockedKVConfig)
+class BlockedKVManager(KVManager):
+    def __init__(self, config: BlockedKVConfig, num_blocks: int):
+        super().__init__(config, num_blocks)
         self.allocator = BlockAllocator(num_blocks)
 
     def _new_blocks(self, req: Request, num_new_tokens: int) -> int:

@@ -6,28 +6,19 @@ blocks a sequence owns is decided by a KV manager (fastgen.kv); this class only 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True)
-class KVCacheSpec:
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-
-    def bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
-        return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * dtype.itemsize
+from fastgen.model_spec import ModelSpec
 
 
 class KVCache:
-    def __init__(self, spec: KVCacheSpec, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+    def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", tensor_parallel: int = 1):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"KV cache needs num_blocks >= 1 and block_size >= 1, got {num_blocks} and {block_size}")
-        self.spec, self.num_blocks, self.block_size = spec, num_blocks, block_size
-        shape = (spec.num_layers, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (spec.num_layers, num_blocks, block_size, spec.kv_heads_per_device(tensor_parallel), spec.head_dim)
+        # Zero-filled: attention reads whole blocks and masks the slots past a context, which must stay finite.
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 

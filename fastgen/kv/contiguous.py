@@ -2,18 +2,24 @@
 FasterTransformer do. Kept for ablations: it wastes what a request reserves but never uses, and fragments."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from fastgen.config import KVConfig
 from fastgen.kv.manager import KVManager, register_kv_manager
 from fastgen.request import Request
 
 
-@register_kv_manager
-class ContiguousKVManager(KVManager):
-    name = "contiguous"
+@dataclass
+class ContiguousKVConfig(KVConfig):
+    name: str = "contiguous"
 
-    def __init__(self, num_blocks: int, block_size: int):
-        super().__init__(num_blocks, block_size)
+
+@register_kv_manager("contiguous", config=ContiguousKVConfig)
+class ContiguousKVManager(KVManager):
+    def __init__(self, config: ContiguousKVConfig, num_blocks: int):
+        super().__init__(config, num_blocks)
         self.free_map = np.ones(num_blocks, dtype=bool)
 
     def _find_run(self, n: int) -> int | None:

@@ -1,34 +1,37 @@
-"""KVManager: which KV blocks each request owns. Schedulers ask it whether a request can grow; the model runner
-asks it for block tables. It never touches tensors (fastgen.kv.cache holds those).
+"""KVManager: which KV blocks each request owns. Schedulers ask it whether a request can grow; the engine asks it
+for block tables. It never touches tensors (the executor holds those).
+
+A new manager is one file (here, or anywhere named by `kv.module`) with a `@register_kv_manager("name",
+config=MyConfig)` subclass of KVManager, plus conf/kv/name.yaml whose defaults list names `name_schema`.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
+from fastgen.config import KVConfig
+from fastgen.registry import Registry
 from fastgen.request import Request
 
-KV_MANAGERS: dict[str, type["KVManager"]] = {}
+KV_MANAGERS: Registry["KVManager"] = Registry("kv", "fastgen.kv", KVConfig)
+register_kv_manager = KV_MANAGERS.register
 
 
-def register_kv_manager(cls: type["KVManager"]) -> type["KVManager"]:
-    KV_MANAGERS[cls.name] = cls
-    return cls
-
-
-def make_kv_manager(name: str, num_blocks: int, block_size: int) -> "KVManager":
-    if name not in KV_MANAGERS:
-        raise ValueError(f"unknown KV manager {name!r}; available: {', '.join(sorted(KV_MANAGERS))}")
-    return KV_MANAGERS[name](num_blocks, block_size)
+def make_kv_manager(config: KVConfig, num_blocks: int) -> "KVManager":
+    """The manager `config` names, over a pool of `num_blocks` blocks (the executor's)."""
+    return KV_MANAGERS.resolve(config)(config, num_blocks)
 
 
 class KVManager(ABC):
     name: ClassVar[str]
+    Config: ClassVar[type[KVConfig]] = KVConfig
 
-    def __init__(self, num_blocks: int, block_size: int):
-        if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"KV pool needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
-        self.num_blocks, self.block_size = num_blocks, block_size
+    def __init__(self, config: KVConfig, num_blocks: int):
+        if num_blocks < 1 or config.block_size < 1:
+            raise ValueError(f"KV pool needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, "
+                             f"{config.block_size}")
+        self.config = config
+        self.num_blocks, self.block_size = num_blocks, config.block_size
         self.tables: dict[str, list[int]] = {}
         self.tokens: dict[str, int] = {}       # KV slots in use (computed + scheduled) per request
 

@@ -6,14 +6,17 @@ from typing import ClassVar, Mapping
 import torch
 from torch import nn
 
-from fastgen.kv.cache import KVCache, KVCacheSpec
+from fastgen.kv.cache import KVCache
+from fastgen.model_spec import ModelSpec, eos_ids
+from fastgen.models.layers import KernelUser
 from fastgen.ragged import RaggedBatch
 
 
 class CausalLM(nn.Module):
     """A decoder-only model running on a RaggedBatch over a blocked KV cache.
 
-    Subclasses name their transformers `model_type`s and describe how transformers' parameter names map onto
+    Subclasses name their transformers `model_type`s, read a `ModelSpec` from a config (`describe`, which the
+    simulator calls too, without building the model) and describe how transformers' parameter names map onto
     theirs: `packed` lists (fused module, transformers module, shard index) for projections fastgen fuses,
     `renames` lists plain substring renames.
     """
@@ -25,14 +28,32 @@ class CausalLM(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.spec = self.describe(config)
 
-    @property
-    def kv_spec(self) -> KVCacheSpec:
-        raise NotImplementedError
+    @classmethod
+    def describe(cls, config) -> ModelSpec:
+        """The model's facts from its config. The default reads the Llama-style field names; families whose
+        attention windows or MLP differ override `layer_windows` / this method."""
+        return ModelSpec(
+            model_type=config.model_type, num_layers=config.num_hidden_layers, hidden=config.hidden_size,
+            intermediate=config.intermediate_size, num_heads=config.num_attention_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+            vocab_size=config.vocab_size, max_positions=config.max_position_embeddings,
+            windows=tuple(cls.layer_windows(config)), tied_embeddings=bool(config.tie_word_embeddings),
+            eos_token_ids=eos_ids(getattr(config, "eos_token_id", None)))
 
-    @property
-    def max_positions(self) -> int:
-        return self.config.max_position_embeddings
+    @classmethod
+    def layer_windows(cls, config) -> list[int | None]:
+        """Each layer's sliding attention window, None for full attention."""
+        return [None] * config.num_hidden_layers
+
+    def use_kernels(self, backend) -> "CausalLM":
+        """Routes every layer's tensor math through `backend` (a fastgen.kernels backend), chosen once."""
+        for module in self.modules():
+            if isinstance(module, KernelUser):
+                module.ops = backend
+        return self
 
     def forward(self, batch: RaggedBatch, kv: KVCache) -> torch.Tensor:
         """Returns float32 logits [num_seqs, vocab] for the last scheduled token of each sequence."""

@@ -1,24 +1,31 @@
-"""Layers shared by every model family. All tensor math goes through fastgen.kernels."""
+"""Layers shared by every model family. All tensor math beyond matmuls goes through a kernel backend (`ops`, a
+fastgen.kernels backend: the PyTorch one until the executor hands the model the one it chose)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from fastgen import kernels
+from fastgen.kernels import reference
 from fastgen.ragged import RaggedBatch
 
 
-class RMSNorm(nn.Module):
+class KernelUser(nn.Module):
+    """A layer whose math runs on a kernel backend; `CausalLM.use_kernels` sets `ops` on every one."""
+
+    ops = reference
+
+
+class RMSNorm(KernelUser):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return kernels.rms_norm(x, self.weight, self.eps, residual)
+        return self.ops.rms_norm(x, self.weight, self.eps, residual)
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(KernelUser):
     def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
@@ -26,10 +33,10 @@ class LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+        return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(KernelUser):
     """cos/sin table for every position, built from the frequencies transformers computes for this config, so
     every rope-scaling variant transformers applies statically (linear, llama3, yarn, ...) is matched exactly."""
 
@@ -47,10 +54,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin", table, persistent=False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> None:
-        kernels.rotary(q, k, positions, self.cos_sin)
+        self.ops.rotary(q, k, positions, self.cos_sin)
 
 
-class Attention(nn.Module):
+class Attention(KernelUser):
     """Self-attention over the blocked KV cache: fused QKV projection, optional rotary, optional sliding window."""
 
     def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *, qkv_bias: bool,
@@ -76,12 +83,12 @@ class Attention(nn.Module):
         if self.rotary is not None:
             self.rotary(q, k, batch.positions)
         k_cache, v_cache = kv
-        kernels.kv_write(k, v, k_cache, v_cache, batch.slot_mapping)
-        out = kernels.attention(q, k_cache, v_cache, batch.attn, self.scale, self.window)
+        self.ops.kv_write(k, v, k_cache, v_cache, batch.slot_mapping)
+        out = self.ops.attention(q, k_cache, v_cache, batch.attn, self.scale, self.window)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
-class GatedMLP(nn.Module):
+class GatedMLP(KernelUser):
     """SwiGLU MLP with the gate and up projections fused into one matmul."""
 
     def __init__(self, hidden: int, intermediate: int, bias: bool = False):
@@ -91,7 +98,7 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class MLP(nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastgen.kv.cache import KVCache, KVCacheSpec
+from fastgen.kv.cache import KVCache
 from fastgen.models.base import CausalLM
 from fastgen.models.layers import Attention, GatedMLP, LMHead, RMSNorm, RotaryEmbedding
 from fastgen.ragged import RaggedBatch
@@ -58,21 +58,12 @@ class LlamaForCausalLM(CausalLM):
                              "supported: silu")
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
         rotary = rotary_from_config(config, LlamaRotaryEmbedding)
-        windows = self.layer_windows(config)
-        self.model = LlamaModel(config, rotary, windows, self.qkv_bias(config))
+        self.model = LlamaModel(config, rotary, self.spec.windows, self.qkv_bias(config))
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.hidden_size, config.vocab_size, tied_to=tied)
 
-    def layer_windows(self, config) -> list[int | None]:
-        return [None] * config.num_hidden_layers
-
     def qkv_bias(self, config) -> bool:
         return getattr(config, "attention_bias", False)
-
-    @property
-    def kv_spec(self) -> KVCacheSpec:
-        attn = self.model.layers[0].self_attn
-        return KVCacheSpec(len(self.model.layers), attn.num_kv_heads, attn.head_dim)
 
     def forward(self, batch: RaggedBatch, kv: KVCache) -> torch.Tensor:
         h, residual = self.model.embed_tokens(batch.input_ids), None
@@ -88,7 +79,8 @@ class MistralForCausalLM(LlamaForCausalLM):
 
     model_types = ("mistral",)
 
-    def layer_windows(self, config) -> list[int | None]:
+    @classmethod
+    def layer_windows(cls, config) -> list[int | None]:
         return [config.sliding_window] * config.num_hidden_layers
 
 
@@ -100,7 +92,8 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
     def qkv_bias(self, config) -> bool:
         return True
 
-    def layer_windows(self, config) -> list[int | None]:
+    @classmethod
+    def layer_windows(cls, config) -> list[int | None]:
         types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
         window = config.sliding_window if getattr(config, "use_sliding_window", False) else None
         return [window if t == "sliding_attention" else None for t in types]

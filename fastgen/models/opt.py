@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastgen.kv.cache import KVCache, KVCacheSpec
+from fastgen.kv.cache import KVCache
 from fastgen.models.base import CausalLM
+from fastgen.model_spec import ModelSpec, eos_ids
 from fastgen.models.layers import MLP, Attention, LayerNorm, LMHead
 from fastgen.ragged import RaggedBatch
 
@@ -58,10 +59,15 @@ class OPTForCausalLM(CausalLM):
         tied = self.model.decoder.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.word_embed_proj_dim, config.vocab_size, tied_to=tied)
 
-    @property
-    def kv_spec(self) -> KVCacheSpec:
-        attn = self.model.decoder.layers[0].self_attn
-        return KVCacheSpec(len(self.model.decoder.layers), attn.num_kv_heads, attn.head_dim)
+    @classmethod
+    def describe(cls, config) -> ModelSpec:
+        heads = config.num_attention_heads
+        return ModelSpec(model_type=config.model_type, num_layers=config.num_hidden_layers, hidden=config.hidden_size,
+                         intermediate=config.ffn_dim, num_heads=heads, num_kv_heads=heads,
+                         head_dim=config.hidden_size // heads, vocab_size=config.vocab_size,
+                         max_positions=config.max_position_embeddings, windows=(None,) * config.num_hidden_layers,
+                         tied_embeddings=bool(config.tie_word_embeddings), gated_mlp=False,
+                         eos_token_ids=eos_ids(getattr(config, "eos_token_id", None)))
 
     def forward(self, batch: RaggedBatch, kv: KVCache) -> torch.Tensor:
         dec = self.model.decoder

@@ -13,20 +13,35 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
-from fastgen.config import SchedulerConfig
+from fastgen.config import SchedulerConfig, check_positive
 from fastgen.kv.manager import KVManager
+from fastgen.registry import Registry
 from fastgen.request import Request, RequestStatus
 
-SCHEDULERS: dict[str, type["Scheduler"]] = {}
+SCHEDULERS: Registry["Scheduler"] = Registry("scheduler", "fastgen.schedulers", SchedulerConfig)
+register_scheduler = SCHEDULERS.register     # @register_scheduler("name", config=MyConfig) on a Scheduler subclass
 
 
-def register_scheduler(name: str):
-    """Class decorator: makes a policy selectable as `scheduler=name`."""
-    def wrap(cls: type["Scheduler"]) -> type["Scheduler"]:
-        cls.name = name
-        SCHEDULERS[name] = cls
-        return cls
-    return wrap
+@dataclass
+class TokenBudgetConfig(SchedulerConfig):
+    """Policies that cap each forward pass at a number of tokens."""
+
+    token_budget: int = 768              # tokens per forward pass (DeepSpeed-FastGen's max_ragged_batch_size)
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive("scheduler", token_budget=self.token_budget)
+
+
+@dataclass
+class BatchSizeConfig(SchedulerConfig):
+    """Policies that admit at most `batch_size` requests at a time."""
+
+    batch_size: int = 32
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive("scheduler", batch_size=self.batch_size)
 
 
 @dataclass
@@ -50,6 +65,7 @@ class SchedulerOutput:
 
 class Scheduler:
     name: ClassVar[str] = "base"
+    Config: ClassVar[type[SchedulerConfig]] = SchedulerConfig
 
     def __init__(self, config: SchedulerConfig, kv: KVManager):
         self.config, self.kv = config, kv

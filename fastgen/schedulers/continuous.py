@@ -6,10 +6,19 @@ is the stall Dynamic SplitFuse removes. A decode that finds no free block preemp
 """
 from __future__ import annotations
 
-from fastgen.schedulers.base import Scheduler, SchedulerOutput, register_scheduler
+from dataclasses import dataclass
+
+from fastgen.schedulers.base import Scheduler, SchedulerOutput, TokenBudgetConfig, register_scheduler
 
 
-@register_scheduler("continuous")
+@dataclass
+class ContinuousConfig(TokenBudgetConfig):
+    name: str = "continuous"
+    token_budget: int = 8192             # prompt tokens per prefill step
+    max_seqs: int = 256
+
+
+@register_scheduler("continuous", config=ContinuousConfig)
 class ContinuousBatchingScheduler(Scheduler):
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()

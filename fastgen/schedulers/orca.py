@@ -6,10 +6,17 @@ one pass; prompts are never split. Admission is limited by `batch_size` running 
 """
 from __future__ import annotations
 
-from fastgen.schedulers.base import Scheduler, SchedulerOutput, register_scheduler
+from dataclasses import dataclass
+
+from fastgen.schedulers.base import BatchSizeConfig, Scheduler, SchedulerOutput, register_scheduler
 
 
-@register_scheduler("orca")
+@dataclass
+class OrcaConfig(BatchSizeConfig):
+    name: str = "orca"
+
+
+@register_scheduler("orca", config=OrcaConfig)
 class OrcaScheduler(Scheduler):
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()

@@ -4,10 +4,23 @@ a decode that finds no free block preempts the newest request, and so does a ste
 prefills hold the whole pool and nothing can run."""
 from __future__ import annotations
 
-from fastgen.schedulers.base import Scheduler, SchedulerOutput, register_scheduler
+from dataclasses import dataclass
+
+from fastgen.config import check_positive
+from fastgen.schedulers.base import Scheduler, SchedulerOutput, TokenBudgetConfig, register_scheduler
 
 
-@register_scheduler("sarathi")
+@dataclass
+class SarathiConfig(TokenBudgetConfig):
+    name: str = "sarathi"
+    chunk_size: int = 512                # largest prefill chunk of one request
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive("scheduler", chunk_size=self.chunk_size)
+
+
+@register_scheduler("sarathi", config=SarathiConfig)
 class SarathiScheduler(Scheduler):
     def schedule(self) -> SchedulerOutput:
         return self.until_progress(self.plan)

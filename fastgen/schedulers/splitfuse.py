@@ -8,11 +8,18 @@ preempted.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from fastgen.request import RequestStatus
-from fastgen.schedulers.base import Scheduler, SchedulerOutput, register_scheduler
+from fastgen.schedulers.base import Scheduler, SchedulerOutput, TokenBudgetConfig, register_scheduler
 
 
-@register_scheduler("splitfuse")
+@dataclass
+class SplitFuseConfig(TokenBudgetConfig):
+    name: str = "splitfuse"
+
+
+@register_scheduler("splitfuse", config=SplitFuseConfig)
 class SplitFuseScheduler(Scheduler):
     def schedule(self) -> SchedulerOutput:
         return self.until_progress(lambda out: self.schedule_prompts(

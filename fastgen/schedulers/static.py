@@ -2,10 +2,17 @@
 finished, then take the next batch. A batch is admitted only if the KV pool holds all of it at full length."""
 from __future__ import annotations
 
-from fastgen.schedulers.base import Scheduler, SchedulerOutput, register_scheduler
+from dataclasses import dataclass
+
+from fastgen.schedulers.base import BatchSizeConfig, Scheduler, SchedulerOutput, register_scheduler
 
 
-@register_scheduler("static")
+@dataclass
+class StaticConfig(BatchSizeConfig):
+    name: str = "static"
+
+
+@register_scheduler("static", config=StaticConfig)
 class StaticBatchingScheduler(Scheduler):
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()

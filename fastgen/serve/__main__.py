@@ -8,11 +8,10 @@ import hydra
 import uvicorn
 from omegaconf import DictConfig, OmegaConf
 
-from fastgen.pipeline import CONF_DIR, build_engine
+from fastgen.cli import run_hydra
+from fastgen.compose import CONF_DIR, build_engine
 from fastgen.serve.app import create_app
-from fastgen.serve.config import ServeConfig, register_configs
-
-register_configs()
+from fastgen.serve.config import ServeConfig
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="serve", version_base=None)
@@ -26,4 +25,4 @@ def main(dict_cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main, config_name="serve")

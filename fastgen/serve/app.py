@@ -24,7 +24,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastgen.engine import LLMEngine
 from fastgen.sampling import SamplingParams
 from fastgen.serve.config import ServeConfig
-from fastgen.serve.detokenizer import IncrementalDetokenizer
 from fastgen.serve.engine_loop import EngineLoop, RequestStream
 from fastgen.serve.metrics import ServerMetrics
 from fastgen.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, GenerationBody, Responder,
@@ -243,11 +242,10 @@ async def _generate(request: Request, body: GenerationBody, prompt: list[int], c
         if isinstance(e, Exception):
             raise _as_api_error(e, cfg) from e
         raise
-    detokenizer = IncrementalDetokenizer(server.tokenizer, sampling.stop)
     if body.stream:
-        return EventStream(_events(stream, responder, detokenizer, cfg), on_close=lambda: server.loop.release(stream))
+        return EventStream(_events(stream, responder, cfg), on_close=lambda: server.loop.release(stream))
     try:
-        done = await _unless_disconnected(request, _collect(stream, detokenizer))
+        done = await _unless_disconnected(request, _collect(stream))
     except Exception as e:
         raise _as_api_error(e, cfg) from e
     finally:
@@ -258,15 +256,15 @@ async def _generate(request: Request, body: GenerationBody, prompt: list[int], c
     return JSONResponse(responder.response(text, finish_reason, stream.prompt_tokens, completion_tokens))
 
 
-async def _collect(stream: RequestStream, detokenizer: IncrementalDetokenizer) -> tuple[str, str, int]:
-    token_ids: list[int] = []
+async def _collect(stream: RequestStream) -> tuple[str, str, int]:
+    text, completion_tokens = [], 0
     async for update in stream.updates():     # ends with the last update
-        token_ids += update.token_ids
-    return detokenizer.push(token_ids, True, update.final_text), update.finish_reason, len(token_ids)
+        text.append(update.text)
+        completion_tokens += len(update.token_ids)
+    return "".join(text), update.finish_reason, completion_tokens
 
 
-async def _events(stream: RequestStream, responder: Responder, detokenizer: IncrementalDetokenizer,
-                  cfg: ServeConfig) -> AsyncIterator[str]:
+async def _events(stream: RequestStream, responder: Responder, cfg: ServeConfig) -> AsyncIterator[str]:
     """The OpenAI stream: one chunk per engine update (so per token), then usage if asked for, then [DONE]. An
     error after the 200 went out can only be reported in the stream, as an error object."""
     if responder.chat:
@@ -275,8 +273,7 @@ async def _events(stream: RequestStream, responder: Responder, detokenizer: Incr
     try:
         async for update in stream.updates():
             completion_tokens += len(update.token_ids)
-            text = detokenizer.push(update.token_ids, update.last, update.final_text)
-            yield _sse(responder.chunk(text, update.finish_reason))
+            yield _sse(responder.chunk(update.text, update.finish_reason))
         if responder.include_usage:
             yield _sse(responder.usage_chunk(stream.prompt_tokens, completion_tokens))
     except Exception as e:      # reported to the client in the stream

@@ -1,97 +1,103 @@
-"""run_http_requests: the benchmark's load generator over HTTP, for this server or any OpenAI-compatible one.
+"""HttpTarget: the benchmark's load generator over HTTP, for this server or any OpenAI-compatible one.
 
 Each request goes to /v1/completions as token ids with stream=true, ignore_eos=true and temperature 0, so the
-server does exactly the work the workload asks for. The returned traces use one clock, seconds since the run
-started: `arrival_time` is when the request was sent and `token_times` when each token reached the client, so
-fastgen.metrics judges what a user would see (network and HTTP included). Send times come from an arrival process
-(see fastgen.workloads.arrivals): open-loop times are sent as scheduled, closed-loop clients send their next
-request when the previous one finished.
+server does exactly the work the workload asks for. Traces use one clock, seconds since the target was made:
+`arrival_time` is when the request was sent and `token_times` when each chunk carrying a token reached the client
+(so TTFT is timed to the first token, not to the first byte or a role-only chunk), so fastgen.metrics judges what
+a user would see (network and HTTP included). fastgen.driver decides when each request is sent; the streams run on
+an asyncio loop in a background thread.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import queue
+import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
 
 import httpx
 
 from fastgen.trace import RequestTrace
-from fastgen.workloads import ArrivalProcess, OpenLoopArrivals, WorkloadRequest
-
-RequestSpec = WorkloadRequest | tuple[Sequence[int], int]     # (prompt token ids, max_new_tokens)
+from fastgen.workloads import WorkloadRequest
 
 
-async def run_http_requests(url: str, requests: Sequence[RequestSpec],
-                            arrivals: ArrivalProcess | Sequence[float] | None = None, *,
-                            api_key: str | None = None, model: str | None = None,
-                            timeout_s: float | None = None) -> list[RequestTrace]:
-    """Sends `requests` to the server at `url` (with or without the /v1 suffix) and returns one trace per request
-    sent, in request order (closed-loop warm-ups included: drop `arrivals.warmup_indices` before computing
-    metrics). `arrivals` is an ArrivalProcess, a list of send times in seconds (open loop), or None (all at
-    once). `model` defaults to the first model the server lists. A request that fails keeps no finish_time (so
-    metrics do not count it as completed) and its finish_reason says why, starting with "error"."""
-    process = _arrival_process(arrivals, len(requests))
-    if process.total > len(requests):
-        raise ValueError(f"the arrival process sends {process.total} requests but only {len(requests)} were given")
-    base = url.rstrip("/") if url.rstrip("/").endswith("/v1") else url.rstrip("/") + "/v1"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    traces: list[RequestTrace | None] = [None] * len(requests)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)   # never queue in the client
-    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=timeout_s, limits=limits) as client:
-        model = model or await _first_model(client)
-        start = time.perf_counter()
+class HttpTarget:
+    """A driver target (fastgen.driver.Target) that streams each request from the server at `url` (with or
+    without the /v1 suffix). `model` defaults to the first model the server lists. A request that fails keeps no
+    finish_time (so metrics do not count it as completed) and its finish_reason says why, starting with "error"."""
 
-        def clock() -> float:
-            return time.perf_counter() - start
+    def __init__(self, url: str, *, api_key: str | None = None, model: str | None = None,
+                 timeout_s: float | None = None):
+        self.base = url.rstrip("/") if url.rstrip("/").endswith("/v1") else url.rstrip("/") + "/v1"
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout_s = timeout_s
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fastgen-http-target", daemon=True)
+        self._thread.start()
+        self._client = self._call(self._open())
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._in_flight = 0
+        self._start = time.perf_counter()
+        try:
+            self.model = model or self._call(_first_model(self._client))
+        except BaseException:
+            self.close()
+            raise
 
-        async def run_one(index: int) -> None:
-            prompt, max_new_tokens = _spec(requests[index])
-            traces[index] = await _stream_completion(client, model, str(index), prompt, max_new_tokens, clock)
+    def clock(self) -> float:
+        return time.perf_counter() - self._start
 
-        await _drive(process, run_one, clock)
-    return [t for t in traces if t is not None]
+    def send(self, index: int, request_id: str, request: WorkloadRequest, send_time: float) -> None:
+        self._in_flight += 1
+        asyncio.run_coroutine_threadsafe(self._one(index, request_id, request), self._loop)
 
+    def wait(self, until: float | None) -> list[tuple[int, RequestTrace]]:
+        try:
+            done = [self._done.get(timeout=None if until is None else max(0.0, until - self.clock()))]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                done.append(self._done.get_nowait())
+            except queue.Empty:
+                break
+        self._in_flight -= len(done)
+        return done
 
-async def _drive(process: ArrivalProcess, run_one: Callable[[int], Awaitable[None]],
-                 clock: Callable[[], float]) -> None:
-    """Runs each request at its send time and reports every finish to the process (closed-loop clients wait on
-    it), until no request is left to run."""
-    tasks: set[asyncio.Task] = set()
+    def busy(self) -> bool:
+        return self._in_flight > 0
 
-    def schedule(sends: list[tuple[int, float]]) -> None:
-        tasks.update(asyncio.ensure_future(timed(index, send_time)) for index, send_time in sends)
+    def steps(self) -> list:
+        return []         # a server has no per-step records to give
 
-    async def timed(index: int, send_time: float) -> None:
-        await asyncio.sleep(max(0.0, send_time - clock()))
-        await run_one(index)
-        schedule(process.on_finish(index, clock()))     # before this task ends, so the loop below sees them
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._call(self._client.aclose())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+        self._loop.close()
 
-    schedule(process.initial_requests())
-    try:
-        while tasks:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            tasks -= done
-            for task in done:
-                task.result()
-    finally:
-        for task in tasks:
-            task.cancel()
+    def __enter__(self) -> "HttpTarget":
+        return self
 
+    def __exit__(self, *exc) -> None:
+        self.close()
 
-def _arrival_process(arrivals: ArrivalProcess | Sequence[float] | None, n: int) -> ArrivalProcess:
-    if arrivals is None:
-        return OpenLoopArrivals([0.0] * n)
-    if isinstance(arrivals, Sequence):
-        return OpenLoopArrivals(arrivals)
-    return arrivals
+    async def _open(self) -> httpx.AsyncClient:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)   # never queue in the client
+        return httpx.AsyncClient(base_url=self.base, headers=self.headers, timeout=self.timeout_s, limits=limits)
 
+    async def _one(self, index: int, request_id: str, request: WorkloadRequest) -> None:
+        try:
+            trace = await _stream_completion(self._client, self.model, request_id, request.prompt_token_ids,
+                                             request.max_new_tokens, self.clock)
+        except BaseException as e:   # noqa: BLE001  (whatever happens, the driver must hear this request ended)
+            trace = RequestTrace(request_id, len(request.prompt_token_ids), self.clock(),
+                                 finish_reason=f"error: {type(e).__name__}: {e}")
+        self._done.put((index, trace))
 
-def _spec(request: RequestSpec) -> tuple[list[int], int]:
-    if isinstance(request, WorkloadRequest):
-        return request.prompt_token_ids, request.max_new_tokens
-    prompt, max_new_tokens = request
-    return [int(t) for t in prompt], int(max_new_tokens)
+    def _call(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
 
 async def _first_model(client: httpx.AsyncClient) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from fastgen.config import EngineConfig
+from fastgen.config import EngineConfig, hydra_schema
 
 
 @dataclass
@@ -25,6 +25,7 @@ class ServeConfig(EngineConfig):
         return self.served_model_name or self.model.source
 
     def validate(self) -> None:
+        super().validate()
         limits = {"max_prompt_tokens": self.max_prompt_tokens, "max_tokens_limit": self.max_tokens_limit,
                   "max_concurrent_requests": self.max_concurrent_requests, "max_body_bytes": self.max_body_bytes,
                   "request_timeout_s": self.request_timeout_s}
@@ -38,4 +39,4 @@ class ServeConfig(EngineConfig):
 def register_configs() -> None:
     """Registers the schema with Hydra, so conf/serve.yaml is validated against ServeConfig."""
     from hydra.core.config_store import ConfigStore
-    ConfigStore.instance().store(name="serve_schema", node=ServeConfig)
+    ConfigStore.instance().store(name="serve_schema", node=hydra_schema(ServeConfig))

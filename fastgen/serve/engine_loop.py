@@ -12,17 +12,14 @@ import asyncio
 import logging
 import queue
 import threading
-from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from fastgen.engine import LLMEngine, RequestOutput
+from fastgen.engine import LLMEngine
 from fastgen.sampling import SamplingParams
 from fastgen.serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
-
-STEP_HISTORY = 1024    # engine.steps is a benchmark series; a server that runs for days keeps only the recent steps
 
 
 @dataclass(frozen=True)
@@ -30,8 +27,8 @@ class Update:
     """What the engine thread reports about one request. The first update of an accepted request is empty."""
 
     token_ids: tuple[int, ...] = ()
+    text: str = ""                         # the engine's text delta (held back before a possible stop string)
     finish_reason: str | None = None       # set on the last update
-    final_text: str | None = None          # the engine's text cut before a stop string (requests with stop strings)
     error: Exception | None = None         # add_request refused the request, or a step failed
 
     @property
@@ -87,9 +84,10 @@ _STOP = object()
 class EngineLoop:
     def __init__(self, engine: LLMEngine, metrics: ServerMetrics):
         self.engine, self.metrics = engine, metrics
-        engine.steps = deque(engine.steps, maxlen=STEP_HISTORY)
+        engine.add_step_observer(metrics.observe_step)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}     # unfinished requests; event-loop thread only
+        self._in_engine: set[str] = set()                # requests the engine holds; engine thread only
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name="fastgen-engine", daemon=True)
 
@@ -144,7 +142,7 @@ class EngineLoop:
             updates = [u for command in commands for u in self._apply(command)]
             if self.engine.has_unfinished():
                 updates += self._step()
-            self.metrics.observe_engine(self.engine)
+            self.metrics.observe_engine(self.engine.snapshot())
             if updates:
                 self._event_loop.call_soon_threadsafe(self._dispatch, updates)
 
@@ -158,14 +156,15 @@ class EngineLoop:
 
     def _apply(self, command: _Add | _Abort) -> list[tuple[str, Update]]:
         if isinstance(command, _Abort):
-            if self.engine.abort(command.request_id):
-                self.engine.pop_finished(command.request_id)
+            self.engine.abort(command.request_id)
+            self._in_engine.discard(command.request_id)
             return []
         try:
             self.engine.add_request(command.prompt_token_ids, command.sampling, command.request_id,
                                     command.arrival_time)
         except Exception as e:      # any refusal belongs to that request alone
             return [(command.request_id, Update(error=e))]
+        self._in_engine.add(command.request_id)
         self.metrics.prompt_tokens.inc(len(command.prompt_token_ids))
         return [(command.request_id, Update())]
 
@@ -173,20 +172,18 @@ class EngineLoop:
         try:
             outputs = self.engine.step()
         except Exception as e:      # fail the requests in flight, keep serving new ones
-            log.exception("engine step failed; aborting the %d requests in flight", len(self.engine.requests))
+            log.exception("engine step failed; aborting the %d requests in flight", len(self._in_engine))
             return [(rid, Update(error=RuntimeError(f"the engine step failed: {e}"))) for rid in self._abort_all()]
-        self.metrics.observe_outputs(self.engine, outputs)
-        return [(out.request_id, self._update(out)) for out in outputs]
-
-    def _update(self, out: RequestOutput) -> Update:
-        if not out.finished:
-            return Update(tuple(out.new_token_ids))
-        req = self.engine.pop_finished(out.request_id)
-        return Update(tuple(out.new_token_ids), out.finish_reason, req.output_text if req.sampling.stop else None)
+        self.metrics.observe_outputs(outputs)
+        for out in outputs:
+            if out.finished:
+                self._in_engine.discard(out.request_id)
+        return [(out.request_id, Update(tuple(out.new_token_ids), out.new_text, out.finish_reason))
+                for out in outputs]
 
     def _abort_all(self) -> Sequence[str]:
-        ids = list(self.engine.requests)
+        ids = list(self._in_engine)
         for rid in ids:
             self.engine.abort(rid)
-            self.engine.pop_finished(rid)
+        self._in_engine.clear()
         return ids

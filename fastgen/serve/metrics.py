@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from fastgen.engine import LLMEngine, RequestOutput
+from fastgen.engine import RequestOutput
+from fastgen.stats import EngineSnapshot, StepStats
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -29,24 +30,27 @@ class ServerMetrics:
                               buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("fastgen_inter_token_latency_seconds", "Gap between consecutive tokens of a request",
                              buckets=ITL_BUCKETS, registry=r)
+        self.step_time = Histogram("fastgen_step_duration_seconds", "Duration of one engine step",
+                                   buckets=ITL_BUCKETS, registry=r)
 
-    def observe_engine(self, engine: LLMEngine) -> None:
-        """Sets the gauges from the engine's state (call from the engine thread)."""
-        running, waiting = engine.scheduler.num_requests()
-        free = engine.kv.num_free_blocks
-        self.running.set(running)
-        self.waiting.set(waiting)
-        self.kv_free.set(free)
-        self.kv_used.set(engine.kv.num_blocks - free)
+    def observe_engine(self, snapshot: EngineSnapshot) -> None:
+        """Sets the gauges from the engine's state."""
+        self.running.set(snapshot.num_running)
+        self.waiting.set(snapshot.num_waiting)
+        self.kv_free.set(snapshot.kv_blocks_free)
+        self.kv_used.set(snapshot.kv_blocks_total - snapshot.kv_blocks_free)
 
-    def observe_outputs(self, engine: LLMEngine, outputs: Sequence[RequestOutput]) -> None:
-        """Counts a step's tokens and their latencies (before finished requests are popped from the engine)."""
+    def observe_step(self, stats: StepStats) -> None:
+        """An engine step observer: the forward-pass histogram."""
+        self.step_time.observe(stats.duration_s)
+
+    def observe_outputs(self, outputs: Sequence[RequestOutput]) -> None:
+        """Counts a step's tokens and their latencies."""
         for out in outputs:
-            req = engine.requests[out.request_id]
-            times, new = req.trace.token_times, len(out.new_token_ids)
+            times, new = out.trace.token_times, len(out.new_token_ids)
             self.generation_tokens.inc(new)
             if len(times) == new:
-                self.ttft.observe(times[0] - req.arrival_time)
+                self.ttft.observe(times[0] - out.trace.arrival_time)
             for i in range(max(len(times) - new, 1), len(times)):
                 self.itl.observe(times[i] - times[i - 1])
 

@@ -1,9 +1,9 @@
 """Simulated execution: the real engine, schedulers and KV managers, with each step's time predicted by a cost
-model calibrated on measured step times (executor=simulated; python -m fastgen.sim.calibrate)."""
+model calibrated on measured step times (executor=simulated, fastgen/executors/simulated.py;
+python -m fastgen.sim.calibrate)."""
 from fastgen.sim.clocks import CPUClock, VirtualClock
-from fastgen.sim.cost_model import BatchShape, CostModel, Profile, StepWork
-from fastgen.sim.executor import SimulatedRunner, build_simulated_engine, kv_pool_blocks
-from fastgen.sim.shapes import PAPER_MODELS, ModelShape, model_shape
+from fastgen.sim.cost_model import BatchShape, CostModel, DeviceSheet, Profile, StepWork
+from fastgen.sim.shapes import PAPER_MODELS, model_spec
 
-__all__ = ["PAPER_MODELS", "BatchShape", "CPUClock", "CostModel", "ModelShape", "Profile", "SimulatedRunner",
-           "StepWork", "VirtualClock", "build_simulated_engine", "kv_pool_blocks", "model_shape"]
+__all__ = ["PAPER_MODELS", "BatchShape", "CPUClock", "CostModel", "DeviceSheet", "Profile", "StepWork",
+           "VirtualClock", "model_spec"]

@@ -8,8 +8,8 @@ the cost model's efficiencies and overheads to them, writing a profile that exec
 Positional arguments are Hydra overrides of run.py's config (model, hardware, kv, ...). Each grid point is a
 step the engine could run: prefill chunks from scratch and after a history, batches of decodes, and the
 decodes-plus-prompt-chunk mixes that splitfuse makes. A point's time is the median of `--repeats` runs of
-ModelRunner.run plus the greedy sampler (what the engine times as a step), after one warm-up run; on CUDA the
-device is synchronized before the clock is read. The fit minimises squared log errors (relative error).
+the real executor's step plus the greedy sampler (what the engine times as a step), after one warm-up run; on CUDA
+the device is synchronized before the clock is read. The fit minimises squared log errors (relative error).
 """
 from __future__ import annotations
 
@@ -24,13 +24,11 @@ import numpy as np
 import torch
 from scipy.optimize import least_squares
 
-from fastgen.engine import LLMEngine
-from fastgen.pipeline import build_engine, compose_config
-from fastgen.request import Request
-from fastgen.sampling import SamplingParams
-from fastgen.schedulers.base import ScheduledChunk, SchedulerOutput
-from fastgen.sim.cost_model import PROFILES_DIR, BatchShape, CostModel, Profile, StepWork
-from fastgen.sim.shapes import model_shape
+from fastgen.compose import compose_config
+from fastgen.executors import Executor, make_executor
+from fastgen.ragged import SeqChunk
+from fastgen.sampling import Sampler, SamplingParams
+from fastgen.sim.cost_model import PROFILES_DIR, BatchShape, CostModel, DeviceSheet, Profile, StepWork
 
 
 def grid(max_tokens: int, max_context: int, max_seqs: int) -> list[BatchShape]:
@@ -52,29 +50,35 @@ def grid(max_tokens: int, max_context: int, max_seqs: int) -> list[BatchShape]:
 TIMERS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def measure(engine: LLMEngine, batch: BatchShape, repeats: int, timer=time.perf_counter) -> float:
-    """Median seconds of one real step of this shape (KV allocated, contents irrelevant to the time)."""
-    reqs = []
-    for i, (q, ctx) in enumerate(zip(batch.query_lens.astype(int), batch.context_lens.astype(int))):
-        req = Request(f"cal{i}", [1] * int(ctx), SamplingParams(max_new_tokens=1), 0.0)
-        req.num_computed_tokens = int(ctx - q)
-        engine.kv.allocate(req, int(q))
-        reqs.append((req, int(q)))
-    plan = SchedulerOutput([ScheduledChunk(r, q) for r, q in reqs])
-    greedy, sync = [SamplingParams()] * len(reqs), torch.cuda.synchronize if engine.runner.device.type == "cuda" \
-        else (lambda: None)
+def step_chunks(batch: BatchShape, block_size: int) -> list[SeqChunk]:
+    """Plain step data of this shape: each sequence owns its own consecutive blocks (contents are irrelevant to
+    the time)."""
+    chunks, next_block = [], 0
+    for q, ctx in zip(batch.query_lens.astype(int), batch.context_lens.astype(int)):
+        n = -(-int(ctx) // block_size)
+        chunks.append(SeqChunk([1] * int(q), int(ctx - q), list(range(next_block, next_block + n))))
+        next_block += n
+    return chunks
+
+
+def device_sheet(overrides: list[str]) -> DeviceSheet:
+    """The datasheet executor=simulated reads with these overrides: the ceilings the fit's efficiencies scale."""
+    return compose_config(["executor=simulated", *overrides]).executor.device
+
+
+def measure(executor: Executor, batch: BatchShape, repeats: int, timer=time.perf_counter) -> float:
+    """Median seconds of one real step of this shape: the executor's step and the greedy sampler."""
+    chunks = step_chunks(batch, executor.block_size)
+    sampler, greedy = Sampler(), [SamplingParams()] * len(chunks)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times = []
-    try:
-        for _ in range(repeats + 1):
-            sync()
-            start = timer()
-            logits = engine.runner.run(plan, engine.kv)
-            engine.sampler(logits, greedy, [None] * len(reqs), [[]] * len(reqs)).tolist()
-            sync()
-            times.append(timer() - start)
-    finally:
-        for req, _ in reqs:
-            engine.kv.free(req)
+    for _ in range(repeats + 1):
+        sync()
+        start = timer()
+        logits = executor.execute(chunks).logits
+        sampler(logits, greedy, [None] * len(chunks), [[]] * len(chunks)).tolist()
+        sync()
+        times.append(timer() - start)
     return statistics.median(times[1:])
 
 
@@ -128,14 +132,15 @@ def main(argv: list[str] | None = None) -> Profile:
     cfg.kv.num_blocks = max(int(np.ceil(b.context_lens / cfg.kv.block_size).sum()) for b in points)
     if args.timer == "cpu" and (cfg.hardware.device != "cpu" or cfg.hardware.threads != 1):
         raise SystemExit("--timer cpu measures a single-threaded CPU run: set hardware=cpu hardware.threads=1")
-    engine = build_engine(cfg)
-    cost = CostModel(model_shape(engine.runner.model), cfg.hardware)
+    executor = make_executor(cfg)
+    sheet = device_sheet(args.overrides)
+    cost = CostModel(executor.spec, sheet, cfg.hardware.dtype, cfg.hardware.tensor_parallel)
     seconds = []
     started = time.perf_counter()
     for batch in points[-3:]:       # warm-up: first calls pay for allocation and kernel selection
-        measure(engine, batch, 1)
+        measure(executor, batch, 1)
     for i, batch in enumerate(points):
-        seconds.append(measure(engine, batch, args.repeats, TIMERS[args.timer]))
+        seconds.append(measure(executor, batch, args.repeats, TIMERS[args.timer]))
         print(f"[{i + 1}/{len(points)}] tokens {batch.num_tokens:5d}  seqs {batch.num_seqs:3d}  "
               f"max context {int(batch.context_lens.max()):5d}  {seconds[-1] * 1e3:9.2f} ms", flush=True)
     profile = fit(cost, points, seconds)
@@ -145,6 +150,7 @@ def main(argv: list[str] | None = None) -> Profile:
     profile.meta = {
         "device": cfg.hardware.device, "dtype": cfg.hardware.dtype, "model": cfg.model.source,
         "threads": torch.get_num_threads(), "timer": args.timer, "hardware": dataclasses.asdict(cfg.hardware),
+        "device_sheet": dataclasses.asdict(sheet),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(sys.argv[1:] if argv is None else argv),
         "measure_s": round(time.perf_counter() - started, 1),

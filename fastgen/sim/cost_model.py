@@ -13,17 +13,39 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from fastgen.config import HardwareConfig
+from fastgen.model_spec import ModelSpec
 from fastgen.models.loader import DTYPES
-from fastgen.sim.shapes import ModelShape
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 # Explicit dtype names only: "auto" would ask this machine about a device the simulator only pretends to be.
 DTYPE_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
+
+
+@dataclass
+class DeviceSheet:
+    """A device's datasheet, as far as the cost model needs it (per device; TP over N such devices), and the
+    profile of efficiencies fitted on it (fastgen/sim/profiles/<profile>.json; None: typical GPU values)."""
+
+    memory_gb: Optional[float] = None          # device memory; the simulated KV pool is what weights leave of it
+    peak_tflops: Optional[float] = None        # dense matmul peak at hardware.dtype
+    memory_bandwidth_gbs: Optional[float] = None
+    link_bandwidth_gbs: float = 0.0            # per-device all-reduce bus bandwidth between devices (NVLink)
+    link_latency_us: float = 0.0               # latency of one all-reduce step
+    profile: Optional[str] = None
+
+    def validate(self, hardware: HardwareConfig) -> None:
+        missing = [k for k in ("memory_gb", "peak_tflops", "memory_bandwidth_gbs") if not (getattr(self, k) or 0) > 0]
+        if missing:
+            raise ValueError(f"executor=simulated needs the device's datasheet, but executor.device.{missing[0]} is "
+                             f"not set: add conf/device/simulated_<hardware>.yaml for this hardware config, or set "
+                             f"executor.device.{{{','.join(missing)}}}")
+        if hardware.tensor_parallel > 1 and not self.link_bandwidth_gbs > 0:
+            raise ValueError("hardware.tensor_parallel > 1 needs executor.device.link_bandwidth_gbs > 0")
 
 
 @dataclass
@@ -111,22 +133,21 @@ class StepWork:
 
 
 class CostModel:
-    def __init__(self, shape: ModelShape, hardware: HardwareConfig, profile: Profile | None = None):
-        if hardware.dtype not in DTYPE_BYTES:
-            raise ValueError(f"unknown dtype {hardware.dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
-        if hardware.tensor_parallel < 1:
-            raise ValueError(f"hardware.tensor_parallel must be >= 1, got {hardware.tensor_parallel}")
-        if not (hardware.peak_tflops > 0 and hardware.memory_bandwidth_gbs > 0):
-            raise ValueError("hardware.peak_tflops and hardware.memory_bandwidth_gbs must be > 0 to simulate")
-        if hardware.tensor_parallel > 1 and not hardware.link_bandwidth_gbs > 0:
-            raise ValueError("hardware.tensor_parallel > 1 needs hardware.link_bandwidth_gbs > 0")
-        self.shape, self.hardware, self.profile = shape, hardware, profile or Profile()
-        self.dtype_bytes = DTYPE_BYTES[hardware.dtype]
-        self.tp = hardware.tensor_parallel
+    def __init__(self, spec: ModelSpec, device: DeviceSheet, dtype: str, tensor_parallel: int = 1,
+                 profile: Profile | None = None):
+        if dtype not in DTYPE_BYTES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
+        if tensor_parallel < 1:
+            raise ValueError(f"hardware.tensor_parallel must be >= 1, got {tensor_parallel}")
+        self.spec, self.device, self.profile = spec, device, profile or Profile()
+        self.dtype_bytes = DTYPE_BYTES[dtype]
+        self.tp = tensor_parallel
+        # Attention work depends on each layer's window: layers are grouped by window, each group costed once.
+        self.window_layers = {w: spec.windows.count(w) for w in set(spec.windows)}
 
     # -- work ------------------------------------------------------------------------------------------------
     def work(self, batch: BatchShape) -> StepWork:
-        s, b, tp, layers = self.shape, self.dtype_bytes, self.tp, self.shape.num_layers
+        s, b, tp, layers = self.spec, self.dtype_bytes, self.tp, self.spec.num_layers
         tokens, seqs = batch.num_tokens, batch.num_seqs
         weights = s.layer_params / tp
         activations = tokens * (4 * s.hidden + (2 * s.q_size + 2 * s.kv_size + 3 * s.intermediate) / tp)
@@ -135,19 +156,24 @@ class CostModel:
         head = (2 * seqs * head_weights, head_weights * b, seqs)
 
         q, ctx = batch.query_lens, batch.context_lens
-        keys = ctx - (q - 1) / 2                         # keys a query sees on average (causal within the chunk)
-        if s.window is not None:
-            keys, ctx = np.minimum(keys, s.window), np.minimum(ctx, s.window)
-        flops = 4 * (s.q_size / tp) * q * keys * layers
-        kv_bytes = ctx * s.kv_bytes_per_token(b, tp)
         prefill = q > 1
+        flops = kv_bytes = np.zeros_like(q)
+        per_token = s.kv_bytes_per_token(b, tp) / layers
+        for window, count in self.window_layers.items():
+            keys = ctx - (q - 1) / 2                     # keys a query sees on average (causal within the chunk)
+            read = ctx
+            if window is not None:
+                keys, read = np.minimum(keys, window), np.minimum(ctx, window)
+            flops = flops + 4 * (s.q_size / tp) * q * keys * count
+            kv_bytes = kv_bytes + read * per_token * count
         attn_prefill = (float(flops[prefill].sum()), float(kv_bytes[prefill].sum()))
         attn_decode = (float(flops[~prefill].sum()), float(kv_bytes[~prefill].sum()))
 
         allreduce = 0.0
         if tp > 1:
-            hw = self.hardware
-            per = hw.link_latency_us * 1e-6 + 2 * (tp - 1) / tp * tokens * s.hidden * b / (hw.link_bandwidth_gbs * 1e9)
+            dev = self.device
+            link = dev.link_bandwidth_gbs * 1e9
+            per = dev.link_latency_us * 1e-6 + 2 * (tp - 1) / tp * tokens * s.hidden * b / link
             allreduce = 2 * layers * per
         return StepWork(seqs, int(prefill.sum()), linear, head, attn_prefill, attn_decode, allreduce)
 
@@ -157,7 +183,7 @@ class CostModel:
         if isinstance(work, BatchShape):
             work = self.work(work)
         p = profile or self.profile
-        peak, bw = self.hardware.peak_tflops * 1e12, self.hardware.memory_bandwidth_gbs * 1e9
+        peak, bw = self.device.peak_tflops * 1e12, self.device.memory_bandwidth_gbs * 1e9
 
         def gemm(flops: float, nbytes: float, tokens: float) -> tuple[float, float]:
             efficiency = p.matmul_efficiency * tokens / (tokens + p.matmul_half_tokens)
@@ -173,7 +199,7 @@ class CostModel:
                + roofline(*work.attn_decode) / p.decode_attention_efficiency,
                "allreduce_s": work.allreduce_s,
                "overhead_s": p.step_overhead_s + p.seq_overhead_s * work.num_seqs
-               + self.shape.num_layers * (p.layer_overhead_s + p.chunk_overhead_s * work.prefill_chunks)}
+               + self.spec.num_layers * (p.layer_overhead_s + p.chunk_overhead_s * work.prefill_chunks)}
         out["total"] = sum(v for k, v in out.items() if k not in ("linear_compute_s", "linear_memory_s")) \
             * p.correction(work.linear[2])
         return out

@@ -1,0 +1,60 @@
+"""What every command-line entry point (run.py, python -m fastgen.serve, calibrate) does around Hydra: import
+plugin parts before composing, and turn a bad config into one `error:` line (with the valid keys, for a typo)
+instead of a traceback."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Callable
+
+from omegaconf import OmegaConf
+
+from fastgen.compose import CONF_DIR, register_all
+from fastgen.plugins import REGISTRIES, PluginError, import_plugins
+
+
+def run_hydra(main: Callable[[], None], config_name: str = "config") -> None:
+    """Runs a @hydra.main function `main` with clean errors; exits 2 on a config error."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = [a for a in sys.argv[1:] if not a.startswith("-")]
+    local = os.path.join(os.getcwd(), "conf")
+    if os.path.isdir(local) and os.path.realpath(local) != os.path.realpath(CONF_DIR) \
+            and not any(o.startswith("hydra.searchpath=") for o in overrides):
+        sys.argv.append(f"hydra.searchpath=[file://{local}]")      # a user's own conf/ beside fastgen's
+        overrides.append(sys.argv[-1])
+    os.environ["HYDRA_FULL_ERROR"] = "1"     # errors reach us (below) instead of Hydra's printer
+    try:
+        import_plugins(overrides, [CONF_DIR], _defaults(config_name))
+        register_all()
+        main()
+    except (PluginError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    except (HydraException, OmegaConfBaseException) as e:
+        raise SystemExit(f"error: {_config_error(e)}") from None
+
+
+def _defaults(config_name: str) -> dict[str, str]:
+    """Each pluggable group's default option in conf/<config_name>.yaml."""
+    chosen = {}
+    config = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{config_name}.yaml"), resolve=False)
+    for entry in config.get("defaults", []):
+        if isinstance(entry, dict):
+            chosen.update((group, str(option)) for group, option in entry.items() if group in REGISTRIES)
+    return chosen
+
+
+def _config_error(e: Exception) -> str:
+    """Hydra's message and its cause's first line; for an unknown key of a typed part, the keys that part has."""
+    cause = e.__cause__ or e
+    message = " ".join(str(e).split())
+    if cause is not e:
+        message += f": {str(cause).splitlines()[0]}"
+    object_type = getattr(cause, "object_type", None)
+    if "not in" in str(cause) and dataclasses.is_dataclass(object_type):
+        keys = ", ".join(f.name for f in dataclasses.fields(object_type))
+        message = message.split(" To append")[0] + f" {str(cause).splitlines()[0]}" \
+            f" (valid keys of {object_type.__name__}: {keys})"
+    return message

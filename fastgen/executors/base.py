@@ -1,0 +1,51 @@
+"""The executor interface: plain step data in, logits and timings out."""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+
+from fastgen.config import EngineConfig, ExecutorConfig
+from fastgen.model_spec import ModelSpec
+from fastgen.ragged import SeqChunk
+from fastgen.registry import Registry
+
+
+@dataclass
+class StepResult:
+    logits: torch.Tensor     # [len(chunks), vocab] float32 for each chunk's last token ([n, 1] placeholders if simulated)
+    prepare_s: float         # building the step's tensors and the kernel backend's per-step state
+    forward_s: float         # the model's forward pass
+
+
+class Executor(ABC):
+    """Owns (or stands in for) the model and its KV pool. What the engine needs to know of it: the model's facts
+    (`spec`), its tokenizer (None for a simulated model without one), how many KV blocks of `block_size` it holds,
+    and the clock steps are timed on."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[ExecutorConfig]] = ExecutorConfig
+    spec: ModelSpec
+    tokenizer: Any
+    num_kv_blocks: int
+    block_size: int
+    clock: Callable[[], float] = time.perf_counter
+
+    @abstractmethod
+    def execute(self, chunks: Sequence[SeqChunk]) -> StepResult:
+        """Runs one ragged step: each chunk's tokens, their KV written into its blocks."""
+
+    def close(self) -> None:
+        """Releases what the executor holds beyond memory (worker processes, devices)."""
+
+
+EXECUTORS: Registry[Executor] = Registry("executor", "fastgen.executors", ExecutorConfig)
+register_executor = EXECUTORS.register
+
+
+def make_executor(cfg: EngineConfig, model=None, tokenizer=None) -> Executor:
+    """The executor cfg.executor names, for cfg's model (or `model`, anything load_model accepts)."""
+    return EXECUTORS.resolve(cfg.executor)(cfg, model, tokenizer)

@@ -1,0 +1,62 @@
+"""The real executor: the model on one device (CPU or GPU), its KV pool, and the kernel backend chosen once."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from fastgen.config import EngineConfig, ExecutorConfig
+from fastgen.executors.base import Executor, StepResult, register_executor
+from fastgen.kernels import load_backend
+from fastgen.kv.cache import KVCache
+from fastgen.models import CausalLM, load_model
+from fastgen.ragged import RaggedBatch, SeqChunk
+
+
+@dataclass
+class RealExecutorConfig(ExecutorConfig):
+    name: str = "real"
+
+
+@register_executor("real", config=RealExecutorConfig)
+class RealExecutor(Executor):
+    def __init__(self, cfg: EngineConfig, model=None, tokenizer=None):
+        hw = cfg.hardware
+        if hw.tensor_parallel != 1:
+            raise ValueError(f"executor=real runs the model on one device; hardware.tensor_parallel="
+                             f"{hw.tensor_parallel} is only simulated (executor=simulated)")
+        if hw.threads:
+            torch.set_num_threads(hw.threads)      # the device is this process's CPU: its thread pool is ours
+        if not isinstance(model, CausalLM):
+            model, tokenizer = load_model(cfg.model.source if model is None else model, dtype=hw.dtype,
+                                          device=hw.device, tokenizer=tokenizer)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.backend = load_backend(hw.kernels, self.device)
+        self.model = model.use_kernels(self.backend)
+        self.spec, self.tokenizer = model.spec, tokenizer
+        self.block_size = cfg.kv.block_size
+        self.num_kv_blocks = cfg.kv.num_blocks or max(1, self.spec.kv_blocks_in(
+            cfg.kv.memory_gb * 2**30, self.block_size, self.dtype.itemsize))
+        self.cache = KVCache(self.spec, self.num_kv_blocks, self.block_size, self.dtype, self.device)
+        self.windows = set(self.spec.windows)
+        self._sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+
+    def prepare(self, chunks: Sequence[SeqChunk]) -> RaggedBatch:
+        """The flattened batch and the kernel backend's per-step state (shared by every layer)."""
+        batch = RaggedBatch.build(chunks, self.block_size, self.device)
+        self.backend.prepare(batch.attn, self.block_size, self.windows)
+        return batch
+
+    @torch.inference_mode()
+    def forward(self, batch: RaggedBatch) -> torch.Tensor:
+        return self.model(batch, self.cache)
+
+    def execute(self, chunks: Sequence[SeqChunk]) -> StepResult:
+        start = self.clock()
+        batch = self.prepare(chunks)
+        prepared = self.clock()
+        logits = self.forward(batch)
+        self._sync()
+        return StepResult(logits, prepared - start, self.clock() - prepared)

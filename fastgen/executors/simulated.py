@@ -1,0 +1,81 @@
+"""The simulated executor: no weights, no tensors. Each step advances a virtual clock by the cost model's prediction
+for its ragged batch (fastgen.sim), so the same engine, schedulers and KV managers run at paper scale on a CPU.
+
+The device is described by a datasheet (peak flops, memory and its bandwidth, the link between tensor-parallel
+devices) and a profile of fitted efficiencies; conf/device/simulated_<hardware>.yaml holds one per hardware
+config (`hardware=a100-80gb executor=simulated` picks conf/device/simulated_a100-80gb.yaml).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from fastgen.config import EngineConfig, ExecutorConfig
+from fastgen.executors.base import Executor, StepResult, register_executor
+from fastgen.model_spec import ModelSpec
+from fastgen.ragged import SeqChunk
+from fastgen.sim.clocks import VirtualClock
+from fastgen.sim.cost_model import DTYPE_BYTES, BatchShape, CostModel, DeviceSheet, Profile
+from fastgen.sim.shapes import model_spec
+
+
+@dataclass
+class SimulatedExecutorConfig(ExecutorConfig):
+    name: str = "simulated"
+    memory_utilization: float = 0.9      # the share of device memory the deployment may use
+    device: DeviceSheet = field(default_factory=DeviceSheet)
+
+    def validate(self) -> None:
+        if not 0 < self.memory_utilization <= 1:
+            raise ValueError(f"executor.memory_utilization must be in (0, 1], got {self.memory_utilization}")
+
+
+def kv_pool_blocks(spec: ModelSpec, cfg: EngineConfig) -> int:
+    """kv.num_blocks if set; else what a deployment gets: device memory x utilization - its share of the weights -
+    the activations of a full step, in blocks of this model's KV (per device, KV heads split by tensor parallel)."""
+    if cfg.kv.num_blocks is not None:
+        return cfg.kv.num_blocks
+    hw, sheet = cfg.hardware, cfg.executor.device
+    b, tp = DTYPE_BYTES[hw.dtype], hw.tensor_parallel
+    weights = spec.num_params * b / tp
+    tokens = getattr(cfg.scheduler, "token_budget", 2048)
+    activations = tokens * (2 * spec.hidden + (spec.q_size + 2 * spec.kv_size + 3 * spec.intermediate) / tp) * b \
+        + cfg.scheduler.max_seqs * spec.vocab_size * 4
+    free = sheet.memory_gb * 2**30 * cfg.executor.memory_utilization - weights - activations
+    blocks = spec.kv_blocks_in(free, cfg.kv.block_size, b, tp)
+    if blocks < 1:
+        raise ValueError(f"no room for KV: {cfg.model.source} needs {weights / 2**30:.1f} GiB of weights per device "
+                         f"and {activations / 2**30:.1f} GiB of activations, of {sheet.memory_gb} GiB x "
+                         f"{cfg.executor.memory_utilization}; raise hardware.tensor_parallel or "
+                         "executor.device.memory_gb")
+    return blocks
+
+
+@register_executor("simulated", config=SimulatedExecutorConfig)
+class SimulatedExecutor(Executor):
+    def __init__(self, cfg: EngineConfig, model=None, tokenizer=None):
+        """`model` (optional) only gives the shape: a fastgen or transformers model, or a transformers config."""
+        sheet = cfg.executor.device
+        sheet.validate(cfg.hardware)
+        self.spec = model_spec(model if model is not None else cfg.model.source)
+        self.tokenizer = tokenizer
+        profile = Profile.load(sheet.profile) if sheet.profile else Profile()
+        self.cost = CostModel(self.spec, sheet, cfg.hardware.dtype, cfg.hardware.tensor_parallel, profile)
+        self.clock = VirtualClock()
+        self.block_size = cfg.kv.block_size
+        self.num_kv_blocks = kv_pool_blocks(self.spec, cfg)
+        self._logits = torch.zeros(0, 1)
+
+    def execute(self, chunks: Sequence[SeqChunk]) -> StepResult:
+        """Advances the clock by the step's predicted time; placeholder logits [len(chunks), 1]."""
+        n = len(chunks)
+        q = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.float64, count=n)
+        ctx = np.fromiter((c.start for c in chunks), dtype=np.float64, count=n) + q
+        seconds = self.cost.step_time(BatchShape(q, ctx))
+        self.clock.sleep(seconds)
+        if self._logits.shape[0] < n:
+            self._logits = torch.zeros(n, 1)
+        return StepResult(self._logits[:n], 0.0, seconds)

@@ -1,0 +1,107 @@
+"""The PyTorch backend's attention plan: block gathers and masks for one step, built once (in `prepare`, before the
+layers run) and shared by every layer.
+
+Decode rows (one query each) run as padded batches that each read the same number of whole KV blocks, in groups
+small enough that the gathered K/V stays in the CPU's cache; each prompt chunk runs on its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fastgen.kernels.metadata import AttentionMetadata
+
+# Decodes are gathered and attended in groups of at most this many KV slots: a group's gathered K/V then stays
+# in the CPU's cache between the copy and the attention that reads it (1.4-1.6x faster at 64-128 decodes).
+DECODE_GROUP_SLOTS = 4096
+
+
+@dataclass
+class DecodePlan:
+    """A group of single-query sequences run as one padded batch: each reads the same number of whole KV blocks."""
+
+    rows: torch.Tensor | slice                # query rows (a slice when they are consecutive)
+    blocks: torch.Tensor                      # [B * nb] block ids, nb per sequence
+    mask: torch.Tensor                        # [B, 1, 1, nb * block_size] bool, True = attend
+
+
+@dataclass
+class ChunkPlan:
+    """One prompt chunk: its query rows and the KV it reads, [first, first + length) of its gathered blocks."""
+
+    rows: slice
+    blocks: torch.Tensor | slice              # block ids, or a slice of the pool when they are consecutive
+    first: int
+    length: int
+    mask: torch.Tensor | None                 # [n, length] bool; None = plain causal (queries == keys)
+
+
+@dataclass
+class TorchAttentionPlan:
+    """Block gathers and masks for the PyTorch attention path, built once per step and shared by every layer."""
+
+    decodes: list[DecodePlan]
+    chunks: list[ChunkPlan]
+    _buffers: dict = field(default_factory=dict, repr=False)
+
+    def gather(self, cache: torch.Tensor, blocks: torch.Tensor | slice, name: str) -> torch.Tensor:
+        """cache[blocks]: a view for a slice, else a copy into a buffer kept for the step. Reusing the buffer in
+        every layer spares the page faults a fresh multi-megabyte tensor costs each time on a CPU."""
+        if isinstance(blocks, slice):
+            return cache[blocks]
+        rows = cache.view(cache.shape[0], -1)
+        n = blocks.numel() * rows.shape[1]
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != cache.dtype:
+            buf = self._buffers[name] = torch.empty(n, dtype=cache.dtype, device=cache.device)
+        out = buf[:n].view(blocks.numel(), rows.shape[1])
+        torch.index_select(rows, 0, blocks, out=out)
+        return out.view(blocks.numel(), *cache.shape[1:])
+
+
+def build_plan(meta: AttentionMetadata, block_size: int, window: int | None) -> TorchAttentionPlan:
+    qs = meta.query_start.cpu().long()
+    ctx = meta.context_lens.cpu().long()
+    tables = meta.block_tables.cpu().long()
+    device = meta.block_tables.device
+    q_lens = qs[1:] - qs[:-1]
+    first_q = ctx - q_lens
+    # Keys a sequence reads: [lo, ctx); lo > 0 only under a sliding window. Whole blocks are gathered.
+    lo = (first_q - window + 1).clamp(min=0) if window else torch.zeros_like(ctx)
+    first_block = lo // block_size
+    num_blocks = (ctx - 1) // block_size - first_block + 1
+
+    decodes = []
+    decode_idx = torch.nonzero(q_lens == 1).flatten()
+    if decode_idx.numel():
+        nb = int(num_blocks[decode_idx].max())
+        cols = (first_block[decode_idx, None] + torch.arange(nb)).clamp(max=tables.shape[1] - 1)
+        blocks = torch.gather(tables[decode_idx], 1, cols)
+        pos = first_block[decode_idx, None] * block_size + torch.arange(nb * block_size)
+        mask = ((pos >= lo[decode_idx, None]) & (pos < ctx[decode_idx, None]))[:, None, None, :]
+        rows = qs[decode_idx]
+        group = max(1, DECODE_GROUP_SLOTS // (nb * block_size))
+        for g in range(0, len(rows), group):
+            r = rows[g:g + group]
+            r = slice(int(r[0]), int(r[-1]) + 1) if int(r[-1]) - int(r[0]) == len(r) - 1 else r.to(device)
+            decodes.append(DecodePlan(r, blocks[g:g + group].flatten().to(device), mask[g:g + group].to(device)))
+
+    chunks = []
+    for s in torch.nonzero(q_lens > 1).flatten().tolist():
+        n, c, low, fb, nb = (int(x[s]) for x in (q_lens, ctx, lo, first_block, num_blocks))
+        blocks = tables[s, fb:fb + nb]
+        if bool((blocks == blocks[0] + torch.arange(nb)).all()):
+            blocks = slice(int(blocks[0]), int(blocks[0]) + nb)     # consecutive blocks: a view, no copy
+        else:
+            blocks = blocks.to(device)
+        mask = None
+        if low != c - n or (window and window < n):
+            kpos = torch.arange(low, c)
+            qpos = torch.arange(c - n, c)
+            mask = kpos[None, :] <= qpos[:, None]
+            if window:
+                mask &= kpos[None, :] > qpos[:, None] - window
+            mask = mask.to(device)
+        chunks.append(ChunkPlan(slice(int(qs[s]), int(qs[s + 1])), blocks, low - fb * block_size, c - low, mask))
+    return TorchAttentionPlan(decodes, chunks)

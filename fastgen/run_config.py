@@ -1,0 +1,56 @@
+"""The benchmark harness's config (run.py): an engine config plus the workload to drive it with, the SLA to judge
+it by, where metrics go and what is measured (the in-process engine or a server over HTTP)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fastgen.config import EngineConfig, hydra_schema
+from fastgen.metrics import SLAConfig
+from fastgen.workloads import WorkloadConfig
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"                   # none | wandb
+    project: str = "fastgen"
+    entity: Optional[str] = None
+    mode: str = "offline"                # wandb mode: offline unless the user asks for online
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TargetConfig:
+    name: str = "engine"                 # engine (in-process) | http (any OpenAI-compatible server)
+    url: Optional[str] = None            # http: the server, e.g. http://127.0.0.1:8000
+    api_key: Optional[str] = None
+    served_model: Optional[str] = None   # http: the `model` to send; None: the first the server lists
+
+
+@dataclass
+class RunConfig(EngineConfig):
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    sla: SLAConfig = field(default_factory=SLAConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Cheap checks of values Hydra's types cannot express, before any model is loaded."""
+        super().validate()
+        self.workload.validate()
+        self.sla.validate()
+        if self.logger.name not in ("none", "wandb"):
+            raise ValueError(f"logger.name must be 'none' or 'wandb', got {self.logger.name!r}")
+        if self.target.name not in ("engine", "http"):
+            raise ValueError(f"target.name must be 'engine' or 'http', got {self.target.name!r}")
+        if self.target.name == "http" and self.executor.name != "real":
+            raise ValueError("target=http measures a server; executor=simulated runs only the in-process engine")
+        if self.target.name == "http" and not self.target.url:
+            raise ValueError("target=http needs target.url, e.g. target.url=http://127.0.0.1:8000")
+
+
+def register_configs() -> None:
+    """Registers the schema with Hydra, so conf/config.yaml is validated against RunConfig."""
+    from hydra.core.config_store import ConfigStore
+    ConfigStore.instance().store(name="run_schema", node=hydra_schema(RunConfig))

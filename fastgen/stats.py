@@ -1,0 +1,34 @@
+"""What the engine reports: a typed record per step (for benchmarks, metrics, loggers and the server's gauges)
+and a small read-only snapshot of its state."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StepStats:
+    index: int                   # steps the engine ran before this one
+    start: float                 # engine clock when the step began (scheduling included)
+    duration_s: float            # start to sampled tokens: schedule + prepare + forward + sample + bookkeeping
+    schedule_s: float            # the scheduler's decision and the step's plain data
+    prepare_s: float             # the executor building tensors and the kernels' per-step state
+    forward_s: float             # the model's forward pass
+    sample_s: float              # sampling, detokenization, stop checks and request bookkeeping
+    num_tokens: int
+    num_seqs: int
+    num_prefill_tokens: int      # tokens of chunks with more than one token
+    num_preempted: int
+    num_running: int             # after the step
+    num_waiting: int
+    kv_used_tokens: int          # KV slots holding computed or scheduled tokens
+    kv_reserved_tokens: int      # slots in blocks that requests own
+    kv_capacity_tokens: int
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    num_steps: int
