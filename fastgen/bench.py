@@ -17,7 +17,8 @@ from fastgen.metrics import format_table, summarize
 from fastgen.models import load_config
 from fastgen.pipeline import build_engine
 from fastgen.serve.client import run_http_requests
-from fastgen.workloads import build_workload
+from fastgen.workloads import Workload, build_workload
+from fastgen.workloads.trace import resolve_trace_path
 
 
 def validate(cfg: RunConfig) -> None:
@@ -40,16 +41,27 @@ def run_benchmark(cfg: RunConfig, out_dir: str | os.PathLike, model=None, tokeni
     validate(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.workload.trace_path and not os.path.isabs(cfg.workload.trace_path):
-        cfg.workload.trace_path = os.path.abspath(cfg.workload.trace_path)
+    if cfg.workload.trace_path:
+        cfg.workload.trace_path = str(resolve_trace_path(cfg.workload.trace_path))
     if cfg.target.name == "http":
-        result = run_over_http(cfg, model, tokenizer)
+        config = model.config if model is not None else None
+        if config is None:
+            config, tokenizer = load_config(cfg.model.source, tokenizer)
+        context = min(filter(None, (cfg.model.max_model_len, getattr(config, "max_position_embeddings", None))),
+                      default=None)
+        workload = build_workload(cfg.workload, config.vocab_size, tokenizer, max_model_len=context)
+        result = run_over_http(cfg, workload)
     else:
         engine = build_engine(cfg, model, tokenizer, clock)
-        workload = build_workload(cfg.workload, engine.vocab_size, engine.tokenizer)
+        workload = build_workload(cfg.workload, engine.vocab_size, engine.tokenizer,
+                                  max_model_len=engine.max_model_len)
         result = run_workload(engine, workload, progress=cfg.progress)
+    if workload.clipped or workload.skipped:
+        print(f"workload: {workload.clipped} requests clipped, {workload.skipped} trace rows skipped to fit the "
+              f"model's context (workload.too_long={cfg.workload.too_long})")
     metrics = summarize(result.traces, result.steps, cfg.sla, start_time=result.start_time,
                         end_time=result.end_time)
+    metrics["workload_clipped"], metrics["workload_skipped"] = workload.clipped, workload.skipped
     metrics["config"] = OmegaConf.to_container(OmegaConf.structured(cfg))
     write_results(out, metrics, result)
     if cfg.logger.name == "wandb":
@@ -58,13 +70,9 @@ def run_benchmark(cfg: RunConfig, out_dir: str | os.PathLike, model=None, tokeni
     return metrics
 
 
-def run_over_http(cfg: RunConfig, model=None, tokenizer=None) -> RunResult:
-    """The same workload sent to a server. The model (its config and tokenizer, no weights) only shapes the
-    prompts; the server has no per-step records to give, so steps stay empty."""
-    config = model.config if model is not None else None
-    if config is None:
-        config, tokenizer = load_config(cfg.model.source, tokenizer)
-    workload = build_workload(cfg.workload, config.vocab_size, tokenizer)
+def run_over_http(cfg: RunConfig, workload: Workload) -> RunResult:
+    """The workload sent to a server (its prompts shaped by the model's config and tokenizer, no weights); the
+    server has no per-step records to give, so steps stay empty."""
     traces = asyncio.run(run_http_requests(cfg.target.url, workload.requests, workload.arrivals,
                                            api_key=cfg.target.api_key, model=cfg.target.served_model))
     warmups = set(workload.arrivals.warmup_indices)
