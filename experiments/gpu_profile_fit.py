@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))          # run from a checkout without installing 
 from fastgen.analysis import markdown_table  # noqa: E402
 from fastgen.sim.cost_model import Profile  # noqa: E402
 from fastgen.sim.measured import (GEMM_OPS, GPUS, MODELS, Prediction, cost_model, evaluate, fit,  # noqa: E402
-                                  held_out, operator_series)
+                                  held_out, load_allreduce, operator_series)
 
 PARTS = [*GEMM_OPS, "linear", "elementwise"]
 LABELS = {"attn_pre_proj": "QKV", "attn_post_proj": "O", "mlp_up_proj": "gate+up", "mlp_down_proj": "down",
@@ -41,6 +41,17 @@ def errors(predictions: list[Prediction], **match) -> list[float]:
 
 def worst_rows(predictions: list[Prediction], part: str, n: int = 3) -> list[Prediction]:
     return sorted((p for p in predictions if p.part == part), key=lambda p: -p.error)[:n]
+
+
+def bimodal_note() -> str:
+    """Small all-reduces on the A100 take one of two times; one latency cannot follow that."""
+    times = np.array([r.ms * 1e3 for r in load_allreduce()
+                      if (r.gpu, r.workers) == ("a100-80gb", 4) and 2**17 <= r.nbytes < 2**20])
+    fast, slow = int(((times >= 15) & (times < 30)).sum()), int(((times >= 55) & (times < 70)).sum())
+    return (f"All-reduces of 128 KiB to 1 MiB are bimodal on the A100 (4 GPUs: {fast} of {len(times)} measured sizes "
+            f"took 15-30 us, {slow} took 55-70 us); the fitted latency sits between. fastgen's decode-step "
+            "all-reduces are that size (16 sequences x 8192 x 2 B = 256 KiB for Llama-2-70B), so there the fit gives "
+            "their average cost, not each one's.")
 
 
 def curve_form_selection(gpu: str) -> list[list]:
@@ -136,9 +147,10 @@ def main(argv: list[str] | None = None) -> None:
         "cannot predict such a row from its neighbours; smooth efficiency curves (the roofline with fitted "
         "efficiencies, below) do worse, not better. P95 is within 15% everywhere for the linear part.",
         "- Elementwise kernels (norms, rotary, activation, residual adds) and all-reduce use the two-parameter forms "
-        "(launch + bytes / bandwidth; latency + bytes / bus bandwidth): their medians are 7-15%, above 5%. The "
-        "elementwise kernels are a small share of a layer (table below); the data's 1 us resolution is 12-25% of "
-        "their 4-8 us times at small token counts.",
+        "(launch + bytes / bandwidth; latency + bytes / bus bandwidth): their medians are 5-15% (elementwise, per "
+        "model and TP) and 4-12% (all-reduce, per GPU count), mostly above 5%. The elementwise kernels are 5-15% "
+        "of a layer's time (table below); the data's 1 us resolution is 12-25% of their 4-8 us times at small "
+        "token counts. " + bimodal_note(),
         "", "## Still modelled, not measured", "",
         "These data hold no attention kernels and no host-side costs. In the fitted profiles the attention "
         "efficiencies (`prefill_attention_efficiency` 0.4, `decode_attention_efficiency` 0.6), `chunk_overhead_s`, "
@@ -160,9 +172,9 @@ def main(argv: list[str] | None = None) -> None:
         "Models whose GEMM shapes were not measured (Llama-2-13B, Mistral-7B, the LM head) get the roofline "
         "max(flops / (peak x eff(tokens)), bytes / (bandwidth x eff)) with efficiencies fitted on all measured GEMM "
         "rows. How well that transfers: fitted on one model's rows, evaluated on the other's held-out rows "
-        "(median / P95 / worst %). The A100's efficiencies transfer to within ~5-9% median; the H100's do not "
-        "(median 8-22%, P95 up to 98%): a simulated model whose GEMMs were not measured on the H100 is "
-        "correspondingly less certain.", "",
+        "(median / P95 / worst %). The A100's efficiencies transfer to within 4-9% median (P95 up to 41%); the "
+        "H100's do not (median 7-22%, P95 up to 98%): a simulated model whose GEMMs were not measured (Llama-2-13B "
+        "in the paper scripts) is correspondingly less certain, on the H100 most.", "",
         markdown_table(["GPU", "fitted on", "evaluated on", *(LABELS[p] for p in PARTS[:5])], fallback_rows),
         "## All-reduce (inside one DGX node)", "",
         "One latency and one bus bandwidth per GPU kind, fitted on every second message size of the 2-, 4- and "
