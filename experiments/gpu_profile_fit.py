@@ -50,8 +50,8 @@ def bimodal_note() -> str:
     fast, slow = int(((times >= 15) & (times < 30)).sum()), int(((times >= 55) & (times < 70)).sum())
     return (f"All-reduces of 128 KiB to 1 MiB are bimodal on the A100 (4 GPUs: {fast} of {len(times)} measured sizes "
             f"took 15-30 us, {slow} took 55-70 us); the fitted latency sits between. fastgen's decode-step "
-            "all-reduces are that size (16 sequences x 8192 x 2 B = 256 KiB for Llama-2-70B), so there the fit gives "
-            "their average cost, not each one's.")
+            "all-reduces are that size (16 sequences x 8192 x 2 B = 256 KiB for Llama-2-70B), so there the fit gives a "
+            "middle value, not each one's time.")
 
 
 def curve_form_selection(gpu: str) -> list[list]:
