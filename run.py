@@ -19,7 +19,7 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     try:
         run_benchmark(OmegaConf.to_object(cfg), HydraConfig.get().runtime.output_dir)
-    except ValueError as e:   # a bad value in the config: say which, without a traceback
+    except (ValueError, FileNotFoundError) as e:   # a bad value or path in the config: say which, no traceback
         raise SystemExit(f"error: {e}") from None
 
 
