@@ -16,7 +16,8 @@ from fastgen.metrics import format_table, summarize
 from fastgen.models import load_config
 from fastgen.run_config import RunConfig
 from fastgen.serve.client import HttpTarget
-from fastgen.workloads import build_workload
+from fastgen.workloads import Workload, build_workload
+from fastgen.workloads.trace import resolve_trace_path
 
 
 def run_benchmark(cfg: RunConfig, out_dir: str | os.PathLike, model=None, tokenizer=None, clock=None) -> dict:
@@ -24,19 +25,30 @@ def run_benchmark(cfg: RunConfig, out_dir: str | os.PathLike, model=None, tokeni
     cfg.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.workload.trace_path and not os.path.isabs(cfg.workload.trace_path):
-        cfg.workload.trace_path = os.path.abspath(cfg.workload.trace_path)
+    if cfg.workload.trace_path:
+        cfg.workload.trace_path = str(resolve_trace_path(cfg.workload.trace_path))
     if cfg.target.name == "http":
-        result = run_over_http(cfg, model, tokenizer)
+        config = model.config if model is not None else None
+        if config is None:
+            config, tokenizer = load_config(cfg.model.source, tokenizer)
+        context = min(filter(None, (cfg.model.max_model_len, getattr(config, "max_position_embeddings", None))),
+                      default=None)
+        workload = build_workload(cfg.workload, config.vocab_size, tokenizer, max_model_len=context)
+        result = run_over_http(cfg, workload)
     else:
         engine = build_engine(cfg, model, tokenizer, clock)
         try:
-            workload = build_workload(cfg.workload, engine.vocab_size, engine.tokenizer)
+            workload = build_workload(cfg.workload, engine.vocab_size, engine.tokenizer,
+                                      max_model_len=engine.max_model_len)
             result = run_workload(EngineTarget(engine), workload, progress=cfg.progress)
         finally:
             engine.close()
+    if workload.clipped or workload.skipped:
+        print(f"workload: {workload.clipped} requests clipped, {workload.skipped} trace rows skipped to fit the "
+              f"model's context (workload.too_long={cfg.workload.too_long})")
     metrics = summarize(result.traces, result.steps, cfg.sla, start_time=result.start_time,
                         end_time=result.end_time)
+    metrics["workload_clipped"], metrics["workload_skipped"] = workload.clipped, workload.skipped
     metrics["config"] = OmegaConf.to_container(OmegaConf.structured(cfg))
     write_results(out, metrics, result)
     if cfg.logger.name == "wandb":
@@ -45,13 +57,8 @@ def run_benchmark(cfg: RunConfig, out_dir: str | os.PathLike, model=None, tokeni
     return metrics
 
 
-def run_over_http(cfg: RunConfig, model=None, tokenizer=None) -> RunResult:
-    """The same workload sent to a server. The model (its config and tokenizer, no weights) only shapes the
-    prompts."""
-    config = model.config if model is not None else None
-    if config is None:
-        config, tokenizer = load_config(cfg.model.source, tokenizer)
-    workload = build_workload(cfg.workload, config.vocab_size, tokenizer)
+def run_over_http(cfg: RunConfig, workload: Workload) -> RunResult:
+    """The workload sent to a server (its prompts shaped by the model's config and tokenizer, no weights)."""
     with HttpTarget(cfg.target.url, api_key=cfg.target.api_key, model=cfg.target.served_model) as target:
         return run_workload(target, workload, progress=cfg.progress)
 

@@ -30,7 +30,7 @@ def run_hydra(main: Callable[[], None], config_name: str = "config") -> None:
         import_plugins(overrides, [CONF_DIR], _defaults(config_name))
         register_all()
         main()
-    except (PluginError, ValueError) as e:
+    except (PluginError, ValueError, FileNotFoundError) as e:   # a bad value or path in the config
         raise SystemExit(f"error: {e}") from None
     except (HydraException, OmegaConfBaseException) as e:
         raise SystemExit(f"error: {_config_error(e)}") from None

@@ -1,16 +1,20 @@
 """The cost model: how long one ragged step takes on a device, from the work it does.
 
-A step's work (`StepWork`) follows from its shape alone: the linear layers stream every weight once and do
-2 flops per weight per token; attention reads each sequence's KV history, and a prefill chunk also does
-quadratic work; tensor parallelism adds two all-reduces of the hidden state per layer. Time is a roofline per
+A step's work (`StepWork`) follows from its shape alone: the linear layers (`layer_gemms`) stream every weight
+once and do 2 flops per weight per token; attention reads each sequence's KV history, and a prefill chunk also
+does quadratic work; tensor parallelism adds two all-reduces of the hidden state per layer. Time is a roofline per
 operation, max(flops / (peak x efficiency), bytes / (bandwidth x efficiency)), where the matmul efficiency grows
 with the token count (small GEMMs cannot fill the device), plus fixed costs per layer, per step and per
 sequence (kernel launches, host-side batch building and sampling). The efficiencies and overheads are a
-`Profile`, fitted to measured step times by `fastgen.sim.calibrate`.
+`Profile`, fitted to measured step times by `fastgen.sim.calibrate`, or to published per-operator GPU times by
+`fastgen.sim.measured`. A measured profile also carries per-GEMM-shape time curves over the token count
+(`Profile.gemm_times`), which replace the roofline for the GEMMs they cover: cuBLAS picks tiles per shape, so a
+GEMM's time is a staircase in the token count that no smooth efficiency follows.
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Sequence
@@ -89,11 +93,29 @@ class Profile:
     # BLAS libraries switch kernels at small sizes (a CPU's 4-token GEMM can cost as much as its 16-token one),
     # steps no smooth efficiency curve follows. Filled in by calibration from the fit's residuals.
     token_correction: dict = field(default_factory=dict)
+    # Measured profiles (fastgen.sim.measured) only; None / empty: the roofline and link model above.
+    elementwise_efficiency: Optional[float] = None  # norms, rotary, activation, residual adds stream their tensors
+    #                                                 at this fraction of memory bandwidth, on top of
+    #                                                 layer_overhead_s (their launches); None: inside layer_overhead_s
+    allreduce_latency_s: Optional[float] = None     # measured all-reduce: fixed cost and bus bandwidth, replacing
+    allreduce_bandwidth_gbs: Optional[float] = None  # hardware.link_latency_us / link_bandwidth_gbs
+    # {"<outputs>x<inputs>": {"tokens": [...], "seconds": [...]}}: one device's GEMM of that shape (see Gemm),
+    # interpolated log-log between token counts and linear in tokens past the last one (compute-bound there).
+    gemm_times: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)   # how it was made: device, model, measurements, fit error
 
     @classmethod
     def fitted_names(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name not in ("meta", "token_correction")]
+        """The scalar efficiencies and overheads a step-time calibration fits."""
+        return [f.name for f in fields(cls) if f.name not in NOT_FITTED_FROM_STEPS]
+
+    def gemm_seconds(self, key: str, tokens: float) -> float:
+        """Measured time of the GEMM `key` (in gemm_times) at `tokens` rows."""
+        curve = self.gemm_times[key]
+        ts, ss = curve["tokens"], curve["seconds"]
+        if tokens >= ts[-1]:
+            return ss[-1] * tokens / ts[-1]
+        return float(np.exp(np.interp(np.log(tokens), np.log(ts), np.log(ss))))
 
     def correction(self, tokens: float) -> float:
         if not self.token_correction:
@@ -115,8 +137,42 @@ class Profile:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        text = json.dumps(asdict(self), indent=1)
+        # one line per list of numbers: a measured profile holds thousands of them
+        text = re.sub(r"\[\s*([-+0-9.eE,\s]*?)\s*\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+        path.write_text(text + "\n")
         return path
+
+
+NOT_FITTED_FROM_STEPS = ("meta", "token_correction", "elementwise_efficiency", "allreduce_latency_s",
+                         "allreduce_bandwidth_gbs", "gemm_times")
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """One linear layer of a decoder layer on one device: [tokens x inputs] @ [inputs x outputs]."""
+
+    name: str
+    outputs: int
+    inputs: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.outputs}x{self.inputs}"
+
+    @property
+    def weights(self) -> int:
+        return self.outputs * self.inputs
+
+
+def layer_gemms(spec: ModelSpec, tensor_parallel: int) -> list[Gemm]:
+    """QKV, output, gate+up and down projections of one layer, as one of `tensor_parallel` devices runs them
+    (heads and the MLP's intermediate features split over devices; each device keeps at least one KV head)."""
+    tp, d = tensor_parallel, spec.head_dim
+    heads, kv_heads = -(-spec.num_heads // tp), spec.kv_heads_per_device(tp)
+    inter = -(-spec.intermediate // tp)
+    return [Gemm("qkv", (heads + 2 * kv_heads) * d, spec.hidden), Gemm("o", spec.hidden, heads * d),
+            Gemm("gate_up", 2 * inter, spec.hidden), Gemm("down", spec.hidden, inter)]
 
 
 @dataclass
@@ -129,7 +185,8 @@ class StepWork:
     head: tuple[float, float, float]     # the same for the LM head (one row per sequence)
     attn_prefill: tuple[float, float]    # (flops, bytes)
     attn_decode: tuple[float, float]
-    allreduce_s: float                   # tensor-parallel all-reduces: link time, no efficiency to fit
+    allreduces: int                      # tensor-parallel all-reduces of the hidden state (0 without TP)
+    allreduce_bytes: float               # ... each of this many bytes
 
 
 class CostModel:
@@ -144,14 +201,25 @@ class CostModel:
         self.tp = tensor_parallel
         # Attention work depends on each layer's window: layers are grouped by window, each group costed once.
         self.window_layers = {w: spec.windows.count(w) for w in set(spec.windows)}
+        self.gemms = layer_gemms(spec, self.tp)
+        # what one layer's elementwise kernels read and write per token: 2 norms (h in, h out), rotary (q and k
+        # in and out), the activation (gate and up in, one out), 2 residual adds (2 h in, h out)
+        qkv, o, _, down = self.gemms      # rotary's q and k in and out: 2 (q + k) = qkv outputs + o inputs
+        self.elementwise_bytes_per_token = self.dtype_bytes * (10 * spec.hidden + qkv.outputs + o.inputs
+                                                               + 3 * down.inputs)
 
     # -- work ------------------------------------------------------------------------------------------------
+    def gemm_work(self, gemms: Sequence[Gemm], tokens: float) -> tuple[float, float, float]:
+        """(flops, bytes, tokens) of these GEMMs in every layer: weights read once, activations in and out."""
+        layers = self.spec.num_layers
+        flops = sum(2 * tokens * g.weights for g in gemms) * layers
+        nbytes = sum(g.weights + tokens * (g.inputs + g.outputs) for g in gemms) * self.dtype_bytes * layers
+        return flops, nbytes, tokens
+
     def work(self, batch: BatchShape) -> StepWork:
         s, b, tp, layers = self.spec, self.dtype_bytes, self.tp, self.spec.num_layers
         tokens, seqs = batch.num_tokens, batch.num_seqs
-        weights = s.layer_params / tp
-        activations = tokens * (4 * s.hidden + (2 * s.q_size + 2 * s.kv_size + 3 * s.intermediate) / tp)
-        linear = (2 * tokens * weights * layers, (weights + activations) * b * layers, tokens)
+        linear = self.gemm_work(self.gemms, tokens)
         head_weights = s.vocab_size * s.hidden / tp
         head = (2 * seqs * head_weights, head_weights * b, seqs)
 
@@ -169,15 +237,34 @@ class CostModel:
         attn_prefill = (float(flops[prefill].sum()), float(kv_bytes[prefill].sum()))
         attn_decode = (float(flops[~prefill].sum()), float(kv_bytes[~prefill].sum()))
 
-        allreduce = 0.0
-        if tp > 1:
-            dev = self.device
-            link = dev.link_bandwidth_gbs * 1e9
-            per = dev.link_latency_us * 1e-6 + 2 * (tp - 1) / tp * tokens * s.hidden * b / link
-            allreduce = 2 * layers * per
-        return StepWork(seqs, int(prefill.sum()), linear, head, attn_prefill, attn_decode, allreduce)
+        allreduces = 2 * layers if tp > 1 else 0
+        return StepWork(seqs, int(prefill.sum()), linear, head, attn_prefill, attn_decode, allreduces,
+                        tokens * s.hidden * b)
 
     # -- time ------------------------------------------------------------------------------------------------
+    def allreduce_seconds(self, nbytes: float, profile: Profile | None = None) -> float:
+        """One ring all-reduce over the tensor-parallel devices: latency + 2 (n-1)/n x bytes / bus bandwidth."""
+        p, dev = profile or self.profile, self.device
+        latency = p.allreduce_latency_s if p.allreduce_latency_s is not None else dev.link_latency_us * 1e-6
+        bandwidth = p.allreduce_bandwidth_gbs if p.allreduce_bandwidth_gbs is not None else dev.link_bandwidth_gbs
+        return latency + 2 * (self.tp - 1) / self.tp * nbytes / (bandwidth * 1e9)
+
+    def elementwise_seconds(self, tokens: float, profile: Profile | None = None) -> float:
+        """All layers' norms, rotary, activation and residual adds beyond their launches (layer_overhead_s)."""
+        p = profile or self.profile
+        if p.elementwise_efficiency is None:
+            return 0.0
+        bandwidth = self.device.memory_bandwidth_gbs * 1e9 * p.elementwise_efficiency
+        return self.spec.num_layers * tokens * self.elementwise_bytes_per_token / bandwidth
+
+    def gemm_roofline(self, flops: float, nbytes: float, tokens: float,
+                      profile: Profile | None = None) -> tuple[float, float]:
+        """(compute, memory) seconds of GEMM work at `tokens` rows: its time is the larger of the two."""
+        p = profile or self.profile
+        efficiency = p.matmul_efficiency * tokens / (tokens + p.matmul_half_tokens)
+        return (flops / (self.device.peak_tflops * 1e12 * efficiency),
+                nbytes / (self.device.memory_bandwidth_gbs * 1e9 * p.bandwidth_efficiency))
+
     def breakdown(self, work: StepWork | BatchShape, profile: Profile | None = None) -> dict[str, float]:
         """Seconds per part of the step; `total` is what the simulator's clock advances by."""
         if isinstance(work, BatchShape):
@@ -186,18 +273,26 @@ class CostModel:
         peak, bw = self.device.peak_tflops * 1e12, self.device.memory_bandwidth_gbs * 1e9
 
         def gemm(flops: float, nbytes: float, tokens: float) -> tuple[float, float]:
-            efficiency = p.matmul_efficiency * tokens / (tokens + p.matmul_half_tokens)
-            return flops / (peak * efficiency), nbytes / (bw * p.bandwidth_efficiency)
+            return self.gemm_roofline(flops, nbytes, tokens, p)
 
         def roofline(flops: float, nbytes: float) -> float:
             return max(flops / peak, nbytes / bw)
 
-        linear_compute, linear_memory = gemm(*work.linear)
+        tokens = work.linear[2]
+        measured = [g for g in self.gemms if g.key in p.gemm_times]
+        if measured:    # measured curves for some GEMMs, the roofline for the rest
+            rest = [g for g in self.gemms if g.key not in p.gemm_times]
+            linear_compute, linear_memory = gemm(*self.gemm_work(rest, tokens)) if rest else (0.0, 0.0)
+            linear_measured = self.spec.num_layers * sum(p.gemm_seconds(g.key, tokens) for g in measured)
+        else:
+            (linear_compute, linear_memory), linear_measured = gemm(*work.linear), 0.0
         out = {"linear_compute_s": linear_compute, "linear_memory_s": linear_memory,
-               "linear_s": max(linear_compute, linear_memory), "head_s": max(gemm(*work.head)),
+               "linear_s": linear_measured + max(linear_compute, linear_memory), "head_s": max(gemm(*work.head)),
                "attention_s": roofline(*work.attn_prefill) / p.prefill_attention_efficiency
                + roofline(*work.attn_decode) / p.decode_attention_efficiency,
-               "allreduce_s": work.allreduce_s,
+               "allreduce_s": work.allreduces * self.allreduce_seconds(work.allreduce_bytes, p)
+               if work.allreduces else 0.0,
+               "elementwise_s": self.elementwise_seconds(tokens, p),
                "overhead_s": p.step_overhead_s + p.seq_overhead_s * work.num_seqs
                + self.spec.num_layers * (p.layer_overhead_s + p.chunk_overhead_s * work.prefill_chunks)}
         out["total"] = sum(v for k, v in out.items() if k not in ("linear_compute_s", "linear_memory_s")) \

@@ -12,7 +12,12 @@ Arrival processes (`WorkloadConfig.arrival`):
   warm-up per client (``WorkloadRequest.warmup``; exclude them from metrics);
 - ``poisson``: open loop at `rate` requests/s;
 - ``gamma``: open loop at `rate` requests/s with Gamma gaps of shape `burstiness` (= 1/CV^2);
-- ``trace``: replay `trace_path`, at most `num_requests` rows, at the file's arrival offsets.
+- ``trace``: replay `trace_path`, at most `num_requests` rows, at the file's arrival offsets times
+  `time_scale` (0.5 replays twice as fast).
+
+With `trace_path` and a synthetic arrival process, the file's rows are the requests, in order (warm-ups first),
+sent at the process's times; their arrival_time column, if any, is ignored. So a file of length pairs without
+times (the arXiv summarization lengths) runs open or closed loop.
 
 Trace files are JSONL (one object per line) or CSV (header row; chosen by the `.csv` suffix):
 
@@ -23,10 +28,18 @@ Trace files are JSONL (one object per line) or CSV (header row; chosen by the `.
   ``prompt_tokens`` (an int length; tokens are made by `prompt_source` like synthetic prompts);
 - ``output_tokens``: the request's max_new_tokens (int >= 1).
 
-In CSV an empty cell means the column is absent for that row. `data/example_trace.jsonl` is a
-20-row example. Synthetic prompts are random ids in [random_token_low, vocab_size) or windows of
+In CSV an empty cell means the column is absent for that row; `.gz` files are read compressed. A `trace_path`
+that does not exist relative to the working directory may name a file shipped in `data/`:
+`example_trace.jsonl` (a 20-row example) and the real traces `azure_conv.csv.gz`, `azure_code.csv.gz`,
+`arxiv_summarization.csv.gz` (conf/workload/azure-conv, azure-code, arxiv; sources and licence in
+`data/README.md`). Synthetic prompts are random ids in [random_token_low, vocab_size) or windows of
 `data/corpus.txt` (English prose) tokenized by the given tokenizer. `max_prompt_len`, when set,
 truncates every prompt, trace prompts included.
+
+Requests longer than the model's context (prompt + output > max_model_len, when the caller passes it) follow
+`too_long`: ``error`` (the default: say which request and how to fix it), ``clip`` (keep the output length, cut
+the prompt to fit; an output alone too long is cut to max_model_len - 1 with a 1-token prompt) or ``skip`` (leave
+the trace row out and take the next one; trace files only). `Workload.clipped` / `skipped` count them.
 """
 from __future__ import annotations
 
@@ -44,6 +57,7 @@ from .trace import TraceRecord, load_trace
 
 EXAMPLE_TRACE_PATH = Path(__file__).parent / "data" / "example_trace.jsonl"
 ARRIVALS = ("closed_loop", "poisson", "gamma", "trace")
+TOO_LONG = ("error", "clip", "skip")
 PROMPT_SOURCES = ("random", "corpus")
 
 __all__ = [
@@ -67,7 +81,9 @@ class WorkloadConfig:
     jitter_s_per_client: float = 0.01    # closed_loop: start jitter U(0, clients) * this
     rate: float = 1.0                    # poisson/gamma: requests per second
     burstiness: float = 1.0              # gamma: shape = 1/CV^2; 1 == poisson
-    trace_path: Optional[str] = None     # trace
+    trace_path: Optional[str] = None     # trace: replay it; other arrivals: its rows are the requests
+    time_scale: float = 1.0              # trace: arrival offsets x this (0.5: twice the trace's rate)
+    too_long: str = "error"              # prompt + output > the model's context: error | clip | skip (see above)
     prompt_source: str = "random"        # one of PROMPT_SOURCES
     corpus_path: Optional[str] = None    # corpus text; None = the shipped data/corpus.txt
     random_token_low: int = 0            # random prompts draw ids from [random_token_low, vocab_size)
@@ -84,6 +100,13 @@ class WorkloadConfig:
             raise ValueError("arrival='trace' needs trace_path: set trace_path to a .jsonl or .csv file")
         if self.prompt_source not in PROMPT_SOURCES:
             raise ValueError(f"prompt_source must be one of {PROMPT_SOURCES}, got {self.prompt_source!r}")
+        if not self.time_scale > 0:
+            raise ValueError(f"time_scale must be > 0 (arrival offsets are multiplied by it), got {self.time_scale}")
+        if self.too_long not in TOO_LONG:
+            raise ValueError(f"too_long must be one of {TOO_LONG}, got {self.too_long!r}")
+        if self.too_long == "skip" and not self.trace_path:
+            raise ValueError("too_long='skip' leaves trace rows out; a synthetic workload draws its lengths: use "
+                             "too_long='clip' or lower prompt.max / output.max")
         if self.max_prompt_len is not None and self.max_prompt_len < 1:
             raise ValueError(f"max_prompt_len must be >= 1 or None (no cap), got {self.max_prompt_len}")
         self.prompt.validate("prompt")
@@ -102,6 +125,8 @@ class WorkloadRequest:
 class Workload:
     requests: list[WorkloadRequest]
     arrivals: ArrivalProcess
+    clipped: int = 0                 # requests cut to fit the model's context (too_long='clip')
+    skipped: int = 0                 # trace rows left out for not fitting it (too_long='skip')
 
     @property
     def measured(self) -> list[WorkloadRequest]:
@@ -109,32 +134,77 @@ class Workload:
 
 
 def build_workload(cfg: WorkloadConfig, vocab_size: int, tokenizer: Optional[Tokenizer] = None,
-                   seed: Optional[int] = None) -> Workload:
-    """Materialise `cfg` into requests and an arrival process; `seed` overrides `cfg.seed`."""
+                   seed: Optional[int] = None, max_model_len: Optional[int] = None) -> Workload:
+    """Materialise `cfg` into requests and an arrival process; `seed` overrides `cfg.seed`; `max_model_len` (the
+    model's context) applies `cfg.too_long` to requests that do not fit it."""
     cfg.validate()
     sequence = np.random.SeedSequence(cfg.seed if seed is None else seed)
     prompt_rng, output_rng, token_rng, arrival_rng = (np.random.default_rng(s) for s in sequence.spawn(4))
     make_prompt = _prompt_source(cfg, vocab_size, tokenizer, token_rng)
+    context = _ContextPolicy(max_model_len, cfg.too_long)
 
-    if cfg.arrival == "trace":
-        records = load_trace(cfg.trace_path)[: cfg.num_requests]
-        arrivals: ArrivalProcess = OpenLoopArrivals([r.arrival_time for r in records])
-        prompts = [_trace_prompt(r, make_prompt, tokenizer) for r in records]
-        outputs = [r.output_tokens for r in records]
+    if cfg.trace_path:
+        records = load_trace(cfg.trace_path, require_arrival_time=cfg.arrival == "trace")
+        arrivals = None if cfg.arrival == "trace" else _synthetic_arrivals(cfg, arrival_rng)
+        needed = cfg.num_requests if arrivals is None else arrivals.total
+        if arrivals is not None and len(records) < needed:
+            raise ValueError(f"{cfg.trace_path} has {len(records)} rows but the workload needs {needed} (num_requests "
+                             "plus warm-ups); lower workload.num_requests")
+        prompts, outputs, times = [], [], []
+        for i, record in enumerate(records):
+            if len(prompts) == needed:
+                break
+            fitted = context.fit(_trace_prompt(record, make_prompt, tokenizer)[: cfg.max_prompt_len],
+                                 record.output_tokens, f"{cfg.trace_path} row {i + 1}")
+            if fitted is not None:
+                prompts.append(fitted[0])
+                outputs.append(fitted[1])
+                times.append(record.arrival_time)
+        if arrivals is None:
+            arrivals = OpenLoopArrivals([t * cfg.time_scale for t in times])
+        elif len(prompts) < needed:
+            raise ValueError(f"{cfg.trace_path} has {len(prompts)} rows that fit the model's context but the "
+                             f"workload needs {needed} (num_requests plus warm-ups); lower workload.num_requests")
     else:
         arrivals = _synthetic_arrivals(cfg, arrival_rng)
         lengths = sample_lengths(cfg.prompt, arrivals.total, prompt_rng, "prompt")
-        prompts = [make_prompt(int(length)) for length in lengths]
         outputs = sample_lengths(cfg.output, arrivals.total, output_rng, "output").tolist()
+        pairs = [context.fit(make_prompt(int(length))[: cfg.max_prompt_len], int(output), f"request {i}")
+                 for i, (length, output) in enumerate(zip(lengths, outputs))]
+        prompts, outputs = [p for p, _ in pairs], [o for _, o in pairs]
 
-    prompts = [p[: cfg.max_prompt_len] for p in prompts]
     top = max(max(p) for p in prompts) if prompts else -1
     if top >= vocab_size:
         raise ValueError(f"prompt token id {top} is outside the vocabulary (vocab_size={vocab_size}); "
                          "check the trace's prompt_token_ids or that the tokenizer matches the model")
     requests = [WorkloadRequest(i, p, int(o), warmup=i in arrivals.warmup_indices)
                 for i, (p, o) in enumerate(zip(prompts, outputs))]
-    return Workload(requests=requests, arrivals=arrivals)
+    return Workload(requests=requests, arrivals=arrivals, clipped=context.clipped, skipped=context.skipped)
+
+
+@dataclass
+class _ContextPolicy:
+    """What happens to a request whose prompt + output exceed the model's context (`WorkloadConfig.too_long`)."""
+
+    max_model_len: Optional[int]
+    policy: str
+    clipped: int = 0
+    skipped: int = 0
+
+    def fit(self, prompt: list[int], output: int, where: str) -> Optional[tuple[list[int], int]]:
+        """(prompt, output) within the context, or None to skip the request."""
+        limit = self.max_model_len
+        if limit is None or len(prompt) + output <= limit:
+            return prompt, output
+        if self.policy == "skip":
+            self.skipped += 1
+            return None
+        if self.policy == "clip":
+            self.clipped += 1
+            output = min(output, limit - 1)
+            return prompt[: limit - output], output
+        raise ValueError(f"{where}: prompt ({len(prompt)} tokens) + output ({output}) exceeds the model's context "
+                         f"({limit}); set workload.too_long=clip or skip, or a model with a longer context")
 
 
 def _synthetic_arrivals(cfg: WorkloadConfig, rng: np.random.Generator) -> ArrivalProcess:
