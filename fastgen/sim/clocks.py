@@ -6,7 +6,7 @@ import time
 
 
 class VirtualClock:
-    """Simulated seconds: the simulated runner's steps and the driver's sleeps advance it; nothing else does."""
+    """Simulated seconds: the simulated executor's steps and the driver's sleeps advance it; nothing else does."""
 
     def __init__(self, start: float = 0.0):
         self.now = start
