@@ -73,6 +73,14 @@ def test_roofline_summary_per_step_kind(bench):
     assert s["prefill"]["roofline_s"] == pytest.approx(roofline_s(step_work(SHAPE, [20], [20]), c))
 
 
+def test_the_best_of_two_ceiling_measurements_is_the_ceiling(bench):
+    a = Ceilings(100.0, 10.0, {1: 5.0, 8: 40.0}, {"square_gemm_flops": 100.0, "loadavg": [3.0]})
+    b = Ceilings(150.0, 8.0, {1: 6.0, 8: 30.0}, {"square_gemm_flops": 150.0, "loadavg": [0.5]})
+    c = bench.best_ceilings(a, b)
+    assert (c.gemm_flops, c.bandwidth, c.linear_flops) == (150.0, 10.0, {1: 6.0, 8: 40.0})
+    assert len(c.meta["measurements"]) == 2 and c.meta["square_gemm_flops"] == 150.0
+
+
 def test_targets_say_met_or_missed(bench):
     def row(system, setting, tok_s, **kw):
         return {"system": system, "setting": setting, "total_tok_s": tok_s, **kw}
