@@ -353,12 +353,13 @@ class Fastgen:
     steps: list = field(default_factory=list)
 
 
-def build_fastgen(model, tokenizer, scheduler: str, dtype: str, overrides: list[str]) -> Fastgen:
-    """`overrides` are shared by every scheduler: a `scheduler.<knob>` one applies to the policies that have it."""
+def build_fastgen(model, tokenizer, scheduler: str, dtype: str, overrides: list[str], instrument=None) -> Fastgen:
+    """`overrides` are shared by every scheduler: a `scheduler.<knob>` one applies to the policies that have it;
+    `instrument` wraps the engine's executor (see fastgen.compose.build_engine)."""
     knobs = {f.name for f in dataclasses.fields(SCHEDULERS.get(scheduler).Config)}
     overrides = [o for o in overrides if not o.startswith("scheduler.") or o.split("=")[0].split(".", 1)[1] in knobs]
     cfg = compose_config([f"scheduler={scheduler}", f"hardware.dtype={dtype}", "progress=false", *overrides])
-    fg = Fastgen(build_engine(cfg, model, tokenizer), getattr(cfg.scheduler, "token_budget", 0))
+    fg = Fastgen(build_engine(cfg, model, tokenizer, instrument=instrument), getattr(cfg.scheduler, "token_budget", 0))
     fg.engine.add_step_observer(fg.steps.append)
     return fg
 

@@ -67,9 +67,10 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from fastgen.models import EMBEDDED, load_model  # noqa: E402
-from fastgen.pipeline import CONF_DIR, compose_config  # noqa: E402
+from fastgen.compose import CONF_DIR, compose_config  # noqa: E402
 from fastgen.roofline import DECODE, MIXED, PREFILL, Ceilings, measure_ceilings, roofline_s, step_work  # noqa: E402
-from fastgen.sim.shapes import ModelShape  # noqa: E402
+from fastgen.model_spec import ModelSpec  # noqa: E402
+from fastgen.sim.shapes import model_spec  # noqa: E402
 from fastgen.workloads import LengthSpec, WorkloadConfig  # noqa: E402
 
 
@@ -218,23 +219,26 @@ def machine(cfg: BenchConfig) -> dict:
 # roofline of fastgen's steps
 # ---------------------------------------------------------------------------------------------------------------
 class StepShapes:
-    """Records each step's (new tokens, context after the step) per sequence and its forward time. It wraps the
-    function inside bench_vs_hf's timer of `engine.runner.run`, so the engine itself is left as it is."""
+    """An instrument around the engine's executor (fastgen.compose.build_engine's `instrument`): records each
+    step's (new tokens, context after the step) per sequence from the plain step data, then runs the step."""
 
-    def __init__(self, engine):
-        self.engine = engine
-        self.records: list[tuple[list[int], list[int], float]] = []
-        timed = engine.runner.run
-        self.inner, timed.fn = timed.fn, self
+    def __init__(self):
+        self.shapes: list[tuple[list[int], list[int]]] = []
+        self.executor = None
 
-    def __call__(self, plan, kv):
-        q = [c.num_tokens for c in plan.chunks]
-        ctx = [c.request.num_computed_tokens + c.num_tokens for c in plan.chunks]
-        timer = self.engine.runner.model.timer
-        before = timer.total
-        out = self.inner(plan, kv)
-        self.records.append((q, ctx, timer.total - before))
-        return out
+    def __call__(self, executor):
+        self.executor = executor
+        return self
+
+    def __getattr__(self, name):          # everything else is the executor's (spec, num_kv_blocks, clock, ...)
+        if self.__dict__.get("executor") is None:
+            raise AttributeError(name)
+        return getattr(self.executor, name)
+
+    def execute(self, chunks):
+        q = [len(c.token_ids) for c in chunks]
+        self.shapes.append((q, [c.start + n for c, n in zip(chunks, q)]))
+        return self.executor.execute(chunks)
 
 
 def kind_of(work) -> list[str]:
@@ -244,12 +248,12 @@ def kind_of(work) -> list[str]:
     return kinds
 
 
-def roofline_summary(records: list[tuple[list[int], list[int], float]], step_s: list[float], shape: ModelShape,
+def roofline_summary(records: list[tuple[list[int], list[int], float]], step_s: list[float], spec: ModelSpec,
                      ceilings: Ceilings, dtype_bytes: int = 4) -> dict[str, dict]:
     """Per step kind: steps, roofline time, time in the forward and whole-step time, and their ratios."""
     out: dict[str, dict] = {}
     for (q, ctx, forward), wall in zip(records, step_s):
-        work = step_work(shape, q, ctx, dtype_bytes)
+        work = step_work(spec, q, ctx, dtype_bytes)
         roof = roofline_s(work, ceilings)
         for kind in kind_of(work):
             s = out.setdefault(kind, {"steps": 0, "roofline_s": 0.0, "forward_s": 0.0, "step_s": 0.0, "seqs": 0})
@@ -265,10 +269,10 @@ def roofline_summary(records: list[tuple[list[int], list[int], float]], step_s: 
     return {k: out[k] for k in STEP_KINDS if k in out}
 
 
-def probe_rooflines(limit: dict, shape: ModelShape, ceilings: Ceilings) -> dict:
+def probe_rooflines(limit: dict, spec: ModelSpec, ceilings: Ceilings) -> dict:
     """bench_vs_hf's limit probes held to the roofline: the prompt pass against the GEMM rate, each decode step."""
     n = limit["token_budget"]
-    prefill = step_work(shape, [n], [n])
+    prefill = step_work(spec, [n], [n])
     out = {"prefill": {"tokens": n, "measured_s": limit["prefill_pass_s"], "roofline_s": roofline_s(prefill, ceilings),
                        "achieved_flops": prefill.prefill_flops / limit["prefill_pass_s"]}}
     out["prefill"]["efficiency"] = out["prefill"]["roofline_s"] / limit["prefill_pass_s"]
@@ -276,14 +280,14 @@ def probe_rooflines(limit: dict, shape: ModelShape, ceilings: Ceilings) -> dict:
     ctx = limit["decode_context"]
     out["decode"] = {}
     for b, t in limit["decode_step_s"].items():
-        roof = roofline_s(step_work(shape, [1] * int(b), [ctx] * int(b)), ceilings)
+        roof = roofline_s(step_work(spec, [1] * int(b), [ctx] * int(b)), ceilings)
         out["decode"][b] = {"measured_s": t, "roofline_s": roof, "efficiency": roof / t}
     return out
 
 
-def ceilings_now(shape: ModelShape, r: RooflineConfig, when: str) -> Ceilings:
+def ceilings_now(spec: ModelSpec, r: RooflineConfig, when: str) -> Ceilings:
     log(f"measuring the ceilings at the {when} (load {loadavg()})")
-    c = measure_ceilings(shape, r.linear_tokens, r.gemm_n, r.bandwidth_mb * 2**20, r.repeats)
+    c = measure_ceilings(spec, r.linear_tokens, r.gemm_n, r.bandwidth_mb * 2**20, r.repeats)
     c.meta.update(when=when, loadavg=loadavg())
     log(f"GEMM {c.gemm_flops / 1e9:.1f} GFLOP/s, bandwidth {c.bandwidth / 1e9:.1f} GB/s")
     return c
@@ -512,14 +516,16 @@ def bench_workload(name: str, cfg: BenchConfig, reqs, hf, tok, fg_model, vllm_ru
     if "fastgen" in cfg.systems:
         for sched in cfg.fastgen.schedulers:
             log(f"{name}: fastgen {sched} (load {loadavg()})")
-            engine = hfb.build_fastgen(fg_model, tok, sched, cfg.dtype, cfg.fastgen.overrides)
-            shapes = StepShapes(engine)
-            wall, outs, steps, overhead = hfb.fastgen_timed(engine, reqs, warm)
-            records = shapes.records[-len(steps):] if steps else []
+            shapes = StepShapes()
+            fg = hfb.build_fastgen(fg_model, tok, sched, cfg.dtype, cfg.fastgen.overrides, instrument=shapes)
+            wall, outs, steps, overhead = hfb.fastgen_timed(fg, reqs, warm)
+            records = [(q, ctx, s["forward_s"]) for (q, ctx), s in zip(shapes.shapes[-len(steps):], steps)]
             rows.append(hfb.row("fastgen", sched, cfg.dtype, reqs, wall, outs, overhead=overhead, note=""))
             rows[-1]["_steps"] = (records, [s["duration_s"] for s in steps])   # held to the roofline at the end
+            rows[-1]["step_split_s"] = {k: sum(s[k] for s in steps)
+                                        for k in ("schedule_s", "prepare_s", "forward_s", "sample_s", "duration_s")}
             outputs[f"fastgen {sched}"] = outs
-            del engine
+            del fg
 
     for setting, res in vllm_runs.items():
         run = res["runs"][name]
@@ -574,9 +580,9 @@ def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike) -> dict:
     if "vllm" in cfg.systems or "http" in cfg.systems:
         export_hf_dir(cfg.model, Path(cfg.vllm.model_dir))
     fg_model = load_model(hf, dtype=cfg.dtype, tokenizer=tok)[0]
-    shape = ModelShape.from_config(hf.config)
+    spec = model_spec(hf.config)
     r = cfg.roofline
-    start_ceilings = ceilings_now(shape, r, "start")
+    start_ceilings = ceilings_now(spec, r, "start")
 
     requests = {name: hfb.make_requests(cfg.workloads[name], hf.config.vocab_size, tok) for name in cfg.run}
     vllm_results: dict[str, dict] = {}
@@ -603,14 +609,14 @@ def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike) -> dict:
         results["limit"] = limit | {"loadavg": loadavg()}
     if "http" in cfg.systems:
         results["http"] = http_rows(cfg, out)
-    ceilings = best_ceilings(start_ceilings, ceilings_now(shape, r, "end"))
+    ceilings = best_ceilings(start_ceilings, ceilings_now(spec, r, "end"))
     results["ceilings"] = asdict(ceilings)
     for w in results["workloads"].values():
         for row in w["rows"]:
             if "_steps" in row:
-                row["roofline"] = roofline_summary(*row.pop("_steps"), shape, ceilings)
+                row["roofline"] = roofline_summary(*row.pop("_steps"), spec, ceilings)
     if "limit" in results:
-        results["probes"] = probe_rooflines(results.pop("limit"), shape, ceilings)
+        results["probes"] = probe_rooflines(results.pop("limit"), spec, ceilings)
     results["machine"]["loadavg_end"] = loadavg()
     results["targets"] = targets(results)
     md = markdown(results)

@@ -2,7 +2,7 @@
 
 The ceilings are measured, not taken from a datasheet: the float32 GEMM rate of a large square matmul (and, for
 reference, of the model's own linear shapes at a few token counts) and the bandwidth of a large streaming read.
-A step's work follows from the model's shape and each sequence's (new tokens, context after the step):
+A step's work follows from the model's spec (fastgen.model_spec) and each sequence's (new tokens, context after the step):
 
 - prefill work (prompt chunks): the linear layers' flops for their tokens, their attention flops and their LM-head
   rows, all at the GEMM rate;
@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from fastgen.sim.shapes import ModelShape
+from fastgen.model_spec import ModelSpec
 
 PREFILL, DECODE, MIXED = "prefill", "decode", "mixed"
 
@@ -47,33 +47,31 @@ class StepWork:
         return MIXED if self.prefill_tokens and self.decode_seqs else PREFILL if self.prefill_tokens else DECODE
 
 
-def step_work(shape: ModelShape, query_lens: Sequence[int], context_lens: Sequence[int],
+def step_work(spec: ModelSpec, query_lens: Sequence[int], context_lens: Sequence[int],
               dtype_bytes: int = 4) -> StepWork:
     """The work of one step in which sequence i computes query_lens[i] new tokens and has context_lens[i] tokens
-    of KV after it (its new ones included)."""
+    of KV after it (its new ones included). A layer with a sliding window reads and attends to at most that many
+    keys."""
     if len(query_lens) != len(context_lens) or not len(query_lens):
         raise ValueError("a step needs one (new tokens, context) pair per sequence, and at least one sequence")
-    layer_flops_per_token = 2 * shape.num_layers * shape.layer_params
-    head_flops_per_row = 2 * shape.vocab_size * shape.hidden
-    kv_per_token = shape.kv_bytes_per_token(dtype_bytes)
+    layer_flops_per_token = 2 * spec.num_layers * spec.layer_params
+    head_flops_per_row = 2 * spec.vocab_size * spec.hidden
+    kv_per_layer_token = spec.kv_bytes_per_token(dtype_bytes) / spec.num_layers
     prefill_flops = decode_flops = kv_bytes = 0.0
     prefill_tokens = decode_seqs = 0
     for q, ctx in zip(query_lens, context_lens):
         if q < 1 or ctx < q:
             raise ValueError(f"a sequence needs >= 1 new token and context >= its new tokens, got {q} and {ctx}")
-        keys = ctx - (q - 1) / 2                       # keys a query sees on average (causal within the chunk)
-        seen = min(ctx, shape.window) if shape.window else ctx
-        if shape.window:
-            keys = min(keys, shape.window)
+        mean_keys = ctx - (q - 1) / 2                  # keys a query sees on average (causal within the chunk)
         if q > 1:
             prefill_tokens += q
-            prefill_flops += q * layer_flops_per_token + head_flops_per_row \
-                + 4 * shape.q_size * q * keys * shape.num_layers
+            prefill_flops += q * layer_flops_per_token + head_flops_per_row + sum(
+                4 * spec.q_size * q * (min(mean_keys, w) if w else mean_keys) for w in spec.windows)
         else:
             decode_seqs += 1
             decode_flops += layer_flops_per_token + head_flops_per_row
-            kv_bytes += seen * kv_per_token
-    weights = (shape.num_layers * shape.layer_params + shape.vocab_size * shape.hidden) * dtype_bytes
+            kv_bytes += kv_per_layer_token * sum(min(ctx, w) if w else ctx for w in spec.windows)
+    weights = (spec.num_layers * spec.layer_params + spec.vocab_size * spec.hidden) * dtype_bytes
     return StepWork(prefill_flops, decode_flops, weights, kv_bytes, prefill_tokens, decode_seqs)
 
 
@@ -113,13 +111,14 @@ def measure_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
     return max(nbytes / _best_s(x.sum, repeats), nbytes / _best_s(lambda: matrix @ vector, repeats))
 
 
-def measure_linear_flops(shape: ModelShape, tokens: Sequence[int], repeats: int = 3,
+def measure_linear_flops(spec: ModelSpec, tokens: Sequence[int], repeats: int = 3,
                          dtype: torch.dtype = torch.float32) -> dict[int, float]:
     """Flop/s of one decoder layer's linear layers (QKV, output, gate+up, down) at each token count, each weight a
     fresh tensor per layer as in the model (so weights come from memory, not cache, when they would in a step)."""
-    shapes = [(shape.q_size + 2 * shape.kv_size, shape.hidden), (shape.hidden, shape.q_size),
-              (2 * shape.intermediate, shape.hidden), (shape.hidden, shape.intermediate)]
-    layers = [[torch.randn(o, i, dtype=dtype) * 0.02 for o, i in shapes] for _ in range(shape.num_layers)]
+    mlp = [(2 * spec.intermediate, spec.hidden), (spec.hidden, spec.intermediate)] if spec.gated_mlp else \
+        [(spec.intermediate, spec.hidden), (spec.hidden, spec.intermediate)]
+    shapes = [(spec.q_size + 2 * spec.kv_size, spec.hidden), (spec.hidden, spec.q_size), *mlp]
+    layers = [[torch.randn(o, i, dtype=dtype) * 0.02 for o, i in shapes] for _ in range(spec.num_layers)]
     out = {}
     for m in tokens:
         xs = {i: torch.randn(m, i, dtype=dtype) for _, i in shapes}
@@ -128,15 +127,15 @@ def measure_linear_flops(shape: ModelShape, tokens: Sequence[int], repeats: int 
             for weights in layers:
                 for w in weights:
                     torch.nn.functional.linear(xs[w.shape[1]], w)
-        out[int(m)] = 2 * m * shape.num_layers * shape.layer_params / _best_s(run, repeats)
+        out[int(m)] = 2 * m * spec.num_layers * spec.layer_params / _best_s(run, repeats)
     return out
 
 
-def measure_ceilings(shape: ModelShape | None = None, tokens: Sequence[int] = (1, 8, 32, 64, 768),
+def measure_ceilings(spec: ModelSpec | None = None, tokens: Sequence[int] = (1, 8, 32, 64, 768),
                      gemm_n: int = 2048, bandwidth_bytes: int = 512 * 2**20, repeats: int = 5) -> Ceilings:
     square = measure_gemm_flops(gemm_n, repeats)
     bandwidth = measure_bandwidth(bandwidth_bytes, repeats)
-    linear = measure_linear_flops(shape, tokens) if shape is not None else {}
+    linear = measure_linear_flops(spec, tokens) if spec is not None else {}
     return Ceilings(max([square, *linear.values()]), bandwidth, linear,
                     {"square_gemm_flops": square, "gemm_n": gemm_n, "bandwidth_bytes": bandwidth_bytes,
                      "repeats": repeats, "threads": torch.get_num_threads()})

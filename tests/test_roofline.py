@@ -1,14 +1,14 @@
 """fastgen.roofline: a step's work from the model's shape, the roofline time per step kind, and the ceilings'
 measurements (on tiny sizes, so the test stays fast)."""
 import pytest
-from transformers import LlamaConfig, MistralConfig
+from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
 from fastgen.roofline import (DECODE, MIXED, PREFILL, Ceilings, measure_ceilings, roofline_s, step_work)
-from fastgen.sim.shapes import ModelShape
+from fastgen.sim.shapes import model_spec
 
 CFG = dict(vocab_size=100, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
-SHAPE = ModelShape.from_config(LlamaConfig(**CFG))
+SHAPE = model_spec(LlamaConfig(**CFG))
 LAYER = 16 * (16 + 2 * 8) + 16 * 16 + 3 * 16 * 24           # QKV (head_dim 4, 2 KV heads), output, gate+up+down
 KV_PER_TOKEN = 2 * 2 * 2 * 4 * 4                              # K and V x layers x KV heads x head_dim x 4 bytes
 
@@ -26,9 +26,17 @@ def test_step_work_splits_prefill_and_decode():
     assert step_work(SHAPE, [7], [7]).kind == PREFILL and step_work(SHAPE, [1, 1], [4, 9]).kind == DECODE
 
 
-def test_sliding_window_caps_the_kv_read():
-    mistral = ModelShape.from_config(MistralConfig(**CFG, sliding_window=6))
+def test_sliding_windows_cap_the_kv_read_and_the_attention_per_layer():
+    mistral = model_spec(MistralConfig(**CFG, sliding_window=6))
     assert step_work(mistral, [1], [50]).kv_bytes == 6 * KV_PER_TOKEN
+    qwen = model_spec(Qwen2Config(**CFG, use_sliding_window=True, sliding_window=6,
+                                  layer_types=["sliding_attention", "full_attention"]))
+    assert qwen.windows == (6, None)
+    assert step_work(qwen, [1], [50]).kv_bytes == (6 + 50) * KV_PER_TOKEN / 2
+    full, windowed = step_work(SHAPE, [10], [40]), step_work(qwen, [10], [40])
+    qwen_linear = 10 * 2 * 2 * qwen.layer_params + 2 * 100 * 16
+    assert windowed.prefill_flops - qwen_linear == pytest.approx(4 * 16 * 10 * (6 + 35.5))
+    assert full.prefill_flops - (10 * 2 * 2 * LAYER + 2 * 100 * 16) == pytest.approx(4 * 16 * 10 * 35.5 * 2)
 
 
 def test_roofline_per_step_kind():
