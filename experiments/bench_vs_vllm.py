@@ -708,6 +708,11 @@ def markdown(results: dict) -> str:
                 f"{k}: {a['identical_frac']:.2f}/{a['positionwise_frac']:.3f}" for k, a in agree.items()) + ".")
         lines.append("")
         for r in w["rows"]:
+            if r.get("step_split_s"):
+                t = r["step_split_s"]
+                lines += [f"fastgen {r['setting']}'s steps ({t['duration_s']:.1f} s of the {r['wall_s']:.1f} s wall): "
+                          + ", ".join(f"{k[:-2]} {t[k]:.1f} s ({t[k] / t['duration_s']:.0%})"
+                                      for k in ("schedule_s", "prepare_s", "forward_s", "sample_s")) + ".", ""]
             if r.get("roofline"):
                 lines += [f"Roofline of fastgen {r['setting']}'s steps:", "",
                           markdown_table(["step kind", "steps", "mean seqs", "roofline s", "forward s", "step s",
