@@ -67,7 +67,6 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from fastgen.models import EMBEDDED, load_model  # noqa: E402
-from fastgen.compose import CONF_DIR, compose_config  # noqa: E402
 from fastgen.roofline import DECODE, MIXED, PREFILL, Ceilings, measure_ceilings, roofline_s, step_work  # noqa: E402
 from fastgen.model_spec import ModelSpec  # noqa: E402
 from fastgen.sim.shapes import model_spec  # noqa: E402
@@ -150,13 +149,11 @@ class BenchConfig:
 
 
 def register_configs() -> None:
-    from hydra.core.config_store import ConfigStore
-    ConfigStore.instance().store(name="bench_vs_vllm_schema", node=BenchConfig)
+    hfb.register_schema("bench_vs_vllm", BenchConfig)
 
 
 def compose_bench_config(overrides: list[str] | tuple[str, ...] = ()) -> BenchConfig:
-    register_configs()
-    return compose_config(overrides, config_name="bench_vs_vllm")
+    return hfb.compose_typed("bench_vs_vllm", BenchConfig, overrides)
 
 
 QUICK_HTTP = ["workload.num_requests=6", "workload.clients=2", "workload.prompt.mean=48", "workload.prompt.max=160",
@@ -563,14 +560,7 @@ def agreements(outputs: dict[str, list[list[int]]], bs1_n: int) -> dict:
 
 
 def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike) -> dict:
-    if cfg.quick:
-        apply_quick(cfg)
-    validate(cfg)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    hfb.PARTIAL = out / "partial.jsonl"
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    out = hfb.start_run(cfg, out_dir, apply_quick, validate)
     if "vllm" in cfg.systems:
         ensure_venv(cfg.vllm)
     results: dict[str, Any] = {"config": OmegaConf.to_container(OmegaConf.structured(cfg)), "machine": machine(cfg),
@@ -619,12 +609,7 @@ def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike) -> dict:
         results["probes"] = probe_rooflines(results.pop("limit"), spec, ceilings)
     results["machine"]["loadavg_end"] = loadavg()
     results["targets"] = targets(results)
-    md = markdown(results)
-    (out / "results.md").write_text(md)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(md)
-    log(f"wrote {out / 'results.json'} and {out / 'results.md'}")
-    return results
+    return hfb.write_results(out, results, markdown(results))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -749,20 +734,7 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-
-    register_configs()
-
-    @hydra.main(config_path=str(CONF_DIR), config_name="bench_vs_vllm", version_base=None)
-    def app(cfg) -> None:
-        bench: BenchConfig = OmegaConf.to_object(cfg)
-        try:
-            run_bench(bench, bench.out_dir or HydraConfig.get().runtime.output_dir)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-
-    app()
+    hfb.hydra_main("bench_vs_vllm", register_configs, run_bench)
 
 
 if __name__ == "__main__":

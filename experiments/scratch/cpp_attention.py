@@ -140,7 +140,6 @@ def build():
 
 def main():
     from fastgen.kernels import reference
-    from fastgen.ragged import RaggedBatch, SeqChunk
     threads = int(sys.argv[1]) if len(sys.argv) > 1 else 1
     torch.set_num_threads(threads)
     timer = time.thread_time if threads == 1 else time.perf_counter
@@ -148,23 +147,18 @@ def main():
     mod, build_s = build()
     print(open('/proc/loadavg').read().strip(), f"threads {threads}, build {build_s:.1f} s")
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import mb_attention
+    from mb_attention import decode_case
+
     def bench(fn, n=5):
-        fn(); ts = []
-        for _ in range(n):
-            s = timer(); fn(); ts.append(timer() - s)
-        return statistics.median(ts)
+        return mb_attention.bench(fn, n, timer)
 
     torch.manual_seed(0)
     for b in (1, 8, 32, 64):
         ctx = 340
-        per = -(-(ctx + 1) // BS)
-        nblocks = b * per + 4
-        pools = [(torch.randn(nblocks, BS, HKV, D), torch.randn(nblocks, BS, HKV, D)) for _ in range(LAYERS)]
-        perm = torch.randperm(nblocks)[: b * per].view(b, per)
-        batch = RaggedBatch.build([SeqChunk([1], ctx, perm[i].tolist()) for i in range(b)], BS)
-        q = torch.randn(b, H, D)
+        pools, perm, batch, q, ctx_lens = decode_case(b, ctx)
         scale = D ** -0.5
-        ctx_lens = torch.full((b,), ctx + 1)
         ref = reference.attention(q, *pools[0], batch.attn, scale)
         got = mod.paged_decode(q, *pools[0], perm, ctx_lens, scale, 0)
         err = (ref - got).abs().max().item()

@@ -16,11 +16,23 @@ H, HKV, D, BS = 9, 3, 64, 64
 LAYERS = 30            # distinct per-layer pools so KV comes from memory as in a real step
 
 
-def bench(fn, n=5):
+def bench(fn, n=5, clock=None):
+    clock = clock or timer
     fn(); ts = []
     for _ in range(n):
-        s = timer(); fn(); ts.append(timer() - s)
+        s = clock(); fn(); ts.append(clock() - s)
     return statistics.median(ts)
+
+
+def decode_case(b, ctx=340):
+    """b decoding sequences at context ctx over per-layer pools (random blocks): (pools, tables [b, nb], batch,
+    q, context lengths after the step)."""
+    per = -(-(ctx + 1) // BS)
+    nblocks = b * per + 4
+    pools = [(torch.randn(nblocks, BS, HKV, D), torch.randn(nblocks, BS, HKV, D)) for _ in range(LAYERS)]
+    tables = torch.randperm(nblocks)[: b * per].view(b, per)
+    batch = RaggedBatch.build([SeqChunk([1], ctx, tables[i].tolist()) for i in range(b)], BS)
+    return pools, tables, batch, torch.randn(b, H, D), torch.full((b,), ctx + 1)
 
 
 def attn_bmm(q, k_cache, v_cache, plan, scale):
@@ -44,12 +56,7 @@ def main():
     torch.manual_seed(0)
     for b in (8, 32, 64):
         ctx = 340
-        per = -(-(ctx + 1) // BS)
-        nblocks = b * per + 4
-        pools = [(torch.randn(nblocks, BS, HKV, D), torch.randn(nblocks, BS, HKV, D)) for _ in range(LAYERS)]
-        perm = torch.randperm(nblocks)[: b * per].view(b, per).tolist()
-        batch = RaggedBatch.build([SeqChunk([1], ctx, perm[i]) for i in range(b)], BS)
-        q = torch.randn(b, H, D)
+        pools, _, batch, q, _ = decode_case(b, ctx)
         scale = D ** -0.5
         plan = reference._plan(batch.attn, BS, None)
         ref = reference.attention(q, *pools[0], batch.attn, scale)

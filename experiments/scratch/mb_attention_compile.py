@@ -5,7 +5,9 @@ import os, sys, time, statistics
 sys.path.insert(0, os.getcwd())
 import torch
 from fastgen.kernels import reference
-from fastgen.ragged import RaggedBatch, SeqChunk
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mb_attention  # noqa: E402
+from mb_attention import decode_case  # noqa: E402
 
 threads = int(sys.argv[1]) if len(sys.argv) > 1 else 1
 torch.set_num_threads(threads)
@@ -29,10 +31,7 @@ def decode_attn(q, k_pool, v_pool, tables, ctx_lens, scale: float):
 
 
 def bench(fn, n=5):
-    fn(); ts = []
-    for _ in range(n):
-        s = timer(); fn(); ts.append(timer() - s)
-    return statistics.median(ts)
+    return mb_attention.bench(fn, n, timer)
 
 
 def main():
@@ -40,14 +39,8 @@ def main():
     compiled = torch.compile(decode_attn, dynamic=True)
     for b in (8, 32, 64):
         ctx = 340
-        per = -(-(ctx + 1) // BS)
-        nblocks = b * per + 4
-        pools = [(torch.randn(nblocks, BS, HKV, D), torch.randn(nblocks, BS, HKV, D)) for _ in range(LAYERS)]
-        perm = torch.randperm(nblocks)[: b * per].view(b, per)
-        batch = RaggedBatch.build([SeqChunk([1], ctx, perm[i].tolist()) for i in range(b)], BS)
-        q = torch.randn(b, H, D)
+        pools, perm, batch, q, ctx_lens = decode_case(b, ctx)
         scale = D ** -0.5
-        ctx_lens = torch.full((b,), ctx + 1)     # context after the step: the new token included
         ref = reference.attention(q, *pools[0], batch.attn, scale)
         s = time.perf_counter()
         got = compiled(q, *pools[0], perm, ctx_lens, scale)

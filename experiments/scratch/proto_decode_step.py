@@ -11,7 +11,6 @@ largest logit difference / whether argmax tokens agree.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -27,7 +26,7 @@ from fastgen.models import load_model
 from fastgen.models.layers import LMHead
 
 sys.path.insert(0, os.path.join(os.getcwd(), "experiments"))
-from profile_decode import make_batch  # noqa: E402
+from profile_decode import decode_arguments, make_batch  # noqa: E402
 
 
 class OneDNNLinear(torch.nn.Module):
@@ -65,13 +64,7 @@ def fused_rms_norm(x, weight, eps, residual=None):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
-    ap.add_argument("--context", type=int, default=340)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--timer", choices=["wall", "cpu"], default="wall")
-    args = ap.parse_args()
+    args = decode_arguments(__doc__.splitlines()[0]).parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = time.thread_time if args.timer == "cpu" else time.perf_counter
