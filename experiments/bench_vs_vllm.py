@@ -689,6 +689,8 @@ def markdown(results: dict) -> str:
         lines += [markdown_table(["system", "setting", "requests", "wall s", "total tok/s", "output tok/s",
                                   "x best HF generate", "x best vLLM", "note"], table), ""]
         for ref, agree in w["agreement"].items():
+            if not agree:
+                continue
             lines.append(f"Greedy tokens {ref} (identical sequences / positionwise): " + ", ".join(
                 f"{k}: {a['identical_frac']:.2f}/{a['positionwise_frac']:.3f}" for k, a in agree.items()) + ".")
         lines.append("")
