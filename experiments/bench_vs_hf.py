@@ -74,7 +74,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))          # run from a checkout without installing fastgen
@@ -145,15 +145,24 @@ class BenchConfig:
     out_dir: Optional[str] = None
 
 
-def register_configs() -> None:
+def register_schema(config_name: str, schema: type) -> None:
+    """A benchmark's config dataclass as `<config_name>_schema`, the first default of conf/<config_name>.yaml."""
     from hydra.core.config_store import ConfigStore
-    ConfigStore.instance().store(name="bench_vs_hf_schema", node=BenchConfig)
+    ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
+
+
+def compose_typed(config_name: str, schema: type, overrides: list[str] | tuple[str, ...] = ()):
+    """conf/<config_name>.yaml with Hydra overrides applied, as a typed `schema` object (for tests and notebooks)."""
+    register_schema(config_name, schema)
+    return compose_config(overrides, config_name=config_name)
+
+
+def register_configs() -> None:
+    register_schema("bench_vs_hf", BenchConfig)
 
 
 def compose_bench_config(overrides: list[str] | tuple[str, ...] = ()) -> BenchConfig:
-    """conf/bench_vs_hf.yaml with Hydra overrides applied, as a typed BenchConfig (for tests and notebooks)."""
-    register_configs()
-    return compose_config(overrides, config_name="bench_vs_hf")
+    return compose_typed("bench_vs_hf", BenchConfig, overrides)
 
 
 def apply_quick(cfg: BenchConfig) -> None:
@@ -353,12 +362,13 @@ class Fastgen:
     steps: list = field(default_factory=list)
 
 
-def build_fastgen(model, tokenizer, scheduler: str, dtype: str, overrides: list[str]) -> Fastgen:
-    """`overrides` are shared by every scheduler: a `scheduler.<knob>` one applies to the policies that have it."""
+def build_fastgen(model, tokenizer, scheduler: str, dtype: str, overrides: list[str], instrument=None) -> Fastgen:
+    """`overrides` are shared by every scheduler: a `scheduler.<knob>` one applies to the policies that have it;
+    `instrument` wraps the engine's executor (see fastgen.compose.build_engine)."""
     knobs = {f.name for f in dataclasses.fields(SCHEDULERS.get(scheduler).Config)}
     overrides = [o for o in overrides if not o.startswith("scheduler.") or o.split("=")[0].split(".", 1)[1] in knobs]
     cfg = compose_config([f"scheduler={scheduler}", f"hardware.dtype={dtype}", "progress=false", *overrides])
-    fg = Fastgen(build_engine(cfg, model, tokenizer), getattr(cfg.scheduler, "token_budget", 0))
+    fg = Fastgen(build_engine(cfg, model, tokenizer, instrument=instrument), getattr(cfg.scheduler, "token_budget", 0))
     fg.engine.add_step_observer(fg.steps.append)
     return fg
 
@@ -690,16 +700,23 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike) -> dict:
+def start_run(cfg, out_dir: str | os.PathLike, shrink: Callable, check: Callable) -> Path:
+    """A benchmark run's start: quick sizes (`shrink`), validation (`check`), the output directory with its
+    partial.jsonl, torch's threads."""
+    global PARTIAL
     if cfg.quick:
-        apply_quick(cfg)
-    validate(cfg)
+        shrink(cfg)
+    check(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    global PARTIAL
     PARTIAL = out / "partial.jsonl"
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    return out
+
+
+def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike) -> dict:
+    out = start_run(cfg, out_dir, apply_quick, validate)
 
     results: dict[str, Any] = {"config": OmegaConf.to_container(OmegaConf.structured(cfg)), "machine": machine_info(),
                                "workloads": {}}
@@ -721,29 +738,39 @@ def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike) -> dict:
         results["workloads"][name] = w
         results["machine"]["loadavg_end"] = _loadavg()
         (out / "results.json").write_text(json.dumps(results, indent=2))      # partial results survive a crash
-    md = markdown(results)
+    return write_results(out, results, markdown(results))
+
+
+def write_results(out: Path, results: dict, md: str) -> dict:
+    """results.json and results.md into `out`; the Markdown is printed too."""
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(md)
-    log(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    print(f"wrote {out / 'results.json'} and {out / 'results.md'}", flush=True)
     return results
 
 
-def main() -> None:
+def hydra_main(config_name: str, register: Callable[[], None], run: Callable[[Any, str], Any]) -> None:
+    """A benchmark script's entry point: conf/<config_name>.yaml with the command line's overrides, run into
+    `out_dir` or Hydra's run directory; a bad value ends with its message, not a traceback."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    register_configs()
+    register()
 
-    @hydra.main(config_path=str(CONF_DIR), config_name="bench_vs_hf", version_base=None)
+    @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=None)
     def app(cfg) -> None:
-        bench: BenchConfig = OmegaConf.to_object(cfg)
+        bench = OmegaConf.to_object(cfg)
         try:
-            run_bench(bench, bench.out_dir or HydraConfig.get().runtime.output_dir)
+            run(bench, bench.out_dir or HydraConfig.get().runtime.output_dir)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
 
     app()
+
+
+def main() -> None:
+    hydra_main("bench_vs_hf", register_configs, run_bench)
 
 
 if __name__ == "__main__":

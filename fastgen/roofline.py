@@ -1,0 +1,141 @@
+"""A hardware roofline for one ragged step: what the machine allows, measured on it, against what the step does.
+
+The ceilings are measured, not taken from a datasheet: the float32 GEMM rate of a large square matmul (and, for
+reference, of the model's own linear shapes at a few token counts) and the bandwidth of a large streaming read.
+A step's work follows from the model's spec (fastgen.model_spec) and each sequence's (new tokens, context after the step):
+
+- prefill work (prompt chunks): the linear layers' flops for their tokens, their attention flops and their LM-head
+  rows, all at the GEMM rate;
+- decode work (one new token each): max(every weight read once / bandwidth, their linear flops / GEMM rate) plus
+  the KV history they read / bandwidth;
+- a mixed step is held to the sum of the two (the weights are charged to the decode part only).
+
+`efficiency = roofline time / measured time` is then how close a step came to the machine's limit.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from fastgen.model_spec import ModelSpec
+
+PREFILL, DECODE, MIXED = "prefill", "decode", "mixed"
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    gemm_flops: float                     # flop/s: the best float32 GEMM rate seen (square or the model's shapes)
+    bandwidth: float                      # bytes/s of a large streaming read
+    linear_flops: dict = field(default_factory=dict)   # {tokens: flop/s} of the model's own linear layers
+    meta: dict = field(default_factory=dict)            # how they were measured
+
+
+@dataclass(frozen=True)
+class StepWork:
+    prefill_flops: float                  # prompt chunks: linear + attention + LM-head flops
+    decode_linear_flops: float            # decodes: linear + LM-head flops
+    weight_bytes: float                   # every linear weight (layers + LM head), read once
+    kv_bytes: float                       # KV history the decodes read
+    prefill_tokens: int
+    decode_seqs: int
+
+    @property
+    def kind(self) -> str:
+        return MIXED if self.prefill_tokens and self.decode_seqs else PREFILL if self.prefill_tokens else DECODE
+
+
+def step_work(spec: ModelSpec, query_lens: Sequence[int], context_lens: Sequence[int],
+              dtype_bytes: int = 4) -> StepWork:
+    """The work of one step in which sequence i computes query_lens[i] new tokens and has context_lens[i] tokens
+    of KV after it (its new ones included). A layer with a sliding window reads and attends to at most that many
+    keys."""
+    if len(query_lens) != len(context_lens) or not len(query_lens):
+        raise ValueError("a step needs one (new tokens, context) pair per sequence, and at least one sequence")
+    layer_flops_per_token = 2 * spec.num_layers * spec.layer_params
+    head_flops_per_row = 2 * spec.vocab_size * spec.hidden
+    kv_per_layer_token = spec.kv_bytes_per_token(dtype_bytes) / spec.num_layers
+    prefill_flops = decode_flops = kv_bytes = 0.0
+    prefill_tokens = decode_seqs = 0
+    for q, ctx in zip(query_lens, context_lens):
+        if q < 1 or ctx < q:
+            raise ValueError(f"a sequence needs >= 1 new token and context >= its new tokens, got {q} and {ctx}")
+        mean_keys = ctx - (q - 1) / 2                  # keys a query sees on average (causal within the chunk)
+        if q > 1:
+            prefill_tokens += q
+            prefill_flops += q * layer_flops_per_token + head_flops_per_row + sum(
+                4 * spec.q_size * q * (min(mean_keys, w) if w else mean_keys) for w in spec.windows)
+        else:
+            decode_seqs += 1
+            decode_flops += layer_flops_per_token + head_flops_per_row
+            kv_bytes += kv_per_layer_token * sum(min(ctx, w) if w else ctx for w in spec.windows)
+    weights = (spec.num_layers * spec.layer_params + spec.vocab_size * spec.hidden) * dtype_bytes
+    return StepWork(prefill_flops, decode_flops, weights, kv_bytes, prefill_tokens, decode_seqs)
+
+
+def roofline_s(work: StepWork, ceilings: Ceilings) -> float:
+    """The least time the machine allows for the step (see the module docstring)."""
+    t = work.prefill_flops / ceilings.gemm_flops
+    if work.decode_seqs:
+        t += max(work.weight_bytes / ceilings.bandwidth, work.decode_linear_flops / ceilings.gemm_flops) \
+            + work.kv_bytes / ceilings.bandwidth
+    return t
+
+
+# -- measuring the ceilings ------------------------------------------------------------------------------------
+def _best_s(fn: Callable[[], object], repeats: int) -> float:
+    """Fastest of `repeats` timed calls after one warm-up: a ceiling is what the machine can do, so on a shared
+    machine the least disturbed run is the best estimate of it."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_gemm_flops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n ** 3 / _best_s(lambda: a @ b, repeats)
+
+
+def measure_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Bytes/s of reading a buffer far larger than the caches: the better of a sum and a matrix-vector product
+    (the way decode reads weights)."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    matrix = x.view(-1, 4096)
+    vector = torch.ones(4096, dtype=torch.float32)
+    return max(nbytes / _best_s(x.sum, repeats), nbytes / _best_s(lambda: matrix @ vector, repeats))
+
+
+def measure_linear_flops(spec: ModelSpec, tokens: Sequence[int], repeats: int = 3,
+                         dtype: torch.dtype = torch.float32) -> dict[int, float]:
+    """Flop/s of one decoder layer's linear layers (QKV, output, gate+up, down) at each token count, each weight a
+    fresh tensor per layer as in the model (so weights come from memory, not cache, when they would in a step)."""
+    mlp = [(2 * spec.intermediate, spec.hidden), (spec.hidden, spec.intermediate)] if spec.gated_mlp else \
+        [(spec.intermediate, spec.hidden), (spec.hidden, spec.intermediate)]
+    shapes = [(spec.q_size + 2 * spec.kv_size, spec.hidden), (spec.hidden, spec.q_size), *mlp]
+    layers = [[torch.randn(o, i, dtype=dtype) * 0.02 for o, i in shapes] for _ in range(spec.num_layers)]
+    out = {}
+    for m in tokens:
+        xs = {i: torch.randn(m, i, dtype=dtype) for _, i in shapes}
+
+        def run():
+            for weights in layers:
+                for w in weights:
+                    torch.nn.functional.linear(xs[w.shape[1]], w)
+        out[int(m)] = 2 * m * spec.num_layers * spec.layer_params / _best_s(run, repeats)
+    return out
+
+
+def measure_ceilings(spec: ModelSpec | None = None, tokens: Sequence[int] = (1, 8, 32, 64, 768),
+                     gemm_n: int = 2048, bandwidth_bytes: int = 512 * 2**20, repeats: int = 5) -> Ceilings:
+    square = measure_gemm_flops(gemm_n, repeats)
+    bandwidth = measure_bandwidth(bandwidth_bytes, repeats)
+    linear = measure_linear_flops(spec, tokens) if spec is not None else {}
+    return Ceilings(max([square, *linear.values()]), bandwidth, linear,
+                    {"square_gemm_flops": square, "gemm_n": gemm_n, "bandwidth_bytes": bandwidth_bytes,
+                     "repeats": repeats, "threads": torch.get_num_threads()})
