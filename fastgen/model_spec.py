@@ -71,8 +71,10 @@ class ModelSpec:
 
     def moe_mlp_params(self, experts: int) -> int:
         """Weights of one MoE layer's MLP with `experts` routed experts: those, the router, the shared expert."""
-        shared = 3 * self.hidden * self.shared_expert_intermediate + self.hidden if self.shared_expert_intermediate else 0
-        return experts * self.expert_params + self.num_experts * self.hidden + shared
+        routed = experts * self.expert_params + self.num_experts * self.hidden
+        if not self.shared_expert_intermediate:
+            return routed
+        return routed + 3 * self.hidden * self.shared_expert_intermediate + self.hidden   # + the shared one's gate
 
     @property
     def is_moe(self) -> bool:

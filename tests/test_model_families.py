@@ -33,7 +33,8 @@ def test_moe_steps_with_idle_experts_match_transformers(family, monkeypatch):
     runner = ChunkRunner(fastgen_from_hf(hf))
     used: list[int] = []
     forward = Experts.forward
-    monkeypatch.setattr(Experts, "forward", lambda self, x, w, e: used.append(e.unique().numel()) or forward(self, x, w, e))
+    monkeypatch.setattr(Experts, "forward",
+                        lambda self, x, w, e: used.append(e.unique().numel()) or forward(self, x, w, e))
     g = torch.Generator().manual_seed(2)
     seqs = {s: torch.randint(0, 211, (n,), generator=g).tolist() for s, n in enumerate([19, 6, 30])}
     runner.step({s: p[:-3] for s, p in seqs.items()})

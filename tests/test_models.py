@@ -63,8 +63,9 @@ def test_mistral_window_is_applied():
     assert rel_err(ChunkRunner(no_window).step({0: ids})[0], with_window) > 1e-3
 
 
-def test_bfloat16_runs_and_agrees_on_top1():
-    hf = tiny_hf_model("llama", seed=2)
+@pytest.mark.parametrize("family", ["llama", "mixtral", "gemma2"])
+def test_bfloat16_runs_and_agrees_on_top1(family):
+    hf = tiny_hf_model(family, seed=2)
     ids = torch.randint(0, 211, (1, 48), generator=torch.Generator().manual_seed(2))
     ref = hf(ids).logits[0]
     runner = ChunkRunner(build_model(hf.config, hf.state_dict(), torch.bfloat16, "cpu", "test"))

@@ -72,7 +72,7 @@ def tiny_config(family: str, seed: int = 0, **overrides):
                            num_attention_heads=4, new_decoder_architecture=False, multi_query=False,
                            parallel_attn=False, bias=True, max_position_embeddings=256, tie_word_embeddings=False)
     elif family == "gemma2":                       # sliding / full layers, soft-capping that bites at this scale
-        cfg = Gemma2Config(**{**common, "num_hidden_layers": 3}, num_key_value_heads=2, head_dim=16,
+        cfg = Gemma2Config(**common, num_key_value_heads=2, head_dim=16,
                            query_pre_attn_scalar=24, sliding_window=7, attn_logit_softcapping=1.0,
                            final_logit_softcapping=2.0, initializer_range=0.1, pad_token_id=0, bos_token_id=1,
                            eos_token_id=2)

@@ -1,16 +1,16 @@
 """The cost model: how long one ragged step takes on a device, from the work it does.
 
-A step's work (`StepWork`) follows from its shape alone: the linear layers (`layer_gemms`) stream every weight
-once and do 2 flops per weight per token; a mixture of experts' routed experts (`expert_gemms`) do the flops of
-the top-k experts per token and stream the weights of min(experts, tokens x k) experts; attention reads each sequence's KV history, and a prefill chunk also
-does quadratic work; tensor parallelism adds two all-reduces of the hidden state per layer. Time is a roofline per
-operation, max(flops / (peak x efficiency), bytes / (bandwidth x efficiency)), where the matmul efficiency grows
-with the token count (small GEMMs cannot fill the device), plus fixed costs per layer, per step and per
-sequence (kernel launches, host-side batch building and sampling). The efficiencies and overheads are a
-`Profile`, fitted to measured step times by `fastgen.sim.calibrate`, or to published per-operator GPU times by
-`fastgen.sim.measured`. A measured profile also carries per-GEMM-shape time curves over the token count
-(`Profile.gemm_times`), which replace the roofline for the GEMMs they cover: cuBLAS picks tiles per shape, so a
-GEMM's time is a staircase in the token count that no smooth efficiency follows.
+A step's work (`StepWork`) follows from its shape alone: the linear layers (`layer_gemms`) stream every weight once
+and do 2 flops per weight per token; a mixture of experts' routed experts (`expert_gemms`) do the flops of the
+top-k experts per token and stream the weights of min(experts, tokens x k) experts; attention reads each sequence's
+KV history, and a prefill chunk also does quadratic work; tensor parallelism adds two all-reduces of the hidden
+state per layer. Time is a roofline per operation, max(flops / (peak x efficiency), bytes / (bandwidth x
+efficiency)), where the matmul efficiency grows with the token count (small GEMMs cannot fill the device), plus
+fixed costs per layer, per step and per sequence (kernel launches, host-side batch building and sampling). The
+efficiencies and overheads are a `Profile`, fitted to measured step times by `fastgen.sim.calibrate`, or to
+published per-operator GPU times by `fastgen.sim.measured`. A measured profile also carries per-GEMM-shape time
+curves over the token count (`Profile.gemm_times`), which replace the roofline for the GEMMs they cover: cuBLAS
+picks tiles per shape, so a GEMM's time is a staircase in the token count that no smooth efficiency follows.
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """Models the simulator knows by name, and the ModelSpec of any model source without loading weights.
 
 The paper's models, and one published size of each other supported family, are described by transformers' own
-config classes, built here in code (no weights, no download); any other name is a fastgen model source (an embedded model or a local directory) read with
-`fastgen.models.load_config`. The spec comes from the model family's own `describe`, as for a loaded model.
+config classes, built here in code (no weights, no download); any other name is a fastgen model source (an
+embedded model or a local directory) read with `fastgen.models.load_config`. The spec comes from the model family's
+own `describe`, as for a loaded model.
 """
 from __future__ import annotations
 
