@@ -76,10 +76,6 @@ class ModelSpec:
             return routed
         return routed + 3 * self.hidden * self.shared_expert_intermediate + self.hidden   # + the shared one's gate
 
-    @property
-    def is_moe(self) -> bool:
-        return self.num_experts > 0
-
     def _params(self, routed_experts: int) -> int:
         dense_layers = self.num_layers - self.num_moe_layers
         embeddings = self.vocab_size * self.hidden * (1 if self.tied_embeddings else 2)

@@ -33,10 +33,10 @@ class Experts(KernelUser):
         num_tokens, top_k = experts.shape
         experts, order_in_token = experts.sort(dim=-1)       # a token's experts ascending: transformers' sum order
         weights = weights.gather(-1, order_in_token)
-        flat = experts.flatten()                              # slot t * k + j: token t's j-th expert
-        slots = flat.argsort(stable=True)                     # slots grouped by expert, tokens ascending within
-        offsets = torch.zeros(self.num_experts + 1, dtype=torch.int32, device=x.device)
-        offsets[1:] = torch.bincount(flat, minlength=self.num_experts).cumsum(0)
+        # slot t * k + j is token t's j-th expert; sorted, the slots are grouped by expert, tokens ascending within
+        by_expert, slots = experts.flatten().sort(stable=True)
+        # where each expert's rows start (no host sync: the GPU path never reads the routing on the host)
+        offsets = torch.searchsorted(by_expert, torch.arange(self.num_experts + 1, device=x.device), out_int32=True)
         h = self.ops.grouped_gemm(x, self.gate_up_proj, offsets, rows=slots // top_k)
         h = getattr(self.ops, self.act_and_mul)(h)
         y = self.ops.grouped_gemm(h, self.down_proj, offsets, row_scale=weights.flatten().index_select(0, slots))
