@@ -24,6 +24,15 @@ class ModelSpec:
     tied_embeddings: bool
     gated_mlp: bool = True               # gate + up + down projections (SwiGLU); False: two matrices (OPT)
     eos_token_ids: frozenset[int] = frozenset()
+    # Mixture of experts (num_experts = 0: a dense model). In `num_moe_layers` layers the MLP is a router over
+    # `num_experts` gated experts of width `expert_intermediate`, `experts_per_token` of which each token runs,
+    # plus an always-on shared expert of width `shared_expert_intermediate` behind a sigmoid gate (Qwen2-MoE;
+    # 0: none). The other layers keep the dense MLP of width `intermediate`.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    shared_expert_intermediate: int = 0
+    num_moe_layers: int = 0
 
     def __post_init__(self):
         if len(self.windows) != self.num_layers:
@@ -31,6 +40,11 @@ class ModelSpec:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_kv_heads}")
+        if self.num_experts and not (1 <= self.experts_per_token <= self.num_experts
+                                     and self.expert_intermediate > 0 and 1 <= self.num_moe_layers <= self.num_layers):
+            raise ValueError(f"{self.model_type}: inconsistent mixture of experts: {self.experts_per_token} of "
+                             f"{self.num_experts} experts of width {self.expert_intermediate} in "
+                             f"{self.num_moe_layers} of {self.num_layers} layers")
 
     @property
     def q_size(self) -> int:
@@ -41,15 +55,42 @@ class ModelSpec:
         return self.num_kv_heads * self.head_dim
 
     @property
+    def attention_params(self) -> int:
+        """Weights of one layer's attention projections (QKV and output)."""
+        return self.hidden * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden
+
+    @property
     def layer_params(self) -> int:
-        """Weights of one decoder layer's linear layers (QKV, output, the MLP's two or three matrices)."""
-        mlp = (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
-        return self.hidden * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden + mlp
+        """Weights of one dense decoder layer's linear layers (QKV, output, the MLP's two or three matrices)."""
+        return self.attention_params + (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
+
+    @property
+    def expert_params(self) -> int:
+        """Weights of one routed expert (gate, up and down)."""
+        return 3 * self.hidden * self.expert_intermediate
+
+    def moe_mlp_params(self, experts: int) -> int:
+        """Weights of one MoE layer's MLP with `experts` routed experts: those, the router, the shared expert."""
+        routed = experts * self.expert_params + self.num_experts * self.hidden
+        if not self.shared_expert_intermediate:
+            return routed
+        return routed + 3 * self.hidden * self.shared_expert_intermediate + self.hidden   # + the shared one's gate
+
+    def _params(self, routed_experts: int) -> int:
+        dense_layers = self.num_layers - self.num_moe_layers
+        embeddings = self.vocab_size * self.hidden * (1 if self.tied_embeddings else 2)
+        return (self.num_layers * self.attention_params + dense_layers * (self.layer_params - self.attention_params)
+                + self.num_moe_layers * self.moe_mlp_params(routed_experts) + embeddings)
 
     @property
     def num_params(self) -> int:
-        embeddings = self.vocab_size * self.hidden * (1 if self.tied_embeddings else 2)
-        return self.num_layers * self.layer_params + embeddings
+        """Every weight (all experts of a mixture)."""
+        return self._params(self.num_experts)
+
+    @property
+    def active_params(self) -> int:
+        """The weights one token runs through: a mixture's top-k experts only (all weights for a dense model)."""
+        return self._params(self.experts_per_token)
 
     def kv_heads_per_device(self, tensor_parallel: int = 1) -> int:
         """KV heads one device holds: split over devices, at least one each (replicated when fewer than devices)."""

@@ -54,6 +54,18 @@ def test_greedy_equals_transformers_for_every_scheduler(family, scheduler, kv):
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
+@pytest.mark.parametrize("kv", ["blocked", "contiguous"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe-mixed", "phi3", "falcon", "gemma2"])
+def test_greedy_equals_transformers_for_every_scheduler_more_families(family, scheduler, kv):
+    """Mixtral (top-2 of 4 experts), Qwen2-MoE (top-3 of 6, shared expert, a dense and a window layer), Phi-3
+    (windows, partial rotary), Falcon (new architecture, parallel block) and Gemma-2 (soft-capping, alternating
+    windows) on a shorter workload, two of whose prompts are longer than the token budget (32)."""
+    prompts, news, ref = workload(family, lens=(5, 40, 3, 70), news=(8, 5, 12, 4))
+    got, _ = run_all(engine(tiny(family)[1], scheduler, kv), prompts, news)
+    assert got == ref
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
 @pytest.mark.parametrize("budget,block_size", [(8, 16), (50, 32), (768, 64)])
 def test_greedy_invariant_to_budget_and_block_size(scheduler, budget, block_size):
     prompts, news, ref = workload("llama")

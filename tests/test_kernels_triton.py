@@ -128,6 +128,39 @@ def check_silu_and_mul(device, dtype, rng, size=1):
     return rel_err(out, reference.silu_and_mul(x))
 
 
+def check_gelu_tanh_and_mul(device, dtype, rng, size=1):
+    gen = torch_gen(rng)
+    x = 2 * strided_rows(gen, rng.randint(1, 9 * size), 2 * rng.choice([40, 1100 * size]), dtype, device)
+    with nan_allocations():
+        out = triton_ops.gelu_tanh_and_mul(x)
+    return rel_err(out, reference.gelu_tanh_and_mul(x))
+
+
+def check_grouped_gemm(device, dtype, rng, size=1):
+    """A step's expert work: tokens routed to top-k of E experts (some experts get none, or all of a step's rows),
+    through both GEMMs of the MoE layer: the gathered one and the weighted one."""
+    gen = torch_gen(rng)
+    num_experts, top_k = rng.choice([(1, 1), (4, 2), (8, 1), (8, 2), (60, 4)])
+    tokens, hidden, inter = rng.randint(1, 40 * size), rng.choice([64, 80, 200]), rng.choice([24, 96, 130])
+    x = randn(gen, (tokens, hidden), dtype, device)
+    gate_up = randn(gen, (num_experts, 2 * inter, hidden), dtype, device) / hidden ** 0.5
+    down = randn(gen, (num_experts, hidden, inter), dtype, device) / inter ** 0.5
+    hot = rng.sample(range(num_experts), max(top_k, rng.randint(1, num_experts)))   # experts that get tokens
+    experts = torch.stack([torch.tensor(hot)[torch.randperm(len(hot), generator=gen)[:top_k]] for _ in range(tokens)])
+    flat = experts.flatten()
+    slots = flat.argsort(stable=True)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int32)
+    offsets[1:] = torch.bincount(flat, minlength=num_experts).cumsum(0)
+    rows, offsets = (slots // top_k).to(device), offsets.to(device)
+    weights = torch.rand(tokens * top_k, generator=gen).to(device)
+    with nan_allocations():
+        h = triton_ops.grouped_gemm(x, gate_up, offsets, rows=rows)
+        act = reference.silu_and_mul(h)
+        y = triton_ops.grouped_gemm(act, down, offsets, row_scale=weights)
+    return max(rel_err(h, reference.grouped_gemm(x, gate_up, offsets, rows=rows)),
+               rel_err(y, reference.grouped_gemm(act, down, offsets, row_scale=weights)))
+
+
 def split_qkv(qkv, q_heads, kv_heads, head_dim):
     """q, k, v as the models make them: views into one fused QKV projection output [T, (Hq + 2 Hkv) D]."""
     q, k, v = qkv.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
@@ -208,19 +241,22 @@ def make_attention_batch(rng, device, dtype, head_dim, decode_only, size=1):
 
 
 def check_attention(device, dtype, rng, size=1, decode_only=False):
-    """Every head size, each with a fresh batch and window. Decode batches also run with forced split-KV (the path
-    the heuristic takes for them on a GPU); mixed batches run as the heuristic sends them, unsplit."""
+    """Every head size, each with a fresh batch, window and soft-cap (Gemma-2's tanh capping of the scores, at caps
+    the scores reach). Decode batches also run with forced split-KV (the path the heuristic takes for them on a
+    GPU); mixed batches run as the heuristic sends them, unsplit."""
     err = 0.0
     for head_dim in HEAD_DIMS:
         q, k_cache, v_cache, meta = make_attention_batch(rng, device, dtype, head_dim, decode_only, size)
         window = rng.choice([None, rng.randint(1, 64 * size)])
+        softcap = rng.choice([None, rng.uniform(0.5, 5.0)])
         scale = head_dim ** -0.5
         # The reference reads whole blocks and masks the slots past each context, which needs them finite (a
         # real pool is zero-filled); a sentinel of 100 there would still wreck its output if it attended them.
-        ref = reference.attention(q, k_cache.nan_to_num(100.0), v_cache.nan_to_num(100.0), meta, scale, window)
+        ref = reference.attention(q, k_cache.nan_to_num(100.0), v_cache.nan_to_num(100.0), meta, scale, window,
+                                  softcap)
         with nan_allocations():
-            outs = [triton_ops.attention(q, k_cache, v_cache, meta, scale, window)]
-            outs += [triton_ops._attention(q, k_cache, v_cache, meta, scale, window, n)
+            outs = [triton_ops.attention(q, k_cache, v_cache, meta, scale, window, softcap)]
+            outs += [triton_ops._attention(q, k_cache, v_cache, meta, scale, window, n, softcap)
                      for n in ((1, 2, 4) if decode_only else ())]
         err = max(err, *(rel_err(out, ref) for out in outs))
     return err
@@ -231,8 +267,9 @@ def check_attention_decode(device, dtype, rng, size=1):
 
 
 CHECKS = {"rms_norm": check_rms_norm, "layer_norm": check_layer_norm, "silu_and_mul": check_silu_and_mul,
-          "rotary": check_rotary, "kv_write": check_kv_write, "attention": check_attention,
-          "attention_decode": check_attention_decode}
+          "gelu_tanh_and_mul": check_gelu_tanh_and_mul, "rotary": check_rotary, "kv_write": check_kv_write,
+          "attention": check_attention, "attention_decode": check_attention_decode,
+          "grouped_gemm": check_grouped_gemm}
 
 
 def run_check(name: str, device: str, dtype: torch.dtype, seed: int, size: int = 1) -> float:
@@ -298,10 +335,11 @@ def test_hardware_kernels_chooses_the_backend_once_for_every_layer():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "qwen2_moe"])
 def test_full_model_greedy_tokens_same_through_triton_and_reference(family):
-    """A tiny Llama and a tiny Mistral (window 7, shorter than the sequences) through the engine: every kernel on
-    the Triton path gives the same greedy tokens as the PyTorch path, with prompt chunks and decodes mixed."""
+    """Tiny models through the engine: every kernel on the Triton path gives the same greedy tokens as the PyTorch
+    path, with prompt chunks and decodes mixed: Llama; Mistral (window 7, shorter than the sequences); Gemma-2
+    (soft-capped attention, GeGLU, alternating windows); Qwen2-MoE (the grouped expert GEMMs, a shared expert)."""
     from fastgen.sampling import SamplingParams
     from tiny import compose_engine, drain, fastgen_from_hf, tiny_hf_model
 

@@ -6,7 +6,8 @@ import dataclasses
 from typing import NamedTuple
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+from transformers import (AutoModelForCausalLM, FalconConfig, Gemma2Config, LlamaConfig, MistralConfig, MixtralConfig,
+                          OPTConfig, Phi3Config, Qwen2Config, Qwen2MoeConfig)
 
 from fastgen.config import EngineConfig
 from fastgen.engine import LLMEngine
@@ -39,6 +40,42 @@ def tiny_config(family: str, seed: int = 0, **overrides):
     elif family == "opt-postln":
         cfg = OPTConfig(vocab_size=211, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
                         max_position_embeddings=256, word_embed_proj_dim=32, do_layer_norm_before=False)
+    elif family == "mixtral":                      # top-2 of 4 experts
+        cfg = MixtralConfig(**common, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                            tie_word_embeddings=False)
+    elif family == "mixtral-top1":                 # top-1 of 8: a decode step leaves most experts without tokens
+        cfg = MixtralConfig(**common, num_key_value_heads=1, num_local_experts=8, num_experts_per_tok=1,
+                            tie_word_embeddings=True)
+    elif family == "qwen2_moe":                    # top-2 of 4 fine-grained experts, weights not renormalised
+        cfg = Qwen2MoeConfig(**common, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                             moe_intermediate_size=32, shared_expert_intermediate_size=48, norm_topk_prob=False,
+                             tie_word_embeddings=False)
+    elif family == "qwen2_moe-mixed":              # top-3 renormalised, a dense layer, a sliding-window layer
+        cfg = Qwen2MoeConfig(**common, num_key_value_heads=4, num_experts=6, num_experts_per_tok=3,
+                             moe_intermediate_size=24, shared_expert_intermediate_size=40, norm_topk_prob=True,
+                             mlp_only_layers=[1], use_sliding_window=True, sliding_window=7, max_window_layers=2,
+                             tie_word_embeddings=True)
+    elif family == "phi3":                         # a window on every layer, rotary on half of each head
+        cfg = Phi3Config(**common, num_key_value_heads=2, sliding_window=9, tie_word_embeddings=False,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+    elif family == "falcon":                       # new decoder architecture: grouped KV, two LayerNorms
+        cfg = FalconConfig(vocab_size=211, hidden_size=64, ffn_hidden_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True, bias=False,
+                           max_position_embeddings=256, tie_word_embeddings=True)
+    elif family == "falcon-mq":                    # old architecture as in Falcon-7B: multi-query, parallel block
+        cfg = FalconConfig(vocab_size=211, hidden_size=64, ffn_hidden_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, new_decoder_architecture=False, multi_query=True,
+                           parallel_attn=True, bias=False, max_position_embeddings=256, tie_word_embeddings=True)
+    elif family == "falcon-seq":                   # old architecture, multi-head, sequential block, biases
+        cfg = FalconConfig(vocab_size=211, hidden_size=64, ffn_hidden_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, new_decoder_architecture=False, multi_query=False,
+                           parallel_attn=False, bias=True, max_position_embeddings=256, tie_word_embeddings=False)
+    elif family == "gemma2":                       # sliding / full layers, soft-capping that bites at this scale
+        cfg = Gemma2Config(**common, num_key_value_heads=2, head_dim=16,
+                           query_pre_attn_scalar=24, sliding_window=7, attn_logit_softcapping=1.0,
+                           final_logit_softcapping=2.0, initializer_range=0.1, pad_token_id=0, bos_token_id=1,
+                           eos_token_id=2)
     else:
         raise KeyError(family)
     for k, v in overrides.items():
@@ -46,7 +83,9 @@ def tiny_config(family: str, seed: int = 0, **overrides):
     return cfg
 
 
-FAMILIES = ["llama", "llama-gqa-tied", "mistral", "qwen2", "opt", "opt-postln"]
+FAMILIES = ["llama", "llama-gqa-tied", "mistral", "qwen2", "opt", "opt-postln", "mixtral", "mixtral-top1", "qwen2_moe",
+            "qwen2_moe-mixed", "phi3", "falcon", "falcon-mq", "falcon-seq", "gemma2"]
+MOE_FAMILIES = ["mixtral", "mixtral-top1", "qwen2_moe", "qwen2_moe-mixed"]
 
 
 def tiny_hf_model(family: str, seed: int = 0):

@@ -1,11 +1,12 @@
 """The kernel seam: every model layer calls its kernels through a backend, never an implementation directly.
 
-A backend is a module with the same functions (rms_norm, layer_norm, rotary, silu_and_mul, kv_write, attention)
-and a `prepare(metadata, block_size, windows)` hook that derives whatever per-step state it needs from the
-backend-neutral `AttentionMetadata` once, before the layers run. Two backends exist: `torch` (PyTorch, the CPU
-path and the reference) and `triton` (the GPU path; under TRITON_INTERPRET=1 it runs on CPU tensors, which is
-how CI tests it). The executor chooses one when the engine is built (`hardware.kernels`: auto picks triton on
-CUDA, torch elsewhere) and hands it to the model (`CausalLM.use_kernels`).
+A backend is a module with the same functions (rms_norm, layer_norm, rotary, silu_and_mul, gelu_tanh_and_mul,
+kv_write, attention, grouped_gemm) and a `prepare(metadata, block_size, windows)` hook that derives whatever
+per-step state it needs from the backend-neutral `AttentionMetadata` once, before the layers run. Two backends
+exist: `torch` (PyTorch, the CPU path and the reference) and `triton` (the GPU path; under TRITON_INTERPRET=1 it
+runs on CPU tensors, which is how CI tests it). The executor chooses one when the engine is built
+(`hardware.kernels`: auto picks triton on CUDA, torch elsewhere) and hands it to the model
+(`CausalLM.use_kernels`).
 """
 from __future__ import annotations
 

@@ -9,6 +9,8 @@ Layouts (shared with the Triton kernels):
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -65,6 +67,33 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [T, 2I] holding gate then up; returns gelu_tanh(gate) * up (Gemma-2's gated MLP)."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def grouped_gemm(x: torch.Tensor, weight: torch.Tensor, expert_offsets: torch.Tensor,
+                 rows: torch.Tensor | None = None, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The experts' GEMMs of a mixture-of-experts layer over rows grouped by expert.
+
+    weight: [E, N, K] stacked expert matrices; expert_offsets: [E+1] cumulative row counts, so output rows
+    expert_offsets[e]:expert_offsets[e+1] are A[those rows] @ weight[e].T, where A is x, or x[rows] when `rows`
+    gives each output row's input row (the dispatch gather). `row_scale` multiplies each output row (the routing
+    weights, applied to the rounded product as transformers does). Experts with no rows cost nothing.
+    """
+    a = x if rows is None else x.index_select(0, rows)
+    out = torch.empty(a.shape[0], weight.shape[1], dtype=x.dtype, device=x.device)
+    bounds = expert_offsets.tolist()
+    for e in range(weight.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            out[lo:hi] = F.linear(a[lo:hi], weight[e])
+    if row_scale is not None:
+        out = (out * row_scale[:, None]).to(out.dtype)
+    return out
+
+
 def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
@@ -72,7 +101,7 @@ def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-              scale: float, window: int | None = None) -> torch.Tensor:
+              scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Causal attention of each sequence's queries over its whole KV history, read through its block table.
 
     Decode rows (one query each) run as padded batches, in groups small enough that the gathered K/V stays in
@@ -81,7 +110,9 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
     KV is gathered by whole blocks (a view when the blocks are consecutive), and the plan behind the gathers is
     built once per step and reused by every layer.
     Slots past a context are read and masked, so they must hold finite values (KVCache zero-fills its pools).
+    `softcap` (Gemma-2) squashes each score s to softcap * tanh(s / softcap) before the softmax.
     """
+    sdpa = F.scaled_dot_product_attention if softcap is None else functools.partial(softcapped_sdpa, softcap=softcap)
     plan = _plan(meta, k_cache.shape[1], window)
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
@@ -91,16 +122,33 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
         b = qd.shape[0]
         kd = plan.gather(k_cache, d.blocks, "k").view(b, -1, num_kv_heads, head_dim).transpose(1, 2)  # [B,Hkv,C,D]
         vd = plan.gather(v_cache, d.blocks, "v").view(b, -1, num_kv_heads, head_dim).transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd.view(b, num_kv_heads, -1, head_dim), kd, vd, attn_mask=d.mask,
+        od = sdpa(qd.view(b, num_kv_heads, -1, head_dim), kd, vd, attn_mask=d.mask,
                                             scale=scale)
         out[d.rows] = od.reshape(b, num_heads, head_dim)
     for c in plan.chunks:
         kc = plan.gather(k_cache, c.blocks, "k").flatten(0, 1).narrow(0, c.first, c.length)  # [C, Hkv, D]
         vc = plan.gather(v_cache, c.blocks, "v").flatten(0, 1).narrow(0, c.first, c.length)
         # 4-D inputs: SDPA's fused CPU kernel; 3-D ones fall back to the much slower math path.
-        oc = F.scaled_dot_product_attention(q[c.rows].transpose(0, 1)[None], kc.transpose(0, 1)[None],
+        oc = sdpa(q[c.rows].transpose(0, 1)[None], kc.transpose(0, 1)[None],
                                             vc.transpose(0, 1)[None], attn_mask=c.mask, is_causal=c.mask is None,
                                             scale=scale, enable_gqa=num_kv_heads != num_heads)
         out[c.rows] = oc[0].transpose(0, 1)
     return out
 
+
+
+def softcapped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                    is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, *,
+                    softcap: float) -> torch.Tensor:
+    """F.scaled_dot_product_attention (same arguments, bool mask: True = attend) with the scores soft-capped,
+    which SDPA cannot do: the math of transformers' eager Gemma-2 attention, step for step."""
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scores = torch.tanh(scores / softcap) * softcap
+    if is_causal:
+        attn_mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)

@@ -63,13 +63,34 @@ def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, n_cols, eps, stride_x, stri
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_out, BLOCK: tl.constexpr):
+def _tanh(x):
+    """tanh in fp32 (tl has none, and libdevice's does not run under the interpreter): from exp, with the odd
+    series near 0, where 1 - exp(-2|x|) would cancel."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    t = (1.0 - e) / (1.0 + e)
+    a2 = a * a
+    series = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0)))))
+    t = tl.where(a < 0.25, series, t)
+    return tl.where(x < 0, -t, t)
+
+
+_SILU, _GELU_TANH = 0, 1        # the gated MLP's activation (ACTIVATION of _act_and_mul_kernel)
+
+
+@triton.jit
+def _act_and_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_out, BLOCK: tl.constexpr,
+                        ACTIVATION: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)   # F.silu rounds here
+    if ACTIVATION == 0:
+        act = gate / (1.0 + tl.exp(-gate))
+    else:   # gelu, tanh approximation: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+        act = 0.5 * gate * (1.0 + _tanh(0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)))
+    act = act.to(out_ptr.dtype.element_ty).to(tl.float32)    # F.silu / F.gelu round here
     tl.store(out_ptr + row * stride_out + cols, act * up, mask=mask)
 
 
@@ -118,13 +139,21 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    return _act_and_mul(x, _SILU)
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    return _act_and_mul(x, _GELU_TANH)
+
+
+def _act_and_mul(x: torch.Tensor, activation: int) -> torch.Tensor:
     x2 = _as_rows(x)
     n = x2.shape[1] // 2
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     out2 = out.view(-1, n)
     block = min(triton.next_power_of_2(n), 1024)
-    _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](x2, out2, n, x2.stride(0), out2.stride(0),
-                                                               BLOCK=block, num_warps=4)
+    _act_and_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](x2, out2, n, x2.stride(0), out2.stride(0),
+                                                              BLOCK=block, ACTIVATION=activation, num_warps=4)
     return out
 
 
@@ -215,7 +244,8 @@ def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 @triton.jit
 def _find_seq(query_start_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
-    """Last sequence whose first tile index (query_start[s] // BLOCK_Q + s) is <= tile."""
+    """Last segment (a sequence's queries, an expert's rows) whose first tile index (query_start[s] // BLOCK_Q + s)
+    is <= tile."""
     lo: tl.int32 = 0
     hi = num_seqs
     while lo < hi:
@@ -239,12 +269,13 @@ def _dot(a, b, FP32: tl.constexpr):
 @triton.jit(do_not_specialize=["num_seqs", "window"])
 def _attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, m_ptr, l_ptr,
                       query_start_ptr, context_lens_ptr, block_tables_ptr,
-                      num_seqs, num_q_heads, scale_log2, window,
+                      num_seqs, num_q_heads, scale_log2, window, softcap_log2,
                       stride_qt, stride_qh, stride_ot, stride_oh,
                       stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
                       KV_BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                       D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                      NUM_SPLITS: tl.constexpr, ONE_TILE_PER_SEQ: tl.constexpr, DOT_FP32: tl.constexpr):
+                      NUM_SPLITS: tl.constexpr, ONE_TILE_PER_SEQ: tl.constexpr, DOT_FP32: tl.constexpr,
+                      SOFTCAP: tl.constexpr):
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     if ONE_TILE_PER_SEQ:
@@ -292,6 +323,8 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, m_ptr, l_ptr,
         v_off = block * stride_vb + offset * stride_vs + kv_head * stride_vh
         k = tl.load(k_ptr + k_off[None, :] + dims[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
         s = _dot(q, k, DOT_FP32) * scale_log2
+        if SOFTCAP:     # softcap * tanh(score / softcap), in log2 units: softcap_log2 = softcap * log2(e)
+            s = softcap_log2 * _tanh(s / softcap_log2)
         allowed = (row_ok[:, None] & k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
                    & (k_pos[None, :] > q_pos[:, None] - window))
         s = tl.where(allowed, s, float("-inf"))
@@ -358,14 +391,14 @@ def prepare(meta: AttentionMetadata, block_size: int, windows) -> None:
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-              scale: float, window: int | None = None) -> torch.Tensor:
+              scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Ragged paged attention of a whole step in one launch (two with split-KV, chosen by _num_kv_splits)."""
     return _attention(q, k_cache, v_cache, meta, scale, window,
-                      _num_kv_splits(meta, k_cache.shape[2], q.device))
+                      _num_kv_splits(meta, k_cache.shape[2], q.device), softcap)
 
 
 def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-               scale: float, window: int | None, num_splits: int) -> torch.Tensor:
+               scale: float, window: int | None, num_splits: int, softcap: float | None = None) -> torch.Tensor:
     """`attention` with the number of KV splits given (a power of two; 1 = no split-KV)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -385,14 +418,87 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, me
         l_part = torch.empty_like(m_part)
     _attention_kernel[(num_tiles, num_kv_heads, num_splits)](
         q, k_cache, v_cache, dest, m_part, l_part, meta.query_start, meta.context_lens, meta.block_tables,
-        meta.num_seqs, num_q_heads, scale * _LOG2E, window or _NO_WINDOW,
+        meta.num_seqs, num_q_heads, scale * _LOG2E, window or _NO_WINDOW, (softcap or 0.0) * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], meta.block_tables.stride(0),
         KV_BLOCK_SIZE=k_cache.shape[1], GROUP=group, HEAD_DIM=head_dim, D_PAD=max(triton.next_power_of_2(head_dim), 16),
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=64, NUM_SPLITS=num_splits, ONE_TILE_PER_SEQ=one_tile_per_seq,
-        DOT_FP32=q.dtype == torch.float32 or (_INTERPRETED and q.dtype == torch.bfloat16), num_warps=4)
+        DOT_FP32=q.dtype == torch.float32 or (_INTERPRETED and q.dtype == torch.bfloat16),
+        SOFTCAP=softcap is not None, num_warps=4)
     if num_splits > 1:
         _split_reduce_kernel[(num_tokens, num_q_heads)](
             dest, m_part, l_part, out, num_q_heads, out.stride(0), out.stride(1), HEAD_DIM=head_dim,
             D_PAD=triton.next_power_of_2(head_dim), NUM_SPLITS=num_splits, num_warps=4)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Grouped GEMM for mixtures of experts.
+#
+# The rows of a step's expert work are sorted by expert (expert e owns rows expert_offsets[e]:expert_offsets[e+1]),
+# and one launch runs every expert's GEMM: grid axis 0 holds BLOCK_M-row tiles of all experts, expert e owning
+# tiles expert_offsets[e] // BLOCK_M + e onwards (an upper bound on the tiles before it, the scheme of the
+# attention kernel's sequences), found by the same binary search; tiles past an expert's rows (and experts with
+# no rows) exit at once, so the host never reads the routing. Grid axis 1 tiles the output columns. The dispatch
+# gather (each row's input row, `rows`) and the routing weights (`row_scale`) are fused into the loads and the
+# store; the result is the reference's: fp32 accumulation, rounded to the output dtype, then scaled.
+# ---------------------------------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["num_experts"])
+def _grouped_gemm_kernel(a_ptr, w_ptr, out_ptr, rows_ptr, scale_ptr, offsets_ptr, num_experts, n_cols, k_dim,
+                         stride_am, stride_we, stride_wn, stride_om,
+                         HAS_ROWS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+    tile = tl.program_id(0)
+    expert = _find_seq(offsets_ptr, tile, num_experts, BLOCK_M)
+    first = tl.load(offsets_ptr + expert)
+    count = tl.load(offsets_ptr + expert + 1) - first
+    m_tile = tile - (first // BLOCK_M + expert)
+    if m_tile * BLOCK_M >= count:
+        return
+    local = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = local < count
+    out_rows = (first + local).to(tl.int64)
+    if HAS_ROWS:
+        a_rows = tl.load(rows_ptr + out_rows, mask=row_ok, other=0).to(tl.int64)
+    else:
+        a_rows = out_rows
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    w_base = w_ptr + expert.to(tl.int64) * stride_we
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, k_dim, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < k_dim
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        w = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None], mask=k_ok[:, None] & col_ok[None, :],
+                    other=0.0)
+        acc += _dot(a, w, DOT_FP32)
+    out = acc.to(out_ptr.dtype.element_ty)
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + out_rows, mask=row_ok, other=0.0).to(tl.float32)
+        out = (out.to(tl.float32) * scale[:, None]).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + out_rows[:, None] * stride_om + cols[None, :], out, mask=row_ok[:, None] & col_ok[None, :])
+
+
+def grouped_gemm(x: torch.Tensor, weight: torch.Tensor, expert_offsets: torch.Tensor,
+                 rows: torch.Tensor | None = None, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """All experts' GEMMs in one launch; see reference.grouped_gemm for the contract."""
+    x = _unit_last_stride(x)
+    weight = _unit_last_stride(weight)
+    num_experts, n_cols, k_dim = weight.shape
+    num_rows = x.shape[0] if rows is None else rows.shape[0]
+    out = torch.empty((num_rows, n_cols), dtype=x.dtype, device=x.device)
+    if num_rows == 0:
+        return out
+    # Rows per expert decide the tile height: decode-sized steps give each expert a few rows at most.
+    block_m = 16 if num_rows <= 16 * num_experts else 64
+    block_n = min(64, max(16, triton.next_power_of_2(n_cols)))
+    grid = (triton.cdiv(num_rows, block_m) + num_experts, triton.cdiv(n_cols, block_n))
+    _grouped_gemm_kernel[grid](
+        x, weight, out, x if rows is None else rows, x if row_scale is None else row_scale, expert_offsets,
+        num_experts, n_cols, k_dim, x.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
+        HAS_ROWS=rows is not None, HAS_SCALE=row_scale is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=32, DOT_FP32=x.dtype == torch.float32 or (_INTERPRETED and x.dtype == torch.bfloat16), num_warps=4)
     return out

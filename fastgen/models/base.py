@@ -1,6 +1,7 @@
 """CausalLM: what every fastgen model family provides, and the one weight-loading routine they share."""
 from __future__ import annotations
 
+import re
 from typing import ClassVar, Mapping
 
 import torch
@@ -18,12 +19,16 @@ class CausalLM(nn.Module):
     Subclasses name their transformers `model_type`s, read a `ModelSpec` from a config (`describe`, which the
     simulator calls too, without building the model) and describe how transformers' parameter names map onto
     theirs: `packed` lists (fused module, transformers module, shard index) for projections fastgen fuses,
-    `renames` lists plain substring renames.
+    `renames` lists plain substring renames, and `stacked` lists (pattern, stacked parameter, part, parts) for
+    checkpoints that store each expert of a mixture separately: the regex `pattern` (its group: the expert index)
+    names one expert's tensor, which fills part `part` of `parts` equal row blocks of that expert's slice of the
+    [experts, ...] parameter. A tensor that already has a fused or stacked parameter's full shape loads whole.
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
     packed: ClassVar[tuple[tuple[str, str, int], ...]] = ()
     renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+    stacked: ClassVar[tuple[tuple[str, str, int, int], ...]] = ()
 
     def __init__(self, config):
         super().__init__()
@@ -69,10 +74,15 @@ class CausalLM(nn.Module):
             for old, new in self.renames:
                 name = name.replace(old, new)
             shard = None
-            for fused, part, index in self.packed:
-                if f".{part}." in name:
-                    name, shard = name.replace(f".{part}.", f".{fused}."), index
+            for pattern, target, part, parts in self.stacked:
+                if match := re.search(pattern, name):
+                    name, shard = name[:match.start()] + target, (int(match.group(1)), part, parts)
                     break
+            else:
+                for fused, part, index in self.packed:
+                    if f".{part}." in name:
+                        name, shard = name.replace(f".{part}.", f".{fused}."), index
+                        break
             if name == "lm_head.weight" and "lm_head.weight" not in params:
                 continue   # tied: the embedding is the LM head
             if name not in params:
@@ -81,7 +91,14 @@ class CausalLM(nn.Module):
                 raise ValueError(f"{source}: weight {hf_name!r} has no place in fastgen's "
                                  f"{type(self).__name__}; is this checkpoint for a different architecture?")
             dest = params[name]
-            if shard is not None:
+            if isinstance(shard, tuple):
+                expert, part, parts = shard
+                if expert >= dest.shape[0]:
+                    raise ValueError(f"{source}: weight {hf_name!r} is for expert {expert}, but the config has "
+                                     f"{dest.shape[0]} experts")
+                rows = dest.shape[1] // parts
+                dest = dest[expert].narrow(0, part * rows, rows)
+            elif shard is not None:
                 sizes = modules[name.rsplit(".", 1)[0]].shard_sizes
                 dest = dest.narrow(0, sum(sizes[:shard]), sizes[shard])
             if dest.shape != tensor.shape:
@@ -89,11 +106,26 @@ class CausalLM(nn.Module):
                                  f"fastgen expects {tuple(dest.shape)}")
             dest.copy_(tensor)
             loaded.setdefault(name, set()).add(shard)
-        missing = [n for n, _ in self.named_parameters() if loaded.get(n) != self._expected_shards(n, modules)]
+        missing = []
+        for n, p in self.named_parameters():
+            expected = self._expected_shards(n, p, modules)
+            got = loaded.get(n, set())
+            if got != {None} and got != expected:
+                missing += [n] if not got else [f"{n}[{self._describe_shard(s)}]" for s in sorted(expected - got)]
         if missing:
             raise ValueError(f"{source}: missing weights {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
-    @staticmethod
-    def _expected_shards(name: str, modules: dict[str, nn.Module]) -> set:
+    def _expected_shards(self, name: str, param: torch.Tensor, modules: dict[str, nn.Module]) -> set:
+        """The parts a parameter is loaded from when the checkpoint splits it ({None}: one tensor)."""
+        stacked = [(part, parts) for _, target, part, parts in self.stacked if name.endswith(target)]
+        if stacked:
+            return {(e, part, parts) for e in range(param.shape[0]) for part, parts in stacked}
         sizes = getattr(modules[name.rsplit(".", 1)[0]], "shard_sizes", None)
         return set(range(len(sizes))) if sizes else {None}
+
+    @staticmethod
+    def _describe_shard(shard) -> str:
+        if isinstance(shard, tuple):
+            expert, part, parts = shard
+            return f"expert {expert}" + (f" part {part + 1}/{parts}" if parts > 1 else "")
+        return f"shard {shard}"

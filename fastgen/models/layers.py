@@ -54,14 +54,19 @@ class RotaryEmbedding(KernelUser):
         self.register_buffer("cos_sin", table, persistent=False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> None:
+        rotary_dim = self.cos_sin.shape[-1]
+        if rotary_dim < q.shape[-1]:      # partial rotary (Phi-3's partial_rotary_factor < 1): the first dims turn
+            q, k = q[..., :rotary_dim], k[..., :rotary_dim]
         self.ops.rotary(q, k, positions, self.cos_sin)
 
 
 class Attention(KernelUser):
-    """Self-attention over the blocked KV cache: fused QKV projection, optional rotary, optional sliding window."""
+    """Self-attention over the blocked KV cache: fused QKV projection, optional rotary, optional sliding window,
+    optional soft-capping of the scores (Gemma-2); the scale is head_dim ** -0.5 unless the family sets its own."""
 
     def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *, qkv_bias: bool,
-                 out_bias: bool, rotary: RotaryEmbedding | None, window: int | None = None):
+                 out_bias: bool, rotary: RotaryEmbedding | None, window: int | None = None,
+                 softcap: float | None = None, scale: float | None = None):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
@@ -72,7 +77,8 @@ class Attention(KernelUser):
         self.o_proj = nn.Linear(self.q_size, hidden, bias=out_bias)
         self.rotary = rotary
         self.window = window
-        self.scale = head_dim ** -0.5
+        self.softcap = softcap
+        self.scale = head_dim ** -0.5 if scale is None else scale
 
     def forward(self, x: torch.Tensor, batch: RaggedBatch, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         qkv = self.qkv_proj(x)
@@ -84,21 +90,32 @@ class Attention(KernelUser):
             self.rotary(q, k, batch.positions)
         k_cache, v_cache = kv
         self.ops.kv_write(k, v, k_cache, v_cache, batch.slot_mapping)
-        out = self.ops.attention(q, k_cache, v_cache, batch.attn, self.scale, self.window)
+        out = self.ops.attention(q, k_cache, v_cache, batch.attn, self.scale, self.window, softcap=self.softcap)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
-class GatedMLP(KernelUser):
-    """SwiGLU MLP with the gate and up projections fused into one matmul."""
+# The gated MLPs' activations (transformers' hidden_act names) and the kernel that applies each and multiplies.
+GATED_ACTIVATIONS = {"silu": "silu_and_mul", "gelu_pytorch_tanh": "gelu_tanh_and_mul"}
 
-    def __init__(self, hidden: int, intermediate: int, bias: bool = False):
+
+def act_and_mul_kernel(activation: str) -> str:
+    if activation not in GATED_ACTIVATIONS:
+        raise ValueError(f"unsupported gated-MLP activation {activation!r}; supported: {', '.join(GATED_ACTIVATIONS)}")
+    return GATED_ACTIVATIONS[activation]
+
+
+class GatedMLP(KernelUser):
+    """Gated MLP (SwiGLU, or GeGLU for Gemma-2) with the gate and up projections fused into one matmul."""
+
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False, activation: str = "silu"):
         super().__init__()
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=bias)
         self.gate_up_proj.shard_sizes = [intermediate, intermediate]
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.act_and_mul = act_and_mul_kernel(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(getattr(self.ops, self.act_and_mul)(self.gate_up_proj(x)))
 
 
 class MLP(nn.Module):

@@ -56,11 +56,16 @@ class LlamaForCausalLM(CausalLM):
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act={config.hidden_act!r} is not supported for {type(self).__name__}; "
                              "supported: silu")
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-        rotary = rotary_from_config(config, LlamaRotaryEmbedding)
+        rotary = rotary_from_config(config, self.hf_rotary_embedding())
         self.model = LlamaModel(config, rotary, self.spec.windows, self.qkv_bias(config))
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.hidden_size, config.vocab_size, tied_to=tied)
+
+    @classmethod
+    def hf_rotary_embedding(cls) -> type:
+        """transformers' rotary module of this family, whose frequencies and scaling the model copies."""
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+        return LlamaRotaryEmbedding
 
     def qkv_bias(self, config) -> bool:
         return getattr(config, "attention_bias", False)

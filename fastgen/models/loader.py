@@ -15,10 +15,17 @@ import torch
 
 from fastgen.models.base import CausalLM
 from fastgen.models.layers import RotaryEmbedding
+from fastgen.models.falcon import FalconForCausalLM
+from fastgen.models.gemma2 import Gemma2ForCausalLM
 from fastgen.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from fastgen.models.mixtral import MixtralForCausalLM
 from fastgen.models.opt import OPTForCausalLM
+from fastgen.models.phi3 import Phi3ForCausalLM
+from fastgen.models.qwen2_moe import Qwen2MoeForCausalLM
 
-FAMILIES: tuple[type[CausalLM], ...] = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, OPTForCausalLM)
+FAMILIES: tuple[type[CausalLM], ...] = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, OPTForCausalLM,
+                                        MixtralForCausalLM, Qwen2MoeForCausalLM, Phi3ForCausalLM, FalconForCausalLM,
+                                        Gemma2ForCausalLM)
 ARCHITECTURES = {t: cls for cls in FAMILIES for t in cls.model_types}
 
 

@@ -3,7 +3,7 @@ model calibrated on measured step times (executor=simulated, fastgen/executors/s
 python -m fastgen.sim.calibrate) or fitted to published GPU operator times (python -m fastgen.sim.measured)."""
 from fastgen.sim.clocks import CPUClock, VirtualClock
 from fastgen.sim.cost_model import BatchShape, CostModel, DeviceSheet, Profile, StepWork
-from fastgen.sim.shapes import PAPER_MODELS, model_spec
+from fastgen.sim.shapes import NAMED_MODELS, PAPER_MODELS, model_spec
 
-__all__ = ["PAPER_MODELS", "BatchShape", "CPUClock", "CostModel", "DeviceSheet", "Profile", "StepWork",
+__all__ = ["NAMED_MODELS", "PAPER_MODELS", "BatchShape", "CPUClock", "CostModel", "DeviceSheet", "Profile", "StepWork",
            "VirtualClock", "model_spec"]

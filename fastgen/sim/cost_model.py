@@ -1,15 +1,16 @@
 """The cost model: how long one ragged step takes on a device, from the work it does.
 
-A step's work (`StepWork`) follows from its shape alone: the linear layers (`layer_gemms`) stream every weight
-once and do 2 flops per weight per token; attention reads each sequence's KV history, and a prefill chunk also
-does quadratic work; tensor parallelism adds two all-reduces of the hidden state per layer. Time is a roofline per
-operation, max(flops / (peak x efficiency), bytes / (bandwidth x efficiency)), where the matmul efficiency grows
-with the token count (small GEMMs cannot fill the device), plus fixed costs per layer, per step and per
-sequence (kernel launches, host-side batch building and sampling). The efficiencies and overheads are a
-`Profile`, fitted to measured step times by `fastgen.sim.calibrate`, or to published per-operator GPU times by
-`fastgen.sim.measured`. A measured profile also carries per-GEMM-shape time curves over the token count
-(`Profile.gemm_times`), which replace the roofline for the GEMMs they cover: cuBLAS picks tiles per shape, so a
-GEMM's time is a staircase in the token count that no smooth efficiency follows.
+A step's work (`StepWork`) follows from its shape alone: the linear layers (`layer_gemms`) stream every weight once
+and do 2 flops per weight per token; a mixture of experts' routed experts (`expert_gemms`) do the flops of the
+top-k experts per token and stream the weights of min(experts, tokens x k) experts; attention reads each sequence's
+KV history, and a prefill chunk also does quadratic work; tensor parallelism adds two all-reduces of the hidden
+state per layer. Time is a roofline per operation, max(flops / (peak x efficiency), bytes / (bandwidth x
+efficiency)), where the matmul efficiency grows with the token count (small GEMMs cannot fill the device), plus
+fixed costs per layer, per step and per sequence (kernel launches, host-side batch building and sampling). The
+efficiencies and overheads are a `Profile`, fitted to measured step times by `fastgen.sim.calibrate`, or to
+published per-operator GPU times by `fastgen.sim.measured`. A measured profile also carries per-GEMM-shape time
+curves over the token count (`Profile.gemm_times`), which replace the roofline for the GEMMs they cover: cuBLAS
+picks tiles per shape, so a GEMM's time is a staircase in the token count that no smooth efficiency follows.
 """
 from __future__ import annotations
 
@@ -150,11 +151,16 @@ NOT_FITTED_FROM_STEPS = ("meta", "token_correction", "elementwise_efficiency", "
 
 @dataclass(frozen=True)
 class Gemm:
-    """One linear layer of a decoder layer on one device: [tokens x inputs] @ [inputs x outputs]."""
+    """One linear layer of a decoder layer on one device: [tokens x inputs] @ [inputs x outputs], in `layers` of
+    the model's layers (0: all). Routed experts are one Gemm of `experts` stacked matrices, `top_k` of which each
+    token runs."""
 
     name: str
     outputs: int
     inputs: int
+    layers: int = 0
+    experts: int = 1
+    top_k: int = 1
 
     @property
     def key(self) -> str:
@@ -166,13 +172,34 @@ class Gemm:
 
 
 def layer_gemms(spec: ModelSpec, tensor_parallel: int) -> list[Gemm]:
-    """QKV, output, gate+up and down projections of one layer, as one of `tensor_parallel` devices runs them
-    (heads and the MLP's intermediate features split over devices; each device keeps at least one KV head)."""
-    tp, d = tensor_parallel, spec.head_dim
+    """The GEMMs every token runs through once, as one of `tensor_parallel` devices runs them (heads and MLP
+    features split over devices; each device keeps at least one KV head): QKV and output projections in every
+    layer; gate+up (up alone for a plain MLP) and down in the dense layers; the router and the shared expert
+    (its gate+up, down and sigmoid gate) in a mixture's MoE layers."""
+    tp, d, h = tensor_parallel, spec.head_dim, spec.hidden
     heads, kv_heads = -(-spec.num_heads // tp), spec.kv_heads_per_device(tp)
-    inter = -(-spec.intermediate // tp)
-    return [Gemm("qkv", (heads + 2 * kv_heads) * d, spec.hidden), Gemm("o", spec.hidden, heads * d),
-            Gemm("gate_up", 2 * inter, spec.hidden), Gemm("down", spec.hidden, inter)]
+    gemms = [Gemm("qkv", (heads + 2 * kv_heads) * d, h, spec.num_layers), Gemm("o", h, heads * d, spec.num_layers)]
+    dense_layers, moe_layers = spec.num_layers - spec.num_moe_layers, spec.num_moe_layers
+    if dense_layers:
+        inter = -(-spec.intermediate // tp)
+        up = Gemm("gate_up", 2 * inter, h, dense_layers) if spec.gated_mlp else Gemm("up", inter, h, dense_layers)
+        gemms += [up, Gemm("down", h, inter, dense_layers)]
+    if moe_layers:
+        gemms.append(Gemm("router", spec.num_experts, h, moe_layers))
+        if spec.shared_expert_intermediate:
+            shared = -(-spec.shared_expert_intermediate // tp)
+            gemms += [Gemm("shared_gate_up", 2 * shared, h, moe_layers), Gemm("shared_down", h, shared, moe_layers),
+                      Gemm("shared_gate", 1, h, moe_layers)]
+    return gemms
+
+
+def expert_gemms(spec: ModelSpec, tensor_parallel: int) -> list[Gemm]:
+    """A mixture's routed experts (gate+up and down), each expert's intermediate features split over devices."""
+    if not spec.num_moe_layers:
+        return []
+    inter, h = -(-spec.expert_intermediate // tensor_parallel), spec.hidden
+    moe = dict(layers=spec.num_moe_layers, experts=spec.num_experts, top_k=spec.experts_per_token)
+    return [Gemm("expert_gate_up", 2 * inter, h, **moe), Gemm("expert_down", h, inter, **moe)]
 
 
 @dataclass
@@ -187,6 +214,7 @@ class StepWork:
     attn_decode: tuple[float, float]
     allreduces: int                      # tensor-parallel all-reduces of the hidden state (0 without TP)
     allreduce_bytes: float               # ... each of this many bytes
+    experts: tuple[float, float, float] = (0.0, 0.0, 0.0)   # routed experts: (flops, bytes, rows per expert GEMM)
 
 
 class CostModel:
@@ -202,19 +230,39 @@ class CostModel:
         # Attention work depends on each layer's window: layers are grouped by window, each group costed once.
         self.window_layers = {w: spec.windows.count(w) for w in set(spec.windows)}
         self.gemms = layer_gemms(spec, self.tp)
+        self.expert_gemms = expert_gemms(spec, self.tp)
         # what one layer's elementwise kernels read and write per token: 2 norms (h in, h out), rotary (q and k
-        # in and out), the activation (gate and up in, one out), 2 residual adds (2 h in, h out)
-        qkv, o, _, down = self.gemms      # rotary's q and k in and out: 2 (q + k) = qkv outputs + o inputs
+        # in and out), the activation (gate and up in, one out; a token's k experts and the shared expert in an
+        # MoE layer, averaged over layers), 2 residual adds (2 h in, h out)
+        qkv, o = self.gemms[:2]           # rotary's q and k in and out: 2 (q + k) = qkv outputs + o inputs
+        activation = sum(3 * g.inputs * g.layers * g.top_k for g in self.gemms + self.expert_gemms
+                         if g.name.endswith("down")) / spec.num_layers
         self.elementwise_bytes_per_token = self.dtype_bytes * (10 * spec.hidden + qkv.outputs + o.inputs
-                                                               + 3 * down.inputs)
+                                                               + activation)
 
     # -- work ------------------------------------------------------------------------------------------------
     def gemm_work(self, gemms: Sequence[Gemm], tokens: float) -> tuple[float, float, float]:
-        """(flops, bytes, tokens) of these GEMMs in every layer: weights read once, activations in and out."""
-        layers = self.spec.num_layers
-        flops = sum(2 * tokens * g.weights for g in gemms) * layers
-        nbytes = sum(g.weights + tokens * (g.inputs + g.outputs) for g in gemms) * self.dtype_bytes * layers
+        """(flops, bytes, tokens) of these GEMMs in every layer that holds them: weights read once, activations in
+        and out."""
+        flops = sum(2 * tokens * g.weights * self.layers_of(g) for g in gemms)
+        nbytes = sum((g.weights + tokens * (g.inputs + g.outputs)) * self.layers_of(g) for g in gemms) \
+            * self.dtype_bytes
         return flops, nbytes, tokens
+
+    def layers_of(self, gemm: Gemm) -> int:
+        return gemm.layers or self.spec.num_layers
+
+    def expert_work(self, tokens: float) -> tuple[float, float, float]:
+        """(flops, bytes, rows per expert) of the routed experts: tokens x k rows of expert work, over the weights
+        of min(experts, tokens x k) experts, each expert's GEMM getting that share of the rows."""
+        if not self.expert_gemms:
+            return 0.0, 0.0, 0.0
+        rows = tokens * self.spec.experts_per_token
+        streamed = min(self.spec.num_experts, rows)
+        flops = sum(2 * rows * g.weights * g.layers for g in self.expert_gemms)
+        nbytes = sum((streamed * g.weights + rows * (g.inputs + g.outputs)) * g.layers for g in self.expert_gemms) \
+            * self.dtype_bytes
+        return flops, nbytes, rows / streamed
 
     def work(self, batch: BatchShape) -> StepWork:
         s, b, tp, layers = self.spec, self.dtype_bytes, self.tp, self.spec.num_layers
@@ -239,7 +287,7 @@ class CostModel:
 
         allreduces = 2 * layers if tp > 1 else 0
         return StepWork(seqs, int(prefill.sum()), linear, head, attn_prefill, attn_decode, allreduces,
-                        tokens * s.hidden * b)
+                        tokens * s.hidden * b, self.expert_work(tokens))
 
     # -- time ------------------------------------------------------------------------------------------------
     def allreduce_seconds(self, nbytes: float, profile: Profile | None = None) -> float:
@@ -283,11 +331,12 @@ class CostModel:
         if measured:    # measured curves for some GEMMs, the roofline for the rest
             rest = [g for g in self.gemms if g.key not in p.gemm_times]
             linear_compute, linear_memory = gemm(*self.gemm_work(rest, tokens)) if rest else (0.0, 0.0)
-            linear_measured = self.spec.num_layers * sum(p.gemm_seconds(g.key, tokens) for g in measured)
+            linear_measured = sum(self.layers_of(g) * p.gemm_seconds(g.key, tokens) for g in measured)
         else:
             (linear_compute, linear_memory), linear_measured = gemm(*work.linear), 0.0
         out = {"linear_compute_s": linear_compute, "linear_memory_s": linear_memory,
                "linear_s": linear_measured + max(linear_compute, linear_memory), "head_s": max(gemm(*work.head)),
+               "experts_s": max(gemm(*work.experts)) if work.experts[0] else 0.0,
                "attention_s": roofline(*work.attn_prefill) / p.prefill_attention_efficiency
                + roofline(*work.attn_decode) / p.decode_attention_efficiency,
                "allreduce_s": work.allreduces * self.allreduce_seconds(work.allreduce_bytes, p)
