@@ -6,9 +6,11 @@ from typing import ClassVar, Mapping
 import torch
 from torch import nn
 
+from fastgen.distributed import Slice, current
 from fastgen.kv.cache import KVCache
 from fastgen.model_spec import ModelSpec, eos_ids
-from fastgen.models.layers import KernelUser
+from fastgen.models.layers import ColumnParallelLinear, KernelUser, Sharded
+from fastgen.models.weights import StateDictWeights, WeightSource
 from fastgen.ragged import RaggedBatch
 
 
@@ -22,6 +24,9 @@ class CausalLM(nn.Module):
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    # Declared by each family itself (not inherited): every layer is one of fastgen.models.layers' tensor-parallel
+    # layers or a replicated one (norms, small projections), so the family can be split over ranks.
+    tensor_parallel: ClassVar[bool] = False
     packed: ClassVar[tuple[tuple[str, str, int], ...]] = ()
     renames: ClassVar[tuple[tuple[str, str], ...]] = ()
 
@@ -29,6 +34,12 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.spec = self.describe(config)
+        self.parallel = current()     # the rank this model's shard belongs to (size 1: the whole model)
+        if self.parallel.size > 1 and not self.supports_tensor_parallel():
+            from fastgen.models.loader import FAMILIES
+            able = ", ".join(t for cls in FAMILIES if cls.supports_tensor_parallel() for t in cls.model_types)
+            raise ValueError(f"{type(self).__name__} ({config.model_type}) cannot be split over "
+                             f"hardware.tensor_parallel={self.parallel.size} ranks; families that can: {able}")
 
     @classmethod
     def describe(cls, config) -> ModelSpec:
@@ -42,6 +53,10 @@ class CausalLM(nn.Module):
             vocab_size=config.vocab_size, max_positions=config.max_position_embeddings,
             windows=tuple(cls.layer_windows(config)), tied_embeddings=bool(config.tie_word_embeddings),
             eos_token_ids=eos_ids(getattr(config, "eos_token_id", None)))
+
+    @classmethod
+    def supports_tensor_parallel(cls) -> bool:
+        return cls.__dict__.get("tensor_parallel", False)
 
     @classmethod
     def layer_windows(cls, config) -> list[int | None]:
@@ -59,20 +74,28 @@ class CausalLM(nn.Module):
         """Returns float32 logits [num_seqs, vocab] for the last scheduled token of each sequence."""
         raise NotImplementedError
 
-    @torch.no_grad()
     def load_hf_state_dict(self, state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
+        self.load_weights(StateDictWeights(state_dict), source)
+
+    def hf_to_fastgen(self, hf_name: str) -> tuple[str, int | None]:
+        """The fastgen parameter a checkpoint tensor goes into, and which packed block of it (None: all of it)."""
+        name = hf_name
+        for old, new in self.renames:
+            name = name.replace(old, new)
+        for fused, part, index in self.packed:
+            if f".{part}." in name:
+                return name.replace(f".{part}.", f".{fused}."), index
+        return name, None
+
+    @torch.no_grad()
+    def load_weights(self, weights: WeightSource, source: str = "checkpoint") -> None:
+        """Copies the checkpoint's tensors into this model: for a tensor-parallel shard only this rank's slices,
+        read one tensor (or one slice) at a time."""
         params = dict(self.named_parameters())
         modules = dict(self.named_modules())
         loaded: dict[str, set] = {}
-        for hf_name, tensor in state_dict.items():
-            name = hf_name
-            for old, new in self.renames:
-                name = name.replace(old, new)
-            shard = None
-            for fused, part, index in self.packed:
-                if f".{part}." in name:
-                    name, shard = name.replace(f".{part}.", f".{fused}."), index
-                    break
+        for hf_name in weights.names():
+            name, part = self.hf_to_fastgen(hf_name)
             if name == "lm_head.weight" and "lm_head.weight" not in params:
                 continue   # tied: the embedding is the LM head
             if name not in params:
@@ -80,20 +103,41 @@ class CausalLM(nn.Module):
                     continue
                 raise ValueError(f"{source}: weight {hf_name!r} has no place in fastgen's "
                                  f"{type(self).__name__}; is this checkpoint for a different architecture?")
-            dest = params[name]
-            if shard is not None:
-                sizes = modules[name.rsplit(".", 1)[0]].shard_sizes
-                dest = dest.narrow(0, sum(sizes[:shard]), sizes[shard])
-            if dest.shape != tensor.shape:
-                raise ValueError(f"{source}: weight {hf_name!r} has shape {tuple(tensor.shape)}, "
-                                 f"fastgen expects {tuple(dest.shape)}")
-            dest.copy_(tensor)
-            loaded.setdefault(name, set()).add(shard)
-        missing = [n for n, _ in self.named_parameters() if loaded.get(n) != self._expected_shards(n, modules)]
+            module_name, attr = name.rsplit(".", 1)
+            module, dest = modules[module_name], params[name]
+            for region, place in self._placements(module, attr, part):
+                target = dest if place is None else dest.narrow(*place)
+                tensor = weights.read(hf_name, region)
+                if target.shape != tensor.shape:
+                    raise ValueError(f"{source}: weight {hf_name!r} has shape {tuple(tensor.shape)}, "
+                                     f"fastgen expects {tuple(target.shape)}"
+                                     + (f" (rank {self.parallel.rank}'s slice)" if self.parallel.size > 1 else ""))
+                target.copy_(tensor)
+            loaded.setdefault(name, set()).add(part)
+        missing = [n for n, _ in self.named_parameters() if not self._complete(loaded.get(n, set()), modules, n)]
         if missing:
             raise ValueError(f"{source}: missing weights {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
+    def _placements(self, module: nn.Module, attr: str, part: int | None) \
+            -> list[tuple[Slice | None, tuple[int, int, int] | None]]:
+        """Which region of a checkpoint tensor goes where (dim, offset, size) in the parameter (None: all of it):
+        this rank's slices for a tensor-parallel layer; for a plain layer packing blocks (`shard_sizes`), the whole
+        tensor into its block; else the whole tensor into the whole parameter."""
+        if isinstance(module, Sharded):
+            regions = module.shard(attr, part, self.parallel.rank)
+            if regions is not None:
+                return [(r, (r.dim, r.dest_offset, r.size)) for r in regions]
+        elif part is not None:
+            sizes = module.shard_sizes
+            return [(None, (0, sum(sizes[:part]), sizes[part]))]
+        return [(None, None)]
+
     @staticmethod
-    def _expected_shards(name: str, modules: dict[str, nn.Module]) -> set:
-        sizes = getattr(modules[name.rsplit(".", 1)[0]], "shard_sizes", None)
-        return set(range(len(sizes))) if sizes else {None}
+    def _complete(parts: set, modules: dict[str, nn.Module], name: str) -> bool:
+        """Whether the tensors loaded into parameter `name` cover it: the whole of it, or each packed block."""
+        if None in parts:
+            return True
+        module = modules[name.rsplit(".", 1)[0]]
+        blocks = len(module.parts) if isinstance(module, ColumnParallelLinear) else \
+            len(getattr(module, "shard_sizes", ()))
+        return bool(parts) and parts == set(range(blocks))
