@@ -33,6 +33,7 @@ from fastgen.executors.base import Executor, StepResult, register_executor
 from fastgen.executors.real import RealExecutor
 from fastgen.executors.workers import START_METHODS, GroupOptions, RankState, WorkerGroup
 from fastgen.models import CausalLM, build_model, resolve_dtype
+from fastgen.models.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from fastgen.models.loader import check_tensor_parallel, load_config, open_weights
 from fastgen.models.weights import BroadcastWeights, SafetensorsWeights
 from fastgen.ragged import SeqChunk
@@ -46,7 +47,7 @@ class TensorParallelConfig(ExecutorConfig):
     backend: str = "auto"                      # torch.distributed backend: auto (CPU: gloo, CUDA: nccl) | gloo | nccl
     threads_per_rank: Optional[int] = None     # CPU: torch threads of each rank; None: (hardware.threads or the
     #                                            cores) // ranks, at least 1
-    timeout_s: float = 300.0                   # start-up, or a collective waiting this long for a rank, fails it
+    timeout_s: float = 300.0                   # a collective waiting this long for a rank fails the engine
     start_method: str = "forkserver"           # forkserver (one import, then a fork per rank) | spawn
 
     def validate(self) -> None:
@@ -103,20 +104,28 @@ def load_shard(state: RankState, load: ShardLoad) -> None:
     state.runner = RealExecutor(dataclasses.replace(load.cfg, hardware=hardware), model)
 
 
-def unload(state: RankState) -> None:
-    state.runner = None
-
-
 def run_step(state: RankState, chunks: Sequence[SeqChunk]) -> StepResult:
     return state.runner.execute(chunks)
 
 
+def rank_memory(state: RankState) -> dict[str, int]:
+    """Elements this rank holds: the split linear layers' weights, its rows of the vocabulary (embedding and an
+    untied LM head), what every rank holds whole (norms, biases after an all-reduce, small projections), and
+    its KV pool."""
+    counts = {"linear": 0, "vocab": 0, "replicated": 0}
+    for module in state.runner.model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            kind = ("linear" if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and name == "weight"
+                    else "vocab" if isinstance(module, VocabParallelEmbedding) else "replicated")
+            counts[kind] += param.numel()
+    cache = state.runner.cache
+    return {**counts, "kv": cache.k.numel() + cache.v.numel()}
+
+
 @register_executor("tp", config=TensorParallelConfig)
 class TensorParallelExecutor(Executor):
-    def __init__(self, cfg: EngineConfig, model=None, tokenizer=None, workers: WorkerGroup | None = None):
-        """`model`: a short name, a directory or a transformers model (default cfg.model.source). `workers`: an
-        already started group of the same size to load into (its processes outlive this executor); by default
-        the executor starts its own and stops it on close()."""
+    def __init__(self, cfg: EngineConfig, model=None, tokenizer=None):
+        """`model`: a short name, a directory or a transformers model (default cfg.model.source)."""
         source = cfg.model.source if model is None else model
         if isinstance(source, CausalLM):
             raise TypeError("executor=tp loads each rank's shard itself: pass a model name, a directory or a "
@@ -125,19 +134,19 @@ class TensorParallelExecutor(Executor):
         hf_config = source.config if hasattr(source, "state_dict") else load_config(source, load_tokenizer=False)[0]
         check_tensor_parallel(hf_config, size)             # refuse before starting processes or reading weights
         options = group_options(cfg)
-        self._threads = torch.get_num_threads()
         hf_config, weights, tokenizer, name = open_weights(source, tokenizer)
-        if workers is not None and (workers.options.size, workers.options.device) != (size, options.device):
-            raise ValueError(f"the worker group has {workers.options.size} {workers.options.device} ranks; this "
-                             f"model asks for {size} on {options.device}")
-        self._owns_workers = workers is None
-        self.workers = workers or WorkerGroup(options)
+        self._threads = torch.get_num_threads()     # rank 0 runs options.threads while the group lives
+        self.workers = WorkerGroup(options)
         self.workers.state.weights = weights
         directory = str(weights.directory) if isinstance(weights, SafetensorsWeights) else None
         plain = EngineConfig(model=cfg.model, scheduler=cfg.scheduler, kv=cfg.kv, hardware=cfg.hardware,
                              executor=cfg.executor, seed=cfg.seed)
         del weights
-        self.workers.run(load_shard, ShardLoad(plain, hf_config, directory, name))
+        try:
+            self.workers.run(load_shard, ShardLoad(plain, hf_config, directory, name))
+        except BaseException:
+            self.close()
+            raise
         runner: RealExecutor = self.workers.state.runner
         self.spec, self.tokenizer = runner.spec, tokenizer
         self.block_size, self.num_kv_blocks = runner.block_size, runner.num_kv_blocks
@@ -162,8 +171,5 @@ class TensorParallelExecutor(Executor):
         workers, self.workers = getattr(self, "workers", None), None
         if workers is None:
             return
-        if self._owns_workers:
-            workers.close()
-        elif workers.failure is None:
-            workers.run(unload)
+        workers.close()
         torch.set_num_threads(self._threads)

@@ -38,6 +38,7 @@ PRELOAD = ["fastgen.executors.workers", "fastgen.executors.real", "transformers.
 START_METHODS = ("forkserver", "spawn")
 BACKENDS = {"gloo": "gloo", "nccl": "nccl"}
 IDLE_WAIT = datetime.timedelta(days=365)     # a worker waits for the next step as long as the engine idles
+START_TIMEOUT_S = 180.0      # at least this long for the ranks to start (the first forkserver imports torch)
 
 
 class WorkerError(RuntimeError):
@@ -50,12 +51,16 @@ class GroupOptions:
     device: str                # cpu | cuda: rank r runs on cuda:r
     backend: str               # gloo | nccl
     threads: int | None        # torch threads per rank (CPU)
-    timeout_s: float           # start-up, and any collective waiting this long for a rank, fails the group
+    timeout_s: float           # a collective waiting this long for a rank fails the group
     start_method: str = "forkserver"
 
     @property
     def timeout(self) -> datetime.timedelta:
         return datetime.timedelta(seconds=self.timeout_s)
+
+    @property
+    def start_timeout(self) -> datetime.timedelta:
+        return datetime.timedelta(seconds=max(self.timeout_s, START_TIMEOUT_S))
 
     def rank_device(self, rank: int) -> str:
         return f"cuda:{rank}" if self.device == "cuda" else "cpu"
@@ -113,7 +118,7 @@ def worker_main(rank: int, options: GroupOptions, port: int, parent: int) -> Non
     """A worker's life: rendezvous, then call whatever rank 0 sends until it sends None."""
     _exit_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C is rank 0's to handle: it stops the workers
-    store = dist.TCPStore("127.0.0.1", port, options.size, is_master=False, timeout=options.timeout)
+    store = dist.TCPStore("127.0.0.1", port, options.size, is_master=False, timeout=options.start_timeout)
     try:
         if options.device == "cpu" and options.threads:
             torch.set_num_threads(options.threads)
@@ -170,7 +175,7 @@ class WorkerGroup:
                              f"{torch.cuda.device_count()}")
         self.options, self.failure = options, None
         self.store = dist.TCPStore("127.0.0.1", 0, options.size, is_master=True, wait_for_workers=False,
-                                   timeout=options.timeout)
+                                   timeout=options.start_timeout)
         ctx = torch.multiprocessing.get_context(options.start_method)
         if options.start_method == "forkserver":
             ctx.set_forkserver_preload(PRELOAD)
@@ -196,14 +201,14 @@ class WorkerGroup:
         return [p.pid for p in self.processes]
 
     def _await_workers(self) -> None:
-        deadline = time.monotonic() + self.options.timeout_s
+        limit = self.options.start_timeout.total_seconds()
+        deadline = time.monotonic() + limit
         waiting = set(range(1, self.size))
         while waiting:
             waiting = {r for r in waiting if not self.store.check([f"ready/{r}"])}
             self._check_alive()
             if time.monotonic() > deadline:
-                raise TimeoutError(f"tensor-parallel ranks {sorted(waiting)} did not start within "
-                                   f"{self.options.timeout_s:.0f} s (executor.timeout_s)")
+                raise TimeoutError(f"tensor-parallel ranks {sorted(waiting)} did not start within {limit:.0f} s")
             time.sleep(0.02)
 
     def _check_alive(self) -> None:
@@ -241,6 +246,9 @@ class WorkerGroup:
                 fates.append(f"rank {rank} raised:\n{self.store.get(f'error/{rank}').decode()}")
             elif p.exitcode is not None:
                 fates.append(f"rank {rank} died with exit code {p.exitcode}")
+            else:
+                fates.append(f"rank {rank} was alive but did not answer (stalled? collectives wait "
+                             f"executor.timeout_s={self.options.timeout_s:g} s)")
         self.failure = f"rank 0: {type(cause).__name__}: {cause}" + "".join(f"\n{f}" for f in fates)
         self._teardown()
         raise WorkerError(f"tensor-parallel group failed; all ranks stopped.\n{self.failure}") from cause
