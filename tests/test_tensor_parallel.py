@@ -5,9 +5,11 @@ and no worker process outlives its engine.
 
 Ranks are forked from one forkserver that imports torch once per test session, so each engine here costs a fork
 per rank, not an import."""
+import json
 import multiprocessing
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -236,3 +238,76 @@ def test_run_py_pipeline_and_close_through_the_composition_root(tmp_path):
     finally:
         engine.close()
     assert pids_alive(pids) == []
+
+
+def test_the_server_streams_from_a_tensor_parallel_engine():
+    """fastgen.serve over an engine whose model is split over 2 ranks (the engine loop's thread drives rank 0):
+    the text streamed equals the single-process pipeline's."""
+    import httpx
+    import uvicorn
+    from transformers import AutoTokenizer
+
+    from fastgen.pipeline import Pipeline
+    from fastgen.serve import ServeConfig, create_app
+    from tiny import fastgen_from_hf, smollm2_files
+
+    directory, gguf_file = smollm2_files()
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tokenizer)),
+                                          attn_implementation="eager").eval()
+    prompt = "The quick brown fox"
+    expected = Pipeline(build_engine(engine_config(1, "real"), fastgen_from_hf(hf), tokenizer))(
+        prompt, max_new_tokens=7, ignore_eos=True)[0]
+    engine = build_engine(engine_config(2), hf, tokenizer)
+    try:
+        cfg = ServeConfig(port=0, served_model_name="tiny", request_timeout_s=60.0)
+        server = uvicorn.Server(uvicorn.Config(create_app(engine, cfg), host="127.0.0.1", port=0, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", timeout=60, json={
+                "model": "tiny", "prompt": prompt, "max_tokens": 7, "temperature": 0, "ignore_eos": True,
+                "stream": True}) as reply:
+            assert reply.status_code == 200
+            events = [line for line in reply.iter_lines() if line.startswith("data: {")]
+        server.should_exit = True
+        thread.join(timeout=10)
+        text = "".join(json.loads(e[len("data: "):])["choices"][0]["text"] for e in events)
+        assert text == expected.text and len(events) == 7
+    finally:
+        engine.close()
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_over_3_ranks_equals_transformers():
+    """The real SmolLM2-135M (GGUF, de-quantised by transformers in rank 0 and broadcast tensor by tensor) over 3
+    ranks: 3 query heads and 1 KV head each."""
+    import fastgen
+    from tiny import smollm2_files
+
+    directory, gguf_file = smollm2_files()
+    hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32).eval()
+    with fastgen.pipeline("smollm2-135m", overrides=["executor=tp", "hardware.tensor_parallel=3",
+                                                     "executor.threads_per_rank=1"]) as pipe:
+        ids = pipe.engine.tokenizer.encode("The capital of France is")
+        out = pipe([ids], max_new_tokens=16, ignore_eos=True)[0]
+    assert out.token_ids == reference_greedy(hf, ids, 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_two_gpus_over_nccl_equal_transformers(executors):
+    hf = tiny_hf_model("qwen2")
+    cfg = engine_config(2)
+    cfg.hardware.device = "cuda"
+    split = make_executor(cfg, hf)
+    try:
+        prompts = prompts_for()
+        assert greedy(split, "splitfuse", prompts) == [reference_greedy(hf, p, n) for p, n in zip(prompts, NEW_TOKENS)]
+    finally:
+        split.close()
