@@ -3,6 +3,7 @@ of rank 0's step spent in all-reduce, and the simulator's all-reduce term fitted
 
     python experiments/bench_tp.py                    # writes experiments/results/bench_tp/results.md
     python experiments/bench_tp.py --repeats 21 --threads 2
+    python experiments/bench_tp.py --calibrate cpu-tp2   # also fits a simulator profile to a TP=2 run of the model
 
 The model is a Llama of SmolLM2-135M's size with an even head count (SmolLM2's 9 query heads do not split over 2
 ranks): 12 layers, hidden 768, 12 query / 4 KV heads, MLP 2048, vocabulary 32000 (125M parameters), with random
@@ -11,6 +12,9 @@ same cores: TP=1 with --threads torch threads, TP=1 with one thread, TP=2 with -
 time is the executor's execute() (what the engine times as prepare + forward), median of --repeats after a
 warm-up; "in all-reduce" is the time rank 0's layers spent in all-reduce and the LM head's gather, waiting for the
 other rank included. The isolated all-reduce times are the same message sizes timed on their own after a barrier.
+With --calibrate, `python -m fastgen.sim.calibrate executor=tp hardware.tensor_parallel=2` runs on the same model
+and writes fastgen/sim/profiles/<name>.json, whose all-reduce term is fitted to the calibration steps' all-reduces
+(`executor=simulated hardware=cpu hardware.tensor_parallel=2 executor.device.profile=<name>` then simulates it).
 """
 from __future__ import annotations
 
@@ -81,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="cores every configuration uses")
     parser.add_argument("--out", default=str(ROOT / "experiments/results/bench_tp"))
+    parser.add_argument("--calibrate", metavar="PROFILE", help="also calibrate the simulator on a TP=2 run")
     args = parser.parse_args(argv)
     half = max(1, args.threads // 2)
     configs = [(f"TP=1, {args.threads} threads", "real", 1, args.threads), ("TP=1, 1 thread", "real", 1, 1),
@@ -105,14 +110,20 @@ def main(argv: list[str] | None = None) -> None:
             finally:
                 executor.close()
                 COMM.reset(record=False)
+        profile = None
+        if args.calibrate:
+            from fastgen.sim.calibrate import main as calibrate
+            profile = calibrate(["executor=tp", "hardware.tensor_parallel=2", "model=local", f"model.source={tmp}",
+                                 f"executor.threads_per_rank={half}", "--profile", args.calibrate,
+                                 "--max-tokens", "512", "--max-context", "1024", "--max-seqs", "16", "--repeats", "5"])
     load_after = uptime()
     latency, bandwidth, report = fit_allreduce(allreduce_samples, 2)
     iso_latency, iso_bandwidth, iso_report = fit_allreduce([(b, s) for b, s in isolated], 2)
     write(Path(args.out), args, configs, rows, (latency, bandwidth, report), (iso_latency, iso_bandwidth, iso_report),
-          load_before, load_after)
+          profile, load_before, load_after)
 
 
-def write(out: Path, args, configs, rows, in_steps, alone, load_before: str, load_after: str) -> None:
+def write(out: Path, args, configs, rows, in_steps, alone, profile, load_before: str, load_after: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     base = configs[0][0]
     lines = [f"# Tensor parallelism on the CPU ({datetime.date.today()})", "",
@@ -133,8 +144,11 @@ def write(out: Path, args, configs, rows, in_steps, alone, load_before: str, loa
               "Fitted (`fastgen.sim.calibrate.fit_allreduce`: latency + 2 (n-1)/n x bytes / bus bandwidth, relative "
               "errors, median per message size):", "",
               "| all-reduces | latency | bus bandwidth | median error | max error |", "| --- | ---: | ---: | ---: | ---: |"]
-    for label, (latency, bandwidth, report) in (("inside the TP=2 steps above (rank 0, waits included)", in_steps),
-                                                 ("alone, after a barrier", alone)):
+    fits = [("inside the TP=2 steps above (rank 0, waits included)", in_steps), ("alone, after a barrier", alone)]
+    if profile is not None:
+        fits.append((f"inside the calibration steps (`--calibrate {args.calibrate}`, in the profile)",
+                     (profile.allreduce_latency_s, profile.allreduce_bandwidth_gbs, profile.meta["allreduce_fit"])))
+    for label, (latency, bandwidth, report) in fits:
         lines.append(f"| {label} | {latency * 1e6:.1f} us | {bandwidth:.3g} GB/s | "
                      f"{report['fit_rel_error_median']:.1%} | {report['fit_rel_error_max']:.1%} |")
     lines += ["", "| bytes | in steps: median | fit | alone: median | fit |", "| ---: | ---: | ---: | ---: | ---: |"]
@@ -143,6 +157,10 @@ def write(out: Path, args, configs, rows, in_steps, alone, load_before: str, loa
         a = alone_points.get(p["bytes"])
         lines.append(f"| {p['bytes']} | {p['median_s'] * 1e6:.0f} us | {p['predicted_s'] * 1e6:.0f} us | "
                      + (f"{a['median_s'] * 1e6:.0f} us | {a['predicted_s'] * 1e6:.0f} us |" if a else "| |"))
+    if profile is not None:
+        lines += ["", f"The `{args.calibrate}` profile's step-time fit over its {len(profile.meta['points'])} TP=2 "
+                  f"steps: median error {profile.meta['fit_rel_error_median']:.1%}, max "
+                  f"{profile.meta['fit_rel_error_max']:.1%}."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
