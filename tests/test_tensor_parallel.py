@@ -9,7 +9,6 @@ import json
 import multiprocessing
 import os
 import signal
-import threading
 import time
 
 import pytest
@@ -243,8 +242,7 @@ def test_run_py_pipeline_and_close_through_the_composition_root(tmp_path):
 def test_the_server_streams_from_a_tensor_parallel_engine():
     """fastgen.serve over an engine whose model is split over 2 ranks (the engine loop's thread drives rank 0):
     the text streamed equals the single-process pipeline's."""
-    import httpx
-    import uvicorn
+    from fastapi.testclient import TestClient
     from transformers import AutoTokenizer
 
     from fastgen.pipeline import Pipeline
@@ -261,22 +259,13 @@ def test_the_server_streams_from_a_tensor_parallel_engine():
         prompt, max_new_tokens=7, ignore_eos=True)[0]
     engine = build_engine(engine_config(2), hf, tokenizer)
     try:
-        cfg = ServeConfig(port=0, served_model_name="tiny", request_timeout_s=60.0)
-        server = uvicorn.Server(uvicorn.Config(create_app(engine, cfg), host="127.0.0.1", port=0, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", timeout=60, json={
-                "model": "tiny", "prompt": prompt, "max_tokens": 7, "temperature": 0, "ignore_eos": True,
-                "stream": True}) as reply:
-            assert reply.status_code == 200
-            events = [line for line in reply.iter_lines() if line.startswith("data: {")]
-        server.should_exit = True
-        thread.join(timeout=10)
+        app = create_app(engine, ServeConfig(served_model_name="tiny", request_timeout_s=60.0))
+        with TestClient(app) as client:          # runs the app's lifespan: the engine thread
+            with client.stream("POST", "/v1/completions", json={
+                    "model": "tiny", "prompt": prompt, "max_tokens": 7, "temperature": 0, "ignore_eos": True,
+                    "stream": True}) as reply:
+                assert reply.status_code == 200
+                events = [line for line in reply.iter_lines() if line.startswith("data: {")]
         text = "".join(json.loads(e[len("data: "):])["choices"][0]["text"] for e in events)
         assert text == expected.text and len(events) == 7
     finally:
