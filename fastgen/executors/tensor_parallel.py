@@ -73,7 +73,7 @@ def group_options(cfg: EngineConfig) -> GroupOptions:
         raise ValueError("executor.backend=nccl needs hardware.device=cuda; on CPU use gloo (or auto)")
     threads = None
     if device == "cpu":
-        cores = os.cpu_count() or 1
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         threads = ex.threads_per_rank or max(1, (hw.threads or cores) // size)
         if threads * size > cores:
             warnings.warn(f"{size} ranks x {threads} threads exceed this machine's {cores} cores: the ranks will "

@@ -131,8 +131,10 @@ def worker_main(rank: int, options: GroupOptions, port: int, parent: int) -> Non
                 dist.gather_object(result, None, dst=0, group=state.group)
         dist.destroy_process_group()
     except BaseException:
-        store.set(f"error/{rank}", traceback.format_exc())
-        os._exit(1)
+        try:
+            store.set(f"error/{rank}", traceback.format_exc())
+        finally:
+            os._exit(1)
 
 
 @contextmanager
