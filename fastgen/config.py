@@ -64,7 +64,7 @@ class KVConfig:
     name: str = MISSING
     block_size: int = 64
     num_blocks: Optional[int] = None     # None: as many as the executor's memory for KV holds
-    memory_gb: float = 2.0               # real executor: memory for the KV pool
+    memory_gb: float = 2.0               # real executor: memory for the KV pool (per device / rank with TP)
     module: Optional[str] = None         # import this module or file first (a manager defined outside fastgen)
 
     def validate(self) -> None:

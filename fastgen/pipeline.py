@@ -45,6 +45,16 @@ class Pipeline:
             finished.update((out.request_id, out.request) for out in self.engine.step() if out.finished)
         return [self._output(finished[i]) for i in ids]
 
+    def close(self) -> None:
+        """Releases what the engine holds beyond memory (a tensor-parallel executor's worker processes)."""
+        self.engine.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _output(self, req) -> Output:
         text = req.output_text if req.detokenizer is not None else None
         return Output(text, list(req.output_token_ids), req.finish_reason, len(req.prompt_token_ids))

@@ -1,4 +1,7 @@
-"""The real executor: the model on one device (CPU or GPU), its KV pool, and the kernel backend chosen once."""
+"""The real executor: the model on one device (CPU or GPU), its KV pool, and the kernel backend chosen once.
+
+It is also what each rank of the tensor-parallel executor (fastgen.executors.tensor_parallel) runs on its shard of
+the model and of the KV pool."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,9 +26,11 @@ class RealExecutorConfig(ExecutorConfig):
 class RealExecutor(Executor):
     def __init__(self, cfg: EngineConfig, model=None, tokenizer=None):
         hw = cfg.hardware
-        if hw.tensor_parallel != 1:
-            raise ValueError(f"executor=real runs the model on one device; hardware.tensor_parallel="
-                             f"{hw.tensor_parallel} is only simulated (executor=simulated)")
+        shards = model.parallel.size if isinstance(model, CausalLM) else 1
+        if hw.tensor_parallel != shards:
+            raise ValueError(f"executor=real runs the whole model in one process; hardware.tensor_parallel="
+                             f"{hw.tensor_parallel} runs on executor=tp (worker processes over torch.distributed), "
+                             "or is simulated with executor=simulated")
         if hw.threads:
             torch.set_num_threads(hw.threads)      # the device is this process's CPU: its thread pool is ours
         if not isinstance(model, CausalLM):
@@ -37,9 +42,9 @@ class RealExecutor(Executor):
         self.model = model.use_kernels(self.backend)
         self.spec, self.tokenizer = model.spec, tokenizer
         self.block_size = cfg.kv.block_size
-        self.num_kv_blocks = cfg.kv.num_blocks or max(1, self.spec.kv_blocks_in(
-            cfg.kv.memory_gb * 2**30, self.block_size, self.dtype.itemsize))
-        self.cache = KVCache(self.spec, self.num_kv_blocks, self.block_size, self.dtype, self.device)
+        self.num_kv_blocks = cfg.kv.num_blocks or max(1, self.spec.kv_blocks_in(   # kv.memory_gb per device
+            cfg.kv.memory_gb * 2**30, self.block_size, self.dtype.itemsize, shards))
+        self.cache = KVCache(self.spec, self.num_kv_blocks, self.block_size, self.dtype, self.device, shards)
         self.windows = set(self.spec.windows)
         self._sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
 

@@ -59,10 +59,10 @@ class SimulatedExecutor(Executor):
     def __init__(self, cfg: EngineConfig, model=None, tokenizer=None):
         """`model` (optional) only gives the shape: a fastgen or transformers model, or a transformers config."""
         sheet = cfg.executor.device
-        sheet.validate(cfg.hardware)
+        profile = Profile.load(sheet.profile) if sheet.profile else Profile()
+        sheet.validate(cfg.hardware, profile)
         self.spec = model_spec(model if model is not None else cfg.model.source)
         self.tokenizer = tokenizer
-        profile = Profile.load(sheet.profile) if sheet.profile else Profile()
         self.cost = CostModel(self.spec, sheet, cfg.hardware.dtype, cfg.hardware.tensor_parallel, profile)
         self.clock = VirtualClock()
         self.block_size = cfg.kv.block_size

@@ -8,16 +8,15 @@ fastgen's attention kernels do not add.
 """
 from __future__ import annotations
 
-from typing import Mapping
-
 import torch
 from torch import nn
 
 from fastgen.kv.cache import KVCache
 from fastgen.model_spec import ModelSpec, eos_ids
 from fastgen.models.base import CausalLM
-from fastgen.models.layers import MLP, Attention, LayerNorm, LMHead
+from fastgen.models.layers import MLP, Attention, LayerNorm, LMHead, VocabParallelEmbedding
 from fastgen.models.llama import rotary_from_config
+from fastgen.models.weights import MappedWeights, WeightSource
 from fastgen.ragged import RaggedBatch
 
 
@@ -62,6 +61,7 @@ class FalconDecoderLayer(nn.Module):
 
 class FalconForCausalLM(CausalLM):
     model_types = ("falcon",)
+    tensor_parallel = True
     renames = ((".self_attention.query_key_value.", ".self_attention.qkv_proj."),
                (".self_attention.dense.", ".self_attention.o_proj."),
                (".mlp.dense_h_to_4h.", ".mlp.fc1."), (".mlp.dense_4h_to_h.", ".mlp.fc2."))
@@ -71,7 +71,7 @@ class FalconForCausalLM(CausalLM):
         from transformers.models.falcon.modeling_falcon import FalconRotaryEmbedding
         rotary = rotary_from_config(config, FalconRotaryEmbedding)
         self.transformer = nn.Module()
-        self.transformer.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.transformer.word_embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.transformer.h = nn.ModuleList(FalconDecoderLayer(config, rotary) for _ in range(config.num_hidden_layers))
         self.transformer.ln_f = LayerNorm(config.hidden_size, config.layer_norm_epsilon)
         tied = self.transformer.word_embeddings if config.tie_word_embeddings else None
@@ -91,7 +91,7 @@ class FalconForCausalLM(CausalLM):
                          tied_embeddings=bool(config.tie_word_embeddings), gated_mlp=False,
                          eos_token_ids=eos_ids(getattr(config, "eos_token_id", None)))
 
-    def load_hf_state_dict(self, state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
+    def load_weights(self, weights: WeightSource, source: str = "checkpoint") -> None:
         """Falcon's fused QKV rows come per KV group (its query heads, then its key, then its value); fastgen's
         come as all queries, all keys, all values. One permutation covers every variant: multi-query is one group
         of all heads, plain multi-head is one group per head."""
@@ -106,7 +106,7 @@ class FalconForCausalLM(CausalLM):
             q, k, v = t[:, :-2], t[:, -2], t[:, -1]
             return torch.cat([x.reshape(-1, *t.shape[3:]) for x in (q, k, v)])
 
-        super().load_hf_state_dict({name: to_fastgen(name, t) for name, t in state_dict.items()}, source)
+        super().load_weights(MappedWeights(weights, to_fastgen), source)
 
     def forward(self, batch: RaggedBatch, kv: KVCache) -> torch.Tensor:
         h = self.transformer.word_embeddings(batch.input_ids)

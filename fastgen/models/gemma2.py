@@ -8,7 +8,7 @@ from torch import nn
 
 from fastgen.kv.cache import KVCache
 from fastgen.models.base import CausalLM
-from fastgen.models.layers import Attention, GatedMLP, LMHead, RMSNorm
+from fastgen.models.layers import Attention, GatedMLP, LMHead, RMSNorm, VocabParallelEmbedding
 from fastgen.models.llama import rotary_from_config
 from fastgen.ragged import RaggedBatch
 
@@ -49,6 +49,7 @@ class Gemma2DecoderLayer(nn.Module):
 
 class Gemma2ForCausalLM(CausalLM):
     model_types = ("gemma2",)
+    tensor_parallel = True
     packed = (("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2),
               ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1))
 
@@ -57,7 +58,7 @@ class Gemma2ForCausalLM(CausalLM):
         from transformers.models.gemma2.modeling_gemma2 import Gemma2RotaryEmbedding
         rotary = rotary_from_config(config, Gemma2RotaryEmbedding)
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.model.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.model.layers = nn.ModuleList(Gemma2DecoderLayer(config, rotary, w) for w in self.spec.windows)
         self.model.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
         tied = self.model.embed_tokens if config.tie_word_embeddings else None

@@ -1,10 +1,23 @@
 """Layers shared by every model family. All tensor math beyond matmuls goes through a kernel backend (`ops`, a
-fastgen.kernels backend: the PyTorch one until the executor hands the model the one it chose)."""
+fastgen.kernels backend: the PyTorch one until the executor hands the model the one it chose).
+
+The linear layers and the embedding are tensor-parallel (Megatron-LM's split, as in vLLM): built inside
+`fastgen.distributed.building(rank, size)` each keeps one rank's shard and says which slice of a checkpoint's
+full tensor that is (`shard`, read by the weight loader, which then never holds more than one tensor). A column-
+parallel layer splits its output features (QKV by heads, gate/up by features) and needs no communication; the
+row-parallel layer after it splits its input features and all-reduces its output: one all-reduce after attention
+and one after the MLP per layer. The embedding and the LM head split the vocabulary. Built outside that context
+(size 1) they are plain layers. A model family that uses only these layers (and replicated norms) can declare
+`tensor_parallel = True` (fastgen.models.base.CausalLM).
+"""
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from torch import nn
 
+from fastgen.distributed import Slice, Split, all_reduce, current, gather_to_first
 from fastgen.kernels import reference
 from fastgen.ragged import RaggedBatch
 
@@ -34,6 +47,94 @@ class LayerNorm(KernelUser):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class Sharded(nn.Module):
+    """A layer whose parameters are split over tensor-parallel ranks; it remembers the rank it was built for."""
+
+    def __init__(self):
+        super().__init__()
+        self.tp = current()
+
+    def shard(self, param: str, part: int | None, rank: int) -> list[Slice] | None:
+        """The slices of a checkpoint's full tensor for `param` that `rank` keeps (`part`: which block of a packed
+        parameter the tensor is, None for the whole parameter); None: the whole tensor (replicated)."""
+        return None
+
+
+class ColumnParallelLinear(Sharded):
+    """y = x W^T + b with W's output rows split over the ranks: each rank computes its share of y, with no
+    communication. `parts` are the blocks packed into W (Q, K and V; gate and up), each split on its own, so
+    that each rank holds matching heads of Q, K and V."""
+
+    def __init__(self, in_features: int, parts: Sequence[Split], bias: bool):
+        super().__init__()
+        self.parts = tuple(parts)
+        self.local_sizes = [p.local(self.tp.size) for p in self.parts]
+        self.weight = nn.Parameter(torch.empty(sum(self.local_sizes), in_features))
+        self.bias = nn.Parameter(torch.empty(sum(self.local_sizes))) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def shard(self, param: str, part: int | None, rank: int) -> list[Slice]:
+        size = self.tp.size
+        offsets = [sum(self.local_sizes[:i]) for i in range(len(self.parts))]
+        if part is not None:       # the checkpoint stores this block on its own (q_proj of a fused qkv_proj)
+            return [Slice(0, self.parts[part].start(rank, size), self.local_sizes[part], offsets[part])]
+        full = [sum(p.total for p in self.parts[:i]) for i in range(len(self.parts))]   # the blocks, fused
+        return [Slice(0, full[i] + p.start(rank, size), self.local_sizes[i], offsets[i])
+                for i, p in enumerate(self.parts)]
+
+
+class RowParallelLinear(Sharded):
+    """y = x W^T + b with W's input columns split over the ranks (x arrives split the same way, from a column-
+    parallel layer): each rank's partial product is summed by one all-reduce, then the bias is added once."""
+
+    def __init__(self, split: Split, out_features: int, bias: bool):
+        super().__init__()
+        self.split = split
+        self.weight = nn.Parameter(torch.empty(out_features, split.local(self.tp.size)))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return nn.functional.linear(x, self.weight, self.bias)
+        y = all_reduce(nn.functional.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+    def shard(self, param: str, part: int | None, rank: int) -> list[Slice] | None:
+        if param != "weight":
+            return None
+        return [Slice(1, self.split.start(rank, self.tp.size), self.split.local(self.tp.size))]
+
+
+def vocab_rows(vocab: int, size: int) -> int:
+    """Rows of the vocabulary each rank holds (the last rank's share is padded with zero rows)."""
+    return -(-vocab // size)
+
+
+class VocabParallelEmbedding(Sharded):
+    """The token embedding with the vocabulary split over the ranks: each rank looks up the ids it holds (zeros
+    for the others) and an all-reduce sums the rows."""
+
+    def __init__(self, vocab: int, dim: int):
+        super().__init__()
+        self.vocab, self.rows = vocab, vocab_rows(vocab, self.tp.size)
+        self.first = self.tp.rank * self.rows
+        self.weight = nn.Parameter(torch.empty(self.rows, dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return nn.functional.embedding(ids, self.weight)
+        local = ids - self.first
+        outside = (local < 0) | (local >= self.rows)
+        h = nn.functional.embedding(local.masked_fill(outside, 0), self.weight)
+        return all_reduce(h.masked_fill_(outside[:, None], 0))
+
+    def shard(self, param: str, part: int | None, rank: int) -> list[Slice]:
+        first = rank * self.rows
+        return [Slice(0, first, max(0, min(self.rows, self.vocab - first)))]
 
 
 class RotaryEmbedding(KernelUser):
@@ -70,11 +171,14 @@ class Attention(KernelUser):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.qkv_proj.shard_sizes = [self.q_size, self.kv_size, self.kv_size]   # read by the weight loader
-        self.o_proj = nn.Linear(self.q_size, hidden, bias=out_bias)
+        heads = Split(num_heads, head_dim, "num_attention_heads")
+        kv_heads = Split(num_kv_heads, head_dim, "num_key_value_heads", replicate=True)
+        tp = current().size          # this rank's heads: its share of the query heads and of their KV heads
+        self.num_heads, self.num_kv_heads = heads.local_units(tp), kv_heads.local_units(tp)
+        self.head_dim = head_dim
+        self.q_size, self.kv_size = heads.local(tp), kv_heads.local(tp)
+        self.qkv_proj = ColumnParallelLinear(hidden, [heads, kv_heads, kv_heads], bias=qkv_bias)
+        self.o_proj = RowParallelLinear(heads, hidden, bias=out_bias)
         self.rotary = rotary
         self.window = window
         self.softcap = softcap
@@ -109,9 +213,9 @@ class GatedMLP(KernelUser):
 
     def __init__(self, hidden: int, intermediate: int, bias: bool = False, activation: str = "silu"):
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=bias)
-        self.gate_up_proj.shard_sizes = [intermediate, intermediate]
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        features = Split(intermediate, what="intermediate_size")
+        self.gate_up_proj = ColumnParallelLinear(hidden, [features, features], bias=bias)
+        self.down_proj = RowParallelLinear(features, hidden, bias=bias)
         self.act_and_mul = act_and_mul_kernel(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,23 +230,30 @@ class MLP(nn.Module):
         acts = {"relu": nn.functional.relu, "gelu": nn.functional.gelu}
         if activation not in acts:
             raise ValueError(f"unsupported MLP activation {activation!r}; supported: {', '.join(acts)}")
-        self.fc1 = nn.Linear(hidden, intermediate, bias=bias)
-        self.fc2 = nn.Linear(intermediate, hidden, bias=bias)
+        features = Split(intermediate, what="ffn_dim")
+        self.fc1 = ColumnParallelLinear(hidden, [features], bias=bias)
+        self.fc2 = RowParallelLinear(features, hidden, bias=bias)
         self.act = acts[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
 
-class LMHead(nn.Module):
-    """Projects only the rows that need logits; shares the embedding matrix when the model ties them."""
+class LMHead(VocabParallelEmbedding):
+    """Projects only the rows that need logits; shares the embedding matrix when the model ties them. Split over
+    ranks like the embedding (each rank scores its share of the vocabulary); rank 0 gathers the full logits."""
 
-    def __init__(self, hidden: int, vocab: int, tied_to: nn.Embedding | None = None):
-        super().__init__()
+    def __init__(self, hidden: int, vocab: int, tied_to: VocabParallelEmbedding | None = None):
+        super().__init__(vocab, hidden)
         # Tying by module, not by parameter: the tie then survives to_empty() and dtype/device moves.
         self.tied_to = tied_to
-        self.weight = None if tied_to is not None else nn.Parameter(torch.empty(vocab, hidden))
+        if tied_to is not None:
+            del self.weight
+            self.weight = None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         weight = self.tied_to.weight if self.tied_to is not None else self.weight
-        return nn.functional.linear(h, weight).float()
+        logits = nn.functional.linear(h, weight).float()
+        if self.tp.size == 1:
+            return logits
+        return gather_to_first(logits, dim=1)[:, :self.vocab]

@@ -6,7 +6,7 @@ from torch import nn
 
 from fastgen.kv.cache import KVCache
 from fastgen.models.base import CausalLM
-from fastgen.models.layers import Attention, GatedMLP, LMHead, RMSNorm, RotaryEmbedding
+from fastgen.models.layers import Attention, GatedMLP, LMHead, RMSNorm, RotaryEmbedding, VocabParallelEmbedding
 from fastgen.ragged import RaggedBatch
 
 
@@ -41,13 +41,14 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config, rotary: RotaryEmbedding, windows: list[int | None], qkv_bias: bool):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, rotary, w, qkv_bias) for w in windows)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class LlamaForCausalLM(CausalLM):
     model_types = ("llama",)
+    tensor_parallel = True
     packed = (("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2),
               ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1))
 
@@ -83,6 +84,7 @@ class MistralForCausalLM(LlamaForCausalLM):
     """Llama with sliding-window attention on every layer."""
 
     model_types = ("mistral",)
+    tensor_parallel = True
 
     @classmethod
     def layer_windows(cls, config) -> list[int | None]:
@@ -93,6 +95,7 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
     """Llama with biases on the QKV projection (not on o_proj), and optional per-layer sliding windows."""
 
     model_types = ("qwen2",)
+    tensor_parallel = True
 
     def qkv_bias(self, config) -> bool:
         return True

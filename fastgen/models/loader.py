@@ -1,18 +1,20 @@
 """load_model: a fastgen model and its tokenizer from a short name, a local directory or an in-memory model.
 
 transformers does the reading (configs, tokenizers, GGUF de-quantisation); safetensors reads local checkpoints
-so a bad file can be named. Weights are copied into fastgen's own modules; transformers' forward never runs.
+lazily (fastgen.models.weights), so a bad file can be named and a tensor-parallel rank reads only its slices.
+Weights are copied into fastgen's own modules; transformers' forward never runs.
 """
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
+from fastgen.distributed import TensorParallel, building
 from fastgen.models.base import CausalLM
 from fastgen.models.layers import RotaryEmbedding
 from fastgen.models.falcon import FalconForCausalLM
@@ -22,6 +24,7 @@ from fastgen.models.mixtral import MixtralForCausalLM
 from fastgen.models.opt import OPTForCausalLM
 from fastgen.models.phi3 import Phi3ForCausalLM
 from fastgen.models.qwen2_moe import Qwen2MoeForCausalLM
+from fastgen.models.weights import SafetensorsWeights, StateDictWeights, WeightSource
 
 FAMILIES: tuple[type[CausalLM], ...] = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, OPTForCausalLM,
                                         MixtralForCausalLM, Qwen2MoeForCausalLM, Phi3ForCausalLM, FalconForCausalLM,
@@ -89,39 +92,29 @@ def model_class(config) -> type[CausalLM]:
     return ARCHITECTURES[model_type]
 
 
-def build_model(config, state_dict, dtype: torch.dtype, device, source: str) -> CausalLM:
+def check_tensor_parallel(config, size: int) -> None:
+    """Refuses (ValueError naming the fix) a model that cannot be split over `size` ranks: a family without
+    tensor-parallel layers, or head counts / MLP widths the ranks do not divide. Builds only shapes (meta)."""
+    with building(TensorParallel(0, size)), torch.device("meta"):
+        model_class(config)(config)
+
+
+def build_model(config, weights: WeightSource | Mapping[str, torch.Tensor], dtype: torch.dtype, device, source: str,
+                tensor_parallel: TensorParallel = TensorParallel()) -> CausalLM:
+    """The fastgen model of `config` with `weights` (a transformers-named state dict or a WeightSource); with
+    `tensor_parallel`, only that rank's shard (checked before any weight is read: the family must support it and
+    its head counts and MLP width divide)."""
     cls = model_class(config)
-    with torch.device("meta"):
+    with building(tensor_parallel), torch.device("meta"):
         model = cls(config)
-    model = model.to_empty(device="cpu")
+    model = model.to_empty(device="cpu").requires_grad_(False)
+    for param in model.parameters():
+        param.zero_()       # the rows padding a rank's share of the vocabulary stay zero
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.build_table()
-    model.load_hf_state_dict(state_dict, source)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = [p.name for p in sorted(directory.glob("*.safetensors"))]
-    if not files:
-        raise FileNotFoundError(f"{directory}: no *.safetensors weight file (fastgen reads safetensors checkpoints)")
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        path = directory / name
-        if not path.exists():
-            raise FileNotFoundError(f"weight file {path} is missing (listed in {index.name})")
-        try:
-            state.update(load_file(str(path)))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"weight file {path} is corrupt or unreadable: {e}") from e
-    return state
+    model.load_weights(weights if isinstance(weights, WeightSource) else StateDictWeights(weights), source)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def _local_directory(source) -> Path:
@@ -156,26 +149,31 @@ def load_config(source, tokenizer=None, load_tokenizer: bool = True):
         _directory_tokenizer(directory, tokenizer) if load_tokenizer else tokenizer
 
 
-def load_model(source, dtype: str | torch.dtype = "float32", device: str = "cpu", tokenizer=None):
-    """Returns (model, tokenizer). `source` is a short name (see EMBEDDED), a local Hugging Face directory
-    (config.json + safetensors), or a transformers PreTrainedModel already in memory (tokenizer optional)."""
+def open_weights(source, tokenizer=None) -> tuple[object, WeightSource, object, str]:
+    """(transformers config, its weights, tokenizer, a name for errors) of a short name (see EMBEDDED), a local
+    Hugging Face directory (config.json + safetensors, read lazily) or a transformers PreTrainedModel already in
+    memory (tokenizer optional). An embedded GGUF model is de-quantised whole by transformers."""
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-    torch_dtype = resolve_dtype(dtype, device)
     if isinstance(source, PreTrainedModel):
-        return build_model(source.config, source.state_dict(), torch_dtype, device, "in-memory model"), tokenizer
+        return source.config, StateDictWeights(source.state_dict()), tokenizer, "in-memory model"
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"model source must be a short name, a directory or a transformers model, "
                         f"not {type(source).__name__}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if str(source) in EMBEDDED:
         emb = EMBEDDED[str(source)]
-        directory = emb.directory()
-        hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=emb.gguf_file, dtype=torch.float32)
-        tok = tokenizer or emb.tokenizer()
-        return build_model(hf.config, hf.state_dict(), torch_dtype, device, emb.gguf_file), tok
+        hf = AutoModelForCausalLM.from_pretrained(emb.directory(), gguf_file=emb.gguf_file, dtype=torch.float32)
+        return hf.config, StateDictWeights(hf.state_dict()), tokenizer or emb.tokenizer(), emb.gguf_file
     directory = _local_directory(source)
     config = AutoConfig.from_pretrained(directory)
-    model_class(config)   # refuse an unsupported architecture before reading gigabytes of weights
-    tokenizer = _directory_tokenizer(directory, tokenizer)
-    return build_model(config, _read_safetensors(directory), torch_dtype, device, str(directory)), tokenizer
+    model_class(config)   # refuse an unsupported architecture before opening gigabytes of weights
+    return config, SafetensorsWeights(directory), _directory_tokenizer(directory, tokenizer), str(directory)
+
+
+def load_model(source, dtype: str | torch.dtype = "float32", device: str = "cpu", tokenizer=None):
+    """Returns (model, tokenizer). `source` is a short name (see EMBEDDED), a local Hugging Face directory
+    (config.json + safetensors), or a transformers PreTrainedModel already in memory (tokenizer optional)."""
+    torch_dtype = resolve_dtype(dtype, device)
+    config, weights, tokenizer, name = open_weights(source, tokenizer)
+    return build_model(config, weights, torch_dtype, device, name), tokenizer

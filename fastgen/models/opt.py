@@ -7,7 +7,7 @@ from torch import nn
 from fastgen.kv.cache import KVCache
 from fastgen.models.base import CausalLM
 from fastgen.model_spec import ModelSpec, eos_ids
-from fastgen.models.layers import MLP, Attention, LayerNorm, LMHead
+from fastgen.models.layers import MLP, Attention, LayerNorm, LMHead, VocabParallelEmbedding
 from fastgen.ragged import RaggedBatch
 
 POSITION_OFFSET = 2   # OPT's learned position table starts two rows in
@@ -37,7 +37,8 @@ class OPTDecoder(nn.Module):
     def __init__(self, config):
         super().__init__()
         proj = config.word_embed_proj_dim
-        self.embed_tokens = nn.Embedding(config.vocab_size, proj)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, proj)
+        # replicated on every tensor-parallel rank, like the small project_in / project_out
         self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, config.hidden_size)
         self.project_in = nn.Linear(proj, config.hidden_size, bias=False) if proj != config.hidden_size else None
         self.project_out = nn.Linear(config.hidden_size, proj, bias=False) if proj != config.hidden_size else None
@@ -49,6 +50,7 @@ class OPTDecoder(nn.Module):
 
 class OPTForCausalLM(CausalLM):
     model_types = ("opt",)
+    tensor_parallel = True
     packed = (("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2))
     renames = ((".self_attn.out_proj.", ".self_attn.o_proj."), (".fc1.", ".mlp.fc1."), (".fc2.", ".mlp.fc2."))
 

@@ -11,6 +11,7 @@ from fastgen.models.llama import LlamaForCausalLM
 
 class Phi3ForCausalLM(LlamaForCausalLM):
     model_types = ("phi3",)
+    tensor_parallel = True
 
     @classmethod
     def hf_rotary_embedding(cls) -> type:

@@ -5,11 +5,18 @@ the cost model's efficiencies and overheads to them, writing a profile that exec
     python -m fastgen.sim.calibrate hardware=a100-80gb model=local model.source=/models/Llama-2-7b-hf \\
         --profile a100-80gb --max-tokens 4096 --max-context 8192 --max-seqs 256           # the same on a GPU
 
+    python -m fastgen.sim.calibrate executor=tp hardware.tensor_parallel=2 model=local model.source=DIR \\
+        --profile cpu-tp2        # tensor-parallel: also fits the all-reduce term to the run's own all-reduces
+
 Positional arguments are Hydra overrides of run.py's config (model, hardware, kv, ...). Each grid point is a
 step the engine could run: prefill chunks from scratch and after a history, batches of decodes, and the
 decodes-plus-prompt-chunk mixes that splitfuse makes. A point's time is the median of `--repeats` runs of
 the real executor's step plus the greedy sampler (what the engine times as a step), after one warm-up run; on CUDA
 the device is synchronized before the clock is read. The fit minimises squared log errors (relative error).
+With tensor parallelism (executor=tp) every all-reduce rank 0's layers run during the measured steps is timed
+too (its bytes and seconds, waiting for the other ranks included: fastgen.distributed.COMM); the all-reduce term
+(allreduce_latency_s + 2 (n-1)/n x bytes / allreduce_bandwidth_gbs) is fitted to their median per message size
+first (relative errors), and the step-time fit then takes it as given.
 """
 from __future__ import annotations
 
@@ -20,11 +27,15 @@ import statistics
 import sys
 import time
 
+from typing import Sequence
+
 import numpy as np
 import torch
+import torch.distributed as dist
 from scipy.optimize import least_squares
 
 from fastgen.compose import compose_config
+from fastgen.distributed import COMM
 from fastgen.executors import Executor, make_executor
 from fastgen.ragged import SeqChunk
 from fastgen.sampling import Sampler, SamplingParams
@@ -62,8 +73,10 @@ def step_chunks(batch: BatchShape, block_size: int) -> list[SeqChunk]:
 
 
 def device_sheet(overrides: list[str]) -> DeviceSheet:
-    """The datasheet executor=simulated reads with these overrides: the ceilings the fit's efficiencies scale."""
-    return compose_config(["executor=simulated", *overrides]).executor.device
+    """The datasheet executor=simulated reads with these overrides (those choosing or setting the measured
+    executor left out): the ceilings the fit's efficiencies scale."""
+    sheet = [o for o in overrides if not o.startswith("executor") or o.startswith("executor.device.")]
+    return compose_config(["executor=simulated", *sheet]).executor.device
 
 
 def measure(executor: Executor, batch: BatchShape, repeats: int, timer=time.perf_counter) -> float:
@@ -82,14 +95,58 @@ def measure(executor: Executor, batch: BatchShape, repeats: int, timer=time.perf
     return statistics.median(times[1:])
 
 
-def fit(cost: CostModel, batches: list[BatchShape], seconds: list[float]) -> Profile:
-    """Least squares on log times over log parameters (all positive), from a few starts (max() is not smooth)."""
+def fit_allreduce(samples: list[tuple[int, float]], tensor_parallel: int) -> tuple[float, float, dict]:
+    """(allreduce_latency_s, allreduce_bandwidth_gbs, report) of the cost model's all-reduce term fitted to timed
+    all-reduces (bytes, seconds): the median per message size, least squares on relative errors, both >= 0."""
+    from scipy.optimize import nnls
+
+    sizes = sorted({b for b, _ in samples})
+    if len(sizes) < 2:
+        raise ValueError(f"fitting the all-reduce term needs all-reduces of >= 2 sizes, got {sizes}")
+    medians = np.array([statistics.median(s for b, s in samples if b == size) for size in sizes])
+    moved = 2 * (tensor_parallel - 1) / tensor_parallel * np.array(sizes, dtype=np.float64)
+    (latency, per_byte), _ = nnls(np.stack([1 / medians, moved / medians], axis=1), np.ones(len(sizes)))
+    predicted = latency + per_byte * moved
+    bandwidth = 1 / per_byte / 1e9 if per_byte > 0 else float("inf")
+    errors = np.abs(predicted / medians - 1)
+    report = {"samples": len(samples), "fit_rel_error_median": float(np.median(errors)),
+              "fit_rel_error_max": float(errors.max()),
+              "points": [{"bytes": int(b), "median_s": float(m), "count": sum(1 for x, _ in samples if x == b),
+                          "predicted_s": float(p)} for b, m, p in zip(sizes, medians, predicted)]}
+    return float(latency), bandwidth, report
+
+
+def time_allreduces(state, sizes: Sequence[int], repeats: int) -> list[tuple[int, float]]:
+    """Run on every rank of a tensor-parallel group (TensorParallelExecutor.run_on_ranks): the median seconds of a
+    float32 all-reduce of each size in bytes, on its own after a barrier: the link's cost, without waiting for a
+    slower rank's compute."""
+    device = state.options.rank_device(state.rank)
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+    out = []
+    for nbytes in sizes:
+        x = torch.ones(max(1, nbytes // 4), device=device)
+        times = []
+        for _ in range(repeats + 1):
+            dist.barrier()
+            sync()
+            start = time.perf_counter()
+            dist.all_reduce(x)
+            sync()
+            times.append(time.perf_counter() - start)
+        out.append((nbytes, statistics.median(times[1:])))
+    return out
+
+
+def fit(cost: CostModel, batches: list[BatchShape], seconds: list[float], given: Profile | None = None) -> Profile:
+    """Least squares on log times over log parameters (all positive), from a few starts (max() is not smooth);
+    the fields `given` sets beyond the fitted ones (a measured all-reduce term) are kept."""
     names = Profile.fitted_names()
+    given = given or Profile()
     works: list[StepWork] = [cost.work(b) for b in batches]
     measured = np.log(seconds)
 
     def predict(x: np.ndarray) -> np.ndarray:
-        profile = Profile(**dict(zip(names, np.exp(x))))
+        profile = dataclasses.replace(given, **dict(zip(names, np.exp(x))))
         return np.log([cost.breakdown(w, profile)["total"] for w in works])
 
     lo = np.log([1e-4 if "efficiency" in n else 1e-9 for n in names])
@@ -101,7 +158,7 @@ def fit(cost: CostModel, batches: list[BatchShape], seconds: list[float]) -> Pro
         result = least_squares(lambda x: predict(x) - measured, np.clip(x0, lo + 1e-6, hi - 1e-6), bounds=(lo, hi))
         if best is None or result.cost < best.cost:
             best = result
-    profile = Profile(**dict(zip(names, np.exp(best.x).tolist())))
+    profile = dataclasses.replace(given, **dict(zip(names, np.exp(best.x).tolist())))
     profile.token_correction = token_correction(cost, profile, works, seconds)
     return profile
 
@@ -134,16 +191,23 @@ def main(argv: list[str] | None = None) -> Profile:
         raise SystemExit("--timer cpu measures a single-threaded CPU run: set hardware=cpu hardware.threads=1")
     executor = make_executor(cfg)
     sheet = device_sheet(args.overrides)
-    cost = CostModel(executor.spec, sheet, cfg.hardware.dtype, cfg.hardware.tensor_parallel)
+    tp = cfg.hardware.tensor_parallel
+    cost = CostModel(executor.spec, sheet, cfg.hardware.dtype, tp)
     seconds = []
     started = time.perf_counter()
     for batch in points[-3:]:       # warm-up: first calls pay for allocation and kernel selection
         measure(executor, batch, 1)
+    COMM.reset(record=True)
     for i, batch in enumerate(points):
         seconds.append(measure(executor, batch, args.repeats, TIMERS[args.timer]))
         print(f"[{i + 1}/{len(points)}] tokens {batch.num_tokens:5d}  seqs {batch.num_seqs:3d}  "
               f"max context {int(batch.context_lens.max()):5d}  {seconds[-1] * 1e3:9.2f} ms", flush=True)
-    profile = fit(cost, points, seconds)
+    given, allreduce = Profile(), None
+    if tp > 1:
+        given.allreduce_latency_s, given.allreduce_bandwidth_gbs, allreduce = fit_allreduce(COMM.samples, tp)
+    COMM.reset(record=False)
+    executor.close()
+    profile = fit(cost, points, seconds, given)
     predicted = np.array([cost.breakdown(b, profile)["total"] for b in points])
     errors = np.abs(predicted / np.array(seconds) - 1)
     ints = lambda a: a.astype(int).tolist()  # noqa: E731
@@ -155,10 +219,15 @@ def main(argv: list[str] | None = None) -> Profile:
         "command": " ".join(sys.argv[1:] if argv is None else argv),
         "measure_s": round(time.perf_counter() - started, 1),
         "fit_rel_error_median": float(np.median(errors)), "fit_rel_error_max": float(errors.max()),
+        **({"allreduce_fit": allreduce} if allreduce else {}),
         "points": [{"query_lens": ints(b.query_lens), "context_lens": ints(b.context_lens), "measured_s": s,
                     "predicted_s": float(p)} for b, s, p in zip(points, seconds, predicted)]}
     path = profile.save(args.profile if args.profile.endswith(".json") else PROFILES_DIR / f"{args.profile}.json")
     print(f"fit: median |error| {np.median(errors):.1%}, max {errors.max():.1%}; wrote {path}")
+    if allreduce:
+        print(f"all-reduce: latency {profile.allreduce_latency_s * 1e6:.1f} us, bus bandwidth "
+              f"{profile.allreduce_bandwidth_gbs:.3g} GB/s over {allreduce['samples']} all-reduces; median |error| "
+              f"{allreduce['fit_rel_error_median']:.1%}, max {allreduce['fit_rel_error_max']:.1%}")
     for name in Profile.fitted_names():
         print(f"  {name:22s} {getattr(profile, name):.4g}")
     return profile

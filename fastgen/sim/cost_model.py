@@ -43,14 +43,16 @@ class DeviceSheet:
     link_latency_us: float = 0.0               # latency of one all-reduce step
     profile: Optional[str] = None
 
-    def validate(self, hardware: HardwareConfig) -> None:
+    def validate(self, hardware: HardwareConfig, profile: "Profile | None" = None) -> None:
         missing = [k for k in ("memory_gb", "peak_tflops", "memory_bandwidth_gbs") if not (getattr(self, k) or 0) > 0]
         if missing:
             raise ValueError(f"executor=simulated needs the device's datasheet, but executor.device.{missing[0]} is "
                              f"not set: add conf/device/simulated_<hardware>.yaml for this hardware config, or set "
                              f"executor.device.{{{','.join(missing)}}}")
-        if hardware.tensor_parallel > 1 and not self.link_bandwidth_gbs > 0:
-            raise ValueError("hardware.tensor_parallel > 1 needs executor.device.link_bandwidth_gbs > 0")
+        measured = profile is not None and profile.allreduce_bandwidth_gbs is not None
+        if hardware.tensor_parallel > 1 and not (self.link_bandwidth_gbs > 0 or measured):
+            raise ValueError("hardware.tensor_parallel > 1 needs executor.device.link_bandwidth_gbs > 0, or a profile "
+                             "with a measured all-reduce (python -m fastgen.sim.calibrate executor=tp ...)")
 
 
 @dataclass
