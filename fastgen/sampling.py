@@ -151,11 +151,12 @@ def _list(name: str, value) -> list:
 
 @dataclass
 class TokenLogprob:
-    """One position's log-probabilities: the chosen token's and the `k` most likely tokens' (best first)."""
+    """One position's log-probabilities: the chosen token's and the `k` most likely tokens' (best first). None for
+    a position that has none (an echoed prompt's first token)."""
 
     token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
+    logprob: float | None
+    top: list[tuple[int, float]] | None
 
 
 @dataclass
