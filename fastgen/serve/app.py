@@ -249,6 +249,11 @@ async def completions(request: Request) -> Response:
     body = await _parse(request, CompletionRequest)
     _sampling(body, chat=False, max_tokens=None)            # parameters refused before any tokenizing
     prompts = body.prompts
+    for p in prompts:
+        bad = [t for t in p if not 0 <= t < server.vocab_size] if isinstance(p, list) else None
+        if bad:
+            raise APIError(400, f"prompt token ids {bad[:5]} are outside the vocabulary [0, {server.vocab_size})",
+                           param="prompt")
     texts = [p for p in prompts if isinstance(p, str)]
     if texts:
         server.need_tokenizer("prompt")
@@ -285,6 +290,7 @@ async def _parse(request: Request, schema: type[Body]) -> Body:
         raise validation_error(e) from None
     if getattr(body, "model", None) is not None:
         _check_model(server, body.model)
+    body.check()
     return body
 
 

@@ -93,11 +93,10 @@ class GenerationBody(_Body):
             raise ValueError("must be a non-empty string or a list of non-empty strings")
         return stops
 
-    @model_validator(mode="after")
-    def _options_need_stream(self):
+    def check(self) -> None:
+        """What depends on several parameters (a 400 naming the one to change)."""
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed with stream=true")
-        return self
+            raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -141,13 +140,13 @@ class CompletionRequest(GenerationBody):
                 return prompt
         raise ValueError("must be a string, a list of token ids (integers), or a non-empty list of either")
 
-    @model_validator(mode="after")
-    def _best_of(self):
+    def check(self) -> None:
+        super().check()
         if self.best_of is not None and self.best_of < self.n:
-            raise ValueError(f"best_of={self.best_of} must be >= n={self.n}")
+            raise APIError(400, f"best_of={self.best_of} must be >= n={self.n}", param="best_of")
         if self.best_of is not None and self.best_of > self.n and self.stream:
-            raise ValueError("best_of > n cannot be streamed (the best choices are known only at the end)")
-        return self
+            raise APIError(400, "best_of > n cannot be streamed (the best choices are known only at the end)",
+                           param="best_of")
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -194,11 +193,10 @@ class ChatCompletionRequest(GenerationBody):
     logprobs: bool = False
     top_logprobs: int | None = None
 
-    @model_validator(mode="after")
-    def _top_logprobs(self):
+    def check(self) -> None:
+        super().check()
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs=true")
-        return self
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -219,16 +217,17 @@ class TokenizeRequest(_Body):
     add_generation_prompt: bool = True
     return_token_strs: bool = False
 
-    @model_validator(mode="after")
-    def _one_input(self):
+    def check(self) -> None:
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("send exactly one of prompt and messages")
-        return self
+            raise APIError(400, "send exactly one of prompt and messages", param="prompt")
 
 
 class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]
+
+    def check(self) -> None:
+        pass
 
 
 def validation_error(error: ValidationError) -> APIError:
