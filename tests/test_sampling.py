@@ -215,7 +215,8 @@ def test_bad_sampling_parameters_are_refused_by_name(params, param):
 def test_vocabulary_checks_run_before_the_engine_accepts():
     eng = engine().engine
     for params, param in [(dict(top_k=2**63), "top_k"), (dict(top_k=VOCAB + 1), "top_k"),
-                          (dict(logit_bias={VOCAB: 1.0}), "logit_bias"), (dict(stop_token_ids=[VOCAB]), "stop_token_ids")]:
+                          (dict(logit_bias={VOCAB: 1.0}), "logit_bias"),
+                          (dict(stop_token_ids=[VOCAB]), "stop_token_ids")]:
         with pytest.raises(ParameterError) as e:
             eng.add_request([1, 2], SamplingParams(**params))
         assert e.value.param == param

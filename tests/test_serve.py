@@ -15,6 +15,8 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastgen.compose import CONF_DIR, register_all
 from fastgen.detokenizer import IncrementalDetokenizer
@@ -476,6 +478,38 @@ def test_detokenizer_streams_split_characters_and_holds_back_stop_prefixes(token
     assert streamed == kept and detok.stop_at is None
     push(ids[stop_at + 1])                                     # "OP": the stop string is complete
     assert detok.stop_at == len(kept) and detok.delta(finished=True) == "" and detok.final_text == kept
+
+
+class CharTokenizer:
+    """One token per character: the detokenizer's text is exactly the pushed characters."""
+
+    def decode(self, ids, **kwargs):
+        return "".join(map(chr, ids))
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet="abc", max_size=30), stops=st.lists(st.text(alphabet="abc", min_size=1, max_size=5),
+                                                                   min_size=1, max_size=4),
+       include=st.booleans())
+def test_detokenizer_streams_exactly_the_final_text_and_never_a_stop_string(text, stops, include):
+    """Against the definition: generation stops at the shortest prefix of the text that contains a stop string;
+    the final text ends before (or, with include_stop, after) the first one in it (the longest, if several start
+    there); what was streamed is exactly that and, without include_stop, never contains a stop string."""
+    detok = IncrementalDetokenizer(CharTokenizer(), stops, include_stop=include)
+    streamed = ""
+    for i, char in enumerate(text):
+        detok.push([ord(char)])
+        finished = detok.stop_at is not None or i == len(text) - 1
+        streamed += detok.delta(finished=finished)
+        if finished:
+            break
+    expected = text
+    end = next((n for n in range(1, len(text) + 1) if any(s in text[:n] for s in stops)), None)
+    if end is not None:
+        at, minus = min((text[:end].find(s), -len(s)) for s in stops if s in text[:end])
+        expected = text[:at - minus] if include else text[:at]
+    assert streamed == detok.final_text == expected
+    assert include or not any(s in streamed for s in stops)
 
 
 def test_serve_config_composes_from_conf(monkeypatch):
