@@ -5,9 +5,10 @@ depend on their neighbours), and decoding the whole output at every token costs 
 each push decodes only a window that starts one emission back (so the first new token keeps its left context)
 and keeps the part beyond the previously decoded text; a window whose text ends in U+FFFD (an incomplete UTF-8
 character) waits for more tokens. Stop strings are searched only in the newly decoded text plus the tail that a
-stop string could straddle, so the cost per token does not grow with the output. Text that could be the start of a
-stop string is held back from the deltas, so everything streamed is a prefix of the final text, which ends before
-the stop string.
+stop string could straddle, so the cost per token does not grow with the output; with the caps of
+fastgen.sampling (MAX_STOP_STRINGS x MAX_STOP_STRING_CHARS) it stays bounded per token too. Text that could be the
+start of a stop string is held back from the deltas, so everything streamed is a prefix of the final text, which
+ends before the stop string (or after it, with `include_stop`, when nothing needs holding back).
 """
 from __future__ import annotations
 
@@ -17,17 +18,27 @@ REPLACEMENT = "\ufffd"
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: Sequence[str] = ()):
-        """With no tokenizer (a token-ids-only model) all text is empty."""
+    def __init__(self, tokenizer, stop: Sequence[str] = (), *, include_stop: bool = False,
+                 skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True):
+        """With no tokenizer (a token-ids-only model) all text is empty. `include_stop` keeps the stop string found
+        at the end of the text; the other two are passed to the tokenizer's decode."""
         self.tokenizer = tokenizer
         self.stop = list(stop)
+        self.include_stop = include_stop
+        self.decode_kwargs = {"skip_special_tokens": skip_special_tokens}
+        if not spaces_between_special_tokens:
+            self.decode_kwargs["spaces_between_special_tokens"] = False
         self.longest_stop = max(map(len, self.stop), default=0)
+        self.stops_by_first: dict[str, list[str]] = {}
+        for stop_string in self.stop:
+            self.stops_by_first.setdefault(stop_string[0], []).append(stop_string)
         self.token_ids: list[int] = []
         self.text = ""              # the text of token_ids[:read_offset]
         self.prefix_offset = 0      # the decode window starts here ...
         self.read_offset = 0        # ... and its part up to here is already in self.text
         self.sent = 0               # characters of text already returned as deltas
-        self.stop_at: int | None = None   # where the first stop string found begins in text
+        self.stop_at: int | None = None   # where the first stop string found begins in text ...
+        self.stop_end: int | None = None  # ... and ends
 
     def push(self, token_ids: Sequence[int], match_stop: bool = True) -> None:
         """Adds tokens. With `match_stop`, the text they add is searched for the stop strings (the engine passes
@@ -37,9 +48,10 @@ class IncrementalDetokenizer:
         self._decode(force=False)
         if match_stop and self.stop and self.stop_at is None and len(self.text) > before:
             start = max(0, before - self.longest_stop + 1)
-            found = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            found = [(i, -len(s)) for s, i in ((s, self.text.find(s, start)) for s in self.stop) if i >= 0]
             if found:
-                self.stop_at = min(found)
+                self.stop_at, minus_len = min(found)
+                self.stop_end = self.stop_at - minus_len
 
     def delta(self, finished: bool = False) -> str:
         """The text not returned yet: all of it when finished (up to the stop string, if one was found), else
@@ -47,12 +59,16 @@ class IncrementalDetokenizer:
         if finished:
             self._decode(force=True)
             return self._emit(self.final_text)
+        if self.include_stop:      # whatever comes, the text up to here is output: nothing to hold back
+            return self._emit(self.final_text)
         end = len(self.text) if self.stop_at is None else self.stop_at
         return self._emit(self.text[:end][:max(self.sent, end - self._stop_prefix_len(end))])
 
     @property
     def final_text(self) -> str:
-        return self.text if self.stop_at is None else self.text[:self.stop_at]
+        if self.stop_at is None:
+            return self.text
+        return self.text[:self.stop_end if self.include_stop else self.stop_at]
 
     def _decode(self, force: bool) -> None:
         if self.tokenizer is None or self.read_offset == len(self.token_ids):
@@ -64,15 +80,17 @@ class IncrementalDetokenizer:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
 
     def _decode_ids(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return self.tokenizer.decode(token_ids, **self.decode_kwargs)
 
     def _stop_prefix_len(self, end: int) -> int:
         """Length of the longest tail of text[:end] that is a proper prefix of a stop string. Only unsent text can
-        be such a tail: sent text never ends in the start of a stop string."""
-        for k in range(min(self.longest_stop - 1, end - self.sent), 0, -1):
-            tail = self.text[end - k:end]
-            if any(s.startswith(tail) for s in self.stop):
-                return k
+        be such a tail (sent text never ends in the start of a stop string), and only where a stop string's first
+        character stands: at most longest_stop - 1 positions, each checked against the stops starting there."""
+        tail = self.text[end - min(self.longest_stop - 1, end - self.sent):end] if end > self.sent else ""
+        for p, char in enumerate(tail):
+            candidates = self.stops_by_first.get(char)
+            if candidates and any(s.startswith(tail[p:]) for s in candidates):
+                return len(tail) - p
         return 0
 
     def _emit(self, text: str) -> str:

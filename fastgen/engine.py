@@ -4,12 +4,20 @@ their blocks at once.
 
 The engine never decides what runs (the scheduler does) and never builds tensors (the executor does). It is put
 together from its parts by `fastgen.compose.build_engine(config)`.
+
+One request's failure is its own: a step whose sampling or output processing fails for some requests ends just
+those (finish_reason "error", the message in `RequestOutput.error`), and a failed forward pass ends the requests of
+that step; either way their KV blocks are freed and the engine goes on serving the others and new ones.
 """
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 from typing import Callable, Sequence
+
+import numpy as np
+import torch
 
 from fastgen.detokenizer import IncrementalDetokenizer
 from fastgen.executors.base import Executor
@@ -17,17 +25,20 @@ from fastgen.kv.manager import KVManager
 from fastgen.model_spec import eos_ids
 from fastgen.ragged import SeqChunk
 from fastgen.request import Request
-from fastgen.sampling import Sampler, SamplingParams
+from fastgen.sampling import ParameterError, Sampler, SamplingParams, SamplingRow, TokenLogprob, token_logprobs
 from fastgen.schedulers.base import Scheduler, SchedulerOutput
 from fastgen.stats import EngineSnapshot, StepStats
 from fastgen.trace import RequestTrace
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class RequestOutput:
-    """One request's news from one step: its new tokens (and their text, when the request is detokenized) and its
-    timing record so far. The last output of a request carries the finished request itself (`request`), which the
-    engine then forgets."""
+    """One request's news from one step: its new tokens (and their text, when the request is detokenized, and
+    their logprobs, when it asked for them) and its timing record so far. Its first token's output also carries the
+    prompt logprobs it asked for. The last output of a request carries the finished request itself (`request`),
+    which the engine then forgets; a request that failed ends with finish_reason "error" and `error` saying why."""
 
     request_id: str
     new_token_ids: list[int]
@@ -36,6 +47,9 @@ class RequestOutput:
     finish_reason: str | None = None
     new_text: str = ""
     request: Request | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
+    error: str | None = None
 
 
 StepObserver = Callable[[StepStats], None]
@@ -62,17 +76,19 @@ class LLMEngine:
                     request_id: str | None = None, arrival_time: float | None = None) -> str:
         sampling = sampling or SamplingParams()
         token_ids = self._tokenize(prompt)
+        sampling.check_vocab(self.vocab_size)
         if sampling.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; pass stop_token_ids instead")
+            raise ParameterError("stop", "stop strings need a tokenizer; pass stop_token_ids instead")
         if sampling.stop and not sampling.detokenize:
-            raise ValueError("stop strings are matched on the text: they need detokenize=True")
+            raise ParameterError("stop", "stop strings are matched on the text: they need detokenize=True")
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         total = len(token_ids) + sampling.max_new_tokens
         if total > self.max_model_len:
-            raise ValueError(f"prompt ({len(token_ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) = "
-                             f"{total} exceeds the model's context limit max_model_len={self.max_model_len}")
+            raise ParameterError("prompt", f"prompt ({len(token_ids)} tokens) + max_new_tokens "
+                                           f"({sampling.max_new_tokens}) = {total} exceeds the model's context limit "
+                                           f"max_model_len={self.max_model_len}")
         req = Request(request_id, token_ids, sampling, self.clock() if arrival_time is None else arrival_time,
                       eos_token_ids=self.eos_token_ids)
         if not self._kv.fits_ever(req):
@@ -80,7 +96,10 @@ class LLMEngine:
                              f"{self._kv.capacity_tokens} (kv.num_blocks={self._kv.num_blocks} x "
                              f"kv.block_size={self._kv.block_size}); raise kv.num_blocks or kv.memory_gb")
         if sampling.detokenize and self.tokenizer is not None:
-            req.detokenizer = IncrementalDetokenizer(self.tokenizer, sampling.stop)
+            req.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, sampling.stop, include_stop=sampling.include_stop_str_in_output,
+                skip_special_tokens=sampling.skip_special_tokens,
+                spaces_between_special_tokens=sampling.spaces_between_special_tokens)
         self._requests[request_id] = req
         self._scheduler.add_request(req)
         return request_id
@@ -88,15 +107,17 @@ class LLMEngine:
     def _tokenize(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer; pass token ids or load the model with one")
+                raise ParameterError("prompt", "a text prompt needs a tokenizer; pass token ids or load the model "
+                                               "with one")
             token_ids = self.tokenizer.encode(prompt)
         else:
             token_ids = [int(t) for t in prompt]
         if not token_ids:
-            raise ValueError("the prompt is empty")
+            raise ParameterError("prompt", "the prompt is empty")
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+            raise ParameterError("prompt", f"prompt token ids {bad[:5]} are outside the vocabulary "
+                                           f"[0, {self.vocab_size})")
         return token_ids
 
     def abort(self, request_id: str) -> Request | None:
@@ -127,8 +148,20 @@ class LLMEngine:
         req.trace.finish_time, req.trace.finish_reason = now, reason
         if req.detokenizer is not None:
             req.output_text = req.detokenizer.final_text
-        self._scheduler.finish(req)
+        self._release(req)
+
+    def _release(self, req: Request) -> None:
+        self._scheduler.finish(req)           # frees its KV blocks
         del self._requests[req.request_id]
+
+    def _fail(self, req: Request, error: str) -> RequestOutput:
+        """Ends a request that failed: like a failed HTTP request, its trace keeps no finish_time (metrics do not
+        count it as completed) and its finish_reason says why."""
+        log.warning("request %s failed: %s", req.request_id, error)
+        req.finish_reason = "error"
+        req.trace.finish_reason = f"error: {error}"
+        self._release(req)
+        return RequestOutput(req.request_id, [], req.trace, True, "error", "", req, error=error)
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -139,50 +172,134 @@ class LLMEngine:
                 raise RuntimeError(f"scheduler {self._scheduler.name!r} scheduled nothing while "
                                    f"{self._scheduler.num_requests()} (running, waiting) requests are unfinished")
             return []
-        chunks = [SeqChunk(c.request.token_slice(c.request.num_computed_tokens, c.num_tokens),
-                           c.request.num_computed_tokens, self._kv.block_table(c.request)) for c in plan.chunks]
+        chunks = [self._chunk(c.request, c.num_tokens) for c in plan.chunks]
         for c in plan.chunks:
             if c.request.trace.first_scheduled_time is None:
                 c.request.trace.first_scheduled_time = start
         scheduled = self.clock()
-        result = self._executor.execute(chunks)
-        executed = self.clock()
-        outputs = self._commit(plan, result.logits)
+        try:
+            result = self._executor.execute(chunks)
+        except Exception as e:      # noqa: BLE001  (the model failed: this step's requests end, the engine lives on)
+            log.exception("the forward pass failed; ending its %d requests", len(plan.chunks))
+            error = f"the model's forward pass failed: {type(e).__name__}: {e}"
+            outputs = [self._fail(c.request, error) for c in plan.chunks]
+            prepare_s = forward_s = 0.0
+            executed = self.clock()
+        else:
+            executed = self.clock()
+            prepare_s, forward_s = result.prepare_s, result.forward_s
+            outputs = self._commit(plan, chunks, result.logits)
         now = self.clock()
         self._report(StepStats(
             index=self._num_steps, start=start, duration_s=now - start, schedule_s=scheduled - start,
-            prepare_s=result.prepare_s, forward_s=result.forward_s, sample_s=now - executed,
+            prepare_s=prepare_s, forward_s=forward_s, sample_s=now - executed,
             num_tokens=plan.num_tokens, num_seqs=len(plan.chunks),
             num_prefill_tokens=sum(c.num_tokens for c in plan.chunks if c.num_tokens > 1),
             num_preempted=len(plan.preempted), **self._scheduler_counts(), **self._kv.usage()))
         return outputs
 
-    def _commit(self, plan: SchedulerOutput, logits) -> list[RequestOutput]:
-        """Applies a step's results: every chunk's tokens are computed; the chunks that reached the end of their
-        request's pending tokens sample one token each, which may finish the request."""
-        sampled = [i for i, c in enumerate(plan.chunks) if c.num_tokens == c.request.num_pending_tokens]
+    def _chunk(self, req: Request, num_tokens: int) -> SeqChunk:
+        start = req.num_computed_tokens
+        return SeqChunk(req.token_slice(start, num_tokens), start, self._kv.block_table(req),
+                        all_logits=req.needs_prompt_logits and start < len(req.prompt_token_ids) - 1)
+
+    def _commit(self, plan: SchedulerOutput, chunks: list[SeqChunk], logits: torch.Tensor) -> list[RequestOutput]:
+        """Applies a step's results: every chunk's tokens are computed (and the prompt logprobs of chunks that asked
+        for all their logits are recorded); the chunks that reached the end of their request's pending tokens
+        sample one token each, which may finish the request. A failure that belongs to some requests ends only
+        those."""
+        first_rows = np.cumsum([0] + [c.num_logits for c in chunks])
+        outputs = self._record_prompt_logprobs(plan, chunks, logits, first_rows[:-1])
+        failed = {out.request_id for out in outputs}
+        sampled = [i for i, c in enumerate(plan.chunks)
+                   if c.num_tokens == c.request.num_pending_tokens and c.request.request_id not in failed]
         for c in plan.chunks:
             c.request.num_computed_tokens += c.num_tokens
+        if not sampled:
+            return outputs
         reqs = [plan.chunks[i].request for i in sampled]
-        if not reqs:
-            return []
-        tokens = self._sampler(logits[sampled], [r.sampling for r in reqs], [r.generator for r in reqs],
-                               [list(r.stop_ids) if len(r.output_token_ids) < r.sampling.min_new_tokens else []
-                                for r in reqs]).tolist()
+        last_rows = torch.as_tensor(first_rows[1:] - 1)[sampled]
+        results = self._sample(logits[last_rows], [
+            SamplingRow(r.sampling, r.generator, r.prompt_token_ids, r.output_token_ids,
+                        list(r.stop_ids) if len(r.output_token_ids) < r.sampling.min_new_tokens else ())
+            for r in reqs])
         now = self.clock()
-        outputs = []
-        for req, token in zip(reqs, tokens):
-            req.output_token_ids.append(token)
-            req.trace.token_times.append(now)
-            reason = self._stop_reason(req, token)
-            text = ""
-            if req.detokenizer is not None:
-                text = req.detokenizer.delta(finished=reason is not None)
-            if reason:
-                self._finish(req, reason, now)
-            outputs.append(RequestOutput(req.request_id, [token], req.trace, reason is not None, reason, text,
-                                         req if reason else None))
+        for req, result in zip(reqs, results):
+            if isinstance(result, Exception):
+                outputs.append(self._fail(req, f"sampling failed: {type(result).__name__}: {result}"))
+                continue
+            try:
+                outputs.append(self._append(req, *result, now))
+            except Exception as e:      # noqa: BLE001  (its detokenizer or stop check failed: only it ends)
+                outputs.append(self._fail(req, f"processing its output failed: {type(e).__name__}: {e}"))
         return outputs
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[tuple[int, TokenLogprob | None]
+                                                                               | Exception]:
+        """All rows in one batched pass; if that fails, each row alone (seeded generators rewound first), so one
+        request's bad parameters fail only that request."""
+        seeded = [(r.generator, r.generator.get_state()) for r in rows if r.generator is not None]
+        try:
+            out = self._sampler(logits, rows)
+            return list(zip(out.token_ids, out.logprobs))
+        except Exception:      # noqa: BLE001
+            log.exception("batched sampling failed; sampling each of its %d requests alone", len(rows))
+        for generator, state in seeded:
+            generator.set_state(state)
+        results = []
+        for i, row in enumerate(rows):
+            try:
+                out = self._sampler(logits[i:i + 1], [row])
+                results.append((out.token_ids[0], out.logprobs[0]))
+            except Exception as e:      # noqa: BLE001
+                results.append(e)
+        return results
+
+    def _record_prompt_logprobs(self, plan: SchedulerOutput, chunks: list[SeqChunk], logits: torch.Tensor,
+                                first_rows: np.ndarray) -> list[RequestOutput]:
+        """The prompt logprobs of this step's all-logits chunks, in one pass: the row at position p scores prompt
+        token p + 1. Positions already scored (before a preemption) are skipped. If the pass fails, the requests
+        that asked for it fail (outputs returned)."""
+        spans = []      # (request, first row, first position, end position)
+        for c, chunk, row in zip(plan.chunks, chunks, first_rows):
+            if chunk.all_logits:
+                req = c.request
+                lo = max(chunk.start, len(req.prompt_logprobs))
+                hi = min(chunk.start + len(chunk.token_ids), len(req.prompt_token_ids) - 1)
+                if hi > lo:
+                    spans.append((req, int(row) + lo - chunk.start, lo, hi))
+        if not spans:
+            return []
+        try:
+            rows = torch.cat([torch.arange(row, row + hi - lo) for _, row, lo, hi in spans])
+            targets = [t for req, _, lo, hi in spans for t in req.prompt_token_ids[lo + 1:hi + 1]]
+            ks = [k for req, _, lo, hi in spans for k in itertools.repeat(req.sampling.prompt_logprobs, hi - lo)]
+            found = token_logprobs(logits[rows], targets, ks)
+        except Exception as e:      # noqa: BLE001
+            log.exception("prompt logprobs failed")
+            error = f"computing prompt logprobs failed: {type(e).__name__}: {e}"
+            return [self._fail(req, error) for req, *_ in spans]
+        at = 0
+        for req, _, lo, hi in spans:
+            req.prompt_logprobs += found[at:at + hi - lo]
+            at += hi - lo
+        return []
+
+    def _append(self, req: Request, token: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:
+        req.output_token_ids.append(token)
+        req.trace.token_times.append(now)
+        if logprob is not None:
+            req.logprobs.append(logprob)
+        reason = self._stop_reason(req, token)
+        text = ""
+        if req.detokenizer is not None:
+            text = req.detokenizer.delta(finished=reason is not None)
+        first = len(req.output_token_ids) == 1
+        if reason:
+            self._finish(req, reason, now)
+        return RequestOutput(req.request_id, [token], req.trace, reason is not None, reason, text,
+                             req if reason else None, [logprob] if logprob is not None else None,
+                             req.prompt_logprobs if first and req.sampling.prompt_logprobs is not None else None)
 
     def _stop_reason(self, req: Request, token: int) -> str | None:
         n = len(req.output_token_ids)

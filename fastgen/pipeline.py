@@ -13,7 +13,7 @@ from typing import Sequence
 
 from fastgen.compose import build_engine, compose_config
 from fastgen.engine import LLMEngine
-from fastgen.sampling import SamplingParams
+from fastgen.sampling import SamplingParams, TokenLogprob
 
 
 @dataclass
@@ -22,6 +22,9 @@ class Output:
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None          # with logprobs=k: per output token
+    prompt_logprobs: list[TokenLogprob] | None = None   # with prompt_logprobs=k: per prompt token after the first
+    error: str | None = None                            # finish_reason "error": why
 
 
 class Pipeline:
@@ -42,7 +45,7 @@ class Pipeline:
         ids = [self.engine.add_request(p, SamplingParams(max_new_tokens=n, **sampling)) for p, n in zip(prompts, news)]
         finished = {}
         while self.engine.has_unfinished():
-            finished.update((out.request_id, out.request) for out in self.engine.step() if out.finished)
+            finished.update((out.request_id, out) for out in self.engine.step() if out.finished)
         return [self._output(finished[i]) for i in ids]
 
     def close(self) -> None:
@@ -55,9 +58,12 @@ class Pipeline:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _output(self, req) -> Output:
+    def _output(self, out) -> Output:
+        req = out.request
         text = req.output_text if req.detokenizer is not None else None
-        return Output(text, list(req.output_token_ids), req.finish_reason, len(req.prompt_token_ids))
+        return Output(text, list(req.output_token_ids), req.finish_reason, len(req.prompt_token_ids),
+                      req.logprobs if req.sampling.logprobs is not None else None,
+                      req.prompt_logprobs if req.sampling.prompt_logprobs is not None else None, out.error)
 
 
 def pipeline(model="smollm2-135m", scheduler: str = "splitfuse", kv: str = "blocked", hardware: str = "cpu",

@@ -4,7 +4,8 @@ All tokens scheduled in a step, from all sequences, are flattened into one batch
 contiguous run: a prompt chunk of any length or a single decode token, starting at position `start` (the number
 of its tokens whose KV is already cached). The batch carries where each new token's K/V goes (`slot_mapping`),
 what attention needs to read each sequence's history (`attn`), and which rows get logits (`logits_indices`: the
-last scheduled token of each sequence; nothing else goes through the LM head).
+last scheduled token of each sequence, or every token of a chunk that asks for them (`SeqChunk.all_logits`, for
+prompt logprobs); nothing else goes through the LM head).
 """
 from __future__ import annotations
 
@@ -19,11 +20,17 @@ from fastgen.kernels.metadata import AttentionMetadata
 
 @dataclass
 class SeqChunk:
-    """One sequence's share of a step: its new tokens, where they start, and the KV blocks it owns."""
+    """One sequence's share of a step: its new tokens, where they start, and the KV blocks it owns. `all_logits`
+    asks for the logits of every token of the chunk (prompt logprobs), not only of its last one."""
 
     token_ids: Sequence[int]
     start: int
     block_table: Sequence[int]
+    all_logits: bool = False
+
+    @property
+    def num_logits(self) -> int:
+        return len(self.token_ids) if self.all_logits else 1
 
 
 @dataclass
@@ -31,7 +38,7 @@ class RaggedBatch:
     input_ids: torch.Tensor        # [T] int64
     positions: torch.Tensor        # [T] int64
     slot_mapping: torch.Tensor     # [T] int64
-    logits_indices: torch.Tensor   # [S] int64
+    logits_indices: torch.Tensor   # [sum of chunks' num_logits] int64, in chunk order
     attn: AttentionMetadata
 
     @property
@@ -60,6 +67,11 @@ class RaggedBatch:
         positions = np.arange(int(query_start[-1])) - np.repeat(query_start[:-1] - starts, lens)
         slots = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
         input_ids = np.fromiter((t for c in chunks for t in c.token_ids), dtype=np.int64, count=int(query_start[-1]))
+        logits_indices = query_start[1:] - 1
+        if any(c.all_logits for c in chunks):
+            wanted = np.repeat(np.fromiter((c.all_logits for c in chunks), dtype=bool, count=len(chunks)), lens)
+            wanted[logits_indices] = True
+            logits_indices = np.flatnonzero(wanted)
 
         def tensor(a: np.ndarray, dtype=torch.int64) -> torch.Tensor:
             return torch.from_numpy(a).to(device=device, dtype=dtype)
@@ -68,4 +80,4 @@ class RaggedBatch:
                                  block_tables=tensor(tables, torch.int32), max_query_len=int(lens.max()),
                                  max_context_len=int(ctx.max()))
         return cls(input_ids=tensor(input_ids), positions=tensor(positions), slot_mapping=tensor(slots),
-                   logits_indices=tensor(query_start[1:] - 1), attn=attn)
+                   logits_indices=tensor(logits_indices), attn=attn)

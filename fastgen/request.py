@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastgen.detokenizer import IncrementalDetokenizer
-from fastgen.sampling import SamplingParams
+from fastgen.sampling import SamplingParams, TokenLogprob
 from fastgen.trace import RequestTrace
 
 
@@ -38,6 +38,8 @@ class Request:
     detokenizer: IncrementalDetokenizer | None = None   # detokenized requests: text and stop strings as it grows
     generator: torch.Generator | None = None
     trace: RequestTrace = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)          # per output token, if sampling.logprobs
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)   # per prompt token after the first
 
     def __post_init__(self):
         if self.trace is None:
@@ -70,6 +72,12 @@ class Request:
         if start + n <= p:
             return self.prompt_token_ids[start:start + n]
         return self.prompt_token_ids[start:] + self.output_token_ids[:start + n - p]
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Its prompt logprobs are not all computed yet (they survive preemption, so they are computed once)."""
+        return self.sampling.prompt_logprobs is not None and \
+            len(self.prompt_logprobs) < len(self.prompt_token_ids) - 1
 
     @property
     def stop_ids(self) -> frozenset[int]:

@@ -276,7 +276,7 @@ def test_the_server_streams_from_a_tensor_parallel_engine():
     engine = build_engine(engine_config(2), hf, tokenizer)
     try:
         app = create_app(engine, ServeConfig(served_model_name="tiny", request_timeout_s=60.0))
-        with TestClient(app) as client:          # runs the app's lifespan: the engine thread
+        with TestClient(app, base_url="http://localhost") as client:     # runs the lifespan: the engine thread
             with client.stream("POST", "/v1/completions", json={
                     "model": "tiny", "prompt": prompt, "max_tokens": 7, "temperature": 0, "ignore_eos": True,
                     "stream": True}) as reply:

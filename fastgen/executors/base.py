@@ -16,7 +16,9 @@ from fastgen.registry import Registry
 
 @dataclass
 class StepResult:
-    logits: torch.Tensor     # [len(chunks), vocab] float32 for each chunk's last token ([n, 1] placeholders if simulated)
+    # float32 [sum of chunks' num_logits, vocab]: each chunk's last token, or all its tokens if chunk.all_logits, in
+    # chunk order ([rows, 1] placeholders if simulated)
+    logits: torch.Tensor
     prepare_s: float         # building the step's tensors and the kernel backend's per-step state
     forward_s: float         # the model's forward pass
 

@@ -70,12 +70,14 @@ class SimulatedExecutor(Executor):
         self._logits = torch.zeros(0, 1)
 
     def execute(self, chunks: Sequence[SeqChunk]) -> StepResult:
-        """Advances the clock by the step's predicted time; placeholder logits [len(chunks), 1]."""
+        """Advances the clock by the step's predicted time; placeholder logits [rows, 1] (no distribution: a
+        request's logprobs and logit processors are meaningless here)."""
         n = len(chunks)
         q = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.float64, count=n)
         ctx = np.fromiter((c.start for c in chunks), dtype=np.float64, count=n) + q
-        seconds = self.cost.step_time(BatchShape(q, ctx))
+        rows = sum(c.num_logits for c in chunks)
+        seconds = self.cost.step_time(BatchShape(q, ctx, num_logits=rows))
         self.clock.sleep(seconds)
-        if self._logits.shape[0] < n:
-            self._logits = torch.zeros(n, 1)
-        return StepResult(self._logits[:n], 0.0, seconds)
+        if self._logits.shape[0] < rows:
+            self._logits = torch.zeros(rows, 1)
+        return StepResult(self._logits[:rows], 0.0, seconds)

@@ -5,23 +5,23 @@ Binds 127.0.0.1:8000 unless told otherwise (host=0.0.0.0 port=9000); the API key
 import logging
 
 import hydra
-import uvicorn
 from omegaconf import DictConfig, OmegaConf
 
 from fastgen.cli import run_hydra
 from fastgen.compose import CONF_DIR, build_engine
 from fastgen.serve.app import create_app
-from fastgen.serve.config import ServeConfig
+from fastgen.serve.config import LOOPBACK_HOSTS, ServeConfig
+from fastgen.serve.edge import uvicorn_server
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="serve", version_base=None)
 def main(dict_cfg: DictConfig) -> None:
     cfg: ServeConfig = OmegaConf.to_object(dict_cfg)
     cfg.validate()
-    if cfg.api_key is None and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+    if cfg.api_key is None and cfg.host not in LOOPBACK_HOSTS:
         logging.getLogger(__name__).warning("serving on %s without an api_key: anyone who can reach it can use it; "
                                             "set FASTGEN_API_KEY", cfg.host)
-    uvicorn.run(create_app(build_engine(cfg), cfg), host=cfg.host, port=cfg.port)
+    uvicorn_server(create_app(build_engine(cfg), cfg), cfg).run()
 
 
 if __name__ == "__main__":

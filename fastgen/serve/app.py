@@ -1,17 +1,24 @@
 """create_app: the OpenAI-compatible HTTP API around an LLMEngine (the persistent deployment).
 
 Every check a request can fail runs in the handler before the request reaches the engine thread, so a bad request
-costs a 4xx and nothing else; what only the engine can judge (add_request's own checks) comes back through the
-request's stream as a 400. A request that is no longer wanted (client gone, deadline passed) is aborted at once,
-which frees its KV blocks.
+costs a 4xx and nothing else; what only the engine can judge (add_request's own checks, e.g. top_k against the
+vocabulary) comes back through the request's group as a 400 before anything is streamed. Text is tokenized (and chat
+templates applied) in a worker pool, after a character-count check, so a large prompt never stalls the event loop.
+A request that is no longer wanted (client gone, deadline passed) is aborted at once, which frees its KV blocks.
+
+One HTTP request may hold several engine requests (batched prompts, n > 1, best_of), with ids `<id>-<k>`: each
+choice is its own sequence (its prompt is computed again; KV sharing between them is the prefix cache's job).
 """
 from __future__ import annotations
 
 import asyncio
+import functools
+import importlib.metadata
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
@@ -20,25 +27,30 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from fastgen.engine import LLMEngine
-from fastgen.sampling import SamplingParams
+from fastgen.sampling import ParameterError, SamplingParams, TokenLogprob
 from fastgen.serve.config import ServeConfig
-from fastgen.serve.engine_loop import EngineLoop, RequestStream
+from fastgen.serve.edge import RequestIdMiddleware
+from fastgen.serve.engine_loop import EngineLoop, RequestFailed, RequestGroup, SequenceRequest, ServerShuttingDown
 from fastgen.serve.metrics import ServerMetrics
-from fastgen.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, GenerationBody, Responder,
+from fastgen.serve.protocol import (APIError, ChatCompletionRequest, ChatMessage, ChoiceState, CompletionRequest,
+                                    DetokenizeRequest, GenerationBody, Responder, TokenizeRequest, usage,
                                     validation_error)
 
 # max_tokens when a request leaves it out: OpenAI's 16 for /v1/completions; for chat, max_tokens_limit. Both are
 # capped by the room the prompt leaves in the context.
 DEFAULT_COMPLETION_TOKENS = 16
+# SamplingParams' names for the API's parameters, where they differ
+API_PARAMS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "prompt_logprobs": "logprobs"}
 
 Body = TypeVar("Body", bound=GenerationBody)
 T = TypeVar("T")
 
 
 class Server:
-    """What the routes share: the engine thread, the limits, the metrics and the tokenizer."""
+    """What the routes share: the engine thread, the limits, the metrics, the tokenizer and its worker pool."""
 
     def __init__(self, engine: LLMEngine, cfg: ServeConfig):
         self.cfg = cfg
@@ -46,8 +58,45 @@ class Server:
         self.loop = EngineLoop(engine, self.metrics)
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.vocab_size
         self.model_name = cfg.model_name
         self.created = int(time.time())
+        self.pool = ThreadPoolExecutor(cfg.tokenizer_workers, thread_name_prefix="fastgen-tokenize")
+        self._token_texts: dict[int, str] = {}
+
+    async def off_loop(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        """`fn` in the tokenizer pool: the event loop (and every stream) goes on meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
+
+    def token_text(self, token_id: int) -> str:
+        """A token's own text, as logprobs show it (cached: one decode per token id)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id]) if self.tokenizer is not None else f"token_id:{token_id}"
+            self._token_texts[token_id] = text
+        return text
+
+    def need_tokenizer(self, param: str) -> None:
+        if self.tokenizer is None:
+            raise APIError(400, "this server's model has no tokenizer: send token ids", param=param)
+
+    def check_chars(self, texts: Sequence[str], param: str) -> None:
+        chars = sum(map(len, texts))
+        if chars > self.cfg.max_prompt_chars:
+            raise APIError(400, f"{param} has {chars} characters, more than the server's limit max_prompt_chars="
+                                f"{self.cfg.max_prompt_chars}", param=param, code="prompt_too_long")
+
+    def encode(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """Runs in the pool."""
+        return [self.tokenizer.encode(t, add_special_tokens=add_special_tokens) for t in texts]
+
+    def apply_template(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> str:
+        """Runs in the pool."""
+        try:
+            return self.tokenizer.apply_chat_template([m.as_template_input() for m in messages],
+                                                      add_generation_prompt=add_generation_prompt, tokenize=False)
+        except (ValueError, TemplateError) as e:
+            raise APIError(400, f"cannot apply the model's chat template: {e}", param="messages") from e
 
 
 def create_app(engine: LLMEngine, cfg: ServeConfig | None = None) -> FastAPI:
@@ -64,6 +113,7 @@ def create_app(engine: LLMEngine, cfg: ServeConfig | None = None) -> FastAPI:
             yield
         finally:
             server.loop.stop()
+            server.pool.shutdown(wait=False, cancel_futures=True)
 
     # No /docs or /openapi.json: they would be endpoints outside the API key.
     app = FastAPI(title="fastgen", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -73,6 +123,8 @@ def create_app(engine: LLMEngine, cfg: ServeConfig | None = None) -> FastAPI:
     app.add_exception_handler(Exception, _internal_error_response)
     app.add_api_route("/health", health, methods=["GET"])
     app.include_router(router)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=cfg.hosts)
+    app.add_middleware(RequestIdMiddleware)        # outermost: every answer carries x-request-id
     return app
 
 
@@ -102,7 +154,17 @@ def require_api_key(request: Request) -> None:
                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
-router = APIRouter(dependencies=[Depends(require_api_key)])     # every endpoint but /health
+def require_json(request: Request) -> None:
+    """POST bodies must be declared JSON: a browser cannot send that cross-origin without a CORS preflight,
+    which this server never grants."""
+    if request.method == "POST":
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise APIError(415, f"the body must be sent with 'Content-Type: application/json' (got "
+                                f"{media_type or 'none'!r})", param="content-type", code="unsupported_media_type")
+
+
+router = APIRouter(dependencies=[Depends(require_api_key), Depends(require_json)])     # every endpoint but /health
 
 
 async def health(request: Request) -> JSONResponse:
@@ -111,12 +173,26 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "the engine thread has stopped"}, status_code=503)
 
 
+def _model_card(server: Server) -> dict:
+    return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "fastgen",
+            "max_model_len": server.max_model_len}
+
+
 @router.get("/v1/models")
 async def models(request: Request) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": [_model_card(_server(request))]})
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(request: Request, model_id: str) -> JSONResponse:
     server = _server(request)
-    return JSONResponse({"object": "list", "data": [{"id": server.model_name, "object": "model",
-                                                      "created": server.created, "owned_by": "fastgen",
-                                                      "max_model_len": server.max_model_len}]})
+    _check_model(server, model_id)
+    return JSONResponse(_model_card(server))
+
+
+@router.get("/version")
+async def version() -> JSONResponse:
+    return JSONResponse({"version": importlib.metadata.version("fastgen")})
 
 
 @router.get("/metrics")
@@ -125,64 +201,127 @@ async def metrics(request: Request) -> Response:
     return Response(m.render(), media_type=m.content_type)
 
 
+# -- the tokenizer (vLLM's endpoints, which lm-eval's remote tokenizer reads) -------------------------------------
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: Request) -> JSONResponse:
+    server = _server(request)
+    tok = server.tokenizer
+    if tok is None:
+        raise APIError(404, "this server's model has no tokenizer", code="no_tokenizer")
+    return JSONResponse({"tokenizer_class": type(tok).__name__, "bos_token": tok.bos_token,
+                         "eos_token": tok.eos_token, "pad_token": tok.pad_token, "unk_token": tok.unk_token,
+                         "chat_template": tok.chat_template, "model_max_length": server.max_model_len,
+                         "vocab_size": server.vocab_size})
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request) -> JSONResponse:
+    server = _server(request)
+    body = await _parse(request, TokenizeRequest)
+    server.need_tokenizer("prompt")
+    if body.messages is not None:
+        server.check_chars([m.content for m in body.messages], "messages")
+        text = await server.off_loop(server.apply_template, body.messages, body.add_generation_prompt)
+        add_special = bool(body.add_special_tokens)        # the template writes them
+    else:
+        server.check_chars([body.prompt], "prompt")
+        text, add_special = body.prompt, body.add_special_tokens is not False
+    tokens = (await server.off_loop(server.encode, [text], add_special))[0]
+    return JSONResponse({"count": len(tokens), "max_model_len": server.max_model_len, "tokens": tokens,
+                         "token_strs": [server.token_text(t) for t in tokens] if body.return_token_strs else None})
+
+
+@router.post("/detokenize")
+async def detokenize(request: Request) -> JSONResponse:
+    server = _server(request)
+    body = await _parse(request, DetokenizeRequest)
+    server.need_tokenizer("tokens")
+    bad = [t for t in body.tokens if not 0 <= t < server.vocab_size]
+    if bad:
+        raise APIError(400, f"tokens {bad[:5]} are outside the vocabulary [0, {server.vocab_size})", param="tokens")
+    return JSONResponse({"prompt": await server.off_loop(server.tokenizer.decode, body.tokens)})
+
+
+# -- generation ----------------------------------------------------------------------------------------------------
 @router.post("/v1/completions")
 async def completions(request: Request) -> Response:
     server = _server(request)
     body = await _parse(request, CompletionRequest)
-    prompt = body.prompt if isinstance(body.prompt, list) else _encode(server, body.prompt, "prompt")
-    return await _generate(request, body, prompt, chat=False)
+    _sampling(body, chat=False, max_tokens=None)            # parameters refused before any tokenizing
+    prompts = body.prompts
+    for p in prompts:
+        bad = [t for t in p if not 0 <= t < server.vocab_size] if isinstance(p, list) else None
+        if bad:
+            raise APIError(400, f"prompt token ids {bad[:5]} are outside the vocabulary [0, {server.vocab_size})",
+                           param="prompt")
+    texts = [p for p in prompts if isinstance(p, str)]
+    if texts:
+        server.need_tokenizer("prompt")
+        for text in texts:
+            server.check_chars([text], "prompt")
+        encoded = iter(await server.off_loop(server.encode, texts))
+        prompts = [next(encoded) if isinstance(p, str) else p for p in prompts]
+    echoes = None
+    if body.echo:
+        echoes = [p if isinstance(p, str) else server.tokenizer.decode(ids) if server.tokenizer else ""
+                  for p, ids in zip(body.prompts, prompts)]
+    return await _generate(request, body, prompts, chat=False, echoes=echoes)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     server = _server(request)
     body = await _parse(request, ChatCompletionRequest)
-    if server.tokenizer is None:
-        raise APIError(400, "this server's model has no tokenizer, so it cannot serve chat; use /v1/completions "
-                            "with token ids", param="messages")
-    try:
-        text = server.tokenizer.apply_chat_template([m.as_template_input() for m in body.messages],
-                                                    add_generation_prompt=True, tokenize=False)
-    except (ValueError, TemplateError) as e:
-        raise APIError(400, f"cannot apply the model's chat template: {e}", param="messages") from e
+    server.need_tokenizer("messages")
+    _sampling(body, chat=True, max_tokens=None)
+    server.check_chars([m.content for m in body.messages], "messages")
+    text = await server.off_loop(server.apply_template, body.messages)
     # The template writes the special tokens (BOS included) itself.
-    return await _generate(request, body, _encode(server, text, "messages", add_special_tokens=False), chat=True)
+    prompt = (await server.off_loop(server.encode, [text], False))[0]
+    return await _generate(request, body, [prompt], chat=True)
 
 
-# -- one generation request ----------------------------------------------------------------------------------------
 async def _parse(request: Request, schema: type[Body]) -> Body:
     server = _server(request)
-    raw = await _read_body(request, server.cfg.max_body_bytes)
+    raw = await _read_body(request, server.cfg)
     try:
         body = schema.model_validate_json(raw)
     except ValidationError as e:
         raise validation_error(e) from None
-    if body.model != server.model_name:
-        raise APIError(404, f"the model {body.model!r} does not exist; this server serves {server.model_name!r}",
-                       param="model", code="model_not_found")
+    if getattr(body, "model", None) is not None:
+        _check_model(server, body.model)
+    body.check()
     return body
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused (413) as soon as it is known to exceed `limit` bytes, before it is all buffered."""
+def _check_model(server: Server, name: str) -> None:
+    if name != server.model_name:
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {server.model_name!r}",
+                       param="model", code="model_not_found")
+
+
+async def _read_body(request: Request, cfg: ServeConfig) -> bytes:
+    """The body, refused (413) as soon as it is known to exceed max_body_bytes, before it is all buffered, and
+    (408) if it has not all arrived within body_timeout_s."""
+    limit = cfg.max_body_bytes
     too_large = APIError(413, f"the request body exceeds the server's limit max_body_bytes={limit}",
-                         code="request_too_large")
+                         param="body", code="request_too_large")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    return bytes(body)
 
-
-def _encode(server: Server, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
-    if server.tokenizer is None:
-        raise APIError(400, "this server's model has no tokenizer: send the prompt as a list of token ids",
-                       param=param)
-    return server.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    async def read() -> bytes:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+        return bytes(body)
+    try:
+        return await asyncio.wait_for(read(), cfg.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within the server's limit body_timeout_s="
+                            f"{cfg.body_timeout_s:g}", param="body", code="request_timeout") from None
 
 
 def _max_tokens(server: Server, body: GenerationBody, prompt_tokens: int, chat: bool) -> int:
@@ -191,6 +330,8 @@ def _max_tokens(server: Server, body: GenerationBody, prompt_tokens: int, chat: 
     if prompt_tokens > cfg.max_prompt_tokens:
         raise APIError(400, f"the prompt has {prompt_tokens} tokens, more than the server's limit "
                             f"max_prompt_tokens={cfg.max_prompt_tokens}", param=param, code="prompt_too_long")
+    if not prompt_tokens:
+        raise APIError(400, "the prompt is empty", param=param)
     room = server.max_model_len - prompt_tokens
     requested = body.requested_max_tokens
     if requested is None:
@@ -207,77 +348,155 @@ def _max_tokens(server: Server, body: GenerationBody, prompt_tokens: int, chat: 
     return requested
 
 
-def _sampling(body: GenerationBody, max_tokens: int) -> SamplingParams:
+def _sampling(body: GenerationBody, chat: bool, max_tokens: int | None, choice: int = 0,
+              logprobs_for_best_of: bool = False) -> SamplingParams:
+    """The engine's parameters for one choice (seed + choice index, so n seeded choices differ), validated by
+    SamplingParams. max_tokens None: validation only, before tokenizing."""
+    logprobs = body.sampled_logprobs
+    if logprobs is None and logprobs_for_best_of:
+        logprobs = 0
+    echo_logprobs = body.logprobs if getattr(body, "echo", False) else None
+    if max_tokens is None:
+        max_tokens = max(body.requested_max_tokens or 1, body.min_tokens, 1)
     try:
-        return SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              top_k=body.top_k or 0, seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos)
-    except ValueError as e:
-        raise APIError(400, str(e)) from e
+        return SamplingParams(
+            max_new_tokens=max_tokens, min_new_tokens=body.min_tokens, temperature=body.temperature,
+            top_p=body.top_p, top_k=body.top_k or 0, seed=None if body.seed is None else body.seed + choice,
+            stop=body.stop, stop_token_ids=body.stop_token_ids or [], ignore_eos=body.ignore_eos,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,
+            logit_bias=body.logit_bias or {}, logprobs=logprobs, prompt_logprobs=echo_logprobs,
+            include_stop_str_in_output=body.include_stop_str_in_output,
+            skip_special_tokens=body.skip_special_tokens,
+            spaces_between_special_tokens=body.spaces_between_special_tokens)
+    except ParameterError as e:
+        raise _parameter_error(e, chat) from None
 
 
-def _as_api_error(e: Exception, cfg: ServeConfig) -> APIError:
+def _parameter_error(e: ParameterError, chat: bool) -> APIError:
+    name = "top_logprobs" if chat and e.param == "logprobs" else API_PARAMS.get(e.param, e.param)
+    return APIError(400, f"{name}: {e.reason}", param=name)
+
+
+def _as_api_error(e: Exception, cfg: ServeConfig, chat: bool) -> APIError:
     if isinstance(e, APIError):
         return e
+    if isinstance(e, ServerShuttingDown):
+        return APIError(503, f"the server is shutting down: the request was ended after its grace period "
+                             f"shutdown_grace_s={cfg.shutdown_grace_s:g}", type="server_error", code="server_shutdown")
     if isinstance(e, asyncio.TimeoutError):
         return APIError(504, f"the request did not finish within the server's limit request_timeout_s="
                              f"{cfg.request_timeout_s:g} and was aborted", type="timeout_error", code="timeout")
-    if isinstance(e, ValueError):     # add_request refused it
-        return APIError(400, str(e))
+    if isinstance(e, ParameterError):       # add_request refused it
+        return _parameter_error(e, chat)
+    if isinstance(e, ValueError):
+        return APIError(400, str(e), param="prompt")
+    if isinstance(e, RequestFailed):
+        return APIError(500, f"the request failed: {e}", type="server_error", code="request_failed")
     return APIError(500, str(e), type="server_error")
 
 
-async def _generate(request: Request, body: GenerationBody, prompt: list[int], chat: bool) -> Response:
+async def _generate(request: Request, body: GenerationBody, prompts: list[list[int]], chat: bool,
+                    echoes: list[str] | None = None) -> Response:
     server = _server(request)
     cfg = server.cfg
-    sampling = _sampling(body, _max_tokens(server, body, len(prompt), chat))
-    if server.loop.num_active >= cfg.max_concurrent_requests:
+    if server.loop.shutting_down:
+        raise APIError(503, "the server is shutting down", type="server_error", code="server_shutdown")
+    per_prompt = body.best_of_count
+    total = len(prompts) * per_prompt
+    if total > cfg.max_sequences_per_request:
+        raise APIError(400, f"{len(prompts)} prompt(s) x {per_prompt} choice(s) = {total} sequences, more than the "
+                            f"server's limit max_sequences_per_request={cfg.max_sequences_per_request}",
+                       param="best_of" if per_prompt > body.n else "n" if per_prompt > 1 else "prompt")
+    if server.loop.num_active + total > cfg.max_concurrent_requests:
         raise APIError(429, f"the server is at its limit max_concurrent_requests={cfg.max_concurrent_requests}; "
                             "retry later", type="rate_limit_error", code="too_many_requests")
-    responder = Responder(chat, server.model_name, body.include_usage)
-    stream = server.loop.submit(responder.id, prompt, sampling, cfg.request_timeout_s)
+    responder = Responder(chat, server.model_name, server.token_text, body.sampled_logprobs, body.include_usage,
+                          body.continuous_usage)
+    best_of = per_prompt > body.n
+    sequences, choices = [], []
+    for i, prompt in enumerate(prompts):
+        max_tokens = _max_tokens(server, body, len(prompt), chat)
+        for j in range(per_prompt):
+            sampling = _sampling(body, chat, max_tokens, j, logprobs_for_best_of=best_of)
+            sequences.append(SequenceRequest(f"{responder.id}-{len(sequences)}", prompt, sampling))
+            choices.append(ChoiceState(index=i * body.n + j, prompt_index=i,
+                                       echo_text=echoes[i] if echoes else ""))
+    prompt_tokens = sum(map(len, prompts))
+    group = server.loop.submit(sequences, cfg.request_timeout_s)
     try:
-        await stream.accepted()
+        await group.accepted()
     except BaseException as e:
-        server.loop.release(stream)
+        server.loop.release(group)
         if isinstance(e, Exception):
-            raise _as_api_error(e, cfg) from e
+            raise _as_api_error(e, cfg, chat) from e
         raise
+    echo_logprobs = bool(echoes) and body.sampled_logprobs is not None
     if body.stream:
-        return EventStream(_events(stream, responder, cfg), on_close=lambda: server.loop.release(stream))
+        return EventStream(_events(group, responder, choices, echo_logprobs, prompt_tokens, cfg),
+                           on_close=lambda: server.loop.release(group))
     try:
-        done = await _unless_disconnected(request, _collect(stream))
+        done = await _unless_disconnected(request, _collect(group, choices, echo_logprobs))
     except Exception as e:
-        raise _as_api_error(e, cfg) from e
+        raise _as_api_error(e, cfg, chat) from e
     finally:
-        server.loop.release(stream)
+        server.loop.release(group)
     if done is None:
         return Response(status_code=499)      # nobody is left to read it
-    text, finish_reason, completion_tokens = done
-    return JSONResponse(responder.response(text, finish_reason, stream.prompt_tokens, completion_tokens))
+    completion_tokens = sum(c.num_tokens for c in choices)
+    if best_of:
+        choices = _best(choices, body.n)
+    return JSONResponse(responder.response(choices, usage(prompt_tokens, completion_tokens)))
 
 
-async def _collect(stream: RequestStream) -> tuple[str, str, int]:
-    text, completion_tokens = [], 0
-    async for update in stream.updates():     # ends with the last update
-        text.append(update.text)
-        completion_tokens += len(update.token_ids)
-    return "".join(text), update.finish_reason, completion_tokens
+def _echo_entries(group: RequestGroup, index: int, prompt_logprobs: Sequence[TokenLogprob]) -> list[TokenLogprob]:
+    """The echoed prompt's logprob entries: its first token has none."""
+    first = group.requests[index].prompt_token_ids[0]
+    return [TokenLogprob(first, None, None), *prompt_logprobs]
 
 
-async def _events(stream: RequestStream, responder: Responder, cfg: ServeConfig) -> AsyncIterator[str]:
-    """The OpenAI stream: one chunk per engine update (so per token), then usage if asked for, then [DONE]. An
-    error after the 200 went out can only be reported in the stream, as an error object."""
-    if responder.chat:
-        yield _sse(responder.chunk("", first=True))
+async def _collect(group: RequestGroup, choices: list[ChoiceState], echo_logprobs: bool) -> bool:
+    async for index, update in group.updates():     # ends with every sequence's last update
+        choice = choices[index]
+        if echo_logprobs and update.prompt_logprobs is not None:
+            choice.echo_logprobs = _echo_entries(group, index, update.prompt_logprobs)
+        choice.text.append(update.text)
+        choice.num_tokens += len(update.token_ids)
+        choice.logprobs += update.logprobs or ()
+        choice.finish_reason = update.finish_reason or choice.finish_reason
+    return True
+
+
+def _best(choices: list[ChoiceState], n: int) -> list[ChoiceState]:
+    """best_of: per prompt, the n sequences with the highest cumulative logprob (as vLLM), re-indexed."""
+    best = []
+    for p in sorted({c.prompt_index for c in choices}):
+        ranked = sorted((c for c in choices if c.prompt_index == p), key=lambda c: -c.cumulative_logprob)[:n]
+        for rank, c in enumerate(ranked):
+            c.index = p * n + rank
+            best.append(c)
+    return best
+
+
+async def _events(group: RequestGroup, responder: Responder, choices: list[ChoiceState], echo_logprobs: bool,
+                  prompt_tokens: int, cfg: ServeConfig) -> AsyncIterator[str]:
+    """The OpenAI stream: one chunk per sequence per engine update, so per token, sent the step the token is
+    sampled (nothing goes out before a choice's first token, not even chat's role), then usage if asked for, then
+    [DONE]. An error after the 200 went out can only be reported in the stream, as an error object."""
     completion_tokens = 0
     try:
-        async for update in stream.updates():
+        async for index, update in group.updates():
+            choice = choices[index]
+            if echo_logprobs and update.prompt_logprobs is not None:
+                choice.echo_logprobs = _echo_entries(group, index, update.prompt_logprobs)
             completion_tokens += len(update.token_ids)
-            yield _sse(responder.chunk(update.text, update.finish_reason))
+            choice.num_tokens += len(update.token_ids)
+            yield _sse(responder.chunk(choice, update.text, update.logprobs or (), update.finish_reason,
+                                       usage(prompt_tokens, completion_tokens)))
         if responder.include_usage:
-            yield _sse(responder.usage_chunk(stream.prompt_tokens, completion_tokens))
+            yield _sse(responder.usage_chunk(usage(prompt_tokens, completion_tokens)))
     except Exception as e:      # reported to the client in the stream
-        yield _sse(_as_api_error(e, cfg).body())
+        yield _sse(_as_api_error(e, cfg, responder.chat).body())
     yield "data: [DONE]\n\n"
 
 
@@ -286,8 +505,8 @@ def _sse(payload: dict) -> str:
 
 
 class EventStream(StreamingResponse):
-    """Server-sent events that release their request however the response ends: completed, client gone (Starlette
-    cancels the stream), or failed."""
+    """Server-sent events that release their requests however the response ends: completed, client gone
+    (Starlette cancels the stream), or failed."""
 
     def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]):
         super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

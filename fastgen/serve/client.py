@@ -3,7 +3,8 @@
 Each request goes to /v1/completions as token ids with stream=true, ignore_eos=true and temperature 0, so the
 server does exactly the work the workload asks for. Traces use one clock, seconds since the target was made:
 `arrival_time` is when the request was sent and `token_times` when each chunk carrying a token reached the client
-(so TTFT is timed to the first token, not to the first byte or a role-only chunk), so fastgen.metrics judges what
+(so TTFT is timed to the first token, not to the response headers or to a role-only chat chunk that some servers
+send before the first token; fastgen's own server sends nothing before it), so fastgen.metrics judges what
 a user would see (network and HTTP included). fastgen.driver decides when each request is sent; the streams run on
 an asyncio loop in a background thread.
 """
@@ -108,9 +109,9 @@ async def _first_model(client: httpx.AsyncClient) -> str:
 
 async def _stream_completion(client: httpx.AsyncClient, model: str, request_id: str, prompt: list[int],
                              max_new_tokens: int, clock) -> RequestTrace:
-    """One streamed request. A chunk with a choice is counted as one token; when the server reports usage, its
-    completion_tokens count wins (a server that packs several tokens into one chunk gets them all at that chunk's
-    time, and a chunk that only carries finish_reason does not count)."""
+    """One streamed request. A chunk whose choice carries a token (`carries_token`) is counted as one token; when
+    the server reports usage, its completion_tokens count wins (a server that packs several tokens into one chunk
+    gets them all at that chunk's time, and a chunk that only carries finish_reason does not count)."""
     payload = {"model": model, "prompt": prompt, "max_tokens": max_new_tokens, "temperature": 0.0, "stream": True,
                "ignore_eos": True, "stream_options": {"include_usage": True}}
     trace = RequestTrace(request_id, len(prompt), clock())
@@ -128,7 +129,8 @@ async def _stream_completion(client: httpx.AsyncClient, model: str, request_id: 
                     trace.finish_reason = f"error: {chunk['error'].get('message')}"
                     return trace
                 for choice in chunk.get("choices") or ():
-                    trace.token_times.append(now)
+                    if carries_token(choice):
+                        trace.token_times.append(now)
                     trace.finish_reason = choice.get("finish_reason") or trace.finish_reason
                 if chunk.get("usage"):
                     completion_tokens = chunk["usage"]["completion_tokens"]
@@ -140,6 +142,17 @@ async def _stream_completion(client: httpx.AsyncClient, model: str, request_id: 
         trace.token_times = times + [times[-1]] * (completion_tokens - len(times))
     trace.finish_time = clock()
     return trace
+
+
+def carries_token(choice: dict) -> bool:
+    """Whether a stream chunk's choice stands for a token: every completion choice does (its text may be empty
+    while a server holds it back), a chat choice unless its delta only announces the role (an empty delta with a
+    role and no content, logprobs or finish_reason, which some servers send first)."""
+    delta = choice.get("delta")
+    if delta is None:
+        return True
+    role_only = "role" in delta and not delta.get("content") and not delta.get("tool_calls")
+    return not (role_only and choice.get("logprobs") is None and choice.get("finish_reason") is None)
 
 
 def _message(body: bytes) -> str:

@@ -3,9 +3,13 @@ the limits that keep one client from exhausting it). conf/serve.yaml is validate
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 from fastgen.config import EngineConfig, hydra_schema
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+LOOPBACK_NAMES = ["127.0.0.1", "localhost", "[::1]"]
 
 
 @dataclass
@@ -18,20 +22,43 @@ class ServeConfig(EngineConfig):
     max_tokens_limit: int = 2048             # largest max_tokens accepted (400 beyond)
     max_concurrent_requests: int = 256       # requests in flight at once (429 beyond)
     max_body_bytes: int = 1 << 20            # largest request body (413 beyond)
+    max_prompt_chars: int = 131072           # longest text prompt (chat: all messages), checked before tokenizing
+    max_sequences_per_request: int = 64      # prompts x best_of (or n) in one request (400 beyond)
     request_timeout_s: float = 600.0         # a request still running after this is aborted
+    tokenizer_workers: int = 2               # threads that tokenize and apply chat templates off the event loop
+    allowed_hosts: Optional[List[str]] = None    # Host headers served; None: the loopback names when bound to a
+                                                 # loopback address (DNS rebinding), else any
+    header_timeout_s: float = 10.0           # a connection must send a request's headers within this (then closed)
+    body_timeout_s: float = 30.0             # ... and its body within this (408 beyond)
+    max_connections: int = 1024              # open connections and requests (uvicorn's limit_concurrency: 503 beyond)
+    shutdown_grace_s: float = 30.0           # on shutdown, requests still running after this end with an error event
 
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model.source
 
+    @property
+    def hosts(self) -> list[str]:
+        """The Host header values served (TrustedHostMiddleware patterns)."""
+        if self.allowed_hosts is not None:
+            return list(self.allowed_hosts)
+        return LOOPBACK_NAMES if self.host in LOOPBACK_HOSTS else ["*"]
+
     def validate(self) -> None:
         super().validate()
         limits = {"max_prompt_tokens": self.max_prompt_tokens, "max_tokens_limit": self.max_tokens_limit,
                   "max_concurrent_requests": self.max_concurrent_requests, "max_body_bytes": self.max_body_bytes,
-                  "request_timeout_s": self.request_timeout_s}
+                  "max_prompt_chars": self.max_prompt_chars, "request_timeout_s": self.request_timeout_s,
+                  "max_sequences_per_request": self.max_sequences_per_request,
+                  "tokenizer_workers": self.tokenizer_workers, "header_timeout_s": self.header_timeout_s,
+                  "body_timeout_s": self.body_timeout_s, "max_connections": self.max_connections,
+                  "shutdown_grace_s": self.shutdown_grace_s}
         for name, value in limits.items():
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key is empty (FASTGEN_API_KEY set to nothing?): an empty key would let anyone in "
+                             "who sends 'Authorization: Bearer'; set a real key or unset FASTGEN_API_KEY")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
 

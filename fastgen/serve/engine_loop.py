@@ -3,8 +3,10 @@
 The engine is not thread-safe, and a step blocks for the whole forward pass, so it cannot run on the event loop
 either. Handlers post commands (add, abort) to a thread-safe queue; the thread applies them between steps, runs
 steps while there is work and sleeps on the queue when there is none. Each step's results go back in one
-`call_soon_threadsafe` to the event loop, which fans them out to per-request asyncio queues. Whatever one request
-does wrong (add_request refusing it, or a step failing) is reported to the requests concerned; the thread lives on.
+`call_soon_threadsafe` to the event loop, which fans them out to the handlers' groups. One HTTP request is one
+`RequestGroup`: its engine requests (one per prompt and choice) read together against one deadline. Whatever goes
+wrong with one request (add_request refusing it, its own failure in a step) is reported to that request alone; a
+step that raises (the engine's own fault) fails the requests in flight, and the thread lives on.
 """
 from __future__ import annotations
 
@@ -15,61 +17,114 @@ import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from fastgen.engine import LLMEngine
-from fastgen.sampling import SamplingParams
+from fastgen.engine import LLMEngine, RequestOutput
+from fastgen.sampling import SamplingParams, TokenLogprob
 from fastgen.serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
 
+class RequestFailed(RuntimeError):
+    """The engine ended a request with an error after accepting it (its own failure, or a failed step)."""
+
+
+class ServerShuttingDown(asyncio.TimeoutError):
+    """The request was still running when the server's shutdown grace period ended."""
+
+
 @dataclass(frozen=True)
 class Update:
-    """What the engine thread reports about one request. The first update of an accepted request is empty."""
+    """What the engine thread reports about one engine request. The first update of an accepted request is
+    empty."""
 
     token_ids: tuple[int, ...] = ()
     text: str = ""                         # the engine's text delta (held back before a possible stop string)
     finish_reason: str | None = None       # set on the last update
-    error: Exception | None = None         # add_request refused the request, or a step failed
+    error: Exception | None = None         # add_request refused the request, or it failed
+    logprobs: Sequence[TokenLogprob] | None = None          # per new token, if asked for
+    prompt_logprobs: Sequence[TokenLogprob] | None = None   # with the first token, if asked for
 
     @property
     def last(self) -> bool:
         return self.finish_reason is not None or self.error is not None
 
+    @classmethod
+    def of(cls, out: RequestOutput) -> "Update":
+        if out.error is not None:
+            return cls(error=RequestFailed(out.error))
+        return cls(tuple(out.new_token_ids), out.new_text, out.finish_reason, None, out.logprobs,
+                   out.prompt_logprobs)
 
-class RequestStream:
-    """One request as a handler sees it: the engine thread's updates, read against the request's deadline."""
 
-    def __init__(self, request_id: str, prompt_tokens: int, deadline: float):
-        self.request_id, self.prompt_tokens, self.deadline = request_id, prompt_tokens, deadline
-        self.finished = False
-        self._updates: asyncio.Queue[Update] = asyncio.Queue()
+@dataclass(frozen=True)
+class SequenceRequest:
+    """One engine request of a group."""
 
-    def deliver(self, update: Update) -> None:
-        self._updates.put_nowait(update)
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+
+
+_WAKE = object()      # put in a group's queue when its deadline moves
+
+
+class RequestGroup:
+    """One HTTP request as its handler sees it: the updates of its engine requests, tagged with their index in
+    `requests`, read against the request's deadline."""
+
+    def __init__(self, requests: Sequence[SequenceRequest], deadline: float):
+        self.requests = list(requests)
+        self.index = {r.request_id: i for i, r in enumerate(self.requests)}
+        self.deadline = deadline
+        self.unfinished = set(range(len(self.requests)))
+        self.shutdown_grace_s: float | None = None    # set when a shutdown cut the deadline
+        self._updates: asyncio.Queue = asyncio.Queue()
+
+    @property
+    def prompt_tokens(self) -> list[int]:
+        return [len(r.prompt_token_ids) for r in self.requests]
+
+    def deliver(self, request_id: str, update: Update) -> None:
+        self._updates.put_nowait((self.index[request_id], update))
+
+    def cut(self, deadline: float, grace_s: float) -> None:
+        if deadline < self.deadline:
+            self.deadline, self.shutdown_grace_s = deadline, grace_s
+            self._updates.put_nowait(_WAKE)
 
     async def accepted(self) -> None:
-        """Returns once the engine holds the request; raises its refusal (ValueError) or asyncio.TimeoutError."""
-        await self._next()
+        """Returns once the engine holds every request of the group; raises the first refusal (a ValueError,
+        mostly fastgen.sampling.ParameterError) or a timeout."""
+        for _ in self.requests:
+            await self._next()
 
-    async def updates(self) -> AsyncIterator[Update]:
-        """The token updates up to and including the last one; raises a step failure or asyncio.TimeoutError."""
-        while not self.finished:
+    async def updates(self) -> AsyncIterator[tuple[int, Update]]:
+        """(index, update) up to each request's last update; raises a failure or a timeout."""
+        while self.unfinished:
             yield await self._next()
 
-    async def _next(self) -> Update:
-        timeout = self.deadline - asyncio.get_running_loop().time()
-        update = await asyncio.wait_for(self._updates.get(), max(timeout, 0.0))
-        self.finished = update.last
-        if update.error is not None:
-            raise update.error
-        return update
+    async def _next(self) -> tuple[int, Update]:
+        while True:
+            timeout = self.deadline - asyncio.get_running_loop().time()
+            try:
+                item = await asyncio.wait_for(self._updates.get(), max(timeout, 0.0))
+            except asyncio.TimeoutError:
+                if self.shutdown_grace_s is not None:
+                    raise ServerShuttingDown() from None
+                raise
+            if item is _WAKE:
+                continue
+            index, update = item
+            if update.last:
+                self.unfinished.discard(index)
+            if update.error is not None:
+                raise update.error
+            return index, update
 
 
 @dataclass(frozen=True)
 class _Add:
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling: SamplingParams
+    request: SequenceRequest
     arrival_time: float
 
 
@@ -85,11 +140,13 @@ class EngineLoop:
     def __init__(self, engine: LLMEngine, metrics: ServerMetrics):
         self.engine, self.metrics = engine, metrics
         engine.add_step_observer(metrics.observe_step)
+        metrics.observe_engine(engine.snapshot())          # the gauges are right before the first request
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, RequestStream] = {}     # unfinished requests; event-loop thread only
+        self._groups: dict[str, RequestGroup] = {}       # unfinished engine requests; event-loop thread only
         self._in_engine: set[str] = set()                # requests the engine holds; engine thread only
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name="fastgen-engine", daemon=True)
+        self.shutting_down = False
 
     # -- the event-loop side -------------------------------------------------------------------------------------
     def start(self, event_loop: asyncio.AbstractEventLoop) -> None:
@@ -106,32 +163,41 @@ class EngineLoop:
 
     @property
     def num_active(self) -> int:
-        """Requests submitted and not yet finished: what max_concurrent_requests bounds."""
-        return len(self._streams)
+        """Engine requests submitted and not yet finished: what max_concurrent_requests bounds."""
+        return len(self._groups)
 
-    def submit(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-               timeout_s: float) -> RequestStream:
+    def submit(self, requests: Sequence[SequenceRequest], timeout_s: float) -> RequestGroup:
         if not self.alive:
             raise RuntimeError("the engine thread is not running; see the server log")
-        stream = RequestStream(request_id, len(prompt_token_ids), self._event_loop.time() + timeout_s)
-        self._streams[request_id] = stream
-        self._commands.put(_Add(request_id, prompt_token_ids, sampling, self.engine.clock()))
-        return stream
+        group = RequestGroup(requests, self._event_loop.time() + timeout_s)
+        now = self.engine.clock()
+        for r in requests:
+            self._groups[r.request_id] = group
+            self._commands.put(_Add(r, now))
+        return group
 
-    def release(self, stream: RequestStream) -> None:
-        """The handler is done with the stream (finished, client gone, timed out): an unfinished request is
-        aborted, which frees its KV blocks at the engine's next look at the queue."""
-        if self._streams.pop(stream.request_id, None) is not None:
-            self._commands.put(_Abort(stream.request_id))
+    def release(self, group: RequestGroup) -> None:
+        """The handler is done with the group (finished, client gone, timed out): its unfinished requests are
+        aborted, which frees their KV blocks at the engine's next look at the queue."""
+        for r in group.requests:
+            if self._groups.pop(r.request_id, None) is not None:
+                self._commands.put(_Abort(r.request_id))
+
+    def begin_shutdown(self, grace_s: float) -> None:
+        """Refuse new requests; the ones in flight get `grace_s` more seconds, then end with a clear error."""
+        self.shutting_down = True
+        deadline = self._event_loop.time() + grace_s
+        for group in set(self._groups.values()):
+            group.cut(deadline, grace_s)
 
     def _dispatch(self, updates: list[tuple[str, Update]]) -> None:
         for request_id, update in updates:
-            stream = self._streams.get(request_id)
-            if stream is None:          # released: nobody is listening any more
+            group = self._groups.get(request_id)
+            if group is None:          # released: nobody is listening any more
                 continue
             if update.last:
-                del self._streams[request_id]
-            stream.deliver(update)
+                del self._groups[request_id]
+            group.deliver(request_id, update)
 
     # -- the engine thread ---------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -159,27 +225,26 @@ class EngineLoop:
             self.engine.abort(command.request_id)
             self._in_engine.discard(command.request_id)
             return []
+        r = command.request
         try:
-            self.engine.add_request(command.prompt_token_ids, command.sampling, command.request_id,
-                                    command.arrival_time)
+            self.engine.add_request(r.prompt_token_ids, r.sampling, r.request_id, command.arrival_time)
         except Exception as e:      # any refusal belongs to that request alone
-            return [(command.request_id, Update(error=e))]
-        self._in_engine.add(command.request_id)
-        self.metrics.prompt_tokens.inc(len(command.prompt_token_ids))
-        return [(command.request_id, Update())]
+            return [(r.request_id, Update(error=e))]
+        self._in_engine.add(r.request_id)
+        self.metrics.prompt_tokens.inc(len(r.prompt_token_ids))
+        return [(r.request_id, Update())]
 
     def _step(self) -> list[tuple[str, Update]]:
         try:
             outputs = self.engine.step()
-        except Exception as e:      # fail the requests in flight, keep serving new ones
+        except Exception as e:      # the engine's own fault: fail the requests in flight, keep serving new ones
             log.exception("engine step failed; aborting the %d requests in flight", len(self._in_engine))
-            return [(rid, Update(error=RuntimeError(f"the engine step failed: {e}"))) for rid in self._abort_all()]
+            return [(rid, Update(error=RequestFailed(f"the engine step failed: {e}"))) for rid in self._abort_all()]
         self.metrics.observe_outputs(outputs)
         for out in outputs:
             if out.finished:
                 self._in_engine.discard(out.request_id)
-        return [(out.request_id, Update(tuple(out.new_token_ids), out.new_text, out.finish_reason))
-                for out in outputs]
+        return [(out.request_id, Update.of(out)) for out in outputs]
 
     def _abort_all(self) -> Sequence[str]:
         ids = list(self._in_engine)

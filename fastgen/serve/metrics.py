@@ -26,6 +26,7 @@ class ServerMetrics:
         self.kv_free = Gauge("fastgen_kv_blocks_free", "KV cache blocks free", registry=r)
         self.prompt_tokens = Counter("fastgen_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
         self.generation_tokens = Counter("fastgen_generation_tokens", "Generated tokens", registry=r)
+        self.failed = Counter("fastgen_request_failures", "Accepted requests that ended with an error", registry=r)
         self.ttft = Histogram("fastgen_time_to_first_token_seconds", "Arrival to first token",
                               buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("fastgen_inter_token_latency_seconds", "Gap between consecutive tokens of a request",
@@ -48,6 +49,10 @@ class ServerMetrics:
         """Counts a step's tokens and their latencies."""
         for out in outputs:
             times, new = out.trace.token_times, len(out.new_token_ids)
+            if out.error is not None:
+                self.failed.inc()
+            if not new:
+                continue
             self.generation_tokens.inc(new)
             if len(times) == new:
                 self.ttft.observe(times[0] - out.trace.arrival_time)

@@ -1,21 +1,25 @@
 """The OpenAI wire format: request bodies (validated strictly, so an unsupported parameter is refused by name
-rather than silently ignored), error objects and the response and stream-chunk shapes."""
+rather than silently ignored), error objects and the response and stream-chunk shapes, logprobs included.
+
+Types are checked here; ranges are checked once, where fastgen.sampling.SamplingParams is made (the server names
+the API's parameter in its 400)."""
 from __future__ import annotations
 
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# OpenAI parameters fastgen does not implement, with the values that ask for nothing: those (and null) are
-# accepted and ignored, anything else is refused by name.
+from fastgen.sampling import TokenLogprob
+
+# OpenAI (and vLLM) parameters fastgen does not implement, with the values that ask for nothing: those (and null)
+# are accepted and ignored, anything else is refused by name.
 NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
-    "best_of": (1,), "echo": (False,), "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},),
-    "logprobs": (False,), "top_logprobs": (0,), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
-    "functions": ([],), "function_call": ("none",), "parallel_tool_calls": (False,),
-    "response_format": ({"type": "text"},),
+    "suffix": ("",), "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+    "parallel_tool_calls": (False,), "response_format": ({"type": "text"},), "min_p": (0,),
+    "use_beam_search": (False,),
 }
 
 
@@ -33,7 +37,7 @@ class APIError(Exception):
 
 
 def _is_neutral(name: str, value: Any) -> bool:
-    """Booleans are kept apart from numbers: logprobs=false asks for nothing, logprobs=0 asks for logprobs."""
+    """Booleans are kept apart from numbers: False asks for nothing, 0 is a number."""
     return value is None or any(value == n and isinstance(value, bool) == isinstance(n, bool)
                                 for n in NEUTRAL_VALUES[name])
 
@@ -44,23 +48,35 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    continuous_usage_stats: bool = False      # vLLM's extension: usage in every chunk (with include_usage)
 
 
 class GenerationBody(_Body):
-    """Parameters shared by /v1/completions and /v1/chat/completions."""
+    """Parameters shared by /v1/completions and /v1/chat/completions (OpenAI's, and vLLM's extensions)."""
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int | None = None          # extension; None or 0: no top-k filter
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    top_k: int | None = None                  # extension; None, 0 or -1: no top-k filter
+    seed: int | None = None
     stop: list[str] = Field(default_factory=list)
-    n: int = 1
-    ignore_eos: bool = False             # extension
+    stop_token_ids: list[int] | None = None   # extension
+    n: int = Field(1, ge=1)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None   # extension
+    logit_bias: dict[str, float] | None = None
+    min_tokens: int = 0                       # extension
+    ignore_eos: bool = False                  # extension
+    skip_special_tokens: bool = True          # extension
+    spaces_between_special_tokens: bool = True   # extension
+    include_stop_str_in_output: bool = False  # extension
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None           # accepted, unused
+    user: str | None = None                   # accepted, unused
+    store: bool | None = None                 # accepted; nothing is stored
+    metadata: dict[str, str] | None = None    # accepted with store, unused
 
     @model_validator(mode="before")
     @classmethod
@@ -68,13 +84,6 @@ class GenerationBody(_Body):
         if isinstance(data, dict):
             data = {k: v for k, v in data.items() if not (k in NEUTRAL_VALUES and _is_neutral(k, v))}
         return data
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError(f"n={n} is not supported: fastgen returns one choice per request (n must be 1)")
-        return n
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -84,11 +93,10 @@ class GenerationBody(_Body):
             raise ValueError("must be a non-empty string or a list of non-empty strings")
         return stops
 
-    @model_validator(mode="after")
-    def _options_need_stream(self):
+    def check(self) -> None:
+        """What depends on several parameters (a 400 naming the one to change)."""
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed with stream=true")
-        return self
+            raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -98,21 +106,66 @@ class GenerationBody(_Body):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and self.stream_options.continuous_usage_stats
+
+    @property
+    def sampled_logprobs(self) -> int | None:
+        """How many alternatives each sampled token's logprobs list (None: no logprobs)."""
+        raise NotImplementedError
+
+    @property
+    def best_of_count(self) -> int:
+        """Sequences generated per prompt (the best `n` are returned)."""
+        return self.n
+
 
 class CompletionRequest(GenerationBody):
-    prompt: str | list[int]
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)   # sent by some clients here too
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _single_prompt(cls, prompt: Any) -> str | list[int]:
-        """A text prompt or one list of token ids; batches of one are unwrapped, larger ones refused."""
-        if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-            if len(prompt) != 1:
-                raise ValueError(f"batched prompts ({len(prompt)}) are not supported; send one prompt per request")
-            prompt = prompt[0]
-        if isinstance(prompt, str) or (isinstance(prompt, list) and all(type(t) is int for t in prompt)):
+    def _prompt_shape(cls, prompt: Any) -> Any:
+        if isinstance(prompt, str):
             return prompt
-        raise ValueError("must be a string or a list of token ids (integers)")
+        if isinstance(prompt, list) and prompt:
+            if all(type(t) is int for t in prompt) or all(isinstance(p, str) for p in prompt):
+                return prompt
+            if all(isinstance(p, list) and p and all(type(t) is int for t in p) for p in prompt):
+                return prompt
+        raise ValueError("must be a string, a list of token ids (integers), or a non-empty list of either")
+
+    def check(self) -> None:
+        super().check()
+        if self.best_of is not None and self.best_of < self.n:
+            raise APIError(400, f"best_of={self.best_of} must be >= n={self.n}", param="best_of")
+        if self.best_of is not None and self.best_of > self.n and self.stream:
+            raise APIError(400, "best_of > n cannot be streamed (the best choices are known only at the end)",
+                           param="best_of")
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: one prompt per entry."""
+        if isinstance(self.prompt, str) or type(self.prompt[0]) is int:
+            return [self.prompt]
+        return list(self.prompt)
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+
+    @property
+    def sampled_logprobs(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def best_of_count(self) -> int:
+        return self.best_of or self.n
 
 
 class ChatMessage(_Body):
@@ -137,10 +190,44 @@ class ChatMessage(_Body):
 class ChatCompletionRequest(GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)   # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def check(self) -> None:
+        super().check()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def sampled_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a text prompt, or chat messages put through the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(400, "send exactly one of prompt and messages", param="prompt")
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
+
+    def check(self) -> None:
+        pass
 
 
 def validation_error(error: ValidationError) -> APIError:
@@ -148,7 +235,7 @@ def validation_error(error: ValidationError) -> APIError:
     messages, params = [], []
     for e in error.errors(include_url=False):
         where = ".".join(map(str, e["loc"]))
-        params.append(where)
+        params.append(where or "body")
         if e["type"] == "json_invalid":
             messages.append(f"the body is not valid JSON: {e['ctx'].get('error', e['msg'])}")
         elif e["type"] == "extra_forbidden":
@@ -159,7 +246,54 @@ def validation_error(error: ValidationError) -> APIError:
         else:
             messages.append(f"{where or 'body'}: {e['msg'].removeprefix('Value error, ')}")
     unique = list(dict.fromkeys(messages))
-    return APIError(400, "; ".join(unique), param=params[0] if len(set(params)) == 1 and params[0] else None)
+    return APIError(400, "; ".join(unique), param=params[0] if params else "body")
+
+
+# -- responses -----------------------------------------------------------------------------------------------------
+TokenText = Callable[[int], str]
+
+
+def completion_logprobs(entries: Sequence[TokenLogprob], token_text: TokenText, offset: int) -> dict:
+    """The legacy completions shape: parallel lists. The echoed prompt's first token has no logprob (an entry
+    with logprob None and top None). `offset`: the characters before the first token."""
+    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+    for e in entries:
+        text = token_text(e.token_id)
+        tokens.append(text)
+        token_logprobs.append(e.logprob)
+        top_logprobs.append(None if e.top is None else {token_text(t): lp for t, lp in e.top})
+        text_offset.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": text_offset}
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob], token_text: TokenText) -> dict:
+    def item(token_id: int, logprob: float) -> dict:
+        text = token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+    return {"content": [item(e.token_id, e.logprob) | {"top_logprobs": [item(t, lp) for t, lp in e.top]}
+                        for e in entries]}
+
+
+@dataclass
+class ChoiceState:
+    """One choice as it is streamed or collected: its text and tokens so far."""
+
+    index: int
+    prompt_index: int
+    echo_text: str = ""                                   # echo: the prompt, put before the first token
+    echo_logprobs: list[TokenLogprob] = field(default_factory=list)   # echo with logprobs: the prompt's
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_tokens: int = 0
+    text_offset: int = 0            # characters sent so far (echo included), for completion logprobs
+    started: bool = False
+    finish_reason: str | None = None
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return sum(e.logprob for e in self.logprobs)
 
 
 @dataclass
@@ -168,7 +302,10 @@ class Responder:
 
     chat: bool
     model: str
+    token_text: TokenText
+    logprobs: int | None = None         # what the client asked for (None: no logprobs in the output)
     include_usage: bool = False
+    continuous_usage: bool = False
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -187,24 +324,45 @@ class Responder:
             out["usage"] = usage
         return out
 
-    def chunk(self, text: str, finish_reason: str | None = None, first: bool = False) -> dict:
-        """A stream chunk; for chat, the first one only announces the assistant role."""
+    def _logprobs(self, entries: Sequence[TokenLogprob], offset: int) -> dict | None:
+        if self.logprobs is None:
+            return None
         if self.chat:
-            delta = ({"role": "assistant", "content": ""} if first else
-                     {} if finish_reason is not None and not text else {"content": text})
-            choice = {"index": 0, "delta": delta}
+            return chat_logprobs(entries, self.token_text)
+        return completion_logprobs(entries, self.token_text, offset)
+
+    def chunk(self, choice: ChoiceState, text: str, entries: Sequence[TokenLogprob],
+              finish_reason: str | None, usage: dict | None = None) -> dict:
+        """A stream chunk with one choice's news. For chat, a choice's first chunk also carries the assistant
+        role (with the first token's text: no chunk goes out before the first token)."""
+        if not choice.started:
+            text, entries = choice.echo_text + text, [*choice.echo_logprobs, *entries]
+        logprobs = self._logprobs(entries, choice.text_offset)
+        choice.text_offset += len(text)
+        if self.chat:
+            delta = {} if finish_reason is not None and not text and choice.started else {"content": text}
+            if not choice.started:
+                delta = {"role": "assistant", **delta}
+            body = {"index": choice.index, "delta": delta}
         else:
-            choice = {"index": 0, "text": text}
-        choice |= {"logprobs": None, "finish_reason": finish_reason}
-        return self._envelope(True, [choice], None)
+            body = {"index": choice.index, "text": text}
+        choice.started = True
+        body |= {"logprobs": logprobs, "finish_reason": finish_reason}
+        return self._envelope(True, [body], usage if self.continuous_usage else None)
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
-        return self._envelope(True, [], usage(prompt_tokens, completion_tokens))
+    def usage_chunk(self, usage: dict) -> dict:
+        return self._envelope(True, [], usage)
 
-    def response(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
-        body = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
-        choice = {"index": 0, **body, "logprobs": None, "finish_reason": finish_reason}
-        return self._envelope(False, [choice], usage(prompt_tokens, completion_tokens))
+    def response(self, choices: Sequence[ChoiceState], usage: dict) -> dict:
+        """The whole answer (with each choice's echo, if any)."""
+        bodies = []
+        for choice in choices:
+            text = choice.echo_text + "".join(choice.text)
+            logprobs = self._logprobs([*choice.echo_logprobs, *choice.logprobs], 0)
+            body = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+            bodies.append({"index": choice.index, **body, "logprobs": logprobs,
+                           "finish_reason": choice.finish_reason})
+        return self._envelope(False, bodies, usage)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -38,7 +38,7 @@ from fastgen.compose import compose_config
 from fastgen.distributed import COMM
 from fastgen.executors import Executor, make_executor
 from fastgen.ragged import SeqChunk
-from fastgen.sampling import Sampler, SamplingParams
+from fastgen.sampling import Sampler, SamplingParams, SamplingRow
 from fastgen.sim.cost_model import PROFILES_DIR, BatchShape, CostModel, DeviceSheet, Profile, StepWork
 
 
@@ -82,14 +82,14 @@ def device_sheet(overrides: list[str]) -> DeviceSheet:
 def measure(executor: Executor, batch: BatchShape, repeats: int, timer=time.perf_counter) -> float:
     """Median seconds of one real step of this shape: the executor's step and the greedy sampler."""
     chunks = step_chunks(batch, executor.block_size)
-    sampler, greedy = Sampler(), [SamplingParams()] * len(chunks)
+    sampler, greedy = Sampler(), [SamplingRow(SamplingParams(), None, (), ())] * len(chunks)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times = []
     for _ in range(repeats + 1):
         sync()
         start = timer()
         logits = executor.execute(chunks).logits
-        sampler(logits, greedy, [None] * len(chunks), [[]] * len(chunks)).tolist()
+        sampler(logits, greedy)
         sync()
         times.append(timer() - start)
     return statistics.median(times[1:])

@@ -57,10 +57,12 @@ class DeviceSheet:
 
 @dataclass
 class BatchShape:
-    """One ragged step as the cost model sees it: each sequence's new tokens and its KV length after them."""
+    """One ragged step as the cost model sees it: each sequence's new tokens and its KV length after them, and the
+    rows that go through the LM head (None: one per sequence; more when some chunks ask for all their logits)."""
 
     query_lens: np.ndarray
     context_lens: np.ndarray
+    num_logits: int | None = None
 
     @classmethod
     def of(cls, query_lens: Sequence[int], context_lens: Sequence[int]) -> "BatchShape":
@@ -271,7 +273,8 @@ class CostModel:
         tokens, seqs = batch.num_tokens, batch.num_seqs
         linear = self.gemm_work(self.gemms, tokens)
         head_weights = s.vocab_size * s.hidden / tp
-        head = (2 * seqs * head_weights, head_weights * b, seqs)
+        rows = seqs if batch.num_logits is None else batch.num_logits
+        head = (2 * rows * head_weights, head_weights * b, rows)
 
         q, ctx = batch.query_lens, batch.context_lens
         prefill = q > 1
