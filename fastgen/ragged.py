@@ -9,7 +9,7 @@ last scheduled token of each sequence; nothing else goes through the LM head).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,14 @@ class SeqChunk:
     token_ids: Sequence[int]
     start: int
     block_table: Sequence[int]
+
+
+class BlockCopy(NamedTuple):
+    """Copy KV block `src` into block `dst` (every layer) before the step's forward: copy-on-write of a block
+    that sequences share (a fork's partly filled last block, or a cached block about to be written)."""
+
+    src: int
+    dst: int
 
 
 @dataclass

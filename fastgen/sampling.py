@@ -18,13 +18,17 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)             # stop strings (need a tokenizer)
     ignore_eos: bool = False
     detokenize: bool = True           # produce text (and match stop strings); False: token ids only
+    n: int = 1                        # sequences to return; they share the prompt's KV and fork at the first token
+    best_of: int | None = None        # sequences to generate (>= n; None: n); the n of highest cumulative logprob
 
     def __post_init__(self):
         checks = [(self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
                   (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be in [0, max_new_tokens]"),
                   (self.temperature >= 0, "temperature must be >= 0 (0 = greedy)"),
                   (self.top_k >= 0, "top_k must be >= 0 (0 = disabled)"),
-                  (0 < self.top_p <= 1, "top_p must be in (0, 1]")]
+                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+                  (self.n >= 1, "n must be >= 1"),
+                  (self.best_of is None or self.best_of >= self.n, "best_of must be >= n (or None, meaning n)")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"invalid sampling parameters: {message}")
@@ -34,6 +38,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def num_sequences(self) -> int:
+        """How many sequences the request generates."""
+        return self.best_of or self.n
 
 
 class Sampler:
