@@ -333,10 +333,11 @@ def test_property_references_and_pool_stay_consistent(data, scheduler, block_siz
     built = compose(scheduler, True, num_blocks=num_blocks, block_size=block_size,
                     token_budget=data.draw(st.integers(4, 48), label="budget"), batch_size=data.draw(st.integers(1, 4)))
     pending = list(zip(prompts, specs))
-    live = {}
+    live, steps = {}, []
+    built.engine.add_step_observer(steps.append)
     with WriteChecker(built.kv).installed() as checker:
         while pending or built.engine.has_unfinished():
-            if pending and data.draw(st.booleans()):
+            if pending and (not built.engine.has_unfinished() or data.draw(st.booleans())):
                 prompt, (_, _, new, n) = pending.pop(0)
                 live[built.engine.add_request(prompt, SamplingParams(max_new_tokens=new, ignore_eos=True, n=n))] = n
             if live and data.draw(st.integers(0, 7)) == 0:
@@ -344,7 +345,7 @@ def test_property_references_and_pool_stay_consistent(data, scheduler, block_siz
             if built.engine.has_unfinished():
                 built.engine.step()
             check_pool(built.kv)
-    assert checker.steps > 0
+    assert checker.steps == len(steps)
     assert_pool_drained(built.kv)
 
 
