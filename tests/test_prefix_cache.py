@@ -22,7 +22,7 @@ from fastgen.kv.allocator import BlockAllocator
 from fastgen.metrics import summarize
 from fastgen.request import Request, fork_seed
 from fastgen.sampling import SamplingParams
-from fastgen.schedulers import make_scheduler
+from fastgen.schedulers import SchedulerOutput, make_scheduler
 from fastgen.stats import StepStats
 from fastgen.workloads import ClosedLoopArrivals, ConversationArrivals, WorkloadConfig, build_workload
 from tiny import Built, drain, fastgen_from_hf, scheduler_config, tiny_hf_model
@@ -145,7 +145,7 @@ def test_a_preempted_request_comes_back_to_its_own_cached_blocks():
     built.engine.step()                  # 29 prompt tokens (budget 32): 3 full blocks computed and registered
     (running,) = sched.running
     before = list(kv.block_table(running))
-    sched.preempt(running, type("Out", (), {"preempted": []})())
+    sched.preempt(running, SchedulerOutput())
     assert running.num_computed_tokens == 24 and kv.allocator.num_cached == 3
     steps = []
     built.engine.add_step_observer(steps.append)
@@ -255,6 +255,23 @@ def test_best_of_keeps_the_n_most_likely_and_their_logprobs_match_transformers(c
         assert o.request.cumulative_logprob == pytest.approx(every[tuple(o.new_token_ids)], abs=1e-3)
 
 
+@pytest.mark.parametrize("scheduler", ["splitfuse", "continuous"])
+def test_forks_preempted_in_a_tiny_pool_stay_exact(scheduler):
+    """Two requests of three sequences each in 6 blocks: sequences are preempted and come back (to what is
+    cached of their prefix) until all finish, each with the reference tokens."""
+    built = compose(scheduler, True, num_blocks=6, batch_size=5, token_budget=64)
+    prompts = {built.engine.add_request(p, SamplingParams(max_new_tokens=14, ignore_eos=True, n=3)): p
+               for p in (P[:13], P[:13] + tokens(20, 6))}
+    outputs = []
+    while built.engine.has_unfinished():
+        outputs += built.engine.step()
+    done = [o.request for o in outputs if o.finished]
+    assert sorted((r.request_id, r.index) for r in done) == sorted((i, k) for i in prompts for k in range(3))
+    assert all(r.output_token_ids == reference("llama", tuple(prompts[r.request_id]), 14) for r in done)
+    assert sum(r.num_preemptions for r in done) > 0
+    assert_pool_drained(built.kv)
+
+
 def test_forks_without_kv_sharing_recompute_and_stay_exact():
     """kv=contiguous cannot share blocks: the other sequences wait and compute the prompt again."""
     outputs, steps = run_outputs(compose("orca", kv="contiguous", num_blocks=16), P[:19], n=2)
@@ -275,6 +292,9 @@ def test_abort_releases_every_fork_and_n_is_validated():
         SamplingParams(n=3, best_of=2)
     with pytest.raises(ValueError, match="n must be >= 1"):
         SamplingParams(n=0)
+    from fastgen.pipeline import Pipeline
+    with pytest.raises(ValueError, match="one output per prompt"):
+        Pipeline(built.engine)([[1, 2, 3]], max_new_tokens=2, n=2)
 
 
 # -- invariants under random traffic ----------------------------------------------------------------------------

@@ -174,7 +174,6 @@ class BlockedKVManager(KVManager):
         self.tables[child.seq_id] = list(table)
         self.tokens[child.seq_id] = self.tokens[parent.seq_id]
         self._registered[child.seq_id] = self._registered[parent.seq_id]
-        child.block_hashes = list(parent.block_hashes)
         return True
 
     def take_copies(self) -> list[BlockCopy]:
