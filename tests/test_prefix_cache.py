@@ -389,6 +389,23 @@ def test_the_simulator_charges_only_uncached_tokens():
     assert sum(s.forward_s for s in second[True]) < sum(s.forward_s for s in second[False]) / 10
 
 
+def test_benchmark_of_the_shared_prefix_workload_writes_hit_rates(tmp_path):
+    """run.py's path: workload=shared-prefix with caching on, simulated; metrics.json and steps.jsonl say what
+    the cache found."""
+    import json
+    from fastgen.bench import run_benchmark
+    overrides = ["executor=simulated", "hardware=a100-80gb", "model.source=llama-2-7b", "workload=shared-prefix",
+                 "workload.num_requests=8", "workload.clients=2", "progress=false"]
+    metrics = {on: run_benchmark(compose_config([*overrides, f"kv.prefix_caching={on}"]), tmp_path / str(on))
+               for on in (False, True)}
+    assert metrics[False]["prefix_hit_rate_tokens"] == 0 and 0.5 < metrics[True]["prefix_hit_rate_tokens"] < 0.8
+    assert metrics[True]["ttft_s_p50"] < metrics[False]["ttft_s_p50"]
+    saved = json.loads((tmp_path / "True" / "metrics.json").read_text())
+    assert saved["prefix_hit_tokens"] == metrics[True]["prefix_hit_tokens"] > 0
+    rows = [json.loads(line) for line in open(tmp_path / "True" / "steps.jsonl")]
+    assert sum(r["prefix_hit_tokens"] for r in rows) == saved["prefix_hit_tokens"]
+
+
 def test_shared_prefix_workload_shares_system_prompts_and_resends_history():
     cfg = WorkloadConfig(num_requests=12, arrival="closed_loop", clients=2)
     cfg.prompt.mean, cfg.output.mean = 100, 10
