@@ -1,6 +1,12 @@
 """LLMEngine: owns the loop. Each step asks the scheduler for a plan, turns it into plain per-sequence data for
-the executor, samples from the logits it returns and commits the results to the requests; finished requests free
-their blocks at once.
+the executor (with the KV manager's block copies), samples from the logits it returns and commits the results to
+the requests; finished requests free their blocks at once.
+
+A request with n > 1 or best_of computes its prompt once and forks at its first token into best_of sequences,
+which share the prompt's KV blocks (the KV manager copies a shared block when one of them writes into it). With
+best_of == n each sequence streams its outputs tagged with its choice `index`; with best_of > n the sequences run
+to their end and the n with the highest cumulative log-probability (under the model, before temperature) are
+returned, each as one output with all its tokens.
 
 The engine never decides what runs (the scheduler does) and never builds tensors (the executor does). It is put
 together from its parts by `fastgen.compose.build_engine(config)`.
@@ -50,6 +56,7 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
     error: str | None = None
+    index: int = 0                    # the choice (sequence) of a request with n > 1 these tokens belong to
 
 
 StepObserver = Callable[[StepStats], None]
@@ -66,7 +73,8 @@ class LLMEngine:
         self.vocab_size = self.spec.vocab_size
         self.eos_token_ids = eos_ids(getattr(self.tokenizer, "eos_token_id", None)) | self.spec.eos_token_ids
         self._sampler = Sampler(seed)
-        self._requests: dict[str, Request] = {}
+        self._requests: dict[str, list[Request]] = {}    # each request's live sequences
+        self._best_of: dict[str, list[Request]] = {}     # best_of > n: finished sequences held back until all are
         self._observers: list[StepObserver] = []
         self._ids = itertools.count()
         self._num_steps = 0
@@ -95,14 +103,20 @@ class LLMEngine:
             raise ValueError(f"request needs {req.max_kv_tokens} KV slots but the whole KV pool holds "
                              f"{self._kv.capacity_tokens} (kv.num_blocks={self._kv.num_blocks} x "
                              f"kv.block_size={self._kv.block_size}); raise kv.num_blocks or kv.memory_gb")
+        self._detokenize(req)
+        self._requests[request_id] = [req]
+        if sampling.num_sequences > sampling.n:
+            self._best_of[request_id] = []
+        self._scheduler.add_request(req)
+        return request_id
+
+    def _detokenize(self, req: Request) -> None:
+        sampling = req.sampling
         if sampling.detokenize and self.tokenizer is not None:
             req.detokenizer = IncrementalDetokenizer(
                 self.tokenizer, sampling.stop, include_stop=sampling.include_stop_str_in_output,
                 skip_special_tokens=sampling.skip_special_tokens,
                 spaces_between_special_tokens=sampling.spaces_between_special_tokens)
-        self._requests[request_id] = req
-        self._scheduler.add_request(req)
-        return request_id
 
     def _tokenize(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -121,13 +135,16 @@ class LLMEngine:
         return token_ids
 
     def abort(self, request_id: str) -> Request | None:
-        """Stops a request and frees its KV blocks at once; returns it (finish_reason "abort"), or None if it is
-        unknown or already finished."""
-        req = self._requests.get(request_id)
-        if req is None:
+        """Stops a request (all its sequences) and frees its KV blocks at once; returns it (its first live
+        sequence, finish_reason "abort"), or None if it is unknown or already finished."""
+        seqs = self._requests.get(request_id)
+        if seqs is None:
             return None
-        self._finish(req, "abort", self.clock())
-        return req
+        first, now = seqs[0], self.clock()
+        for req in list(seqs):
+            self._finish(req, "abort", now)
+        self._best_of.pop(request_id, None)
+        return first
 
     def has_unfinished(self) -> bool:
         return self._scheduler.has_unfinished()
@@ -152,7 +169,10 @@ class LLMEngine:
 
     def _release(self, req: Request) -> None:
         self._scheduler.finish(req)           # frees its KV blocks
-        del self._requests[req.request_id]
+        seqs = self._requests[req.request_id]
+        seqs.remove(req)
+        if not seqs:
+            del self._requests[req.request_id]
 
     def _fail(self, req: Request, error: str) -> RequestOutput:
         """Ends a request that failed: like a failed HTTP request, its trace keeps no finish_time (metrics do not
@@ -161,11 +181,14 @@ class LLMEngine:
         req.finish_reason = "error"
         req.trace.finish_reason = f"error: {error}"
         self._release(req)
+        if req.request_id not in self._requests:     # best_of > n: what its other sequences held back goes too
+            self._best_of.pop(req.request_id, None)
         return RequestOutput(req.request_id, [], req.trace, True, "error", "", req, error=error)
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         start = self.clock()
+        self._scheduler.begin_step()
         plan = self._scheduler.schedule()
         if not plan:
             if self.has_unfinished():
@@ -176,9 +199,10 @@ class LLMEngine:
         for c in plan.chunks:
             if c.request.trace.first_scheduled_time is None:
                 c.request.trace.first_scheduled_time = start
+        copies = self._kv.take_copies()
         scheduled = self.clock()
         try:
-            result = self._executor.execute(chunks)
+            result = self._executor.execute(chunks, copies)
         except Exception as e:      # noqa: BLE001  (the model failed: this step's requests end, the engine lives on)
             log.exception("the forward pass failed; ending its %d requests", len(plan.chunks))
             error = f"the model's forward pass failed: {type(e).__name__}: {e}"
@@ -195,7 +219,8 @@ class LLMEngine:
             prepare_s=prepare_s, forward_s=forward_s, sample_s=now - executed,
             num_tokens=plan.num_tokens, num_seqs=len(plan.chunks),
             num_prefill_tokens=sum(c.num_tokens for c in plan.chunks if c.num_tokens > 1),
-            num_preempted=len(plan.preempted), **self._scheduler_counts(), **self._kv.usage()))
+            num_preempted=len(plan.preempted), num_block_copies=len(copies), **self._scheduler_counts(),
+            **self._kv.usage(), **self._kv.take_counters()))
         return outputs
 
     def _chunk(self, req: Request, num_tokens: int) -> SeqChunk:
@@ -206,8 +231,9 @@ class LLMEngine:
     def _commit(self, plan: SchedulerOutput, chunks: list[SeqChunk], logits: torch.Tensor) -> list[RequestOutput]:
         """Applies a step's results: every chunk's tokens are computed (and the prompt logprobs of chunks that asked
         for all their logits are recorded); the chunks that reached the end of their request's pending tokens
-        sample one token each, which may finish the request. A failure that belongs to some requests ends only
-        those."""
+        sample one token each, which may finish the request. A request that needs more than one sequence forks
+        here, at its first token: each sequence samples its own from the same logits. A failure that belongs to
+        some requests ends only those."""
         first_rows = np.cumsum([0] + [c.num_logits for c in chunks])
         outputs = self._record_prompt_logprobs(plan, chunks, logits, first_rows[:-1])
         failed = {out.request_id for out in outputs}
@@ -215,23 +241,74 @@ class LLMEngine:
                    if c.num_tokens == c.request.num_pending_tokens and c.request.request_id not in failed]
         for c in plan.chunks:
             c.request.num_computed_tokens += c.num_tokens
+            self._kv.computed(c.request)
         if not sampled:
             return outputs
         reqs = [plan.chunks[i].request for i in sampled]
-        last_rows = torch.as_tensor(first_rows[1:] - 1)[sampled]
-        results = self._sample(logits[last_rows], [
+        rows = list(first_rows[1:][sampled] - 1)
+        for row, req in zip(list(rows), list(reqs)):
+            if req.sampling.num_sequences > 1 and req.index == 0 and not req.output_token_ids:
+                forks = self._fork(req)
+                reqs += forks
+                rows += [row] * len(forks)
+        logits = logits[torch.as_tensor(rows, dtype=torch.int64)]
+        results = self._sample(logits, [
             SamplingRow(r.sampling, r.generator, r.prompt_token_ids, r.output_token_ids,
                         list(r.stop_ids) if len(r.output_token_ids) < r.sampling.min_new_tokens else ())
             for r in reqs])
+        self._score_best_of(logits, reqs, results)
         now = self.clock()
         for req, result in zip(reqs, results):
             if isinstance(result, Exception):
                 outputs.append(self._fail(req, f"sampling failed: {type(result).__name__}: {result}"))
                 continue
             try:
-                outputs.append(self._append(req, *result, now))
+                out = self._append(req, *result, now)
             except Exception as e:      # noqa: BLE001  (its detokenizer or stop check failed: only it ends)
                 outputs.append(self._fail(req, f"processing its output failed: {type(e).__name__}: {e}"))
+                continue
+            outputs += self._best_of_outputs(req, out.finish_reason) if req.request_id in self._best_of else [out]
+        return outputs
+
+    def _fork(self, parent: Request) -> list[Request]:
+        """The parent's other sequences, sharing its KV when the KV manager can (else they recompute it)."""
+        forks = []
+        for index in range(1, parent.sampling.num_sequences):
+            child = parent.fork(index)
+            shared = self._kv.fork(parent, child)
+            if not shared:
+                child.num_computed_tokens = 0
+            self._detokenize(child)
+            self._requests[parent.request_id].append(child)
+            self._scheduler.add_fork(child, shared)
+            forks.append(child)
+        return forks
+
+    def _score_best_of(self, logits: torch.Tensor, reqs: list[Request], results: list) -> None:
+        """best_of > n: each sequence's cumulative log-probability (under the model, before temperature)."""
+        scored = [k for k, r in enumerate(reqs) if r.request_id in self._best_of and not isinstance(results[k],
+                                                                                                    Exception)]
+        if scored:
+            logprobs = logits[scored].float().log_softmax(-1)
+            for j, k in enumerate(scored):
+                reqs[k].cumulative_logprob += float(logprobs[j, results[k][0]])
+
+    def _best_of_outputs(self, req: Request, reason: str | None) -> list[RequestOutput]:
+        """best_of > n: nothing until every sequence has finished, then the n best, each with all its tokens."""
+        done = self._best_of[req.request_id]
+        if reason:
+            done.append(req)
+        if not reason or req.request_id in self._requests:
+            return []
+        del self._best_of[req.request_id]
+        best = sorted(done, key=lambda r: r.cumulative_logprob, reverse=True)[:req.sampling.n]
+        outputs = []
+        for index, seq in enumerate(best):
+            seq.index = index
+            outputs.append(RequestOutput(seq.request_id, list(seq.output_token_ids), seq.trace, True,
+                                         seq.finish_reason, seq.output_text, seq, seq.logprobs or None,
+                                         seq.prompt_logprobs if seq.sampling.prompt_logprobs is not None else None,
+                                         index=index))
         return outputs
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[tuple[int, TokenLogprob | None]
@@ -299,7 +376,8 @@ class LLMEngine:
             self._finish(req, reason, now)
         return RequestOutput(req.request_id, [token], req.trace, reason is not None, reason, text,
                              req if reason else None, [logprob] if logprob is not None else None,
-                             req.prompt_logprobs if first and req.sampling.prompt_logprobs is not None else None)
+                             req.prompt_logprobs if first and req.sampling.prompt_logprobs is not None else None,
+                             index=req.index)
 
     def _stop_reason(self, req: Request, token: int) -> str | None:
         n = len(req.output_token_ids)

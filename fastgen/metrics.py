@@ -177,7 +177,20 @@ def step_metrics(steps: Sequence[Mapping[str, Any]]) -> Metrics:
     out |= stats("step_time_s", (s["duration_s"] for s in steps), STEP_STATS)
     out |= stats("kv_used_frac_of_reserved", _ratios(steps, "kv_reserved_tokens"), ("mean",))
     out |= stats("kv_used_frac_of_capacity", _ratios(steps, "kv_capacity_tokens"), ("mean", "max"))
-    return out
+    return out | prefix_cache_metrics(steps)
+
+
+def prefix_cache_metrics(steps: Sequence[Mapping[str, Any]]) -> Metrics:
+    """Prefix caching over the run: the share of admitted requests' tokens (and full blocks) found cached, the
+    tokens that saved, cached blocks evicted and copy-on-write block copies (None: the KV manager reports none)."""
+    def total(key: str) -> int:
+        return sum(s.get(key) or 0 for s in steps)
+
+    queried, blocks = total("prefix_query_tokens"), total("prefix_query_blocks")
+    return {"prefix_hit_rate_tokens": total("prefix_hit_tokens") / queried if queried else None,
+            "prefix_hit_rate_blocks": total("prefix_hit_blocks") / blocks if blocks else None,
+            "prefix_hit_tokens": total("prefix_hit_tokens"), "kv_evictions": total("kv_evictions"),
+            "kv_block_copies": total("num_block_copies")}
 
 
 def _ratios(steps: Sequence[Mapping[str, Any]], denominator: str) -> list[float]:
@@ -263,5 +276,7 @@ def format_table(metrics: Mapping[str, Any]) -> str:
               f"step time    mean {num('step_time_s_mean', ' s')} p50 {num('step_time_s_p50', ' s')}"
               f" p95 {num('step_time_s_p95', ' s')}  busy {num('busy_frac')}",
               f"KV used      of reserved {num('kv_used_frac_of_reserved_mean')}"
-              f"  of capacity mean {num('kv_used_frac_of_capacity_mean')} max {num('kv_used_frac_of_capacity_max')}"]
+              f"  of capacity mean {num('kv_used_frac_of_capacity_mean')} max {num('kv_used_frac_of_capacity_max')}",
+              f"prefix cache hit rate tokens {num('prefix_hit_rate_tokens')} blocks {num('prefix_hit_rate_blocks')}"
+              f"  evictions {metrics.get('kv_evictions', 0)}  block copies {metrics.get('kv_block_copies', 0)}"]
     return "\n".join(lines)

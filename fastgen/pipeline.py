@@ -42,6 +42,9 @@ class Pipeline:
         unknown = set(sampling) - known
         if unknown:
             raise TypeError(f"unknown sampling parameter(s) {sorted(unknown)}; known: {sorted(known)}")
+        if sampling.get("n", 1) != 1 or sampling.get("best_of") not in (None, 1):
+            raise ValueError("the pipeline returns one output per prompt: for n > 1 or best_of use the engine "
+                             "(LLMEngine.add_request; each output carries its choice index)")
         ids = [self.engine.add_request(p, SamplingParams(max_new_tokens=n, **sampling)) for p, n in zip(prompts, news)]
         finished = {}
         while self.engine.has_unfinished():

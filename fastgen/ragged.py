@@ -10,7 +10,7 @@ prompt logprobs); nothing else goes through the LM head).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,14 @@ class SeqChunk:
     @property
     def num_logits(self) -> int:
         return len(self.token_ids) if self.all_logits else 1
+
+
+class BlockCopy(NamedTuple):
+    """Copy KV block `src` into block `dst` (every layer) before the step's forward: copy-on-write of a block
+    that sequences share (a fork's partly filled last block, or a cached block about to be written)."""
+
+    src: int
+    dst: int
 
 
 @dataclass

@@ -2,11 +2,16 @@
 
 A request has `num_tokens` tokens (prompt + generated so far) of which `num_computed_tokens` have their KV in
 the cache. Each step the scheduler gives it some of the rest; the step that computes its last token yields a new
-token. A preempted request drops its KV (num_computed_tokens = 0) and recomputes prompt + generated tokens.
+token. A preempted request drops its KV (num_computed_tokens = 0) and recomputes prompt + generated tokens, less
+what the prefix cache still holds. A request with n > 1 (or best_of) forks at its first token into sequences of
+the same request_id, one Request each (`index`: its choice), sharing the prompt's KV.
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
+import hashlib
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +19,9 @@ import torch
 from fastgen.detokenizer import IncrementalDetokenizer
 from fastgen.sampling import SamplingParams, TokenLogprob
 from fastgen.trace import RequestTrace
+
+
+_SEQ_IDS = itertools.count()
 
 
 class RequestStatus(enum.Enum):
@@ -40,6 +48,10 @@ class Request:
     trace: RequestTrace = None
     logprobs: list[TokenLogprob] = field(default_factory=list)          # per output token, if sampling.logprobs
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)   # per prompt token after the first
+    index: int = 0                              # which of the request's n (best_of) sequences this is
+    cumulative_logprob: float = 0.0             # sum of its tokens' log-probabilities (kept when best_of > n)
+    seq_id: int = field(default_factory=lambda: next(_SEQ_IDS))   # unique per sequence: the KV manager's key
+    block_hashes: list = field(default_factory=list, repr=False)  # the KV manager's keys of its full blocks
 
     def __post_init__(self):
         if self.trace is None:
@@ -83,3 +95,21 @@ class Request:
     def stop_ids(self) -> frozenset[int]:
         ids = frozenset(self.sampling.stop_token_ids)
         return ids if self.sampling.ignore_eos else ids | self.eos_token_ids
+
+    def fork(self, index: int) -> "Request":
+        """Sequence `index` of this request: a copy of it as it stands, with its own trace and, for a seeded
+        request, its own noise (sequence 0 keeps the request's seed, so n=1 and choice 0 of n>1 agree)."""
+        child = dataclasses.replace(self, output_token_ids=list(self.output_token_ids), index=index,
+                                    trace=dataclasses.replace(self.trace, token_times=list(self.trace.token_times)),
+                                    detokenizer=None, seq_id=next(_SEQ_IDS), block_hashes=list(self.block_hashes),
+                                    logprobs=list(self.logprobs), prompt_logprobs=list(self.prompt_logprobs))
+        if self.sampling.seed is not None:
+            child.generator = torch.Generator().manual_seed(fork_seed(self.sampling.seed, index))
+        return child
+
+
+def fork_seed(seed: int, index: int) -> int:
+    """The seed of sequence `index` of a request seeded with `seed` (index 0: `seed` itself)."""
+    if index == 0:
+        return seed
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest(), "little") >> 1

@@ -56,6 +56,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True   # passed to the tokenizer's decode (slow tokenizers use it)
+    n: int = 1                        # sequences to return; they share the prompt's KV and fork at the first token
+    best_of: int | None = None        # sequences to generate (>= n; None: n); the n of highest cumulative logprob
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -97,10 +99,20 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 setattr(self, name, _int(name, getattr(self, name), low=0, high=MAX_LOGPROBS))
+        self.n = _int("n", self.n, low=1)
+        if self.best_of is not None:
+            self.best_of = _int("best_of", self.best_of, low=1)
+            if self.best_of < self.n:
+                raise ParameterError("best_of", f"must be >= n={self.n} (or None, meaning n), got {self.best_of}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+    @property
+    def num_sequences(self) -> int:
+        """How many sequences the request generates."""
+        return self.best_of or self.n
 
     @property
     def penalized(self) -> bool:

@@ -23,6 +23,14 @@ class StepStats:
     kv_used_tokens: int          # KV slots holding computed or scheduled tokens
     kv_reserved_tokens: int      # slots in blocks that requests own
     kv_capacity_tokens: int
+    kv_cached_blocks: int = 0    # blocks nobody references, kept as a prefix cache until evicted (after the step)
+    num_block_copies: int = 0    # copy-on-write block copies made before the forward
+    # prefix caching, over the requests admitted in this step (fastgen.kv.manager.PrefixCacheCounters)
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    prefix_query_blocks: int = 0
+    prefix_hit_blocks: int = 0
+    kv_evictions: int = 0
 
 
 @dataclass(frozen=True)

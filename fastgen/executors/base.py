@@ -10,7 +10,7 @@ import torch
 
 from fastgen.config import EngineConfig, ExecutorConfig
 from fastgen.model_spec import ModelSpec
-from fastgen.ragged import SeqChunk
+from fastgen.ragged import BlockCopy, SeqChunk
 from fastgen.registry import Registry
 
 
@@ -37,8 +37,9 @@ class Executor(ABC):
     clock: Callable[[], float] = time.perf_counter
 
     @abstractmethod
-    def execute(self, chunks: Sequence[SeqChunk]) -> StepResult:
-        """Runs one ragged step: each chunk's tokens, their KV written into its blocks."""
+    def execute(self, chunks: Sequence[SeqChunk], copies: Sequence[BlockCopy] = ()) -> StepResult:
+        """Runs one ragged step: first the block copies (each block's KV in every layer into another block), then
+        each chunk's tokens, their KV written into its blocks."""
 
     def close(self) -> None:
         """Releases what the executor holds beyond memory (worker processes, devices)."""

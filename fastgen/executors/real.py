@@ -14,7 +14,7 @@ from fastgen.executors.base import Executor, StepResult, register_executor
 from fastgen.kernels import load_backend
 from fastgen.kv.cache import KVCache
 from fastgen.models import CausalLM, load_model
-from fastgen.ragged import RaggedBatch, SeqChunk
+from fastgen.ragged import BlockCopy, RaggedBatch, SeqChunk
 
 
 @dataclass
@@ -58,8 +58,10 @@ class RealExecutor(Executor):
     def forward(self, batch: RaggedBatch) -> torch.Tensor:
         return self.model(batch, self.cache)
 
-    def execute(self, chunks: Sequence[SeqChunk]) -> StepResult:
+    def execute(self, chunks: Sequence[SeqChunk], copies: Sequence[BlockCopy] = ()) -> StepResult:
         start = self.clock()
+        if copies:
+            self.cache.copy_blocks(copies)
         batch = self.prepare(chunks)
         prepared = self.clock()
         logits = self.forward(batch)

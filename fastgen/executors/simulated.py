@@ -16,7 +16,7 @@ import torch
 from fastgen.config import EngineConfig, ExecutorConfig
 from fastgen.executors.base import Executor, StepResult, register_executor
 from fastgen.model_spec import ModelSpec
-from fastgen.ragged import SeqChunk
+from fastgen.ragged import BlockCopy, SeqChunk
 from fastgen.sim.clocks import VirtualClock
 from fastgen.sim.cost_model import DTYPE_BYTES, BatchShape, CostModel, DeviceSheet, Profile
 from fastgen.sim.shapes import model_spec
@@ -69,14 +69,16 @@ class SimulatedExecutor(Executor):
         self.num_kv_blocks = kv_pool_blocks(self.spec, cfg)
         self._logits = torch.zeros(0, 1)
 
-    def execute(self, chunks: Sequence[SeqChunk]) -> StepResult:
+    def execute(self, chunks: Sequence[SeqChunk], copies: Sequence[BlockCopy] = ()) -> StepResult:
         """Advances the clock by the step's predicted time; placeholder logits [rows, 1] (no distribution: a
-        request's logprobs and logit processors are meaningless here)."""
+        request's logprobs and logit processors are meaningless here). A chunk costs its new tokens only: tokens
+        before its `start` (computed earlier, or found in the prefix cache) are context."""
         n = len(chunks)
         q = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.float64, count=n)
         ctx = np.fromiter((c.start for c in chunks), dtype=np.float64, count=n) + q
         rows = sum(c.num_logits for c in chunks)
-        seconds = self.cost.step_time(BatchShape(q, ctx, num_logits=rows))
+        seconds = self.cost.step_time(BatchShape(q, ctx, num_logits=rows)) + \
+            self.cost.block_copy_seconds(len(copies), self.block_size)
         self.clock.sleep(seconds)
         if self._logits.shape[0] < rows:
             self._logits = torch.zeros(rows, 1)

@@ -6,6 +6,8 @@ blocks a sequence owns is decided by a KV manager (fastgen.kv); this class only 
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from fastgen.model_spec import ModelSpec
@@ -24,3 +26,9 @@ class KVCache:
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i], self.v[i]
+
+    def copy_blocks(self, copies: Sequence[tuple[int, int]]) -> None:
+        """Copies each (src, dst) block's keys and values in every layer (copy-on-write of a shared block)."""
+        src, dst = (torch.tensor(ids, dtype=torch.int64, device=self.k.device) for ids in zip(*copies))
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]

@@ -33,23 +33,23 @@ class ContiguousKVManager(KVManager):
         return int(starts[fit[0]]) if fit.size else None
 
     def can_allocate(self, req: Request, num_new_tokens: int) -> bool:
-        if req.request_id in self.tables:
+        if req.seq_id in self.tables:
             return True
         return self._find_run(self.blocks_for(req.max_kv_tokens)) is not None
 
     def allocate(self, req: Request, num_new_tokens: int) -> None:
-        if req.request_id not in self.tables:
+        if req.seq_id not in self.tables:
             n = self.blocks_for(req.max_kv_tokens)
             start = self._find_run(n)
             if start is None:
                 raise MemoryError(f"no run of {n} contiguous free KV blocks for request {req.request_id}")
             self.free_map[start:start + n] = False
-            self.tables[req.request_id] = list(range(start, start + n))
-        self.tokens[req.request_id] = req.num_computed_tokens + num_new_tokens
+            self.tables[req.seq_id] = list(range(start, start + n))
+        self.tokens[req.seq_id] = req.num_computed_tokens + num_new_tokens
 
     def free(self, req: Request) -> None:
-        self.free_map[self.tables.pop(req.request_id, [])] = True
-        self.tokens.pop(req.request_id, None)
+        self.free_map[self.tables.pop(req.seq_id, [])] = True
+        self.tokens.pop(req.seq_id, None)
 
     @property
     def num_free_blocks(self) -> int:

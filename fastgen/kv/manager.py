@@ -1,5 +1,7 @@
-"""KVManager: which KV blocks each request owns. Schedulers ask it whether a request can grow; the engine asks it
-for block tables. It never touches tensors (the executor holds those).
+"""KVManager: which KV blocks each sequence owns. Schedulers ask it whether a request can grow and how much of a
+waiting request's prompt is already cached; the engine asks it for block tables, tells it what each step computed
+and which sequences fork, and passes its block copies on to the executor. It never touches tensors (the executor
+holds those).
 
 A new manager is one file (here, or anywhere named by `kv.module`) with a `@register_kv_manager("name",
 config=MyConfig)` subclass of KVManager, plus conf/kv/name.yaml whose defaults list names `name_schema`.
@@ -7,9 +9,11 @@ config=MyConfig)` subclass of KVManager, plus conf/kv/name.yaml whose defaults l
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 from fastgen.config import KVConfig
+from fastgen.ragged import BlockCopy
 from fastgen.registry import Registry
 from fastgen.request import Request
 
@@ -22,6 +26,18 @@ def make_kv_manager(config: KVConfig, num_blocks: int) -> "KVManager":
     return KV_MANAGERS.resolve(config)(config, num_blocks)
 
 
+@dataclass
+class PrefixCacheCounters:
+    """What prefix caching saved, counted when requests are admitted (a preempted request counts again when it
+    comes back) and reset by each step's report. Hit rates: hit / query."""
+
+    prefix_query_tokens: int = 0     # tokens of admitted requests (prompt, plus generated ones when recomputing)
+    prefix_hit_tokens: int = 0       # ... of which were found cached and not computed again
+    prefix_query_blocks: int = 0     # full blocks of admitted requests
+    prefix_hit_blocks: int = 0       # ... of which were found cached
+    kv_evictions: int = 0            # cached blocks given out again
+
+
 class KVManager(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[KVConfig]] = KVConfig
@@ -32,8 +48,9 @@ class KVManager(ABC):
                              f"{config.block_size}")
         self.config = config
         self.num_blocks, self.block_size = num_blocks, config.block_size
-        self.tables: dict[str, list[int]] = {}
-        self.tokens: dict[str, int] = {}       # KV slots in use (computed + scheduled) per request
+        self.tables: dict[int, list[int]] = {}     # by Request.seq_id
+        self.tokens: dict[int, int] = {}           # KV slots in use (computed + scheduled) per sequence
+        self.counters = PrefixCacheCounters()
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -68,10 +85,40 @@ class KVManager(ABC):
     def num_free_blocks(self) -> int: ...
 
     def block_table(self, req: Request) -> list[int]:
-        return self.tables[req.request_id]
+        return self.tables[req.seq_id]
+
+    # -- prefix caching and forks: a manager without them keeps these defaults --------------------------------
+    @property
+    def caches_prefixes(self) -> bool:
+        """Does cached_prefix() ever find anything? (Schedulers skip asking when not.)"""
+        return False
+
+    def cached_prefix(self, req: Request) -> int:
+        """How many of a waiting request's leading tokens are cached, so that it need not compute them (at most
+        all but its last token: the last one must run to give a logit). The scheduler sets the request's
+        num_computed_tokens to this before planning; allocate() then takes the cached blocks."""
+        return 0
+
+    def computed(self, req: Request) -> None:
+        """The engine's note that a step computed req's tokens up to req.num_computed_tokens."""
+
+    def fork(self, parent: Request, child: Request) -> bool:
+        """Gives `child` (a copy of `parent` at the same length) the parent's KV; False if this manager cannot
+        share it, and the child recomputes its tokens instead."""
+        return False
+
+    def take_copies(self) -> list[BlockCopy]:
+        """Block copies the next step must make before its forward (copy-on-write), once."""
+        return []
+
+    def take_counters(self) -> dict[str, int]:
+        """The prefix-cache counters since the last call (a step's), reset."""
+        counters, self.counters = self.counters, PrefixCacheCounters()
+        return asdict(counters)
 
     def usage(self) -> dict[str, int]:
-        """Used vs reserved slots: their gap is the memory a policy wastes (fragmentation, over-reservation)."""
+        """Used vs reserved slots: their gap is the memory a policy wastes (fragmentation, over-reservation);
+        blocks kept only as a prefix cache are counted apart."""
         reserved = sum(len(t) for t in self.tables.values()) * self.block_size
         return {"kv_used_tokens": sum(self.tokens.values()), "kv_reserved_tokens": reserved,
-                "kv_capacity_tokens": self.capacity_tokens}
+                "kv_capacity_tokens": self.capacity_tokens, "kv_cached_blocks": 0}

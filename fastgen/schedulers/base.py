@@ -5,7 +5,9 @@ manager for room; they return a SchedulerOutput and never touch tensors. The eng
 scheduler when a request finishes or is aborted.
 
 Budget vocabulary (as in vLLM's v1 scheduler): a step carries at most `token_budget` tokens from at most
-`max_seqs` sequences. A decode costs one token; a prompt costs as many tokens as the policy gives it.
+`max_seqs` sequences. A decode costs one token; a prompt costs as many tokens as the policy gives it. Tokens the
+KV manager has cached cost nothing: before each step (begin_step) a waiting request's num_computed_tokens is set
+to its cached prefix, so `num_pending_tokens`, which every policy budgets with, counts only what is left to compute.
 """
 from __future__ import annotations
 
@@ -77,9 +79,24 @@ class Scheduler:
         raise NotImplementedError
 
     # -- bookkeeping shared by every policy ----------------------------------------------------------------------
+    def begin_step(self) -> None:
+        """Called by the engine before each schedule(): every waiting request starts past its cached prefix."""
+        if self.kv.caches_prefixes:
+            for req in self.waiting:
+                req.num_computed_tokens = self.kv.cached_prefix(req)
+
     def add_request(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
         self.waiting.append(req)
+
+    def add_fork(self, child: Request, shares_kv: bool) -> None:
+        """A sequence forked from a running request: it runs beside its parent when it shares the parent's KV,
+        else it waits to compute its tokens again."""
+        if shares_kv:
+            child.status = RequestStatus.RUNNING
+            self.running.append(child)
+        else:
+            self.add_request(child)
 
     def finish(self, req: Request) -> None:
         """Called by the engine when a request finishes or is aborted: drop it and free its KV at once."""
@@ -104,10 +121,11 @@ class Scheduler:
 
     def preempt(self, req: Request, out: SchedulerOutput) -> None:
         """Recompute preemption: free the victim's KV and put it back at the front of the queue; its generated
-        tokens become part of what it must recompute, so nothing it produced is lost."""
+        tokens become part of what it must recompute, so nothing it produced is lost (and what stays cached of
+        its blocks is not computed again)."""
         self.running.remove(req)
         self.kv.free(req)
-        req.num_computed_tokens = 0
+        req.num_computed_tokens = self.kv.cached_prefix(req)
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)

@@ -33,6 +33,12 @@ class ServerMetrics:
                              buckets=ITL_BUCKETS, registry=r)
         self.step_time = Histogram("fastgen_step_duration_seconds", "Duration of one engine step",
                                    buckets=ITL_BUCKETS, registry=r)
+        self.kv_cached = Gauge("fastgen_kv_blocks_cached", "KV blocks kept only as prefix cache (evictable, "
+                               "counted as free)", registry=r)
+        self.prefix_hit_rate = Gauge("fastgen_prefix_cache_hit_rate", "Share of admitted requests' tokens found "
+                                     "in the prefix cache, since the start", ["unit"], registry=r)
+        self.kv_evictions = Counter("fastgen_kv_evictions", "Cached KV blocks evicted", registry=r)
+        self._prefix = {"tokens": [0, 0], "blocks": [0, 0]}     # unit -> [hits, queries]
 
     def observe_engine(self, snapshot: EngineSnapshot) -> None:
         """Sets the gauges from the engine's state."""
@@ -42,8 +48,17 @@ class ServerMetrics:
         self.kv_used.set(snapshot.kv_blocks_total - snapshot.kv_blocks_free)
 
     def observe_step(self, stats: StepStats) -> None:
-        """An engine step observer: the forward-pass histogram."""
+        """An engine step observer: the forward-pass histogram and the prefix cache."""
         self.step_time.observe(stats.duration_s)
+        self.kv_cached.set(stats.kv_cached_blocks)
+        self.kv_evictions.inc(stats.kv_evictions)
+        for unit, hits, queries in (("tokens", stats.prefix_hit_tokens, stats.prefix_query_tokens),
+                                    ("blocks", stats.prefix_hit_blocks, stats.prefix_query_blocks)):
+            total = self._prefix[unit]
+            total[0] += hits
+            total[1] += queries
+            if total[1]:
+                self.prefix_hit_rate.labels(unit).set(total[0] / total[1])
 
     def observe_outputs(self, outputs: Sequence[RequestOutput]) -> None:
         """Counts a step's tokens and their latencies."""

@@ -355,3 +355,10 @@ class CostModel:
 
     def step_time(self, batch: BatchShape) -> float:
         return self.breakdown(batch)["total"]
+
+    def block_copy_seconds(self, num_copies: int, block_size: int) -> float:
+        """Copy-on-write of KV blocks: each block's keys and values in every layer read once and written once."""
+        if not num_copies:
+            return 0.0
+        nbytes = 2 * num_copies * block_size * self.spec.kv_bytes_per_token(self.dtype_bytes, self.tp)
+        return nbytes / (self.device.memory_bandwidth_gbs * 1e9 * self.profile.bandwidth_efficiency)

@@ -15,6 +15,11 @@ Arrival processes (`WorkloadConfig.arrival`):
 - ``trace``: replay `trace_path`, at most `num_requests` rows, at the file's arrival offsets times
   `time_scale` (0.5 replays twice as fast).
 
+Shared prefixes (`workload.prefix`, fastgen.workloads.shared_prefix): a system prompt of `prefix.share` of the
+mean prompt length that requests start with (one of `prefix.num_prefixes`), and conversations of `prefix.turns`
+requests, each turn resending the earlier ones; the arrival process then times conversations, and a
+conversation's next turn follows its previous one's end by `prefix.think_s`.
+
 With `trace_path` and a synthetic arrival process, the file's rows are the requests, in order (warm-ups first),
 sent at the process's times; their arrival_time column, if any, is ignored. So a file of length pairs without
 times (the arXiv summarization lengths) runs open or closed loop.
@@ -43,6 +48,7 @@ the trace row out and take the next one; trace files only). `Workload.clipped` /
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +59,7 @@ import numpy as np
 from .arrivals import ArrivalProcess, ClosedLoopArrivals, OpenLoopArrivals, gamma_arrivals, poisson_arrivals
 from .corpus import CORPUS_PATH, CorpusPrompts, Tokenizer, random_prompt
 from .lengths import LengthSpec, sample_lengths
+from .shared_prefix import ConversationArrivals, SharedPrefixSpec, conversation_prompts
 from .trace import TraceRecord, load_trace
 
 EXAMPLE_TRACE_PATH = Path(__file__).parent / "data" / "example_trace.jsonl"
@@ -62,7 +69,8 @@ PROMPT_SOURCES = ("random", "corpus")
 
 __all__ = [
     "ARRIVALS", "CORPUS_PATH", "EXAMPLE_TRACE_PATH", "PROMPT_SOURCES", "ArrivalProcess",
-    "ClosedLoopArrivals", "CorpusPrompts", "LengthSpec", "OpenLoopArrivals", "TraceRecord",
+    "ClosedLoopArrivals", "ConversationArrivals", "CorpusPrompts", "LengthSpec", "OpenLoopArrivals",
+    "SharedPrefixSpec", "TraceRecord",
     "Workload", "WorkloadConfig", "WorkloadRequest", "build_workload", "gamma_arrivals",
     "load_trace", "poisson_arrivals", "random_prompt", "sample_lengths",
 ]
@@ -88,6 +96,7 @@ class WorkloadConfig:
     corpus_path: Optional[str] = None    # corpus text; None = the shipped data/corpus.txt
     random_token_low: int = 0            # random prompts draw ids from [random_token_low, vocab_size)
     max_prompt_len: Optional[int] = None
+    prefix: SharedPrefixSpec = field(default_factory=SharedPrefixSpec)   # shared system prompts, multi-turn
     seed: int = 0
 
     def validate(self) -> None:
@@ -111,6 +120,10 @@ class WorkloadConfig:
             raise ValueError(f"max_prompt_len must be >= 1 or None (no cap), got {self.max_prompt_len}")
         self.prompt.validate("prompt")
         self.output.validate("output")
+        self.prefix.validate(self.num_requests)
+        if self.prefix.active and self.trace_path:
+            raise ValueError("workload.prefix shapes synthetic prompts; a trace brings its own: leave "
+                             "workload.prefix at its defaults or trace_path unset")
 
 
 @dataclass
@@ -166,11 +179,20 @@ def build_workload(cfg: WorkloadConfig, vocab_size: int, tokenizer: Optional[Tok
             raise ValueError(f"{cfg.trace_path} has {len(prompts)} rows that fit the model's context but the "
                              f"workload needs {needed} (num_requests plus warm-ups); lower workload.num_requests")
     else:
-        arrivals = _synthetic_arrivals(cfg, arrival_rng)
+        if cfg.prefix.active:
+            conversations = dataclasses.replace(cfg, num_requests=cfg.num_requests // cfg.prefix.turns)
+            arrivals = ConversationArrivals(_synthetic_arrivals(conversations, arrival_rng), cfg.prefix.turns,
+                                            cfg.prefix.think_s)
+        else:
+            arrivals = _synthetic_arrivals(cfg, arrival_rng)
         lengths = sample_lengths(cfg.prompt, arrivals.total, prompt_rng, "prompt")
         outputs = sample_lengths(cfg.output, arrivals.total, output_rng, "output").tolist()
-        pairs = [context.fit(make_prompt(int(length))[: cfg.max_prompt_len], int(output), f"request {i}")
-                 for i, (length, output) in enumerate(zip(lengths, outputs))]
+        if cfg.prefix.active:
+            made = conversation_prompts(cfg.prefix, cfg.prompt, lengths, outputs, make_prompt, prompt_rng)
+        else:
+            made = (make_prompt(int(length)) for length in lengths)
+        pairs = [context.fit(p[: cfg.max_prompt_len], int(output), f"request {i}")
+                 for i, (p, output) in enumerate(zip(made, outputs))]
         prompts, outputs = [p for p, _ in pairs], [o for _, o in pairs]
 
     top = max(max(p) for p in prompts) if prompts else -1
