@@ -56,6 +56,7 @@ class LLMEngine:
         self._observers: list[StepObserver] = []
         self._ids = itertools.count()
         self._num_steps = 0
+        scheduler.set_context_limit(self.max_model_len)
 
     # -- requests ------------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], sampling: SamplingParams | None = None,
@@ -140,7 +141,8 @@ class LLMEngine:
                                    f"{self._scheduler.num_requests()} (running, waiting) requests are unfinished")
             return []
         chunks = [SeqChunk(c.request.token_slice(c.request.num_computed_tokens, c.num_tokens),
-                           c.request.num_computed_tokens, self._kv.block_table(c.request)) for c in plan.chunks]
+                           c.request.num_computed_tokens, self._kv.block_table(c.request), c.num_pad)
+                  for c in plan.chunks]
         for c in plan.chunks:
             if c.request.trace.first_scheduled_time is None:
                 c.request.trace.first_scheduled_time = start
@@ -154,7 +156,8 @@ class LLMEngine:
             prepare_s=result.prepare_s, forward_s=result.forward_s, sample_s=now - executed,
             num_tokens=plan.num_tokens, num_seqs=len(plan.chunks),
             num_prefill_tokens=sum(c.num_tokens for c in plan.chunks if c.num_tokens > 1),
-            num_preempted=len(plan.preempted), **self._scheduler_counts(), **self._kv.usage()))
+            num_preempted=len(plan.preempted), **self._scheduler_counts(), **self._kv.usage(),
+            num_pad_tokens=plan.num_pad_tokens))
         return outputs
 
     def _commit(self, plan: SchedulerOutput, logits) -> list[RequestOutput]:

@@ -23,6 +23,7 @@ class StepStats:
     kv_used_tokens: int          # KV slots holding computed or scheduled tokens
     kv_reserved_tokens: int      # slots in blocks that requests own
     kv_capacity_tokens: int
+    num_pad_tokens: int = 0      # pad tokens computed beside num_tokens (vLLM 0.2's padded prefill)
 
 
 @dataclass(frozen=True)

@@ -58,13 +58,14 @@ class BatchShape:
 
     query_lens: np.ndarray
     context_lens: np.ndarray
+    cuda_graph: bool = False     # replayed from a captured CUDA graph: no per-layer host launches (launch_s_per_layer)
 
     @classmethod
-    def of(cls, query_lens: Sequence[int], context_lens: Sequence[int]) -> "BatchShape":
+    def of(cls, query_lens: Sequence[int], context_lens: Sequence[int], cuda_graph: bool = False) -> "BatchShape":
         q, c = np.asarray(query_lens, dtype=np.float64), np.asarray(context_lens, dtype=np.float64)
         if q.shape != c.shape or q.size == 0 or (q < 1).any() or (c < q).any():
             raise ValueError("a batch needs >= 1 sequence, each with >= 1 new token and context >= its new tokens")
-        return cls(q, c)
+        return cls(q, c, cuda_graph)
 
     @property
     def num_tokens(self) -> int:
@@ -89,6 +90,10 @@ class Profile:
     chunk_overhead_s: float = 2e-6       # per layer and prefill chunk (attention runs chunk by chunk)
     step_overhead_s: float = 2e-3        # per step: host-side scheduling, batch building, sampling
     seq_overhead_s: float = 10e-6        # per sequence and step on the host
+    # Host time to launch one layer's kernels in eager mode (Python and CUDA launch calls). Launches run ahead of the
+    # device, so they cost only where they outlast its work: a step's layers take max(their device time, layers x
+    # this). A step replayed from a CUDA graph launches once (BatchShape.cuda_graph). 0: always hidden.
+    launch_s_per_layer: float = 0.0
     # Measured / modelled step time at a step's token count ({"tokens": factor}, interpolated in log tokens):
     # BLAS libraries switch kernels at small sizes (a CPU's 4-token GEMM can cost as much as its 16-token one),
     # steps no smooth efficiency curve follows. Filled in by calibration from the fit's residuals.
@@ -145,7 +150,7 @@ class Profile:
 
 
 NOT_FITTED_FROM_STEPS = ("meta", "token_correction", "elementwise_efficiency", "allreduce_latency_s",
-                         "allreduce_bandwidth_gbs", "gemm_times")
+                         "allreduce_bandwidth_gbs", "gemm_times", "launch_s_per_layer")
 
 
 @dataclass(frozen=True)
@@ -187,6 +192,7 @@ class StepWork:
     attn_decode: tuple[float, float]
     allreduces: int                      # tensor-parallel all-reduces of the hidden state (0 without TP)
     allreduce_bytes: float               # ... each of this many bytes
+    cuda_graph: bool = False             # launched as one captured graph (BatchShape.cuda_graph)
 
 
 class CostModel:
@@ -239,7 +245,7 @@ class CostModel:
 
         allreduces = 2 * layers if tp > 1 else 0
         return StepWork(seqs, int(prefill.sum()), linear, head, attn_prefill, attn_decode, allreduces,
-                        tokens * s.hidden * b)
+                        tokens * s.hidden * b, batch.cuda_graph)
 
     # -- time ------------------------------------------------------------------------------------------------
     def allreduce_seconds(self, nbytes: float, profile: Profile | None = None) -> float:
@@ -286,6 +292,7 @@ class CostModel:
             linear_measured = self.spec.num_layers * sum(p.gemm_seconds(g.key, tokens) for g in measured)
         else:
             (linear_compute, linear_memory), linear_measured = gemm(*work.linear), 0.0
+        layers = self.spec.num_layers * (p.layer_overhead_s + p.chunk_overhead_s * work.prefill_chunks)
         out = {"linear_compute_s": linear_compute, "linear_memory_s": linear_memory,
                "linear_s": linear_measured + max(linear_compute, linear_memory), "head_s": max(gemm(*work.head)),
                "attention_s": roofline(*work.attn_prefill) / p.prefill_attention_efficiency
@@ -293,8 +300,10 @@ class CostModel:
                "allreduce_s": work.allreduces * self.allreduce_seconds(work.allreduce_bytes, p)
                if work.allreduces else 0.0,
                "elementwise_s": self.elementwise_seconds(tokens, p),
-               "overhead_s": p.step_overhead_s + p.seq_overhead_s * work.num_seqs
-               + self.spec.num_layers * (p.layer_overhead_s + p.chunk_overhead_s * work.prefill_chunks)}
+               "overhead_s": p.step_overhead_s + p.seq_overhead_s * work.num_seqs + layers}
+        device = layers + sum(out[k] for k in ("linear_s", "attention_s", "allreduce_s", "elementwise_s"))
+        launches = 0.0 if work.cuda_graph else self.spec.num_layers * p.launch_s_per_layer
+        out["launch_wait_s"] = max(0.0, launches - device)     # the device waiting for the host's launches
         out["total"] = sum(v for k, v in out.items() if k not in ("linear_compute_s", "linear_memory_s")) \
             * p.correction(work.linear[2])
         return out
