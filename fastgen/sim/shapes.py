@@ -6,6 +6,8 @@ download); any other name is a fastgen model source (an embedded model or a loca
 """
 from __future__ import annotations
 
+import functools
+
 from transformers import LlamaConfig, MistralConfig
 
 from fastgen.model_spec import ModelSpec
@@ -28,15 +30,19 @@ PAPER_MODELS = {
 
 def model_spec(source) -> ModelSpec:
     """The spec of a paper model name, a fastgen model source, or an in-memory model / config."""
-    from fastgen.models import CausalLM, load_config, model_class
+    from fastgen.models import CausalLM, model_class
     if isinstance(source, CausalLM):
         return source.spec
-    if isinstance(source, str) and source in PAPER_MODELS:
-        config = PAPER_MODELS[source]()
-    elif hasattr(source, "model_type"):
-        config = source
-    elif hasattr(source, "config"):
-        config = source.config
-    else:
-        config = load_config(source, load_tokenizer=False)[0]
+    if isinstance(source, str):
+        return _named_spec(source)
+    config = source if hasattr(source, "model_type") else source.config
+    return model_class(config).describe(config)
+
+
+@functools.lru_cache(maxsize=64)
+def _named_spec(source: str) -> ModelSpec:
+    """Specs of named sources, read once per process (an embedded GGUF's config takes seconds to parse; a
+    simulated benchmark sweep asks for it every run)."""
+    from fastgen.models import load_config, model_class
+    config = PAPER_MODELS[source]() if source in PAPER_MODELS else load_config(source, load_tokenizer=False)[0]
     return model_class(config).describe(config)
