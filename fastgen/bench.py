@@ -3,7 +3,6 @@ with target=http, any OpenAI-compatible server, timing tokens at the client as t
 paper's metrics to files (metrics.json, requests.jsonl, steps.jsonl) and, optionally, to wandb."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -73,10 +72,10 @@ def write_results(out: Path, metrics: dict, result: RunResult) -> None:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     with open(out / "requests.jsonl", "w") as f:
         for t in result.traces:
-            f.write(json.dumps(dataclasses.asdict(t)) + "\n")
+            f.write(json.dumps(vars(t)) + "\n")        # flat records: vars() spares asdict's deep copies
     with open(out / "steps.jsonl", "w") as f:
         for s in result.steps:
-            f.write(json.dumps({**dataclasses.asdict(s), "start": s.start - result.start_time}) + "\n")
+            f.write(json.dumps({**vars(s), "start": s.start - result.start_time}) + "\n")
 
 
 def log_wandb(cfg: RunConfig, metrics: dict, result: RunResult, out: Path) -> None:

@@ -169,7 +169,8 @@ class LLMEngine:
         reqs = [plan.chunks[i].request for i in sampled]
         if not reqs:
             return []
-        tokens = self._sampler(logits[sampled], [r.sampling for r in reqs], [r.generator for r in reqs],
+        rows = logits if len(sampled) == len(plan.chunks) else logits[sampled]
+        tokens = self._sampler(rows, [r.sampling for r in reqs], [r.generator for r in reqs],
                                [list(r.stop_ids) if len(r.output_token_ids) < r.sampling.min_new_tokens else []
                                 for r in reqs]).tolist()
         now = self.clock()

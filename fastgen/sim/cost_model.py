@@ -210,6 +210,9 @@ class CostModel:
         self.gemms = layer_gemms(spec, self.tp)
         # what one layer's elementwise kernels read and write per token: 2 norms (h in, h out), rotary (q and k
         # in and out), the activation (gate and up in, one out), 2 residual adds (2 h in, h out)
+        self._linear_cache: dict[float, tuple[float, float, float]] = {}
+        self._gemm_weights = sum(g.weights for g in self.gemms)
+        self._gemm_io = sum(g.inputs + g.outputs for g in self.gemms)
         qkv, o, _, down = self.gemms      # rotary's q and k in and out: 2 (q + k) = qkv outputs + o inputs
         self.elementwise_bytes_per_token = self.dtype_bytes * (10 * spec.hidden + qkv.outputs + o.inputs
                                                                + 3 * down.inputs)
@@ -218,9 +221,9 @@ class CostModel:
     def gemm_work(self, gemms: Sequence[Gemm], tokens: float) -> tuple[float, float, float]:
         """(flops, bytes, tokens) of these GEMMs in every layer: weights read once, activations in and out."""
         layers = self.spec.num_layers
-        flops = sum(2 * tokens * g.weights for g in gemms) * layers
-        nbytes = sum(g.weights + tokens * (g.inputs + g.outputs) for g in gemms) * self.dtype_bytes * layers
-        return flops, nbytes, tokens
+        weights, io = (self._gemm_weights, self._gemm_io) if gemms is self.gemms else \
+            (sum(g.weights for g in gemms), sum(g.inputs + g.outputs for g in gemms))
+        return 2 * tokens * weights * layers, (weights + tokens * io) * self.dtype_bytes * layers, tokens
 
     def work(self, batch: BatchShape) -> StepWork:
         s, b, tp, layers = self.spec, self.dtype_bytes, self.tp, self.spec.num_layers
@@ -231,20 +234,24 @@ class CostModel:
 
         q, ctx = batch.query_lens, batch.context_lens
         prefill = q > 1
-        flops = kv_bytes = np.zeros_like(q)
         per_token = s.kv_bytes_per_token(b, tp) / layers
+        keys = ctx - (q - 1) / 2                         # keys a query sees on average (causal within the chunk)
+        flops = kv_bytes = 0.0
         for window, count in self.window_layers.items():
-            keys = ctx - (q - 1) / 2                     # keys a query sees on average (causal within the chunk)
-            read = ctx
-            if window is not None:
-                keys, read = np.minimum(keys, window), np.minimum(ctx, window)
-            flops = flops + 4 * (s.q_size / tp) * q * keys * count
-            kv_bytes = kv_bytes + read * per_token * count
-        attn_prefill = (float(flops[prefill].sum()), float(kv_bytes[prefill].sum()))
-        attn_decode = (float(flops[~prefill].sum()), float(kv_bytes[~prefill].sum()))
+            if window is None:
+                flops, kv_bytes = flops + keys * count, kv_bytes + ctx * count
+            else:
+                flops, kv_bytes = flops + np.minimum(keys, window) * count, kv_bytes + np.minimum(ctx, window) * count
+        flops, kv_bytes = flops * q * (4 * s.q_size / tp), kv_bytes * per_token
+        num_prefill = int(np.count_nonzero(prefill))
+        if num_prefill == 0:                             # the common decode-only step: no masks
+            attn_prefill, attn_decode = (0.0, 0.0), (float(flops.sum()), float(kv_bytes.sum()))
+        else:
+            attn_prefill = (float(flops[prefill].sum()), float(kv_bytes[prefill].sum()))
+            attn_decode = (float(flops[~prefill].sum()), float(kv_bytes[~prefill].sum()))
 
         allreduces = 2 * layers if tp > 1 else 0
-        return StepWork(seqs, int(prefill.sum()), linear, head, attn_prefill, attn_decode, allreduces,
+        return StepWork(seqs, num_prefill, linear, head, attn_prefill, attn_decode, allreduces,
                         tokens * s.hidden * b, batch.cuda_graph)
 
     # -- time ------------------------------------------------------------------------------------------------
@@ -271,6 +278,25 @@ class CostModel:
         return (flops / (self.device.peak_tflops * 1e12 * efficiency),
                 nbytes / (self.device.memory_bandwidth_gbs * 1e9 * p.bandwidth_efficiency))
 
+    def linear_parts(self, work: StepWork, p: Profile) -> tuple[float, float, float]:
+        """(roofline compute s, roofline memory s, measured-curve s) of the decoder layers' GEMMs; a function of the
+        token count alone, so kept per token count for the model's own profile (a simulated run asks for the same
+        few hundred counts thousands of times)."""
+        tokens = work.linear[2]
+        cached = self._linear_cache.get(tokens) if p is self.profile else None
+        if cached is not None:
+            return cached
+        measured = [g for g in self.gemms if g.key in p.gemm_times]
+        if measured:    # measured curves for some GEMMs, the roofline for the rest
+            rest = [g for g in self.gemms if g.key not in p.gemm_times]
+            compute, memory = self.gemm_roofline(*self.gemm_work(rest, tokens), p) if rest else (0.0, 0.0)
+            parts = (compute, memory, self.spec.num_layers * sum(p.gemm_seconds(g.key, tokens) for g in measured))
+        else:
+            parts = (*self.gemm_roofline(*work.linear, p), 0.0)
+        if p is self.profile:
+            self._linear_cache[tokens] = parts
+        return parts
+
     def breakdown(self, work: StepWork | BatchShape, profile: Profile | None = None) -> dict[str, float]:
         """Seconds per part of the step; `total` is what the simulator's clock advances by."""
         if isinstance(work, BatchShape):
@@ -285,13 +311,7 @@ class CostModel:
             return max(flops / peak, nbytes / bw)
 
         tokens = work.linear[2]
-        measured = [g for g in self.gemms if g.key in p.gemm_times]
-        if measured:    # measured curves for some GEMMs, the roofline for the rest
-            rest = [g for g in self.gemms if g.key not in p.gemm_times]
-            linear_compute, linear_memory = gemm(*self.gemm_work(rest, tokens)) if rest else (0.0, 0.0)
-            linear_measured = self.spec.num_layers * sum(p.gemm_seconds(g.key, tokens) for g in measured)
-        else:
-            (linear_compute, linear_memory), linear_measured = gemm(*work.linear), 0.0
+        linear_compute, linear_memory, linear_measured = self.linear_parts(work, p)
         layers = self.spec.num_layers * (p.layer_overhead_s + p.chunk_overhead_s * work.prefill_chunks)
         out = {"linear_compute_s": linear_compute, "linear_memory_s": linear_memory,
                "linear_s": linear_measured + max(linear_compute, linear_memory), "head_s": max(gemm(*work.head)),
