@@ -3,7 +3,6 @@ with target=http, any OpenAI-compatible server, timing tokens at the client as t
 paper's metrics to files (metrics.json, requests.jsonl, steps.jsonl) and, optionally, to wandb."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -14,8 +13,10 @@ from fastgen.compose import build_engine
 from fastgen.driver import EngineTarget, RunResult, run_workload
 from fastgen.metrics import format_table, summarize
 from fastgen.models import load_config
+from fastgen.routers import make_router
 from fastgen.run_config import RunConfig
 from fastgen.serve.client import HttpTarget
+from fastgen.sim.cluster import ReplicaCluster
 from fastgen.workloads import Workload, build_workload
 from fastgen.workloads.trace import resolve_trace_path
 
@@ -36,13 +37,17 @@ def run_benchmark(cfg: RunConfig, out_dir: str | os.PathLike, model=None, tokeni
         workload = build_workload(cfg.workload, config.vocab_size, tokenizer, max_model_len=context)
         result = run_over_http(cfg, workload)
     else:
-        engine = build_engine(cfg, model, tokenizer, clock)
+        engines = [build_engine(cfg, model, tokenizer, clock) for _ in range(cfg.replicas)]
+        engine = engines[0]
         try:
             workload = build_workload(cfg.workload, engine.vocab_size, engine.tokenizer,
                                       max_model_len=engine.max_model_len)
-            result = run_workload(EngineTarget(engine), workload, progress=cfg.progress)
+            target = EngineTarget(engine) if cfg.replicas == 1 else \
+                ReplicaCluster(engines, make_router(cfg.router, cfg.replicas))
+            result = run_workload(target, workload, progress=cfg.progress)
         finally:
-            engine.close()
+            for e in engines:
+                e.close()
     if workload.clipped or workload.skipped:
         print(f"workload: {workload.clipped} requests clipped, {workload.skipped} trace rows skipped to fit the "
               f"model's context (workload.too_long={cfg.workload.too_long})")
@@ -67,10 +72,10 @@ def write_results(out: Path, metrics: dict, result: RunResult) -> None:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     with open(out / "requests.jsonl", "w") as f:
         for t in result.traces:
-            f.write(json.dumps(dataclasses.asdict(t)) + "\n")
+            f.write(json.dumps(vars(t)) + "\n")        # flat records: vars() spares asdict's deep copies
     with open(out / "steps.jsonl", "w") as f:
         for s in result.steps:
-            f.write(json.dumps({**dataclasses.asdict(s), "start": s.start - result.start_time}) + "\n")
+            f.write(json.dumps({**vars(s), "start": s.start - result.start_time}) + "\n")
 
 
 def log_wandb(cfg: RunConfig, metrics: dict, result: RunResult, out: Path) -> None:

@@ -24,6 +24,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 def register_all() -> None:
     """Registers every built-in part's typed config (and the top-level schemas) with Hydra's ConfigStore."""
+    from fastgen.capacity import register_configs as register_capacity
     from fastgen.plugins import REGISTRIES
     from fastgen.run_config import register_configs as register_run
     from fastgen.serve.config import register_configs as register_serve
@@ -31,6 +32,7 @@ def register_all() -> None:
         registry().discover()
     register_run()
     register_serve()
+    register_capacity()
 
 
 def compose_config(overrides: Sequence[str] = (), config_name: str = "config"):

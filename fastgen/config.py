@@ -51,6 +51,11 @@ class SchedulerConfig:
     preemption: str = "newest"           # victim order: newest | oldest
     module: Optional[str] = None         # import this module or file first (a policy defined outside fastgen)
 
+    def step_tokens(self, max_model_len: int) -> int:
+        """The most tokens one step of this policy computes (the activations' memory is sized for it); without a
+        token budget, one whole prompt."""
+        return max_model_len
+
     def validate(self) -> None:
         check_positive("scheduler", max_seqs=self.max_seqs)
         if self.preemption not in ("newest", "oldest"):

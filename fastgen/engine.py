@@ -78,6 +78,7 @@ class LLMEngine:
         self._observers: list[StepObserver] = []
         self._ids = itertools.count()
         self._num_steps = 0
+        scheduler.set_context_limit(self.max_model_len)
 
     # -- requests ------------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], sampling: SamplingParams | None = None,
@@ -195,7 +196,7 @@ class LLMEngine:
                 raise RuntimeError(f"scheduler {self._scheduler.name!r} scheduled nothing while "
                                    f"{self._scheduler.num_requests()} (running, waiting) requests are unfinished")
             return []
-        chunks = [self._chunk(c.request, c.num_tokens) for c in plan.chunks]
+        chunks = [self._chunk(c.request, c.num_tokens, c.num_pad) for c in plan.chunks]
         for c in plan.chunks:
             if c.request.trace.first_scheduled_time is None:
                 c.request.trace.first_scheduled_time = start
@@ -219,14 +220,15 @@ class LLMEngine:
             prepare_s=prepare_s, forward_s=forward_s, sample_s=now - executed,
             num_tokens=plan.num_tokens, num_seqs=len(plan.chunks),
             num_prefill_tokens=sum(c.num_tokens for c in plan.chunks if c.num_tokens > 1),
-            num_preempted=len(plan.preempted), num_block_copies=len(copies), **self._scheduler_counts(),
-            **self._kv.usage(), **self._kv.take_counters()))
+            num_preempted=len(plan.preempted), num_block_copies=len(copies), num_pad_tokens=plan.num_pad_tokens,
+            **self._scheduler_counts(), **self._kv.usage(), **self._kv.take_counters()))
         return outputs
 
-    def _chunk(self, req: Request, num_tokens: int) -> SeqChunk:
+    def _chunk(self, req: Request, num_tokens: int, num_pad: int) -> SeqChunk:
         start = req.num_computed_tokens
         return SeqChunk(req.token_slice(start, num_tokens), start, self._kv.block_table(req),
-                        all_logits=req.needs_prompt_logits and start < len(req.prompt_token_ids) - 1)
+                        all_logits=req.needs_prompt_logits and start < len(req.prompt_token_ids) - 1,
+                        num_pad=num_pad)
 
     def _commit(self, plan: SchedulerOutput, chunks: list[SeqChunk], logits: torch.Tensor) -> list[RequestOutput]:
         """Applies a step's results: every chunk's tokens are computed (and the prompt logprobs of chunks that asked

@@ -19,7 +19,6 @@ Definitions follow the paper's published benchmark scripts (DeepSpeedExamples, b
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -166,7 +165,7 @@ def token_latency_percentiles(traces: Sequence[RequestTrace],
 
 def step_rows(steps: Sequence[Any]) -> list[Mapping[str, Any]]:
     """Steps as mappings: the engine's StepStats records, or rows read back from steps.jsonl."""
-    return [s if isinstance(s, Mapping) else dataclasses.asdict(s) for s in steps]
+    return [s if isinstance(s, Mapping) else vars(s) for s in steps]      # flat records: no deep copy
 
 
 def step_metrics(steps: Sequence[Mapping[str, Any]]) -> Metrics:

@@ -37,8 +37,13 @@ def _executors() -> Registry:
     return EXECUTORS
 
 
+def _routers() -> Registry:
+    from fastgen.routers import ROUTERS
+    return ROUTERS
+
+
 REGISTRIES: dict[str, Callable[[], Registry]] = {"scheduler": _schedulers, "kv": _kv_managers,
-                                                 "executor": _executors}
+                                                 "executor": _executors, "router": _routers}
 
 
 class PluginError(ValueError):

@@ -7,6 +7,7 @@ from typing import Optional
 
 from fastgen.config import EngineConfig, hydra_schema
 from fastgen.metrics import SLAConfig
+from fastgen.routers import ROUTERS, RouterConfig
 from fastgen.workloads import WorkloadConfig
 
 
@@ -33,6 +34,8 @@ class RunConfig(EngineConfig):
     sla: SLAConfig = field(default_factory=SLAConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
+    replicas: int = 1                    # engine replicas behind `router` (executor=simulated; fastgen.sim.cluster)
+    router: RouterConfig = field(default_factory=lambda: ROUTERS.config("round_robin"))
     progress: bool = True
 
     def validate(self) -> None:
@@ -46,6 +49,12 @@ class RunConfig(EngineConfig):
             raise ValueError(f"target.name must be 'engine' or 'http', got {self.target.name!r}")
         if self.target.name == "http" and self.executor.name != "real":
             raise ValueError("target=http measures a server; executor=simulated runs only the in-process engine")
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if self.replicas > 1 and (self.executor.name != "simulated" or self.target.name != "engine"):
+            raise ValueError(f"replicas={self.replicas} runs simulated replicas on virtual clocks: it needs "
+                             "executor=simulated and target=engine")
+        self.router.validate()
         if self.target.name == "http" and not self.target.url:
             raise ValueError("target=http needs target.url, e.g. target.url=http://127.0.0.1:8000")
 
@@ -53,4 +62,6 @@ class RunConfig(EngineConfig):
 def register_configs() -> None:
     """Registers the schema with Hydra, so conf/config.yaml is validated against RunConfig."""
     from hydra.core.config_store import ConfigStore
-    ConfigStore.instance().store(name="run_schema", node=hydra_schema(RunConfig))
+    schema = hydra_schema(RunConfig)
+    schema.router = RouterConfig()       # typed by the base, so any router's own config merges in
+    ConfigStore.instance().store(name="run_schema", node=schema)

@@ -31,6 +31,7 @@ class StepStats:
     prefix_query_blocks: int = 0
     prefix_hit_blocks: int = 0
     kv_evictions: int = 0
+    num_pad_tokens: int = 0      # pad tokens computed beside num_tokens (vLLM 0.2's padded prefill)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from fastgen.sampling import SamplingParams
 from fastgen.schedulers import SCHEDULERS
 from tiny import compose_engine, drain, fastgen_from_hf, reference_greedy, tiny_hf_model
 
-SCHEDULER_NAMES = ["splitfuse", "continuous", "orca", "sarathi", "static"]
+SCHEDULER_NAMES = ["splitfuse", "continuous", "orca", "sarathi", "static", "vllm-0.2"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -176,6 +176,67 @@ def test_static_admits_nothing_until_its_batch_drains():
         else:
             batch = ids
             assert len(ids) <= 3
+
+
+def first_plans(scheduler, prompt_lens, steps=1, **knobs):
+    """The plans of the first `steps` steps of `scheduler` on prompts of these lengths, all waiting at once, as
+    (tokens, pad) per chunk."""
+    parts = built(tiny("llama")[1], scheduler, **knobs)
+    rec = PlanRecorder(parts.scheduler)
+    for i, n in enumerate(prompt_lens):
+        parts.engine.add_request(list(range(1, n + 1)), SamplingParams(max_new_tokens=4, ignore_eos=True),
+                                 arrival_time=float(i))
+    for _ in range(steps):
+        parts.engine.step()
+    return [[(c.num_tokens, c.num_pad) for c in plan.chunks] for plan, *_ in rec.plans]
+
+
+def test_vllm_02_budget_counts_padded_prompts():
+    """Prompts 10, 30, 20 and a 64-token budget: their sum (60) fits, but padded to the longest, three prompts are
+    3 x 30 = 90 tokens; two (2 x 30 = 60) fit, the first padded by 20. vLLM 0.2.0-0.2.1 (no padding) takes all."""
+    assert first_plans("vllm-0.2", [10, 30, 20], token_budget=64) == [[(10, 20), (30, 0)]]
+    assert first_plans("vllm-0.2", [10, 30, 20], token_budget=64, pad_prompts=False) == [[(10, 0), (30, 0), (20, 0)]]
+    # a prompt longer than the budget runs alone, unpadded
+    assert first_plans("vllm-0.2", [50, 10], token_budget=32) == [[(50, 0)]]
+
+
+def test_vllm_02_max_paddings_cuts_the_batch():
+    """With at most 15 pad tokens, 10 cannot join 30 (20 pads): the first step runs 10 alone; the next step is
+    again a prefill (prompts first) of 30 and 20 (10 pads)."""
+    plans = first_plans("vllm-0.2", [10, 30, 20], steps=2, token_budget=256, max_paddings=15)
+    assert plans == [[(10, 0)], [(30, 0), (20, 10)]]
+
+
+def test_vllm_02_steps_are_all_prefill_or_all_decode_and_prompts_go_first():
+    plans = record_plans("vllm-0.2", token_budget=200, max_paddings=64)
+    prefill_steps = 0
+    for plan, waiting, running_before, chunks in plans:
+        assert len({decode for _, decode, _ in chunks}) == 1, "a step mixed prefill and decode"
+        assert all(n == p for n, _, p in chunks), "a prompt was split"
+        prefill = not chunks[0][1]
+        if waiting:          # the pool is large: a waiting prompt always fits, so it must run first
+            assert prefill, "decodes ran while a prompt waited"
+        if prefill:
+            prefill_steps += 1
+            lens = [n for n, _, _ in chunks]
+            pads = [c.num_pad for c in plan.chunks]
+            assert [n + p for n, p in zip(lens, pads)] == [max(lens)] * len(lens), "not padded to the longest"
+            assert len(lens) == 1 or len(lens) * max(lens) <= 200
+            assert sum(pads) <= 64
+    assert prefill_steps >= 3 and any(c.num_pad for plan, *_ in plans for c in plan.chunks)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "opt"])
+def test_vllm_02_padded_prefill_keeps_outputs_exact(family):
+    """Pad tokens go through the model and write their KV to a scratch block: the real tokens' results are
+    transformers' greedy tokens, in every model family (sliding windows and learned positions included)."""
+    prompts, news, ref = workload(family)
+    parts = built(tiny(family)[1], "vllm-0.2", token_budget=512, max_paddings=256)
+    steps = []
+    parts.engine.add_step_observer(steps.append)
+    got, _ = run_all(parts.engine, prompts, news)
+    assert got == ref
+    assert sum(s.num_pad_tokens for s in steps) > 100
 
 
 def test_scheduler_registered_from_outside_the_package(tmp_path, monkeypatch):

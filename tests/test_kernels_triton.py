@@ -335,11 +335,13 @@ def test_hardware_kernels_chooses_the_backend_once_for_every_layer():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "qwen2_moe"])
-def test_full_model_greedy_tokens_same_through_triton_and_reference(family):
+@pytest.mark.parametrize("family,scheduler", [("llama", "splitfuse"), ("mistral", "splitfuse"), ("gemma2", "splitfuse"),
+                                              ("qwen2_moe", "splitfuse"), ("llama", "vllm-0.2")])
+def test_full_model_greedy_tokens_same_through_triton_and_reference(family, scheduler):
     """Tiny models through the engine: every kernel on the Triton path gives the same greedy tokens as the PyTorch
-    path, with prompt chunks and decodes mixed: Llama; Mistral (window 7, shorter than the sequences); Gemma-2
-    (soft-capped attention, GeGLU, alternating windows); Qwen2-MoE (the grouped expert GEMMs, a shared expert)."""
+    path, with prompt chunks and decodes mixed (splitfuse) or prompts padded to the longest of their batch (vllm-0.2:
+    pad tokens in the scratch block): Llama; Mistral (window 7, shorter than the sequences); Gemma-2 (soft-capped
+    attention, GeGLU, alternating windows); Qwen2-MoE (the grouped expert GEMMs, a shared expert)."""
     from fastgen.sampling import SamplingParams
     from tiny import compose_engine, drain, fastgen_from_hf, tiny_hf_model
 
@@ -348,7 +350,8 @@ def test_full_model_greedy_tokens_same_through_triton_and_reference(family):
     prompts = [torch.randint(0, 211, (n,), generator=gen).tolist() for n in (5, 23, 2, 12)]
 
     def greedy(backend):
-        eng = compose_engine(model, num_blocks=16, block_size=16, kernels=backend, token_budget=16).engine
+        eng = compose_engine(model, scheduler, num_blocks=16, block_size=16, kernels=backend,
+                             token_budget=16 if scheduler == "splitfuse" else 64).engine
         ids = [eng.add_request(p, SamplingParams(max_new_tokens=5, ignore_eos=True)) for p in prompts]
         finished = drain(eng)
         return [finished[i].output_token_ids for i in ids]

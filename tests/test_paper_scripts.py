@@ -1,5 +1,6 @@
-"""experiments/paper/: every figure script runs end to end at reduced size (--quick), simulated, and writes its
-PNG(s) and a Markdown table with the paper's numbers beside fastgen's."""
+"""experiments/paper/: every figure script and the ablation run end to end at reduced size (--quick), simulated,
+and write their PNG(s) and a Markdown table with the paper's numbers beside fastgen's, for FastGen's splitfuse, the
+paper's vLLM 0.2 baseline and continuous batching. One of them runs its points in two worker processes."""
 import importlib
 import sys
 from pathlib import Path
@@ -8,15 +9,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments" / "paper"))
 
-SCRIPTS = {"throughput_latency": ("1.36 vs 0.67", 2), "effective_throughput": ("1.42", 1),
-           "token_latency": ("3.7x", 1), "replica_scaling": ("23.7", 1)}
+SCRIPTS = {"throughput_latency": ("1.36 vs 0.67", 2, 1), "effective_throughput": ("1.42", 1, 1),
+           "token_latency": ("3.7x", 1, 2), "replica_scaling": ("23.7", 1, 1), "ablation": ("(2.3x)", 1, 1)}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_paper_script_quick_writes_png_and_table(script, tmp_path):
-    paper_number, figures = SCRIPTS[script]
-    importlib.import_module(script).main(["--quick", "--executor", "simulated", "--out", str(tmp_path)])
+    paper_number, figures, jobs = SCRIPTS[script]
+    importlib.import_module(script).main(["--quick", "--executor", "simulated", "--out", str(tmp_path),
+                                          "--jobs", str(jobs)])
     table = (tmp_path / f"{script}.md").read_text()
-    assert paper_number in table and "splitfuse" in table and "simulated executor" in table
+    assert paper_number in table and "simulated executor" in table
+    assert all(s in table for s in ("splitfuse", "vllm-0.2", "continuous"))
     pngs = list(tmp_path.glob("*.png"))
     assert len(pngs) == figures and all(p.stat().st_size > 5000 for p in pngs)

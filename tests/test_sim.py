@@ -15,6 +15,7 @@ from fastgen.driver import EngineTarget, run_workload
 from fastgen.executors.simulated import SimulatedExecutor, kv_pool_blocks
 from fastgen.kv.manager import KV_MANAGERS, make_kv_manager
 from fastgen.engine import LLMEngine
+from fastgen.ragged import SeqChunk
 from fastgen.schedulers import SCHEDULERS, make_scheduler
 from fastgen.sim import BatchShape, CostModel, CPUClock, Profile, model_spec
 from fastgen.sim.calibrate import fit, grid
@@ -108,6 +109,46 @@ def test_simulated_run_of_every_scheduler_completes_with_workload_lengths(schedu
     busy = sum(s.duration_s for s in result.steps)
     assert 0 < busy <= result.end_time - result.start_time + 1e-9
     assert engine.snapshot().kv_blocks_free == 120
+
+
+def simulated_executor(*overrides) -> SimulatedExecutor:
+    """Llama-2-7B on a simulated A100."""
+    return SimulatedExecutor(compose_config(["model.source=llama-2-7b", "hardware=a100-80gb", "kv.num_blocks=4096",
+                                             *SIM, *overrides]))
+
+
+def charged(executor: SimulatedExecutor, chunks) -> float:
+    """Seconds the executor's clock advances for one step of these SeqChunks."""
+    before = executor.clock()
+    executor.execute(chunks)
+    return executor.clock() - before
+
+
+def test_pad_tokens_are_charged_like_tokens():
+    """vLLM 0.2's padded prefill: 300 + 100 tokens padded to 2 x 300 cost what two 300-token prompts cost."""
+    executor = simulated_executor()
+    padded = charged(executor, [SeqChunk([1] * 300, 0, [0] * 5), SeqChunk([1] * 100, 0, [0] * 2, num_pad=200)])
+    assert padded == pytest.approx(charged(executor, [SeqChunk([1] * 300, 0, [0] * 5)] * 2))
+    assert padded > 1.2 * charged(executor, [SeqChunk([1] * 300, 0, [0] * 5), SeqChunk([1] * 100, 0, [0] * 2)])
+
+
+def test_cuda_graphs_pad_decode_batches_and_skip_host_launches():
+    """executor.cuda_graphs (vLLM 0.2.7): a decode step of 5 runs as the captured batch of 8 (3 pad rows reading a
+    1-token context), launched once; prompts run eagerly. With host launches slower than the device
+    (launch_s_per_layer), eager steps wait for them and graph steps do not."""
+    eager, graphs = simulated_executor(), simulated_executor("executor.cuda_graphs=true")
+    decodes = [SeqChunk([1], 500, [0] * 8) for _ in range(5)]
+    as_captured = BatchShape.of([1] * 8, [501] * 5 + [1] * 3, cuda_graph=True)
+    assert charged(graphs, decodes) == pytest.approx(graphs.cost.step_time(as_captured))
+    assert charged(graphs, decodes) > charged(eager, decodes)           # the padding costs; launches were hidden
+    prompt = [SeqChunk([1] * 9, 0, [0])]
+    assert charged(graphs, prompt) == pytest.approx(charged(eager, prompt), rel=1e-12)
+    model = eager.cost
+    slow_host = Profile(**{**vars(model.profile), "launch_s_per_layer": 1e-3})
+    eager_step = model.breakdown(BatchShape.of([1] * 8, [501] * 8), slow_host)
+    graph_step = model.breakdown(BatchShape.of([1] * 8, [501] * 8, cuda_graph=True), slow_host)
+    assert eager_step["launch_wait_s"] > 0 and eager_step["total"] >= 32 * 1e-3
+    assert graph_step["launch_wait_s"] == 0 and graph_step["total"] < 0.6 * eager_step["total"]
 
 
 def test_profile_files_load_and_unknown_names_say_what_exists(tmp_path):

@@ -3,15 +3,23 @@ point through run.py's own config and benchmark, curve interpolation, and the ou
 
 Every script runs in simulation (executor=simulated) unless `--executor real` or, with `auto` (the default),
 a CUDA device is present and `--model-dir` names a local checkpoint of the deployment's model; fastgen has no
-tensor parallelism, so real runs cover the single-GPU deployments only.
+tensor parallelism, so real runs cover the single-GPU deployments only. Simulated points run in parallel over
+`--jobs` processes (default: one per CPU).
+
+The schedulers compared: FastGen's Dynamic SplitFuse (`splitfuse`, token budget 768, KV block 64, as the paper ran
+it), the paper's baseline vLLM 0.2 (`vllm-0.2` with vLLM's defaults and its 16-token KV block), and fastgen's own
+prefill-first `continuous`, which asks what splitting and fusing gain on the same engine.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import copy
 import functools
 import io
+import multiprocessing
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +35,11 @@ from fastgen.compose import compose_config  # noqa: E402
 from fastgen.sim.shapes import model_spec  # noqa: E402
 from fastgen.workloads import LengthSpec  # noqa: E402
 
-SCHEDULERS = ("splitfuse", "continuous")
-LABELS = {"splitfuse": "fastgen splitfuse", "continuous": "fastgen continuous (vLLM-like)"}
+SCHEDULERS = ("splitfuse", "vllm-0.2", "continuous")
+LABELS = {"splitfuse": "splitfuse (FastGen)", "vllm-0.2": "vllm-0.2 (the paper's baseline)",
+          "continuous": "continuous (prefill-first, same engine)"}
+# Each scheduler as its system ran it: vLLM's KV block is 16 tokens (fastgen's default is FastGen's 64).
+SCHEDULER_OVERRIDES = {"vllm-0.2": ("kv.block_size=16",)}
 CLIENTS = (1, 2, 4, 6, 8, 12, 16, 20, 24, 28, 32)
 WORKLOADS = {"1200/128": (1200, 128), "1200/60": (1200, 60), "2600/128": (2600, 128), "2600/60": (2600, 60)}
 QUICK_CLIENTS, QUICK_REQUESTS = (2, 8), 12
@@ -58,6 +69,8 @@ def parser(doc: str, default_out: str) -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=("auto", "simulated", "real"), default="auto")
     p.add_argument("--model-dir", help="real runs: a local checkpoint of the deployment's model")
     p.add_argument("--num-requests", type=int, default=512)
+    p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                   help="simulated points run in this many processes at once")
     return p
 
 
@@ -87,17 +100,64 @@ def base_config(overrides: tuple[str, ...]):
     return compose_config(overrides)     # Hydra composition is the slow part of a simulated point: once per line
 
 
-def run_point(args, deployment: Deployment, scheduler: str, prompt: int, gen: int, clients: int) -> dict:
+@dataclass(frozen=True)
+class Point:
+    """One benchmark run: a deployment, a scheduler as its system ran it, the workload's lengths and clients, and
+    any further overrides (an ablation's knob, replicas and a router)."""
+
+    deployment: Deployment
+    scheduler: str
+    prompt: int
+    gen: int
+    clients: int
+    extra: tuple[str, ...] = ()
+    num_requests: int | None = None      # None: --num-requests (or the quick size)
+
+    @property
+    def name(self) -> str:
+        def short(override: str) -> str:      # a path value (a profile file) by its stem
+            key, _, value = override.partition("=")
+            return key + (Path(value).stem if "/" in value else value)
+        tail = "".join(f"-{short(o)}" for o in self.extra)
+        return (f"{self.deployment.model}-tp{self.deployment.tensor_parallel}-{self.scheduler}-p{self.prompt}"
+                f"-g{self.gen}-c{self.clients}{tail}")
+
+
+def run_point(args, point: Point) -> dict:
     """One benchmark run (run.py's run_benchmark, its files under --out/runs/), returning its metrics."""
-    cfg = copy.deepcopy(base_config((*deployment.overrides, f"scheduler={scheduler}", "progress=false",
-                                     *executor(args, deployment))))
-    set_workload(cfg, prompt, gen, clients, QUICK_REQUESTS if args.quick else args.num_requests,
-                 model_spec(deployment.model).max_positions)
-    name = f"{deployment.model}-tp{deployment.tensor_parallel}-{scheduler}-p{prompt}-g{gen}-c{clients}"
+    dep = point.deployment
+    keys = {o.split("=")[0] for o in point.extra}       # an extra override replaces the scheduler's own
+    own = [o for o in SCHEDULER_OVERRIDES.get(point.scheduler, ()) if o.split("=")[0] not in keys]
+    cfg = copy.deepcopy(base_config((*dep.overrides, f"scheduler={point.scheduler}", "progress=false", *own,
+                                     *point.extra, *executor(args, dep))))
+    requests = point.num_requests or (QUICK_REQUESTS if args.quick else args.num_requests)
+    set_workload(cfg, point.prompt, point.gen, point.clients, requests, model_spec(dep.model).max_positions)
     with contextlib.redirect_stdout(io.StringIO()):     # run_benchmark prints a table per run
-        metrics = run_benchmark(cfg, args.out / "runs" / name)
-    print(f"  {name}: {metrics['request_throughput']:.3f} req/s, e2e mean {metrics['e2e_s_mean']:.2f} s", flush=True)
-    return metrics
+        return run_benchmark(cfg, args.out / "runs" / point.name)
+
+
+def _init_worker() -> None:
+    import torch
+    torch.set_num_threads(1)             # one core per worker: the simulator's few tensors need no more
+
+
+def run_points(args, points: list[Point]) -> list[dict]:
+    """Every point's metrics, in order; simulated points run in --jobs processes at once."""
+    def report(point: Point, metrics: dict) -> dict:
+        print(f"  {point.name}: {metrics['request_throughput']:.3f} req/s, e2e mean {metrics['e2e_s_mean']:.2f} s",
+              flush=True)
+        return metrics
+
+    if args.jobs <= 1 or args.executor == "real" or len(points) == 1:
+        return [report(p, run_point(args, p)) for p in points]
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_init_worker) as pool:
+        futures = {pool.submit(run_point, args, p): i for i, p in enumerate(points)}
+        results: list[dict | None] = [None] * len(points)
+        for future in concurrent.futures.as_completed(futures):
+            i = futures[future]
+            results[i] = report(points[i], future.result())
+    return results
 
 
 def interpolate(xs, ys, at: float) -> float | None:
@@ -111,6 +171,11 @@ def interpolate(xs, ys, at: float) -> float | None:
 
 def fmt(value, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
+
+
+def ratio(a, b, spec: str = ".2f") -> str:
+    """a / b as "1.23x", "-" when either is missing."""
+    return "-" if a is None or not b else format(a / b, spec) + "x"
 
 
 def markdown(header: list[str], rows: list[list], notes: list[str] = ()) -> str:

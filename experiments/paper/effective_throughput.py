@@ -9,40 +9,42 @@ point over the client counts and its SLA miss rate there.
 """
 from __future__ import annotations
 
-from common import (CLIENTS, LABELS, LLAMA_70B_4XA100, QUICK_CLIENTS, SCHEDULERS, WORKLOADS, fmt, markdown,
-                    mode_note, parser, run_point, save, subplots)
+from common import (CLIENTS, LABELS, LLAMA_70B_4XA100, QUICK_CLIENTS, SCHEDULERS, WORKLOADS, Point, fmt, markdown,
+                    mode_note, parser, ratio, run_points, save, subplots)
 
-PAPER = {"2600/60": ("1.42", "0.63", "<1%", "~28%")}
+PAPER = {"2600/60": {"splitfuse": ("1.42", "<1%"), "vllm-0.2": ("0.63", "~28%")}}
+PAPER_RATIO = {"2600/60": "2.3x"}
 KEY = "effective_throughput_g4"
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser(__doc__, "effective_throughput").parse_args(argv)
     clients = QUICK_CLIENTS if args.quick else CLIENTS
-    dep, runs, rows = LLAMA_70B_4XA100, [], []
+    dep, workloads = LLAMA_70B_4XA100, ("1200/60", "2600/60")
+    grid = [Point(dep, s, *WORKLOADS[w], c) for w in workloads for s in SCHEDULERS for c in clients]
+    metrics = dict(zip(grid, run_points(args, grid)))
+    rows = []
     fig, axes = subplots(2)
-    for ax, wname in zip(axes[0], ("1200/60", "2600/60")):
+    for ax, wname in zip(axes[0], workloads):
         prompt, gen = WORKLOADS[wname]
         best = {}
-        for scheduler in SCHEDULERS:
-            points = [run_point(args, dep, scheduler, prompt, gen, c) for c in clients]
-            runs += points
-            ax.plot(clients, [m[KEY] for m in points], marker="o", label=LABELS[scheduler])
-            best[scheduler] = max(points, key=lambda m: m[KEY])
+        for s in SCHEDULERS:
+            points = [metrics[Point(dep, s, prompt, gen, c)] for c in clients]
+            ax.plot(clients, [m[KEY] for m in points], marker="o", label=LABELS[s])
+            best[s] = max(points, key=lambda m: m[KEY])
         ax.set(title=f"{dep.name}\nprompt {prompt} / generation {gen}, SLA 4 tok/s", xlabel="clients",
                ylabel="effective throughput (requests/s)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        s, c = best["splitfuse"], best["continuous"]
-        paper = PAPER.get(wname, ("-", "-", "-", "-"))
-        rows.append([wname, fmt(s[KEY]), fmt(c[KEY]), fmt(s[KEY] / c[KEY] if c[KEY] else None) + "x",
-                     s["config"]["workload"]["clients"], c["config"]["workload"]["clients"],
-                     f"{1 - s['sla_frac_g4']:.0%}", f"{1 - c['sla_frac_g4']:.0%}", *paper])
-    header = ["prompt/gen", "splitfuse qps", "continuous qps", "ratio", "splitfuse clients", "continuous clients",
-              "splitfuse SLA miss", "continuous SLA miss", "paper FastGen qps", "paper vLLM qps",
-              "paper FastGen miss", "paper vLLM miss"]
+        for s in SCHEDULERS:
+            m, paper = best[s], PAPER.get(wname, {}).get(s, ("-", "-"))
+            rows.append([wname, s, fmt(m[KEY]), ratio(best["splitfuse"][KEY], m[KEY]),
+                         m["config"]["workload"]["clients"], f"{1 - m['sla_frac_g4']:.0%}", *paper,
+                         PAPER_RATIO.get(wname, "-") if s == "vllm-0.2" else "-"])
+    header = ["prompt/gen", "scheduler", "effective qps (best)", "splitfuse / this", "clients there", "SLA miss",
+              "paper qps", "paper SLA miss", "paper FastGen / vLLM"]
     save(args, "effective_throughput", "# Effective throughput (best over clients)\n\n"
-         + markdown(header, rows, [mode_note(args, runs)]), {"effective_throughput": fig})
+         + markdown(header, rows, [mode_note(args, list(metrics.values()))]), {"effective_throughput": fig})
 
 
 if __name__ == "__main__":

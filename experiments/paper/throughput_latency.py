@@ -1,5 +1,6 @@
-"""Figure: throughput vs latency of splitfuse and continuous batching (the paper's Llama-2 70B on 4xA100 and
-13B on one A100; prompt/generation means 1200/128, 1200/60, 2600/128, 2600/60; 1 to 32 clients, 512 requests).
+"""Figure: throughput vs latency of FastGen's splitfuse, the paper's vLLM 0.2 baseline and fastgen's prefill-first
+continuous batching (the paper's Llama-2 70B on 4xA100 and 13B on one A100; prompt/generation means 1200/128,
+1200/60, 2600/128, 2600/60; 1 to 32 clients, 512 requests).
 
     python experiments/paper/throughput_latency.py            # full size, simulated (~minutes of CPU)
     python experiments/paper/throughput_latency.py --quick    # CI size
@@ -9,10 +10,12 @@ reads each curve at the paper's operating points: throughput at 9 s latency and 
 """
 from __future__ import annotations
 
-from common import (CLIENTS, LABELS, LLAMA_13B_A100, LLAMA_70B_4XA100, QUICK_CLIENTS, SCHEDULERS, WORKLOADS, fmt,
-                    interpolate, markdown, mode_note, parser, run_point, save, subplots)
+from common import (CLIENTS, LABELS, LLAMA_13B_A100, LLAMA_70B_4XA100, QUICK_CLIENTS, SCHEDULERS, WORKLOADS, Point,
+                    fmt, interpolate, markdown, mode_note, parser, ratio, run_points, save, subplots)
 
-PAPER = {LLAMA_70B_4XA100.name: "1.36 vs 0.67 rps at 9 s; 7 vs 14 s at 1.2 rps (best workload)"}
+PAPER = {LLAMA_70B_4XA100.name: {"1200/128": "1.36 vs 0.67 rps at 9 s (2.0x); 7 vs 14 s at 1.2 rps"}}
+PAPER_NOTE = ("Paper: FastGen vs vLLM, Llama-2 70B on 4xA100, 1200/128: 1.36 vs 0.67 rps at 9 s (2.0x), 7 vs 14 s "
+              "at 1.2 rps; other workloads and the 13B deployment: the same trends, no numbers.")
 LATENCY_S, RATE = 9.0, 1.2
 
 
@@ -20,33 +23,36 @@ def main(argv: list[str] | None = None) -> None:
     args = parser(__doc__, "throughput_latency").parse_args(argv)
     clients = QUICK_CLIENTS if args.quick else CLIENTS
     workloads = {"2600/60": WORKLOADS["2600/60"]} if args.quick else WORKLOADS
-    runs, rows, figures = [], [], {}
-    for dep in (LLAMA_70B_4XA100, LLAMA_13B_A100):
+    deployments = (LLAMA_70B_4XA100, LLAMA_13B_A100)
+    grid = [Point(dep, s, prompt, gen, c) for dep in deployments for prompt, gen in workloads.values()
+            for s in SCHEDULERS for c in clients]
+    metrics = dict(zip(grid, run_points(args, grid)))
+    rows, figures = [], {}
+    for dep in deployments:
         fig, axes = subplots(len(workloads))
         for ax, (wname, (prompt, gen)) in zip(axes[0], workloads.items()):
             at_latency, at_rate = {}, {}
-            for scheduler in SCHEDULERS:
-                points = [run_point(args, dep, scheduler, prompt, gen, c) for c in clients]
-                runs += points
+            for s in SCHEDULERS:
+                points = [metrics[Point(dep, s, prompt, gen, c)] for c in clients]
                 rps = [m["request_throughput"] for m in points]
                 latency = [m["e2e_s_mean"] for m in points]
-                ax.plot(rps, latency, marker="o", label=LABELS[scheduler])
-                at_latency[scheduler] = interpolate(latency, rps, LATENCY_S)
-                at_rate[scheduler] = interpolate(rps, latency, RATE)
+                ax.plot(rps, latency, marker="o", label=LABELS[s])
+                at_latency[s] = interpolate(latency, rps, LATENCY_S)
+                at_rate[s] = interpolate(rps, latency, RATE)
             ax.set(title=f"{dep.name}\nprompt {prompt} / generation {gen}", xlabel="throughput (requests/s)",
                    ylabel="mean latency (s)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-            ratio = (at_latency["splitfuse"] / at_latency["continuous"]
-                     if at_latency["splitfuse"] and at_latency["continuous"] else None)
-            rows.append([dep.name, wname, fmt(at_latency["splitfuse"]), fmt(at_latency["continuous"]),
-                         fmt(ratio, ".2f") + ("x" if ratio else ""), fmt(at_rate["splitfuse"], ".1f"),
-                         fmt(at_rate["continuous"], ".1f"), PAPER.get(dep.name, "same trends (no number)")])
+            sf, vl, cb = (at_latency[s] for s in SCHEDULERS)
+            rows.append([dep.name, wname, fmt(sf), fmt(vl), fmt(cb), ratio(sf, vl), ratio(sf, cb),
+                         *(fmt(at_rate[s], ".1f") for s in SCHEDULERS),
+                         PAPER.get(dep.name, {}).get(wname, "-")])
         figures[f"throughput_latency_{dep.model}"] = fig
-    header = ["deployment", "prompt/gen", f"splitfuse rps @ {LATENCY_S:g} s", f"continuous rps @ {LATENCY_S:g} s",
-              "ratio", f"splitfuse s @ {RATE} rps", f"continuous s @ {RATE} rps", "paper (FastGen vs vLLM)"]
-    save(args, "throughput_latency", "# Throughput vs latency\n\n" + markdown(header, rows, [mode_note(args, runs)]),
-         figures)
+    header = ["deployment", "prompt/gen", *(f"{s} rps @ {LATENCY_S:g} s" for s in SCHEDULERS),
+              "splitfuse / vllm-0.2", "splitfuse / continuous", *(f"{s} s @ {RATE} rps" for s in SCHEDULERS),
+              "paper (FastGen vs vLLM)"]
+    save(args, "throughput_latency", "# Throughput vs latency\n\n"
+         + markdown(header, rows, [mode_note(args, list(metrics.values())), PAPER_NOTE]), figures)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from common import LABELS, LLAMA_70B_4XA100, SCHEDULERS, WORKLOADS, fmt, markdown, mode_note, parser, run_point, \
-    save, subplots
+from common import (LABELS, LLAMA_70B_4XA100, SCHEDULERS, WORKLOADS, Point, fmt, markdown, mode_note, parser, ratio,
+                    run_points, save, subplots)
 
 PERCENTILES = (50, 90, 95)
 CLIENTS, QUICK_CLIENTS = 16, 4
@@ -19,21 +19,24 @@ def main(argv: list[str] | None = None) -> None:
     args = parser(__doc__, "token_latency").parse_args(argv)
     prompt, gen = WORKLOADS["2600/128"]
     clients = QUICK_CLIENTS if args.quick else CLIENTS
-    runs = {s: run_point(args, LLAMA_70B_4XA100, s, prompt, gen, clients) for s in SCHEDULERS}
+    points = [Point(LLAMA_70B_4XA100, s, prompt, gen, clients) for s in SCHEDULERS]
+    runs = dict(zip(SCHEDULERS, run_points(args, points)))
     value = {s: [runs[s][f"token_latency_s_p{p}"] for p in PERCENTILES] for s in SCHEDULERS}
     fig, axes = subplots(1)
-    ax, width = axes[0][0], 0.38
+    ax, width = axes[0][0], 0.8 / len(SCHEDULERS)
     for i, s in enumerate(SCHEDULERS):
-        ax.bar(np.arange(len(PERCENTILES)) + (i - 0.5) * width, value[s], width, label=LABELS[s])
+        ax.bar(np.arange(len(PERCENTILES)) + (i - (len(SCHEDULERS) - 1) / 2) * width, value[s], width,
+               label=LABELS[s])
     ax.set(xticks=range(len(PERCENTILES)), xticklabels=[f"P{p}" for p in PERCENTILES], ylabel="token latency (s)",
            title=f"{LLAMA_70B_4XA100.name}\nprompt {prompt} / generation {gen}, {clients} clients")
     ax.legend(fontsize=7)
     rows = []
     for k, p in enumerate(PERCENTILES):
-        s, c = value["splitfuse"][k], value["continuous"][k]
-        rows.append([f"P{p}", fmt(s, ".3f"), fmt(c, ".3f"), fmt(c / s if s else None) + "x",
+        sf, vl, cb = (value[s][k] for s in SCHEDULERS)
+        rows.append([f"P{p}", fmt(sf, ".3f"), fmt(vl, ".3f"), fmt(cb, ".3f"), ratio(vl, sf), ratio(cb, sf),
                      f"{PAPER_P95_RATIO}x" if p == 95 else "-"])
-    header = ["percentile", "splitfuse (s)", "continuous (s)", "continuous / splitfuse", "paper vLLM / FastGen"]
+    header = ["percentile", "splitfuse (s)", "vllm-0.2 (s)", "continuous (s)", "vllm-0.2 / splitfuse",
+              "continuous / splitfuse", "paper vLLM / FastGen"]
     save(args, "token_latency", "# Token latency percentiles\n\n"
          + markdown(header, rows, [mode_note(args, list(runs.values()))]), {"token_latency": fig})
 

@@ -44,13 +44,15 @@ class RealExecutor(Executor):
         self.block_size = cfg.kv.block_size
         self.num_kv_blocks = cfg.kv.num_blocks or max(1, self.spec.kv_blocks_in(   # kv.memory_gb per device
             cfg.kv.memory_gb * 2**30, self.block_size, self.dtype.itemsize, shards))
-        self.cache = KVCache(self.spec, self.num_kv_blocks, self.block_size, self.dtype, self.device, shards)
+        # one block more than the pool: the scratch block pad tokens write their KV to (SeqChunk.num_pad)
+        self.pad_block = self.num_kv_blocks
+        self.cache = KVCache(self.spec, self.num_kv_blocks + 1, self.block_size, self.dtype, self.device, shards)
         self.windows = set(self.spec.windows)
         self._sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
 
     def prepare(self, chunks: Sequence[SeqChunk]) -> RaggedBatch:
         """The flattened batch and the kernel backend's per-step state (shared by every layer)."""
-        batch = RaggedBatch.build(chunks, self.block_size, self.device)
+        batch = RaggedBatch.build(chunks, self.block_size, self.device, self.pad_block)
         self.backend.prepare(batch.attn, self.block_size, self.windows)
         return batch
 

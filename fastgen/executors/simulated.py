@@ -22,10 +22,17 @@ from fastgen.sim.cost_model import DTYPE_BYTES, BatchShape, CostModel, DeviceShe
 from fastgen.sim.shapes import model_spec
 
 
+# vLLM 0.2.7 captures CUDA graphs for decode steps of these batch sizes (its _BATCH_SIZES_TO_CAPTURE) and contexts
+# up to 8192 tokens (max_context_len_to_capture); a smaller batch runs padded to the next size.
+CUDA_GRAPH_BATCH_SIZES = np.array([1, 2, 4, *range(8, 257, 8)])
+CUDA_GRAPH_MAX_CONTEXT = 8192
+
+
 @dataclass
 class SimulatedExecutorConfig(ExecutorConfig):
     name: str = "simulated"
     memory_utilization: float = 0.9      # the share of device memory the deployment may use
+    cuda_graphs: bool = False            # decode steps replayed from CUDA graphs, as vLLM 0.2.7 (see execute)
     device: DeviceSheet = field(default_factory=DeviceSheet)
 
     def validate(self) -> None:
@@ -41,7 +48,7 @@ def kv_pool_blocks(spec: ModelSpec, cfg: EngineConfig) -> int:
     hw, sheet = cfg.hardware, cfg.executor.device
     b, tp = DTYPE_BYTES[hw.dtype], hw.tensor_parallel
     weights = spec.num_params * b / tp
-    tokens = getattr(cfg.scheduler, "token_budget", 2048)
+    tokens = cfg.scheduler.step_tokens(min(filter(None, (spec.max_positions, cfg.model.max_model_len))))
     activations = tokens * (2 * spec.hidden + (spec.q_size + 2 * spec.kv_size + 3 * spec.intermediate) / tp) * b \
         + cfg.scheduler.max_seqs * spec.vocab_size * 4
     free = sheet.memory_gb * 2**30 * cfg.executor.memory_utilization - weights - activations
@@ -67,17 +74,26 @@ class SimulatedExecutor(Executor):
         self.clock = VirtualClock()
         self.block_size = cfg.kv.block_size
         self.num_kv_blocks = kv_pool_blocks(self.spec, cfg)
+        self.cuda_graphs = cfg.executor.cuda_graphs
         self._logits = torch.zeros(0, 1)
 
     def execute(self, chunks: Sequence[SeqChunk], copies: Sequence[BlockCopy] = ()) -> StepResult:
         """Advances the clock by the step's predicted time; placeholder logits [rows, 1] (no distribution: a
         request's logprobs and logit processors are meaningless here). A chunk costs its new tokens only: tokens
-        before its `start` (computed earlier, or found in the prefix cache) are context."""
+        before its `start` (computed earlier, or found in the prefix cache) are context. Pad tokens
+        (SeqChunk.num_pad) are charged like the chunk's own tokens. With `cuda_graphs`, a decode-only step of at most
+        256 sequences runs as vLLM 0.2.7 runs it: padded to the next captured batch size (the pad rows read a
+        1-token context) and launched as one graph, so the host's per-layer launches are not charged."""
         n = len(chunks)
-        q = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.float64, count=n)
+        q = np.fromiter((len(c.token_ids) + c.num_pad for c in chunks), dtype=np.float64, count=n)
         ctx = np.fromiter((c.start for c in chunks), dtype=np.float64, count=n) + q
         rows = sum(c.num_logits for c in chunks)
-        seconds = self.cost.step_time(BatchShape(q, ctx, num_logits=rows)) + \
+        graph = (self.cuda_graphs and n <= CUDA_GRAPH_BATCH_SIZES[-1] and (q == 1).all()
+                 and ctx.max() <= CUDA_GRAPH_MAX_CONTEXT)
+        if graph:
+            size = int(CUDA_GRAPH_BATCH_SIZES[np.searchsorted(CUDA_GRAPH_BATCH_SIZES, n)])
+            q, ctx = np.concatenate([q, np.ones(size - n)]), np.concatenate([ctx, np.ones(size - n)])
+        seconds = self.cost.step_time(BatchShape(q, ctx, num_logits=rows, cuda_graph=graph)) + \
             self.cost.block_copy_seconds(len(copies), self.block_size)
         self.clock.sleep(seconds)
         if self._logits.shape[0] < rows:

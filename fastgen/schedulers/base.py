@@ -30,6 +30,9 @@ class TokenBudgetConfig(SchedulerConfig):
 
     token_budget: int = 768              # tokens per forward pass (DeepSpeed-FastGen's max_ragged_batch_size)
 
+    def step_tokens(self, max_model_len: int) -> int:
+        return self.token_budget
+
     def validate(self) -> None:
         super().validate()
         check_positive("scheduler", token_budget=self.token_budget)
@@ -50,6 +53,8 @@ class BatchSizeConfig(SchedulerConfig):
 class ScheduledChunk:
     request: Request
     num_tokens: int
+    num_pad: int = 0             # pad tokens computed after this chunk's tokens (vLLM 0.2's padded prefill): the
+    #                              executors charge them; their outputs and KV are thrown away
 
 
 @dataclass
@@ -60,6 +65,10 @@ class SchedulerOutput:
     @property
     def num_tokens(self) -> int:
         return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def num_pad_tokens(self) -> int:
+        return sum(c.num_pad for c in self.chunks)
 
     def __bool__(self) -> bool:
         return bool(self.chunks)
@@ -73,6 +82,12 @@ class Scheduler:
         self.config, self.kv = config, kv
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.max_model_len: int | None = None
+
+    def set_context_limit(self, max_model_len: int) -> None:
+        """The engine's context limit (prompt + output tokens), told once when the engine is built, for policies
+        whose defaults follow from it (vLLM's max_num_batched_tokens)."""
+        self.max_model_len = max_model_len
 
     # -- the policy ---------------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:

@@ -63,13 +63,14 @@ class BatchShape:
     query_lens: np.ndarray
     context_lens: np.ndarray
     num_logits: int | None = None
+    cuda_graph: bool = False     # replayed from a captured CUDA graph: no per-layer host launches (launch_s_per_layer)
 
     @classmethod
-    def of(cls, query_lens: Sequence[int], context_lens: Sequence[int]) -> "BatchShape":
+    def of(cls, query_lens: Sequence[int], context_lens: Sequence[int], cuda_graph: bool = False) -> "BatchShape":
         q, c = np.asarray(query_lens, dtype=np.float64), np.asarray(context_lens, dtype=np.float64)
         if q.shape != c.shape or q.size == 0 or (q < 1).any() or (c < q).any():
             raise ValueError("a batch needs >= 1 sequence, each with >= 1 new token and context >= its new tokens")
-        return cls(q, c)
+        return cls(q, c, cuda_graph=cuda_graph)
 
     @property
     def num_tokens(self) -> int:
@@ -94,6 +95,10 @@ class Profile:
     chunk_overhead_s: float = 2e-6       # per layer and prefill chunk (attention runs chunk by chunk)
     step_overhead_s: float = 2e-3        # per step: host-side scheduling, batch building, sampling
     seq_overhead_s: float = 10e-6        # per sequence and step on the host
+    # Host time to launch one layer's kernels in eager mode (Python and CUDA launch calls). Launches run ahead of the
+    # device, so they cost only where they outlast its work: a step's layers take max(their device time, layers x
+    # this). A step replayed from a CUDA graph launches once (BatchShape.cuda_graph). 0: always hidden.
+    launch_s_per_layer: float = 0.0
     # Measured / modelled step time at a step's token count ({"tokens": factor}, interpolated in log tokens):
     # BLAS libraries switch kernels at small sizes (a CPU's 4-token GEMM can cost as much as its 16-token one),
     # steps no smooth efficiency curve follows. Filled in by calibration from the fit's residuals.
@@ -150,7 +155,7 @@ class Profile:
 
 
 NOT_FITTED_FROM_STEPS = ("meta", "token_correction", "elementwise_efficiency", "allreduce_latency_s",
-                         "allreduce_bandwidth_gbs", "gemm_times")
+                         "allreduce_bandwidth_gbs", "gemm_times", "launch_s_per_layer")
 
 
 @dataclass(frozen=True)
@@ -219,6 +224,7 @@ class StepWork:
     allreduces: int                      # tensor-parallel all-reduces of the hidden state (0 without TP)
     allreduce_bytes: float               # ... each of this many bytes
     experts: tuple[float, float, float] = (0.0, 0.0, 0.0)   # routed experts: (flops, bytes, rows per expert GEMM)
+    cuda_graph: bool = False             # launched as one captured graph (BatchShape.cuda_graph)
 
 
 class CostModel:
@@ -238,6 +244,9 @@ class CostModel:
         # what one layer's elementwise kernels read and write per token: 2 norms (h in, h out), rotary (q and k
         # in and out), the activation (gate and up in, one out; a token's k experts and the shared expert in an
         # MoE layer, averaged over layers), 2 residual adds (2 h in, h out)
+        self._linear_cache: dict[float, tuple[float, float, float]] = {}
+        self._gemm_weights = sum(g.weights * self.layers_of(g) for g in self.gemms)
+        self._gemm_io = sum((g.inputs + g.outputs) * self.layers_of(g) for g in self.gemms)
         qkv, o = self.gemms[:2]           # rotary's q and k in and out: 2 (q + k) = qkv outputs + o inputs
         activation = sum(3 * g.inputs * g.layers * g.top_k for g in self.gemms + self.expert_gemms
                          if g.name.endswith("down")) / spec.num_layers
@@ -248,10 +257,10 @@ class CostModel:
     def gemm_work(self, gemms: Sequence[Gemm], tokens: float) -> tuple[float, float, float]:
         """(flops, bytes, tokens) of these GEMMs in every layer that holds them: weights read once, activations in
         and out."""
-        flops = sum(2 * tokens * g.weights * self.layers_of(g) for g in gemms)
-        nbytes = sum((g.weights + tokens * (g.inputs + g.outputs)) * self.layers_of(g) for g in gemms) \
-            * self.dtype_bytes
-        return flops, nbytes, tokens
+        weights, io = (self._gemm_weights, self._gemm_io) if gemms is self.gemms else \
+            (sum(g.weights * self.layers_of(g) for g in gemms), sum((g.inputs + g.outputs) * self.layers_of(g)
+                                                                   for g in gemms))
+        return 2 * tokens * weights, (weights + tokens * io) * self.dtype_bytes, tokens
 
     def layers_of(self, gemm: Gemm) -> int:
         return gemm.layers or self.spec.num_layers
@@ -278,21 +287,25 @@ class CostModel:
 
         q, ctx = batch.query_lens, batch.context_lens
         prefill = q > 1
-        flops = kv_bytes = np.zeros_like(q)
         per_token = s.kv_bytes_per_token(b, tp) / layers
+        keys = ctx - (q - 1) / 2                         # keys a query sees on average (causal within the chunk)
+        flops = kv_bytes = 0.0
         for window, count in self.window_layers.items():
-            keys = ctx - (q - 1) / 2                     # keys a query sees on average (causal within the chunk)
-            read = ctx
-            if window is not None:
-                keys, read = np.minimum(keys, window), np.minimum(ctx, window)
-            flops = flops + 4 * (s.q_size / tp) * q * keys * count
-            kv_bytes = kv_bytes + read * per_token * count
-        attn_prefill = (float(flops[prefill].sum()), float(kv_bytes[prefill].sum()))
-        attn_decode = (float(flops[~prefill].sum()), float(kv_bytes[~prefill].sum()))
+            if window is None:
+                flops, kv_bytes = flops + keys * count, kv_bytes + ctx * count
+            else:
+                flops, kv_bytes = flops + np.minimum(keys, window) * count, kv_bytes + np.minimum(ctx, window) * count
+        flops, kv_bytes = flops * q * (4 * s.q_size / tp), kv_bytes * per_token
+        num_prefill = int(np.count_nonzero(prefill))
+        if num_prefill == 0:                             # the common decode-only step: no masks
+            attn_prefill, attn_decode = (0.0, 0.0), (float(flops.sum()), float(kv_bytes.sum()))
+        else:
+            attn_prefill = (float(flops[prefill].sum()), float(kv_bytes[prefill].sum()))
+            attn_decode = (float(flops[~prefill].sum()), float(kv_bytes[~prefill].sum()))
 
         allreduces = 2 * layers if tp > 1 else 0
-        return StepWork(seqs, int(prefill.sum()), linear, head, attn_prefill, attn_decode, allreduces,
-                        tokens * s.hidden * b, self.expert_work(tokens))
+        return StepWork(seqs, num_prefill, linear, head, attn_prefill, attn_decode, allreduces,
+                        tokens * s.hidden * b, self.expert_work(tokens), batch.cuda_graph)
 
     # -- time ------------------------------------------------------------------------------------------------
     def allreduce_seconds(self, nbytes: float, profile: Profile | None = None) -> float:
@@ -318,6 +331,25 @@ class CostModel:
         return (flops / (self.device.peak_tflops * 1e12 * efficiency),
                 nbytes / (self.device.memory_bandwidth_gbs * 1e9 * p.bandwidth_efficiency))
 
+    def linear_parts(self, work: StepWork, p: Profile) -> tuple[float, float, float]:
+        """(roofline compute s, roofline memory s, measured-curve s) of the decoder layers' GEMMs; a function of the
+        token count alone, so kept per token count for the model's own profile (a simulated run asks for the same
+        few hundred counts thousands of times)."""
+        tokens = work.linear[2]
+        cached = self._linear_cache.get(tokens) if p is self.profile else None
+        if cached is not None:
+            return cached
+        measured = [g for g in self.gemms if g.key in p.gemm_times]
+        if measured:    # measured curves for some GEMMs, the roofline for the rest
+            rest = [g for g in self.gemms if g.key not in p.gemm_times]
+            compute, memory = self.gemm_roofline(*self.gemm_work(rest, tokens), p) if rest else (0.0, 0.0)
+            parts = (compute, memory, sum(self.layers_of(g) * p.gemm_seconds(g.key, tokens) for g in measured))
+        else:
+            parts = (*self.gemm_roofline(*work.linear, p), 0.0)
+        if p is self.profile:
+            self._linear_cache[tokens] = parts
+        return parts
+
     def breakdown(self, work: StepWork | BatchShape, profile: Profile | None = None) -> dict[str, float]:
         """Seconds per part of the step; `total` is what the simulator's clock advances by."""
         if isinstance(work, BatchShape):
@@ -332,13 +364,8 @@ class CostModel:
             return max(flops / peak, nbytes / bw)
 
         tokens = work.linear[2]
-        measured = [g for g in self.gemms if g.key in p.gemm_times]
-        if measured:    # measured curves for some GEMMs, the roofline for the rest
-            rest = [g for g in self.gemms if g.key not in p.gemm_times]
-            linear_compute, linear_memory = gemm(*self.gemm_work(rest, tokens)) if rest else (0.0, 0.0)
-            linear_measured = sum(self.layers_of(g) * p.gemm_seconds(g.key, tokens) for g in measured)
-        else:
-            (linear_compute, linear_memory), linear_measured = gemm(*work.linear), 0.0
+        linear_compute, linear_memory, linear_measured = self.linear_parts(work, p)
+        layers = self.spec.num_layers * (p.layer_overhead_s + p.chunk_overhead_s * work.prefill_chunks)
         out = {"linear_compute_s": linear_compute, "linear_memory_s": linear_memory,
                "linear_s": linear_measured + max(linear_compute, linear_memory), "head_s": max(gemm(*work.head)),
                "experts_s": max(gemm(*work.experts)) if work.experts[0] else 0.0,
@@ -347,8 +374,10 @@ class CostModel:
                "allreduce_s": work.allreduces * self.allreduce_seconds(work.allreduce_bytes, p)
                if work.allreduces else 0.0,
                "elementwise_s": self.elementwise_seconds(tokens, p),
-               "overhead_s": p.step_overhead_s + p.seq_overhead_s * work.num_seqs
-               + self.spec.num_layers * (p.layer_overhead_s + p.chunk_overhead_s * work.prefill_chunks)}
+               "overhead_s": p.step_overhead_s + p.seq_overhead_s * work.num_seqs + layers}
+        device = layers + sum(out[k] for k in ("linear_s", "experts_s", "attention_s", "allreduce_s", "elementwise_s"))
+        launches = 0.0 if work.cuda_graph else self.spec.num_layers * p.launch_s_per_layer
+        out["launch_wait_s"] = max(0.0, launches - device)     # the device waiting for the host's launches
         out["total"] = sum(v for k, v in out.items() if k not in ("linear_compute_s", "linear_memory_s")) \
             * p.correction(work.linear[2])
         return out

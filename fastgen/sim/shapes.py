@@ -7,6 +7,9 @@ own `describe`, as for a loaded model.
 """
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 from transformers import (FalconConfig, Gemma2Config, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config,
                           Qwen2MoeConfig)
 
@@ -54,15 +57,19 @@ NAMED_MODELS = {**PAPER_MODELS, **FAMILY_MODELS}
 
 def model_spec(source) -> ModelSpec:
     """The spec of a paper model name, a fastgen model source, or an in-memory model / config."""
-    from fastgen.models import CausalLM, load_config, model_class
+    from fastgen.models import CausalLM, model_class
     if isinstance(source, CausalLM):
         return source.spec
-    if isinstance(source, str) and source in NAMED_MODELS:
-        config = NAMED_MODELS[source]()
-    elif hasattr(source, "model_type"):
-        config = source
-    elif hasattr(source, "config"):
-        config = source.config
-    else:
-        config = load_config(source, load_tokenizer=False)[0]
+    if isinstance(source, (str, Path)):
+        return _named_spec(str(source))
+    config = source if hasattr(source, "model_type") else source.config
+    return model_class(config).describe(config)
+
+
+@functools.lru_cache(maxsize=64)
+def _named_spec(source: str) -> ModelSpec:
+    """Specs of named sources, read once per process (an embedded GGUF's config takes seconds to parse; a
+    simulated benchmark sweep asks for it every run)."""
+    from fastgen.models import load_config, model_class
+    config = NAMED_MODELS[source]() if source in NAMED_MODELS else load_config(source, load_tokenizer=False)[0]
     return model_class(config).describe(config)

@@ -1,0 +1,46 @@
+"""Capacity search (fastgen.capacity): bisection of the arrival rate against an SLO, on the simulated CPU profile."""
+import json
+
+import pytest
+
+from fastgen.capacity import at_rate, capacity_table, search, trace_rate, write
+from fastgen.compose import compose_config
+
+SMALL = ["executor=simulated", "progress=false", "workload=poisson", "workload.num_requests=24",
+         "workload.prompt.mean=128", "workload.output.mean=12", "workload.output.max=24"]
+
+
+def capacity_config(*overrides):
+    return compose_config([*SMALL, *overrides], config_name="capacity")
+
+
+@pytest.mark.parametrize("scheduler", ["splitfuse", "vllm-0.2"])
+def test_capacity_search_brackets_the_rate_within_its_tolerance(scheduler, tmp_path):
+    """On the CPU profile (SmolLM2-135M simulated): the search ends with a rate that meets P99 TTFT <= 1 s and
+    P99 TBT <= 0.15 s and a rate that misses them, within 10% of each other; each probe's verdict is its figures'."""
+    cfg = capacity_config(f"scheduler={scheduler}", "capacity.slo.ttft_p99_s=1.0", "capacity.slo.tbt_p99_s=0.15",
+                          "capacity.tolerance=0.1", "capacity.rate=2")
+    result = search(cfg, tmp_path)
+    assert result.bracketed and result.capacity < result.failing <= 1.1 * result.capacity
+    for probe in result.probes:
+        m = probe.metrics
+        assert probe.met == (m["ttft_s_p99"] <= 1.0 and m["itl_s_p99"] <= 0.15)
+    by_rate = {p.rate: p for p in result.probes}
+    assert by_rate[result.capacity].met and not by_rate[result.failing].met
+    assert all(not p.met for p in result.probes if p.rate > result.failing)   # what failed stays failed above
+    saved = json.loads(write(result, cfg, tmp_path).read_text())
+    assert saved["capacity"] == result.capacity and len(saved["probes"]) == len(result.probes)
+    table = capacity_table([tmp_path / "capacity.json"])
+    assert f"| {scheduler} | smollm2-135m | poisson |" in table and f"{result.capacity:.3g}" in table
+
+
+def test_capacity_scales_a_trace_by_its_time_scale_and_refuses_closed_loop():
+    cfg = capacity_config("workload=azure-conv", "workload.num_requests=100", "model.source=llama-2-7b",
+                          "hardware=a100-80gb", "capacity.slo.sla_frac=0.9")
+    base = trace_rate(cfg)
+    assert 1 < base < 20                                    # the conversation trace runs at ~5.5 requests/s
+    assert at_rate(cfg, 2 * base, base).workload.time_scale == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="workload.arrival must be one of"):
+        capacity_config("workload.arrival=closed_loop", "capacity.slo.tbt_p99_s=1").validate()
+    with pytest.raises(ValueError, match="needs an SLO"):
+        capacity_config().validate()
