@@ -55,6 +55,8 @@ def build_engine(cfg: EngineConfig, model=None, tokenizer=None, clock: Callable[
     measurements of the real executor)."""
     cfg.validate()
     executor = make_executor(cfg, model, tokenizer)
+    if clock is not None and executor.loads_weights:
+        executor.clock = clock               # the step's prepare / forward split on the engine's clock
     kv = make_kv_manager(cfg.kv, executor.num_kv_blocks)
     return LLMEngine(executor, make_scheduler(cfg.scheduler, kv), kv, seed=cfg.seed,
                      max_model_len=cfg.model.max_model_len, clock=clock)

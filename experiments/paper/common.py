@@ -8,10 +8,8 @@ tensor parallelism, so real runs cover the single-GPU deployments only.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import functools
-import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))          # run from a checkout without installing fastgen
 
-from fastgen.analysis import markdown_table  # noqa: E402
+from fastgen.analysis import axis_label, describe, draw_curve, error_bar_note, markdown_table, samples  # noqa: E402
 from fastgen.bench import run_benchmark  # noqa: E402
 from fastgen.compose import compose_config  # noqa: E402
 from fastgen.sim.shapes import model_spec  # noqa: E402
@@ -51,13 +49,33 @@ LLAMA_70B_4XA100 = Deployment("Llama-2 70B, 4xA100-80GB", "llama-2-70b", "a100-8
 LLAMA_13B_A100 = Deployment("Llama-2 13B, A100-80GB", "llama-2-13b", "a100-80gb", 1)
 
 
+RESULTS = ROOT / "experiments" / "paper" / "results"      # the committed full-size results
+SCRATCH = ROOT / "outputs" / "paper-quick"                 # --quick's (git-ignored): never over RESULTS
+
+
+class Parser(argparse.ArgumentParser):
+    """The scripts' arguments; --out defaults to RESULTS/<name>, or SCRATCH/<name> with --quick."""
+
+    def __init__(self, doc: str, default_out: str):
+        super().__init__(description=doc.splitlines()[0])
+        self.default_out = default_out
+
+    def parse_args(self, *args, **kwargs):
+        parsed = super().parse_args(*args, **kwargs)
+        if parsed.out is None:
+            parsed.out = (SCRATCH if parsed.quick else RESULTS) / self.default_out
+        return parsed
+
+
 def parser(doc: str, default_out: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=doc.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="reduced size (CI): few clients, few requests")
-    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "paper" / "results" / default_out)
+    p = Parser(doc, default_out)
+    p.add_argument("--quick", action="store_true", help=f"reduced size (CI): few clients, few requests; writes to "
+                                                        f"{SCRATCH.relative_to(ROOT)}/ unless --out")
+    p.add_argument("--out", type=Path, help=f"default {RESULTS.relative_to(ROOT)}/{default_out}")
     p.add_argument("--executor", choices=("auto", "simulated", "real"), default="auto")
     p.add_argument("--model-dir", help="real runs: a local checkpoint of the deployment's model")
     p.add_argument("--num-requests", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=1, help="runs per point (workload seeds +0..N-1): error bars")
     return p
 
 
@@ -93,9 +111,9 @@ def run_point(args, deployment: Deployment, scheduler: str, prompt: int, gen: in
                                      *executor(args, deployment))))
     set_workload(cfg, prompt, gen, clients, QUICK_REQUESTS if args.quick else args.num_requests,
                  model_spec(deployment.model).max_positions)
+    cfg.repeats = args.repeats
     name = f"{deployment.model}-tp{deployment.tensor_parallel}-{scheduler}-p{prompt}-g{gen}-c{clients}"
-    with contextlib.redirect_stdout(io.StringIO()):     # run_benchmark prints a table per run
-        metrics = run_benchmark(cfg, args.out / "runs" / name)
+    metrics = run_benchmark(cfg, args.out / "runs" / name)
     print(f"  {name}: {metrics['request_throughput']:.3f} req/s, e2e mean {metrics['e2e_s_mean']:.2f} s", flush=True)
     return metrics
 
@@ -126,6 +144,26 @@ def save(args, stem: str, table: str, figures: dict) -> None:
         figure.savefig(args.out / f"{name}.png", dpi=120)
     print(table)
     print("wrote", args.out / f"{stem}.md", *(args.out / f"{name}.png" for name in figures))
+
+
+def title(deployment: Deployment, runs: list[dict], *lines: str) -> str:
+    """A figure's title: the deployment and the executor that produced its numbers, then `lines` (the workload,
+    the SLA, ...), and the error bars' meaning where points were repeated."""
+    executors = sorted({describe(m["config"])["executor"] for m in runs})
+    note = error_bar_note(runs)
+    return "\n".join([deployment.name, " / ".join(executors), *lines, *([note] if note else [])])
+
+
+def curve(ax, runs: list[dict], x: str, y: str, label: str) -> None:
+    """One scheduler's curve (fastgen.analysis.draw_curve): points ordered by x, labelled with their client count
+    unless x is the client count, error bars where repeated; axes with names and units."""
+    draw_curve(ax, runs, x, y, label, annotate=x != "clients")
+    ax.set(xlabel=axis_label(x), ylabel=axis_label(y))
+
+
+def spread(runs: list[dict], key: str) -> list[float]:
+    """The standard deviation of `key` over each point's repeats (0 for a single run): bar charts' error bars."""
+    return [float(np.std([r[key] for r in samples(m)], ddof=1)) if len(samples(m)) > 1 else 0.0 for m in runs]
 
 
 def subplots(n: int, **kw):

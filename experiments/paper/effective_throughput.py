@@ -9,8 +9,9 @@ point over the client counts and its SLA miss rate there.
 """
 from __future__ import annotations
 
-from common import (CLIENTS, LABELS, LLAMA_70B_4XA100, QUICK_CLIENTS, SCHEDULERS, WORKLOADS, fmt, markdown,
-                    mode_note, parser, run_point, save, subplots)
+from common import (CLIENTS, LABELS, LLAMA_70B_4XA100, QUICK_CLIENTS, SCHEDULERS, WORKLOADS, curve, fmt, markdown,
+                    mode_note, parser, run_point, save, subplots, title)
+from fastgen.analysis import describe
 
 PAPER = {"2600/60": ("1.42", "0.63", "<1%", "~28%")}
 KEY = "effective_throughput_g4"
@@ -23,14 +24,17 @@ def main(argv: list[str] | None = None) -> None:
     fig, axes = subplots(2)
     for ax, wname in zip(axes[0], ("1200/60", "2600/60")):
         prompt, gen = WORKLOADS[wname]
-        best = {}
+        best, line = {}, []
         for scheduler in SCHEDULERS:
             points = [run_point(args, dep, scheduler, prompt, gen, c) for c in clients]
             runs += points
-            ax.plot(clients, [m[KEY] for m in points], marker="o", label=LABELS[scheduler])
+            line += points
+            curve(ax, points, "clients", KEY, LABELS[scheduler])
             best[scheduler] = max(points, key=lambda m: m[KEY])
-        ax.set(title=f"{dep.name}\nprompt {prompt} / generation {gen}, SLA 4 tok/s", xlabel="clients",
-               ylabel="effective throughput (requests/s)")
+        sla = describe(line[0]["config"])["sla"].replace("; EMA", ";\nEMA")
+        ax.set_title(title(dep, line, f"prompt {prompt} / generation {gen} tokens, closed loop", sla), fontsize=8)
+        ax.set_xticks(clients)
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         s, c = best["splitfuse"], best["continuous"]

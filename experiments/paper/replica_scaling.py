@@ -10,7 +10,7 @@ is the single-replica throughput under the paper's load.
 from __future__ import annotations
 
 from common import LABELS, LLAMA_70B_4XA100, SCHEDULERS, WORKLOADS, fmt, markdown, mode_note, parser, run_point, \
-    save, subplots
+    save, spread, subplots, title
 
 REPLICAS = (1, 2, 4, 8, 16)
 PAPER = {1: "1.46", 16: "23.7"}
@@ -26,9 +26,13 @@ def main(argv: list[str] | None = None) -> None:
     fig, axes = subplots(1)
     ax = axes[0][0]
     for s in SCHEDULERS:
-        ax.plot(REPLICAS, [n * one[s]["request_throughput"] for n in REPLICAS], marker="o", label=LABELS[s])
-    ax.set(xlabel="replicas (4 GPUs each)", ylabel="throughput (requests/s)",
-           title=f"{LLAMA_70B_4XA100.name} per replica\nprompt {prompt} / generation {gen}, {clients} clients each")
+        std = spread([one[s]], "request_throughput")[0]
+        ax.errorbar(REPLICAS, [n * one[s]["request_throughput"] for n in REPLICAS], marker="o", label=LABELS[s],
+                    yerr=[n * std for n in REPLICAS] if std else None, capsize=3)
+    ax.set(xlabel="replicas (4 GPUs each)", ylabel="throughput (requests/s)")
+    ax.set_title(title(LLAMA_70B_4XA100, list(one.values()), f"per replica: prompt {prompt} / generation {gen} "
+                       f"tokens, {clients} closed-loop clients", "N replicas = N x one replica's throughput"),
+                 fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     rows = [[n, n * 4, fmt(n * one["splitfuse"]["request_throughput"]),

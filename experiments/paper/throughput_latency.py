@@ -9,8 +9,8 @@ reads each curve at the paper's operating points: throughput at 9 s latency and 
 """
 from __future__ import annotations
 
-from common import (CLIENTS, LABELS, LLAMA_13B_A100, LLAMA_70B_4XA100, QUICK_CLIENTS, SCHEDULERS, WORKLOADS, fmt,
-                    interpolate, markdown, mode_note, parser, run_point, save, subplots)
+from common import (CLIENTS, LABELS, LLAMA_13B_A100, LLAMA_70B_4XA100, QUICK_CLIENTS, SCHEDULERS, WORKLOADS, curve,
+                    fmt, interpolate, markdown, mode_note, parser, run_point, save, subplots, title)
 
 PAPER = {LLAMA_70B_4XA100.name: "1.36 vs 0.67 rps at 9 s; 7 vs 14 s at 1.2 rps (best workload)"}
 LATENCY_S, RATE = 9.0, 1.2
@@ -24,17 +24,18 @@ def main(argv: list[str] | None = None) -> None:
     for dep in (LLAMA_70B_4XA100, LLAMA_13B_A100):
         fig, axes = subplots(len(workloads))
         for ax, (wname, (prompt, gen)) in zip(axes[0], workloads.items()):
-            at_latency, at_rate = {}, {}
+            at_latency, at_rate, line = {}, {}, []
             for scheduler in SCHEDULERS:
                 points = [run_point(args, dep, scheduler, prompt, gen, c) for c in clients]
                 runs += points
+                line += points
                 rps = [m["request_throughput"] for m in points]
                 latency = [m["e2e_s_mean"] for m in points]
-                ax.plot(rps, latency, marker="o", label=LABELS[scheduler])
+                curve(ax, points, "request_throughput", "e2e_s_mean", LABELS[scheduler])
                 at_latency[scheduler] = interpolate(latency, rps, LATENCY_S)
                 at_rate[scheduler] = interpolate(rps, latency, RATE)
-            ax.set(title=f"{dep.name}\nprompt {prompt} / generation {gen}", xlabel="throughput (requests/s)",
-                   ylabel="mean latency (s)")
+            ax.set_title(title(dep, line, f"prompt {prompt} / generation {gen} tokens, closed loop",
+                               "point labels: clients"), fontsize=8)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
             ratio = (at_latency["splitfuse"] / at_latency["continuous"]

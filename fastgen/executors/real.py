@@ -21,6 +21,8 @@ class RealExecutorConfig(ExecutorConfig):
 
 @register_executor("real", config=RealExecutorConfig)
 class RealExecutor(Executor):
+    loads_weights = True
+
     def __init__(self, cfg: EngineConfig, model=None, tokenizer=None):
         hw = cfg.hardware
         if hw.tensor_parallel != 1:
