@@ -44,7 +44,7 @@ def describe(config: Mapping[str, Any], clients: bool = True) -> dict[str, str]:
     kv and SLA; `clients=False` leaves the client count out of the workload (figures plot it)."""
     w, hw, ex = config["workload"], config["hardware"], config["executor"]
     source = str(config["model"]["source"])
-    arrival = {"closed_loop": "closed loop" + (f", {w['clients']} clients" if clients else ""),
+    arrival = {"closed_loop": "closed loop" + (f", {w['clients']} client{'s' * (w['clients'] != 1)}" if clients else ""),
                "poisson": f"Poisson arrivals at {w['rate']:g} req/s",
                "gamma": f"gamma arrivals at {w['rate']:g} req/s (burstiness {w['burstiness']:g})",
                "trace": "trace arrival times" + (f" x{w['time_scale']:g}" if w["time_scale"] != 1 else "")

@@ -12,9 +12,9 @@ from fastgen.metrics import g_suffix
 from tiny import tiny_hf_model
 
 ROOT = Path(__file__).resolve().parent.parent
-KEYS = ["request_throughput", "output_token_throughput", "total_token_throughput", "ttft_s_p50", "ttft_s_p95", "ttft_s_p99",
-        "tpot_s_p50", "tpot_s_p95", "itl_s_p50", "itl_s_p95", "itl_s_p99", "e2e_s_p50", "e2e_s_p95",
-        "num_requests", "num_completed", "duration_s", "config"]
+KEYS = ["request_throughput", "output_token_throughput", "total_token_throughput", "ttft_s_p50", "ttft_s_p95",
+        "ttft_s_p99", "tpot_s_p50", "tpot_s_p95", "itl_s_p50", "itl_s_p95", "itl_s_p99", "e2e_s_p50", "e2e_s_p95",
+        "num_requests", "num_completed", "duration_s", "config", "time_origin", "machine", "model_load"]
 
 
 @pytest.fixture(scope="module")

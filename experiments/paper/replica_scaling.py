@@ -29,10 +29,9 @@ def main(argv: list[str] | None = None) -> None:
         std = spread([one[s]], "request_throughput")[0]
         ax.errorbar(REPLICAS, [n * one[s]["request_throughput"] for n in REPLICAS], marker="o", label=LABELS[s],
                     yerr=[n * std for n in REPLICAS] if std else None, capsize=3)
-    ax.set(xlabel="replicas (4 GPUs each)", ylabel="throughput (requests/s)")
-    ax.set_title(title(LLAMA_70B_4XA100, list(one.values()), f"per replica: prompt {prompt} / generation {gen} "
-                       f"tokens, {clients} closed-loop clients", "N replicas = N x one replica's throughput"),
-                 fontsize=8)
+    ax.set(xlabel="replicas (4 GPUs each)", ylabel="throughput (requests/s)", xticks=REPLICAS)
+    ax.set_title(title(LLAMA_70B_4XA100, list(one.values()), f"per replica: prompt {prompt} / generation {gen}, "
+                       f"{clients} clients (closed loop)", "N replicas = N x one replica's throughput"), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     rows = [[n, n * 4, fmt(n * one["splitfuse"]["request_throughput"]),

@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> SLAConfig:
         from fastgen.sim.cost_model import Profile
         meta = Profile.load(cfg.executor.device.profile).meta
         how = (f"read off the calibrated profile {cfg.executor.device.profile!r}: the cost model fitted to step "
-               f"times\nthat fastgen.sim.calibrate measured on {meta.get('date', '?')} ({meta.get('threads', '?')} threads, "
-               f"{meta.get('timer', '?')} clock; median fit error {meta.get('fit_rel_error_median', 0):.1%})")
+               f"times\nthat fastgen.sim.calibrate measured on {meta.get('date', '?')} ({meta.get('threads', '?')} "
+               f"threads, {meta.get('timer', '?')} clock; median fit error {meta.get('fit_rel_error_median', 0):.1%})")
     comment = "\n".join([
         f"The paper's chat SLA scaled to {cfg.model.source} on hardware={hardware} ({cfg.hardware.dtype}) by its "
         "single-request speed",
