@@ -73,10 +73,10 @@ def run_benchmark(cfg: RunConfig, out_dir: str | os.PathLike, model=None, tokeni
     out.mkdir(parents=True, exist_ok=True)
     if cfg.workload.trace_path:
         cfg.workload.trace_path = str(resolve_trace_path(cfg.workload.trace_path))
-    machine = Machine.at_start()
     load = None
     if cfg.target.name == "engine" and model is None and EXECUTORS.get(cfg.executor.name).loads_weights:
         model, tokenizer, load = shared_model(cfg)
+    machine = Machine.at_start()
     runs, results, threads = [], [], None
     for k in range(cfg.repeats):
         workload_cfg = dataclasses.replace(cfg.workload, seed=cfg.workload.seed + k)

@@ -61,6 +61,7 @@ def test_run_writes_metrics_with_every_key(tiny_dir, tmp_path):
     machine = metrics["machine"]
     assert machine["cpu_model"] and machine["cpus"] >= 1 and machine["threads"] >= 1
     assert len(machine["load_average_start"]) == len(machine["load_average_end"]) == 3
+    assert 0 <= machine["cpu_wait_frac"] <= 1
     assert metrics["model_load"]["reused"] is False and metrics["model_load"]["load_s"] > 0
     summary = proc.stdout[proc.stdout.index("scheduler    "):]
     for words in ("scheduler    splitfuse", "token_budget=32", "workload     default (closed loop, 2 clients",
