@@ -156,8 +156,8 @@ def run_summary(metrics: dict, out: Path) -> str:
     return "\n".join([
         f"scheduler    {d['scheduler']}; kv {d['kv']}",
         f"workload     {d['workload']}; {measured:g} measured requests (ids 0..{int(measured) - 1})"
-        + (f" + {warmups:g} warm-up{'s' if warmups > 1 else ''} (ids warmup-0..{int(warmups) - 1}, not measured)"
-           if warmups else "")
+        + ("" if not warmups else " + 1 warm-up (id warmup-0, not measured)" if warmups == 1 else
+           f" + {warmups:g} warm-ups (ids warmup-0..{int(warmups) - 1}, not measured)")
         + (f"; means over {repeats} repeats (seeds +0..{repeats - 1})" if repeats > 1 else ""),
         f"executor     {d['executor']}: {d['model']} on {d['hardware']}{threads}"
         + (" (a cost model on a virtual clock: times are predicted, no model runs)"
