@@ -1,84 +1,206 @@
 """The benchmark behind run.py: build the workload from a RunConfig, drive the in-process engine with it (or,
 with target=http, any OpenAI-compatible server, timing tokens at the client as the paper does), and write the
-paper's metrics to files (metrics.json, requests.jsonl, steps.jsonl) and, optionally, to wandb."""
+paper's metrics to files (metrics.json, requests.jsonl, steps.jsonl) and, optionally, to wandb.
+
+Every time in requests.jsonl and steps.jsonl is seconds since the run began on the clock it was measured on
+(metrics.json's `time_origin`), so requests and steps join. The model is loaded once per process and kept for
+the next run with the same model, dtype and device (the jobs of a `run.py -m` sweep run in one process).
+"""
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
+import time
 from pathlib import Path
+from typing import Any, Optional
 
+import torch
 from omegaconf import OmegaConf
 
+from fastgen.analysis import describe
 from fastgen.compose import build_engine
 from fastgen.driver import EngineTarget, RunResult, run_workload
+from fastgen.executors import EXECUTORS
+from fastgen.machine import Machine
 from fastgen.metrics import format_table, summarize
-from fastgen.models import load_config
+from fastgen.models import load_config, load_model, resolve_dtype
 from fastgen.routers import make_router
 from fastgen.run_config import RunConfig
 from fastgen.serve.client import HttpTarget
+from fastgen.sim.clocks import CPUClock, VirtualClock
 from fastgen.sim.cluster import ReplicaCluster
 from fastgen.workloads import Workload, build_workload
 from fastgen.workloads.trace import resolve_trace_path
 
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    key: tuple[str, str, str]            # (source, dtype, device)
+    model: Any
+    tokenizer: Any
+    load_s: float
+
+
+_loaded: Optional[LoadedModel] = None
+
+
+def shared_model(cfg: RunConfig) -> tuple[Any, Any, dict]:
+    """cfg's model and tokenizer, loaded once per process and reused while (source, dtype, device) stay the same
+    (one model is kept: a sweep over models frees the previous one). Weights are read-only during inference and
+    each engine owns its KV cache, so runs that share a model do not affect each other."""
+    global _loaded
+    hw = cfg.hardware
+    key = (str(cfg.model.source), str(resolve_dtype(hw.dtype, hw.device)), hw.device)
+    if _loaded is not None and _loaded.key == key:
+        log.info(f"model {key[0]}: reusing the copy loaded by an earlier run in this process")
+        return _loaded.model, _loaded.tokenizer, {"load_s": _loaded.load_s, "reused": True}
+    _loaded = None
+    start = time.perf_counter()
+    model, tokenizer = load_model(cfg.model.source, dtype=hw.dtype, device=hw.device)
+    _loaded = LoadedModel(key, model, tokenizer, time.perf_counter() - start)
+    log.info(f"model {key[0]}: loaded in {_loaded.load_s:.1f} s")
+    return model, tokenizer, {"load_s": _loaded.load_s, "reused": False}
+
 
 def run_benchmark(cfg: RunConfig, out_dir: str | os.PathLike, model=None, tokenizer=None, clock=None) -> dict:
-    """`clock`: the real engine's clock (default the wall clock; fastgen.sim.CPUClock for steady CPU timings)."""
+    """Runs cfg's workload `cfg.repeats` times (workload seeds seed, seed+1, ...) and writes the files; returns the
+    metrics (means over the repeats, each repeat's under `runs`). `clock`: the real engine's clock (default: the
+    wall clock, or process CPU time with timer=cpu)."""
     cfg.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.workload.trace_path:
         cfg.workload.trace_path = str(resolve_trace_path(cfg.workload.trace_path))
+    load = None
+    if cfg.target.name == "engine" and model is None and EXECUTORS.get(cfg.executor.name).loads_weights:
+        model, tokenizer, load = shared_model(cfg)
+    machine = Machine.at_start()
+    runs, results, threads = [], [], None
+    for k in range(cfg.repeats):
+        workload_cfg = dataclasses.replace(cfg.workload, seed=cfg.workload.seed + k)
+        run_clock = clock or (CPUClock() if cfg.timer == "cpu" else None)
+        result, workload, threads = run_once(cfg, workload_cfg, model, tokenizer, run_clock)
+        metrics = summarize(result.traces, result.steps, cfg.sla, start_time=result.start_time,
+                            end_time=result.end_time)
+        metrics["workload_clipped"], metrics["workload_skipped"] = workload.clipped, workload.skipped
+        metrics["num_warmups"] = len(workload.requests) - len(workload.measured)
+        metrics["time_origin"] = {"clock": result.clock_name, "clock_start": result.start_time,
+                                  "unix_time": result.start_unix_time}
+        if workload.clipped or workload.skipped:
+            log.info(f"workload: {workload.clipped} requests clipped, {workload.skipped} trace rows skipped to fit "
+                     f"the model's context (workload.too_long={cfg.workload.too_long})")
+        runs.append(metrics)
+        results.append(result)
+    metrics = mean_metrics(runs)
+    if cfg.repeats > 1:
+        metrics["runs"] = runs
+    metrics["config"] = OmegaConf.to_container(OmegaConf.structured(cfg))
+    metrics["machine"] = machine.finish(threads).asdict()
+    metrics["model_load"] = load
+    write_results(out, metrics, results)
+    if cfg.logger.name == "wandb":
+        log_wandb(cfg, metrics, results[0], out)
+    log.info(format_table(metrics) + "\n\n" + run_summary(metrics, out))
+    if metrics["machine"]["noise_warning"]:
+        log.warning("warning: " + metrics["machine"]["noise_warning"])
+    return metrics
+
+
+def run_once(cfg: RunConfig, workload_cfg, model, tokenizer, clock) -> tuple[RunResult, Workload, Optional[int]]:
+    """One pass of the workload; the threads it computed on (None: timed on a virtual clock)."""
     if cfg.target.name == "http":
         config = model.config if model is not None else None
         if config is None:
             config, tokenizer = load_config(cfg.model.source, tokenizer)
         context = min(filter(None, (cfg.model.max_model_len, getattr(config, "max_position_embeddings", None))),
                       default=None)
-        workload = build_workload(cfg.workload, config.vocab_size, tokenizer, max_model_len=context)
-        result = run_over_http(cfg, workload)
-    else:
-        engines = [build_engine(cfg, model, tokenizer, clock) for _ in range(cfg.replicas)]
-        engine = engines[0]
-        try:
-            workload = build_workload(cfg.workload, engine.vocab_size, engine.tokenizer,
-                                      max_model_len=engine.max_model_len)
-            target = EngineTarget(engine) if cfg.replicas == 1 else \
-                ReplicaCluster(engines, make_router(cfg.router, cfg.replicas))
-            result = run_workload(target, workload, progress=cfg.progress)
-        finally:
-            for e in engines:
-                e.close()
-    if workload.clipped or workload.skipped:
-        print(f"workload: {workload.clipped} requests clipped, {workload.skipped} trace rows skipped to fit the "
-              f"model's context (workload.too_long={cfg.workload.too_long})")
-    metrics = summarize(result.traces, result.steps, cfg.sla, start_time=result.start_time,
-                        end_time=result.end_time)
-    metrics["workload_clipped"], metrics["workload_skipped"] = workload.clipped, workload.skipped
-    metrics["config"] = OmegaConf.to_container(OmegaConf.structured(cfg))
-    write_results(out, metrics, result)
-    if cfg.logger.name == "wandb":
-        log_wandb(cfg, metrics, result, out)
-    print(format_table(metrics))
-    return metrics
+        workload = build_workload(workload_cfg, config.vocab_size, tokenizer, max_model_len=context)
+        with HttpTarget(cfg.target.url, api_key=cfg.target.api_key, model=cfg.target.served_model) as target:
+            return run_workload(target, workload, progress=cfg.progress), workload, 1
+    engines = [build_engine(cfg, model, tokenizer, clock) for _ in range(cfg.replicas)]
+    engine = engines[0]
+    try:
+        workload = build_workload(workload_cfg, engine.vocab_size, engine.tokenizer,
+                                  max_model_len=engine.max_model_len)
+        target = EngineTarget(engine) if cfg.replicas == 1 else \
+            ReplicaCluster(engines, make_router(cfg.router, cfg.replicas))
+        result = run_workload(target, workload, progress=cfg.progress)
+    finally:
+        for e in engines:
+            e.close()
+    if isinstance(engine.clock, VirtualClock):
+        result.clock_name = "virtual"
+    elif isinstance(engine.clock, CPUClock):
+        result.clock_name = "cpu"
+    return result, workload, None if result.clock_name == "virtual" else torch.get_num_threads()
 
 
-def run_over_http(cfg: RunConfig, workload: Workload) -> RunResult:
-    """The workload sent to a server (its prompts shaped by the model's config and tokenizer, no weights)."""
-    with HttpTarget(cfg.target.url, api_key=cfg.target.api_key, model=cfg.target.served_model) as target:
-        return run_workload(target, workload, progress=cfg.progress)
+def mean_metrics(runs: list[dict]) -> dict:
+    """The repeats' metrics averaged key by key (None if any repeat has none); non-numbers from the first."""
+    if len(runs) == 1:
+        return dict(runs[0])
+    out = {}
+    for key, first in runs[0].items():
+        values = [r.get(key) for r in runs]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        out[key] = sum(values) / len(values) if numeric else (None if first is None or None in values else first)
+    return out
 
 
-def write_results(out: Path, metrics: dict, result: RunResult) -> None:
+def run_summary(metrics: dict, out: Path) -> str:
+    """The lines that say what ran: scheduler, workload, executor, SLA and where the files are."""
+    cfg = metrics["config"]
+    d = describe(cfg)
+    measured, warmups = metrics["num_requests"], metrics["num_warmups"]
+    repeats = cfg.get("repeats", 1)
+    machine = metrics["machine"]
+    threads = f", {machine['threads']} threads" if machine["threads"] else ""
+    return "\n".join([
+        f"scheduler    {d['scheduler']}; kv {d['kv']}",
+        f"workload     {d['workload']}; {measured:g} measured requests (ids 0..{int(measured) - 1})"
+        + ("" if not warmups else " + 1 warm-up (id warmup-0, not measured)" if warmups == 1 else
+           f" + {warmups:g} warm-ups (ids warmup-0..{int(warmups) - 1}, not measured)")
+        + (f"; means over {repeats} repeats (seeds +0..{repeats - 1})" if repeats > 1 else ""),
+        f"executor     {d['executor']}: {d['model']} on {d['hardware']}{threads}"
+        + (" (a cost model on a virtual clock: times are predicted, no model runs)"
+           if metrics["time_origin"]["clock"] == "virtual" else ""),
+        f"SLA          {d['sla'].removeprefix('SLA ')}",
+        f"output       {out.resolve()}"])
+
+
+def _relative(value, origin: float):
+    if isinstance(value, list):
+        return [v - origin for v in value]
+    return None if value is None else value - origin
+
+
+def write_results(out: Path, metrics: dict, results: list[RunResult]) -> None:
+    """metrics.json; requests.jsonl and steps.jsonl with times in seconds since each run's start (`repeat`: which
+    run, when there are several)."""
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    several = len(results) > 1
     with open(out / "requests.jsonl", "w") as f:
-        for t in result.traces:
-            f.write(json.dumps(vars(t)) + "\n")        # flat records: vars() spares asdict's deep copies
+        for k, result in enumerate(results):
+            for t in result.traces:
+                row = {key: _relative(v, result.start_time) if key in TRACE_TIMES else v
+                       for key, v in vars(t).items()}       # flat records: vars() spares asdict's deep copies
+                f.write(json.dumps({**row, "repeat": k} if several else row) + "\n")
     with open(out / "steps.jsonl", "w") as f:
-        for s in result.steps:
-            f.write(json.dumps({**vars(s), "start": s.start - result.start_time}) + "\n")
+        for k, result in enumerate(results):
+            for s in result.steps:
+                row = {**vars(s), "start": s.start - result.start_time}
+                f.write(json.dumps({**row, "repeat": k} if several else row) + "\n")
+
+
+TRACE_TIMES = ("arrival_time", "token_times", "first_scheduled_time", "finish_time")
 
 
 def log_wandb(cfg: RunConfig, metrics: dict, result: RunResult, out: Path) -> None:
+    """The summary metrics and the first run's steps."""
     import wandb
 
     run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode,
@@ -88,5 +210,5 @@ def log_wandb(cfg: RunConfig, metrics: dict, result: RunResult, out: Path) -> No
         wandb.log({"step/time_s": s.start - result.start_time, "step/duration_s": s.duration_s,
                    "step/forward_s": s.forward_s, "step/num_tokens": s.num_tokens, "step/num_seqs": s.num_seqs,
                    "step/kv_used_tokens": s.kv_used_tokens}, step=s.index)
-    run.summary.update({k: v for k, v in metrics.items() if k != "config" and v is not None})
+    run.summary.update({k: v for k, v in metrics.items() if not isinstance(v, (dict, list)) and v is not None})
     run.finish()

@@ -11,7 +11,7 @@ from typing import Callable
 from omegaconf import OmegaConf
 
 from fastgen.compose import CONF_DIR, register_all
-from fastgen.plugins import REGISTRIES, PluginError, import_plugins
+from fastgen.plugins import PluginError, import_plugins
 
 
 def run_hydra(main: Callable[[], None], config_name: str = "config") -> None:
@@ -37,12 +37,14 @@ def run_hydra(main: Callable[[], None], config_name: str = "config") -> None:
 
 
 def _defaults(config_name: str) -> dict[str, str]:
-    """Each pluggable group's default option in conf/<config_name>.yaml."""
+    """Each config group's default option in conf/<config_name>.yaml (plain `group: option` entries; any group's
+    chosen YAML may name a plugin `module`, so a new kind of part needs nothing here)."""
     chosen = {}
     config = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{config_name}.yaml"), resolve=False)
     for entry in config.get("defaults", []):
         if isinstance(entry, dict):
-            chosen.update((group, str(option)) for group, option in entry.items() if group in REGISTRIES)
+            chosen.update((group, str(option)) for group, option in entry.items()
+                          if group.isidentifier() and "${" not in str(option))
     return chosen
 
 

@@ -59,6 +59,8 @@ def build_engine(cfg: EngineConfig, model=None, tokenizer=None, clock: Callable[
     sees each step's plain data, e.g. experiments/bench_vs_vllm.py's roofline)."""
     cfg.validate()
     executor = make_executor(cfg, model, tokenizer)
+    if clock is not None and executor.loads_weights:
+        executor.clock = clock               # the step's prepare / forward split on the engine's clock
     if instrument is not None:
         executor = instrument(executor)
     kv = make_kv_manager(cfg.kv, executor.num_kv_blocks)

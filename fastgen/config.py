@@ -18,11 +18,17 @@ class ModelConfig:
     source: str = "smollm2-135m"         # short name or local Hugging Face directory
     max_model_len: Optional[int] = None  # cap below the model's max_position_embeddings
 
+    def validate(self) -> None:
+        if not self.source:
+            raise ValueError("model.source is empty: name an embedded model (smollm2-135m) or a local directory")
+        check_positive("model", max_model_len=self.max_model_len)
+
 
 @dataclass
 class HardwareConfig:
     """The device the real executor runs on (executor=simulated only reads dtype and tensor_parallel)."""
 
+    name: Optional[str] = None           # the conf/hardware option it came from (summaries, figure titles)
     device: str = "cpu"
     dtype: str = "float32"               # float32 | bfloat16 | float16 | auto (bf16 on AMX CPUs / bf16 GPUs)
     threads: Optional[int] = None        # torch intra-op threads; None keeps torch's choice
@@ -30,6 +36,14 @@ class HardwareConfig:
     tensor_parallel: int = 1             # devices the model is split over
 
     def validate(self) -> None:
+        from fastgen.kernels import BACKENDS
+        from fastgen.models.loader import DTYPES
+        if self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"hardware.device must be cpu, cuda or cuda:<index>, got {self.device!r}")
+        if self.dtype not in (*DTYPES, "auto"):
+            raise ValueError(f"hardware.dtype must be one of {', '.join(DTYPES)} or auto, got {self.dtype!r}")
+        if self.kernels not in BACKENDS:
+            raise ValueError(f"hardware.kernels must be one of {', '.join(BACKENDS)}, got {self.kernels!r}")
         if self.tensor_parallel < 1:
             raise ValueError(f"hardware.tensor_parallel must be >= 1, got {self.tensor_parallel}")
         if self.threads is not None and self.threads < 1:
@@ -105,6 +119,7 @@ class EngineConfig:
 
     def validate(self) -> None:
         """Cheap checks Hydra's types cannot express, before anything is loaded."""
+        self.model.validate()
         self.hardware.validate()
         for part in (self.scheduler, self.kv, self.executor):
             part.validate()

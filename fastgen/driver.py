@@ -29,6 +29,8 @@ class RunResult:
     steps: list[StepStats]              # the engine's steps during the run (none over HTTP)
     start_time: float                   # the target's clock when the run began: the time origin of the files
     end_time: float
+    start_unix_time: float = 0.0        # time.time() when it began (the origin as a date)
+    clock_name: str = "wall"            # what the target's clock counts: wall, cpu (process CPU time) or virtual
 
 
 class Target(Protocol):
@@ -93,7 +95,7 @@ def run_workload(target: Target, workload: Workload, progress: bool = True) -> R
     arrivals = workload.arrivals
     ids = request_ids(workload)
     warmups = set(arrivals.warmup_indices)
-    start = target.clock()
+    start, start_unix = target.clock(), time.time()
     pending: list[tuple[float, int]] = [(t, i) for i, t in arrivals.initial_requests()]
     heapq.heapify(pending)
     first_step = len(target.steps())
@@ -112,4 +114,4 @@ def run_workload(target: Target, workload: Workload, progress: bool = True) -> R
                 heapq.heappush(pending, (item[1], item[0]))
     bar.close()
     return RunResult([t for i, t in sorted(traces.items()) if i not in warmups], target.steps()[first_step:], start,
-                     target.clock())
+                     target.clock(), start_unix)

@@ -36,11 +36,21 @@ Metrics = dict[str, Optional[float]]
 
 @dataclass
 class SLAConfig:
-    """The chat SLA of the paper; OmegaConf-compatible (lists via default_factory)."""
+    """The chat SLA of the paper (the defaults), or one scaled to other hardware (conf/sla/, chosen by run.py's
+    `hardware`); OmegaConf-compatible (lists via default_factory)."""
 
+    name: str = "paper"                  # where the values come from: paper, or the hardware they were derived for
     prompt_tokens_per_s: float = 512.0
     gen_tokens_per_s: list[float] = field(default_factory=lambda: [2.0, 4.0, 6.0])
     ema_span: int = 16
+    # The measurements a derived SLA was computed from (fastgen.sim.sla), so it can be recomputed; empty: the paper's
+    derived_from: dict[str, float] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line naming the SLA and its limits, for summaries and figure captions."""
+        gens = ", ".join(f"{g:g}" for g in self.gen_tokens_per_s)
+        return (f"SLA {self.name}: TTFT <= prompt tokens / {self.prompt_tokens_per_s:g} tok/s; EMA (span "
+                f"{self.ema_span}) of token gaps < 1/g s, g = {gens} tok/s")
 
     def validate(self) -> None:
         if not self.prompt_tokens_per_s > 0:
@@ -265,7 +275,8 @@ def format_table(metrics: Mapping[str, Any]) -> str:
     lines.append("token latency (paper method)  "
                  + "  ".join(f"P{p} {num(f'token_latency_s_p{p}', ' s')}" for p in TOKEN_LATENCY_PERCENTILES))
     lines += ["", f"SLA          TTFT met {num('sla_ttft_frac')}",
-              f"  {'g (tok/s)':<10}{'ema frac':>10}{'effective':>11}{'cum frac':>10}{'cum eff':>10}"]
+              f"  {'g (tok/s)':<10}{'ema frac':>10}{'effective':>11}{'cum frac':>10}{'cum eff':>10}"
+              "   (effective: SLA-meeting requests/s)"]
     for key in (k for k in metrics if k.startswith("sla_frac_g")):
         g = key[len("sla_frac_"):]
         lines.append(f"  {g[1:].replace('p', '.'):<10}{num(key):>10}{num(f'effective_throughput_{g}'):>11}"

@@ -1,12 +1,13 @@
-"""The pluggable config groups and how parts defined outside fastgen get imported before Hydra composes a config.
+"""The registries of built-in parts and how parts defined outside fastgen get imported before Hydra composes a config.
 
-A part defined elsewhere (a scheduler, KV manager or executor of your own) is one Python file that registers it
-and one YAML file in a config group that names the file or module (`module: my_policies.shortest_first` or
-`module: my_policies/shortest_first.py`). Its typed config must be registered before Hydra reads the YAML, so
-`import_plugins` runs first: for each pluggable group it finds the chosen option's YAML (in fastgen's conf/, in
+A part defined elsewhere (a scheduler, KV manager, executor, router, ... of your own) is one Python file that
+registers it and one YAML file in a config group that names the file or module (`module: my_policies.prompt_order`
+or `module: my_policies/prompt_order.py`). Its typed config must be registered before Hydra reads the YAML, so
+`import_plugins` runs first: for every config group it finds the chosen option's YAML (in fastgen's conf/, in
 `./conf` and in `hydra.searchpath`), reads its `module`, or takes `<group>.module=...` from the overrides, and
-imports it with the current directory on sys.path. A failure is one line naming the module and sys.path, before
-any model loads.
+imports it with the current directory on sys.path. Nothing here is specific to a kind of part: a new kind (a
+registry of its own) only adds its registry to REGISTRIES, so that its built-in parts are discovered. A failure is
+one line naming the module and sys.path, before any model loads.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ def _routers() -> Registry:
     return ROUTERS
 
 
+# Each kind of part: its config group and its registry (imported lazily; discovery imports the built-in parts).
 REGISTRIES: dict[str, Callable[[], Registry]] = {"scheduler": _schedulers, "kv": _kv_managers,
                                                  "executor": _executors, "router": _routers}
 
@@ -73,7 +75,7 @@ def import_module_or_file(spec: str) -> None:
 
 
 def import_plugins(overrides: Sequence[str], conf_dirs: Sequence[Path], defaults: dict[str, str]) -> None:
-    """Imports the modules the chosen parts name (see the module docstring). `defaults` maps each pluggable group
+    """Imports the modules the chosen parts name (see the module docstring). `defaults` maps each config group
     to its default option; sweeps (`scheduler=a,b`) import every option's module."""
     choices = dict(defaults)
     modules: list[str] = []
@@ -86,10 +88,10 @@ def import_plugins(overrides: Sequence[str], conf_dirs: Sequence[Path], defaults
         if key == "hydra.searchpath":
             search += [Path(p.strip().strip("'\"").removeprefix("file://"))
                        for p in value.strip("[]").split(",") if p.strip().strip("'\"").startswith("file://")]
-        elif key in REGISTRIES:
-            choices[key] = value
-        elif key.endswith(".module") and key.split(".")[0] in REGISTRIES and value not in ("", "null"):
+        elif key.endswith(".module") and key.count(".") == 1 and value not in ("", "null"):
             modules.append(value)
+        elif "." not in key and "/" not in key and key != "hydra":
+            choices[key] = value                 # group=option (a plain key=value is skipped below: no YAML)
     for group, value in choices.items():
         for option in filter(None, (v.strip() for v in value.split(","))):
             for directory in search:

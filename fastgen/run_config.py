@@ -11,6 +11,10 @@ from fastgen.routers import ROUTERS, RouterConfig
 from fastgen.workloads import WorkloadConfig
 
 
+TIMERS = ("wall", "cpu")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
 @dataclass
 class LoggerConfig:
     name: str = "none"                   # none | wandb
@@ -37,6 +41,8 @@ class RunConfig(EngineConfig):
     replicas: int = 1                    # engine replicas behind `router` (executor=simulated; fastgen.sim.cluster)
     router: RouterConfig = field(default_factory=lambda: ROUTERS.config("round_robin"))
     progress: bool = True
+    repeats: int = 1                     # runs per job, workload seeds seed..seed+repeats-1; metrics are their means
+    timer: str = "wall"                  # wall | cpu: this process's CPU seconds (single-threaded runs, see README)
 
     def validate(self) -> None:
         """Cheap checks of values Hydra's types cannot express, before any model is loaded."""
@@ -57,6 +63,21 @@ class RunConfig(EngineConfig):
         self.router.validate()
         if self.target.name == "http" and not self.target.url:
             raise ValueError("target=http needs target.url, e.g. target.url=http://127.0.0.1:8000")
+        if self.target.url and not self.target.url.startswith(("http://", "https://")):
+            raise ValueError(f"target.url must start with http:// or https://, got {self.target.url!r}")
+        if self.logger.name == "wandb" and self.logger.mode not in WANDB_MODES:
+            raise ValueError(f"logger.mode must be one of {', '.join(WANDB_MODES)}, got {self.logger.mode!r}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1 (runs per job), got {self.repeats}")
+        if self.timer not in TIMERS:
+            raise ValueError(f"timer must be one of {', '.join(TIMERS)}, got {self.timer!r}")
+        if self.timer == "cpu":
+            if self.executor.name == "simulated" or self.target.name == "http":
+                raise ValueError("timer=cpu times the in-process real executor; executor=simulated runs on a "
+                                 "virtual clock and target=http is timed at the client (wall clock)")
+            if self.hardware.device != "cpu" or self.hardware.threads != 1:
+                raise ValueError("timer=cpu counts this process's CPU seconds, which add up over threads: run "
+                                 "single-threaded on the CPU with hardware.threads=1")
 
 
 def register_configs() -> None:

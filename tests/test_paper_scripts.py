@@ -23,3 +23,18 @@ def test_paper_script_quick_writes_png_and_table(script, tmp_path):
     assert all(s in table for s in ("splitfuse", "vllm-0.2", "continuous"))
     pngs = list(tmp_path.glob("*.png"))
     assert len(pngs) == figures and all(p.stat().st_size > 5000 for p in pngs)
+
+
+def test_quick_writes_to_scratch_never_over_the_committed_results():
+    import hashlib
+    import time
+
+    from common import RESULTS, SCRATCH
+
+    def hashes():
+        return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(RESULTS.rglob("*")) if p.is_file()}
+    before, start = hashes(), time.time()
+    importlib.import_module("token_latency").main(["--quick", "--executor", "simulated"])
+    assert hashes() == before and before
+    assert (SCRATCH / "token_latency" / "token_latency.png").stat().st_mtime >= start - 1
+    assert not RESULTS.is_relative_to(SCRATCH) and not SCRATCH.is_relative_to(RESULTS)

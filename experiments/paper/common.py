@@ -62,15 +62,35 @@ LLAMA_70B_4XA100 = Deployment("Llama-2 70B, 4xA100-80GB", "llama-2-70b", "a100-8
 LLAMA_13B_A100 = Deployment("Llama-2 13B, A100-80GB", "llama-2-13b", "a100-80gb", 1)
 
 
+RESULTS = ROOT / "experiments" / "paper" / "results"      # the committed full-size results
+SCRATCH = ROOT / "outputs" / "paper-quick"                 # --quick's (git-ignored): never over RESULTS
+
+
+class Parser(argparse.ArgumentParser):
+    """The scripts' arguments; --out defaults to RESULTS/<name>, or SCRATCH/<name> with --quick."""
+
+    def __init__(self, doc: str, default_out: str):
+        super().__init__(description=doc.splitlines()[0])
+        self.default_out = default_out
+
+    def parse_args(self, *args, **kwargs):
+        parsed = super().parse_args(*args, **kwargs)
+        if parsed.out is None:
+            parsed.out = (SCRATCH if parsed.quick else RESULTS) / self.default_out
+        return parsed
+
+
 def parser(doc: str, default_out: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=doc.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="reduced size (CI): few clients, few requests")
-    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "paper" / "results" / default_out)
+    p = Parser(doc, default_out)
+    p.add_argument("--quick", action="store_true", help=f"reduced size (CI): few clients, few requests; writes to "
+                                                        f"{SCRATCH.relative_to(ROOT)}/ unless --out")
+    p.add_argument("--out", type=Path, help=f"default {RESULTS.relative_to(ROOT)}/{default_out}")
     p.add_argument("--executor", choices=("auto", "simulated", "real"), default="auto")
     p.add_argument("--model-dir", help="real runs: a local checkpoint of the deployment's model")
     p.add_argument("--num-requests", type=int, default=512)
     p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
                    help="simulated points run in this many processes at once")
+    p.add_argument("--repeats", type=int, default=1, help="runs per point (workload seeds +0..N-1): error bars")
     return p
 
 
@@ -132,6 +152,7 @@ def run_point(args, point: Point) -> dict:
                                      *point.extra, *executor(args, dep))))
     requests = point.num_requests or (QUICK_REQUESTS if args.quick else args.num_requests)
     set_workload(cfg, point.prompt, point.gen, point.clients, requests, model_spec(dep.model).max_positions)
+    cfg.repeats = args.repeats
     with contextlib.redirect_stdout(io.StringIO()):     # run_benchmark prints a table per run
         return run_benchmark(cfg, args.out / "runs" / point.name)
 

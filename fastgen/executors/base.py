@@ -30,6 +30,7 @@ class Executor(ABC):
 
     name: ClassVar[str]
     Config: ClassVar[type[ExecutorConfig]] = ExecutorConfig
+    loads_weights: ClassVar[bool] = False    # True: takes a loaded model, which a benchmark may share between runs
     spec: ModelSpec
     tokenizer: Any
     num_kv_blocks: int

@@ -24,6 +24,8 @@ class RealExecutorConfig(ExecutorConfig):
 
 @register_executor("real", config=RealExecutorConfig)
 class RealExecutor(Executor):
+    loads_weights = True
+
     def __init__(self, cfg: EngineConfig, model=None, tokenizer=None):
         hw = cfg.hardware
         shards = model.parallel.size if isinstance(model, CausalLM) else 1

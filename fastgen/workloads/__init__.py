@@ -80,6 +80,7 @@ __all__ = [
 class WorkloadConfig:
     """Flat, OmegaConf-compatible description of a workload (defaults: the paper's 1200/60 setup)."""
 
+    name: Optional[str] = None           # the conf/workload option it came from (summaries, figure titles)
     num_requests: int = 512              # measured requests (closed loop adds `clients` warm-ups)
     prompt: LengthSpec = field(default_factory=lambda: LengthSpec(mean=1200.0))
     output: LengthSpec = field(default_factory=lambda: LengthSpec(mean=60.0))
@@ -118,6 +119,18 @@ class WorkloadConfig:
                              "too_long='clip' or lower prompt.max / output.max")
         if self.max_prompt_len is not None and self.max_prompt_len < 1:
             raise ValueError(f"max_prompt_len must be >= 1 or None (no cap), got {self.max_prompt_len}")
+        if self.arrival == "closed_loop" and self.clients < 1:
+            raise ValueError(f"clients must be >= 1 concurrent clients, got {self.clients}")
+        if self.jitter_s_per_client < 0:
+            raise ValueError(f"jitter_s_per_client must be >= 0 seconds, got {self.jitter_s_per_client}")
+        if self.arrival in ("poisson", "gamma") and not self.rate > 0:
+            raise ValueError(f"rate must be > 0 requests/s, got {self.rate}")
+        if self.arrival == "gamma" and not self.burstiness > 0:
+            raise ValueError(f"burstiness must be > 0 (1 = Poisson, <1 burstier), got {self.burstiness}")
+        if self.random_token_low < 0:
+            raise ValueError(f"random_token_low must be >= 0 (a token id), got {self.random_token_low}")
+        if self.corpus_path is not None and not Path(self.corpus_path).is_file():
+            raise FileNotFoundError(f"corpus_path {self.corpus_path} is not a file; None uses the shipped corpus")
         self.prompt.validate("prompt")
         self.output.validate("output")
         self.prefix.validate(self.num_requests)
