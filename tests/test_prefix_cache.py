@@ -229,6 +229,44 @@ def test_sampled_forks_are_independent_reproducible_and_each_a_request_of_its_ow
         assert sequences(alone)[0].output_token_ids == seqs[k]
 
 
+def test_the_servers_n_forks_in_the_engine_and_computes_the_prompt_once():
+    """An OpenAI request with n=4 is one engine request whose choices fork at the first token: the 37-token prompt
+    runs through the model once (not 4 times), then each choice decodes on its own."""
+    from starlette.testclient import TestClient
+
+    from fastgen.serve import ServeConfig, create_app
+    built = compose()
+    steps = []
+    built.engine.add_step_observer(steps.append)
+    prompt = list(range(5, 42))
+    app = create_app(built.engine, ServeConfig(served_model_name="tiny"))
+    with TestClient(app, base_url="http://localhost") as client:
+        reply = client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 3, "n": 4,
+                                                     "temperature": 1.0, "seed": 3, "ignore_eos": True})
+    assert reply.status_code == 200, reply.text
+    choices = reply.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]        # (a tokenizer-less model: no text)
+    assert sum(s.num_tokens for s in steps) == len(prompt) + 4 * 2
+    assert sum(s.num_block_copies for s in steps) == 3        # the partly filled last block, once per other fork
+    assert_pool_drained(built.kv)
+
+
+def test_prompt_logprobs_are_computed_even_where_the_prefix_is_cached():
+    """A cached prefix gives no logits: a request asking for prompt logprobs skips only what it has scored, so its
+    prompt logprobs are whole and equal to those of an engine without caching."""
+    prompt = list(range(3, 3 + 2 * BLOCK + 5))
+    results = {}
+    for caching in (False, True):
+        built = compose(caching=caching)
+        built.engine.add_request(prompt, SamplingParams(max_new_tokens=2, ignore_eos=True))
+        drain(built.engine)                        # the prompt's full blocks are now cached (caching=True)
+        rid = built.engine.add_request(prompt, SamplingParams(max_new_tokens=2, ignore_eos=True, prompt_logprobs=1))
+        results[caching] = drain(built.engine)[rid].prompt_logprobs
+    assert len(results[True]) == len(prompt) - 1
+    assert [e.token_id for e in results[True]] == prompt[1:]
+    np.testing.assert_allclose([e.logprob for e in results[True]], [e.logprob for e in results[False]], atol=1e-5)
+
+
 def transformers_logprob(prompt, output):
     hf, _ = tiny("llama")
     with torch.no_grad():

@@ -172,10 +172,12 @@ def test_echo_with_logprobs_scores_the_prompt_like_lm_eval_asks(served, tokenize
 
 
 def test_n_choices_and_batched_prompts(served, tokenizer):
-    """Two prompts (as text, or as token ids) x n=2 seeded choices: choice i*n + j is prompt i sampled with seed + j."""
+    """Two prompts (as text, or as token ids) x n=2 seeded choices, forked by the engine at the first token: choice
+    i*n + j is prompt i sampled alone with sequence j's seed (fork_seed: choice 0 keeps the request's seed)."""
+    from fastgen.request import fork_seed
     prompts = ["Once upon a time", "In a galaxy far away"]
     common = dict(temperature=1.0, ignore_eos=True)
-    expected = [[served.reference(p, max_new_tokens=5, seed=7 + j, **common)[0].text for j in range(2)]
+    expected = [[served.reference(p, max_new_tokens=5, seed=fork_seed(7, j), **common)[0].text for j in range(2)]
                 for p in prompts]
     for batch in (prompts, [tokenizer.encode(p) for p in prompts]):
         out = served.client().completions.create(model=MODEL, prompt=batch, max_tokens=5, n=2, seed=7,
@@ -196,13 +198,14 @@ def test_n_choices_and_batched_prompts(served, tokenizer):
 
 
 def test_best_of_returns_the_most_likely_sequence(served):
-    runs = [served.reference("Hello there", max_new_tokens=6, temperature=1.0, seed=11 + j, logprobs=0,
+    from fastgen.request import fork_seed
+    runs = [served.reference("Hello there", max_new_tokens=6, temperature=1.0, seed=fork_seed(11, j), logprobs=0,
                              ignore_eos=True)[0] for j in range(3)]
     best = max(runs, key=lambda r: sum(e.logprob for e in r.logprobs))
     out = served.client().completions.create(model=MODEL, prompt="Hello there", max_tokens=6, temperature=1.0,
                                              seed=11, best_of=3, extra_body={"ignore_eos": True})
     assert [c.text for c in out.choices] == [best.text] and out.choices[0].logprobs is None
-    assert out.usage.completion_tokens == 18
+    assert out.usage.completion_tokens == 6      # the returned choice's tokens, as vLLM counts them
 
 
 # The random model never repeats itself unprompted, so each setting is chosen to change its greedy output

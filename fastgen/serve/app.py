@@ -6,8 +6,9 @@ vocabulary) comes back through the request's group as a 400 before anything is s
 templates applied) in a worker pool, after a character-count check, so a large prompt never stalls the event loop.
 A request that is no longer wanted (client gone, deadline passed) is aborted at once, which frees its KV blocks.
 
-One HTTP request may hold several engine requests (batched prompts, n > 1, best_of), with ids `<id>-<k>`: each
-choice is its own sequence (its prompt is computed again; KV sharing between them is the prefix cache's job).
+One HTTP request may hold several engine requests (batched prompts), with ids `<id>-<k>`; a request's n choices
+(or best_of sequences) are forks made by the engine at the first token, sharing the prompt's KV blocks, and with
+best_of > n the engine returns the n best.
 """
 from __future__ import annotations
 
@@ -348,20 +349,17 @@ def _max_tokens(server: Server, body: GenerationBody, prompt_tokens: int, chat: 
     return requested
 
 
-def _sampling(body: GenerationBody, chat: bool, max_tokens: int | None, choice: int = 0,
-              logprobs_for_best_of: bool = False) -> SamplingParams:
-    """The engine's parameters for one choice (seed + choice index, so n seeded choices differ), validated by
-    SamplingParams. max_tokens None: validation only, before tokenizing."""
+def _sampling(body: GenerationBody, chat: bool, max_tokens: int | None) -> SamplingParams:
+    """The engine's parameters for one prompt and its n (best_of) choices, validated by SamplingParams. max_tokens
+    None: validation only, before tokenizing."""
     logprobs = body.sampled_logprobs
-    if logprobs is None and logprobs_for_best_of:
-        logprobs = 0
     echo_logprobs = body.logprobs if getattr(body, "echo", False) else None
     if max_tokens is None:
         max_tokens = max(body.requested_max_tokens or 1, body.min_tokens, 1)
     try:
         return SamplingParams(
             max_new_tokens=max_tokens, min_new_tokens=body.min_tokens, temperature=body.temperature,
-            top_p=body.top_p, top_k=body.top_k or 0, seed=None if body.seed is None else body.seed + choice,
+            top_p=body.top_p, top_k=body.top_k or 0, seed=body.seed, n=body.n, best_of=body.best_of_count,
             stop=body.stop, stop_token_ids=body.stop_token_ids or [], ignore_eos=body.ignore_eos,
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,
@@ -413,15 +411,12 @@ async def _generate(request: Request, body: GenerationBody, prompts: list[list[i
                             "retry later", type="rate_limit_error", code="too_many_requests")
     responder = Responder(chat, server.model_name, server.token_text, body.sampled_logprobs, body.include_usage,
                           body.continuous_usage)
-    best_of = per_prompt > body.n
     sequences, choices = [], []
     for i, prompt in enumerate(prompts):
-        max_tokens = _max_tokens(server, body, len(prompt), chat)
-        for j in range(per_prompt):
-            sampling = _sampling(body, chat, max_tokens, j, logprobs_for_best_of=best_of)
-            sequences.append(SequenceRequest(f"{responder.id}-{len(sequences)}", prompt, sampling))
-            choices.append(ChoiceState(index=i * body.n + j, prompt_index=i,
-                                       echo_text=echoes[i] if echoes else ""))
+        sampling = _sampling(body, chat, _max_tokens(server, body, len(prompt), chat))
+        sequences.append(SequenceRequest(f"{responder.id}-{i}", prompt, sampling))
+        choices += [ChoiceState(index=i * body.n + j, prompt_index=i, echo_text=echoes[i] if echoes else "")
+                    for j in range(body.n)]
     prompt_tokens = sum(map(len, prompts))
     group = server.loop.submit(sequences, cfg.request_timeout_s)
     try:
@@ -444,14 +439,12 @@ async def _generate(request: Request, body: GenerationBody, prompts: list[list[i
     if done is None:
         return Response(status_code=499)      # nobody is left to read it
     completion_tokens = sum(c.num_tokens for c in choices)
-    if best_of:
-        choices = _best(choices, body.n)
     return JSONResponse(responder.response(choices, usage(prompt_tokens, completion_tokens)))
 
 
 def _echo_entries(group: RequestGroup, index: int, prompt_logprobs: Sequence[TokenLogprob]) -> list[TokenLogprob]:
     """The echoed prompt's logprob entries: its first token has none."""
-    first = group.requests[index].prompt_token_ids[0]
+    first = group.slot_request[index].prompt_token_ids[0]
     return [TokenLogprob(first, None, None), *prompt_logprobs]
 
 
@@ -465,17 +458,6 @@ async def _collect(group: RequestGroup, choices: list[ChoiceState], echo_logprob
         choice.logprobs += update.logprobs or ()
         choice.finish_reason = update.finish_reason or choice.finish_reason
     return True
-
-
-def _best(choices: list[ChoiceState], n: int) -> list[ChoiceState]:
-    """best_of: per prompt, the n sequences with the highest cumulative logprob (as vLLM), re-indexed."""
-    best = []
-    for p in sorted({c.prompt_index for c in choices}):
-        ranked = sorted((c for c in choices if c.prompt_index == p), key=lambda c: -c.cumulative_logprob)[:n]
-        for rank, c in enumerate(ranked):
-            c.index = p * n + rank
-            best.append(c)
-    return best
 
 
 async def _events(group: RequestGroup, responder: Responder, choices: list[ChoiceState], echo_logprobs: bool,

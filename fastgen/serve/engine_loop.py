@@ -4,7 +4,8 @@ The engine is not thread-safe, and a step blocks for the whole forward pass, so 
 either. Handlers post commands (add, abort) to a thread-safe queue; the thread applies them between steps, runs
 steps while there is work and sleeps on the queue when there is none. Each step's results go back in one
 `call_soon_threadsafe` to the event loop, which fans them out to the handlers' groups. One HTTP request is one
-`RequestGroup`: its engine requests (one per prompt and choice) read together against one deadline. Whatever goes
+`RequestGroup`: its engine requests (one per prompt; a request with n > 1 or best_of has its choices forked by
+the engine, sharing the prompt's KV) read together against one deadline. Whatever goes
 wrong with one request (add_request refusing it, its own failure in a step) is reported to that request alone; a
 step that raises (the engine's own fault) fails the requests in flight, and the thread lives on.
 """
@@ -43,6 +44,7 @@ class Update:
     error: Exception | None = None         # add_request refused the request, or it failed
     logprobs: Sequence[TokenLogprob] | None = None          # per new token, if asked for
     prompt_logprobs: Sequence[TokenLogprob] | None = None   # with the first token, if asked for
+    index: int = 0                         # which of the request's n choices
 
     @property
     def last(self) -> bool:
@@ -53,7 +55,7 @@ class Update:
         if out.error is not None:
             return cls(error=RequestFailed(out.error))
         return cls(tuple(out.new_token_ids), out.new_text, out.finish_reason, None, out.logprobs,
-                   out.prompt_logprobs)
+                   out.prompt_logprobs, out.index)
 
 
 @dataclass(frozen=True)
@@ -69,14 +71,20 @@ _WAKE = object()      # put in a group's queue when its deadline moves
 
 
 class RequestGroup:
-    """One HTTP request as its handler sees it: the updates of its engine requests, tagged with their index in
-    `requests`, read against the request's deadline."""
+    """One HTTP request as its handler sees it: the updates of its engine requests' choices, tagged with the
+    choice's slot (request k's choice j is slot sum of the n of requests before k, + j), read against the request's
+    deadline."""
 
     def __init__(self, requests: Sequence[SequenceRequest], deadline: float):
         self.requests = list(requests)
-        self.index = {r.request_id: i for i, r in enumerate(self.requests)}
+        first = [0]
+        for r in self.requests:
+            first.append(first[-1] + r.sampling.n)
+        self.first_slot = {r.request_id: first[k] for k, r in enumerate(self.requests)}
+        self.slot_request = [r for r in self.requests for _ in range(r.sampling.n)]
+        self._open = {r.request_id: set(range(r.sampling.n)) for r in self.requests}    # choices not yet ended
         self.deadline = deadline
-        self.unfinished = set(range(len(self.requests)))
+        self.unfinished = set(range(first[-1]))
         self.shutdown_grace_s: float | None = None    # set when a shutdown cut the deadline
         self._updates: asyncio.Queue = asyncio.Queue()
 
@@ -85,7 +93,17 @@ class RequestGroup:
         return [len(r.prompt_token_ids) for r in self.requests]
 
     def deliver(self, request_id: str, update: Update) -> None:
-        self._updates.put_nowait((self.index[request_id], update))
+        self._updates.put_nowait((self.first_slot[request_id] + update.index, update))
+
+    def closes(self, request_id: str, update: Update) -> bool:
+        """Whether this update ends the engine request (its last open choice's end, or its failure); called by the
+        dispatcher, once per update, before it is delivered."""
+        open_choices = self._open[request_id]
+        if update.error is not None:
+            open_choices.clear()
+        elif update.last:
+            open_choices.discard(update.index)
+        return not open_choices
 
     def cut(self, deadline: float, grace_s: float) -> None:
         if deadline < self.deadline:
@@ -143,7 +161,8 @@ class EngineLoop:
         metrics.observe_engine(engine.snapshot())          # the gauges are right before the first request
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._groups: dict[str, RequestGroup] = {}       # unfinished engine requests; event-loop thread only
-        self._in_engine: set[str] = set()                # requests the engine holds; engine thread only
+        self._in_engine: dict[str, int] = {}             # requests the engine holds: choices yet to finish;
+        #                                                  engine thread only
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name="fastgen-engine", daemon=True)
         self.shutting_down = False
@@ -163,8 +182,9 @@ class EngineLoop:
 
     @property
     def num_active(self) -> int:
-        """Engine requests submitted and not yet finished: what max_concurrent_requests bounds."""
-        return len(self._groups)
+        """Sequences of the engine requests submitted and not yet finished: what max_concurrent_requests bounds."""
+        return sum(r.sampling.num_sequences for group in set(self._groups.values()) for r in group.requests
+                   if r.request_id in self._groups)
 
     def submit(self, requests: Sequence[SequenceRequest], timeout_s: float) -> RequestGroup:
         if not self.alive:
@@ -195,7 +215,7 @@ class EngineLoop:
             group = self._groups.get(request_id)
             if group is None:          # released: nobody is listening any more
                 continue
-            if update.last:
+            if group.closes(request_id, update):
                 del self._groups[request_id]
             group.deliver(request_id, update)
 
@@ -223,14 +243,14 @@ class EngineLoop:
     def _apply(self, command: _Add | _Abort) -> list[tuple[str, Update]]:
         if isinstance(command, _Abort):
             self.engine.abort(command.request_id)
-            self._in_engine.discard(command.request_id)
+            self._in_engine.pop(command.request_id, None)
             return []
         r = command.request
         try:
             self.engine.add_request(r.prompt_token_ids, r.sampling, r.request_id, command.arrival_time)
         except Exception as e:      # any refusal belongs to that request alone
             return [(r.request_id, Update(error=e))]
-        self._in_engine.add(r.request_id)
+        self._in_engine[r.request_id] = r.sampling.n
         self.metrics.prompt_tokens.inc(len(r.prompt_token_ids))
         return [(r.request_id, Update())]
 
@@ -242,8 +262,10 @@ class EngineLoop:
             return [(rid, Update(error=RequestFailed(f"the engine step failed: {e}"))) for rid in self._abort_all()]
         self.metrics.observe_outputs(outputs)
         for out in outputs:
-            if out.finished:
-                self._in_engine.discard(out.request_id)
+            if out.finished and out.request_id in self._in_engine:
+                self._in_engine[out.request_id] -= 1
+                if not self._in_engine[out.request_id] or out.error is not None:
+                    del self._in_engine[out.request_id]
         return [(out.request_id, Update.of(out)) for out in outputs]
 
     def _abort_all(self) -> Sequence[str]:

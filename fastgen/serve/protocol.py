@@ -291,10 +291,6 @@ class ChoiceState:
     started: bool = False
     finish_reason: str | None = None
 
-    @property
-    def cumulative_logprob(self) -> float:
-        return sum(e.logprob for e in self.logprobs)
-
 
 @dataclass
 class Responder:
