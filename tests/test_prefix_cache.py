@@ -27,7 +27,7 @@ from fastgen.stats import StepStats
 from fastgen.workloads import ClosedLoopArrivals, ConversationArrivals, WorkloadConfig, build_workload
 from tiny import Built, drain, fastgen_from_hf, scheduler_config, tiny_hf_model
 
-SCHEDULER_NAMES = ["splitfuse", "continuous", "orca", "sarathi", "static"]
+SCHEDULER_NAMES = ["splitfuse", "continuous", "orca", "sarathi", "static", "vllm-0.2"]
 BLOCK = 8
 
 
