@@ -10,7 +10,8 @@ from torch import nn
 from fastgen.distributed import Slice, current
 from fastgen.kv.cache import KVCache
 from fastgen.model_spec import ModelSpec, eos_ids
-from fastgen.models.layers import ColumnParallelLinear, KernelUser, Sharded
+from fastgen.kernels.linear import ReorderedWeight
+from fastgen.models.layers import ColumnParallelLinear, KernelUser, Reorderable, Sharded
 from fastgen.models.weights import StateDictWeights, WeightSource
 from fastgen.ragged import RaggedBatch
 
@@ -73,6 +74,14 @@ class CausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, KernelUser):
                 module.ops = backend
+        return self
+
+    def use_linear(self, mode: str) -> "CausalLM":
+        """Runs every linear layer's GEMM the way `mode` (a resolved `hardware.linear`: plain, onednn, auto) says,
+        reordering the weights once now; call it again after changing the weights."""
+        for module in self.modules():
+            if isinstance(module, Reorderable):
+                module.reordered = ReorderedWeight.of(module.matrix(), mode, module.auto_rows)
         return self
 
     def forward(self, batch: RaggedBatch, kv: KVCache) -> torch.Tensor:
