@@ -1,12 +1,16 @@
-"""hardware.linear: the linear layers' GEMM on MKL (plain F.linear) or on weights reordered once for oneDNN, and
-auto, which uses the reordered weights only for the row counts where they measured faster."""
+"""The CPU decode path: hardware.linear (the linear layers' GEMM on MKL, plain F.linear, or on weights reordered once
+for oneDNN; auto uses the reordered weights only for the row counts where they measured faster), and KV pools that
+are head-major in memory under their [blocks, slots, heads, dim] view."""
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from fastgen.config import HardwareConfig
+from fastgen.kernels import reference
+from fastgen.kv.cache import KVCache
 from fastgen.kernels.linear import PROJECTION_ROWS, VOCABULARY_ROWS, ReorderedWeight, linear, resolve_linear
 from fastgen.models.layers import Reorderable
+from fastgen.ragged import RaggedBatch, SeqChunk
 from fastgen.sampling import SamplingParams
 from tiny import compose_engine, drain, fastgen_from_hf, reference_greedy, tiny_hf_model
 
@@ -70,3 +74,25 @@ def test_each_mode_is_greedy_equal_to_transformers_and_plain_switches_it_off():
         calls = onednn_calls(lambda: greedy(model, prompts[:3], [3, 3, 3], mode))
         assert (calls > 0) == (mode != "plain"), (mode, calls)
         assert got == ref, mode
+
+
+def test_head_major_pools_attend_like_contiguous_ones():
+    """KVCache's pools are head-major in memory (each KV head's block one contiguous matrix) and the PyTorch
+    attention gives the same result on them as on a plainly laid out pool with the same contents: decodes over
+    scattered blocks (gathered), a chunk over consecutive blocks (a view) and one over scattered blocks."""
+    hf = tiny_hf_model("llama", seed=0)
+    spec = fastgen_from_hf(hf).spec
+    cache = KVCache(spec, num_blocks=24, block_size=4, dtype=torch.float32)
+    k, v = cache.layer(0)
+    assert k.shape == (24, 4, spec.num_kv_heads, spec.head_dim)
+    assert k.permute(2, 0, 1, 3).is_contiguous() and not k.is_contiguous()
+    torch.manual_seed(0)
+    k.copy_(torch.randn(k.shape)), v.copy_(torch.randn(v.shape))
+    chunks = [SeqChunk([1], 9, [5, 2, 17]), SeqChunk([1], 3, [8]), SeqChunk([1, 2, 3, 4, 5], 2, [10, 11]),
+              SeqChunk([1, 2, 3], 4, [20, 3])]
+    batch = RaggedBatch.build(chunks, 4)
+    q = torch.randn(batch.input_ids.shape[0], spec.num_heads, spec.head_dim)
+    got = reference.attention(q, k, v, batch.attn, 0.125)
+    plain = RaggedBatch.build(chunks, 4)            # a fresh plan: the step's plan keeps the gather buffers
+    want = reference.attention(q, k.contiguous(), v.contiguous(), plain.attn, 0.125)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
