@@ -8,7 +8,8 @@ from torch.profiler import ProfilerActivity, profile
 from fastgen.config import HardwareConfig
 from fastgen.kernels import reference
 from fastgen.kv.cache import KVCache
-from fastgen.kernels.linear import PROJECTION_ROWS, VOCABULARY_ROWS, ReorderedWeight, linear, resolve_linear
+from fastgen.kernels.linear import (PROJECTION_ROWS, VOCABULARY_ROWS, ReorderedWeight, affordable, linear,
+                                    resolve_linear)
 from fastgen.models.layers import Reorderable
 from fastgen.ragged import RaggedBatch, SeqChunk
 from fastgen.sampling import SamplingParams
@@ -34,6 +35,9 @@ def test_resolution_and_bad_values():
         resolve_linear("onednn", "cpu", torch.bfloat16)
     with pytest.raises(ValueError, match="choose from auto, plain, onednn"):
         HardwareConfig(linear="mkl").validate()
+    assert affordable("auto", 2**20) == "auto"
+    assert affordable("auto", 2**62) == "plain"          # a copy larger than the memory: auto stays plain
+    assert affordable("onednn", 2**62) == "onednn"       # asked for by name: done (or fails loudly)
 
 
 @onednn

@@ -13,10 +13,14 @@ the row counts where it measured faster, on a float32 CPU model; F.linear otherw
 """
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 LINEARS = ("auto", "plain", "onednn")
 
@@ -39,6 +43,19 @@ def resolve_linear(name: str, device: str | torch.device, dtype: torch.dtype) ->
                          f"{device}, oneDNN available: {torch.backends.mkldnn.is_available()}); use "
                          "hardware.linear=plain or auto")
     return "plain" if name == "auto" and not cpu_fp32 else name
+
+
+def affordable(mode: str, nbytes: int) -> str:
+    """`mode`, except that auto falls back to plain when the reordered copy (`nbytes`) would take more than half of
+    the memory available now: the speed-up is not worth swapping or running out of memory for a large model."""
+    if mode != "auto":
+        return mode
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if nbytes > available // 2:
+        log.info("hardware.linear=auto: the reordered weights (%.1f GB) would take over half of the %.1f GB "
+                 "available; using F.linear on the plain weights", nbytes / 1e9, available / 1e9)
+        return "plain"
+    return mode
 
 
 @dataclass
