@@ -2,10 +2,10 @@
 the weight reordered once into oneDNN's blocked layout (`torch.ops.mkldnn`, what inductor's weight prepacking and
 vLLM's CPU backend use).
 
-Why: a decode step multiplies a few token rows by every weight matrix. At 2-64 rows MKL's sgemm on the plain
-weight reaches neither the CPU's GEMM rate nor its memory bandwidth; oneDNN on the reordered weight measured
-1.1-2x faster per layer on an AVX2 EPYC (experiments/results/bench_vs_vllm/decode_phase2.md), and no faster at a
-prompt's hundreds of rows, where MKL stays. The reordered copy costs as much memory as the linear weights (the
+Why: a decode step multiplies a few token rows by every weight matrix. At a few rows MKL's sgemm on the plain
+weight reaches neither the CPU's GEMM rate nor its memory bandwidth; oneDNN on the reordered weight measured up to
+2.1x faster per projection at 2-32 rows and 1.1-2.1x for the LM head at 2-512 rows on an AVX2 EPYC, and no faster
+at one row or at a prompt's hundreds of rows, where MKL stays (experiments/results/bench_vs_vllm/decode_phase2.md). The reordered copy costs as much memory as the linear weights (the
 plain weights stay: the loader, tensor-parallel slicing and the embedding use them).
 
 `hardware.linear`: plain (F.linear always), onednn (the reordered weight always), auto (the reordered weight for
