@@ -232,10 +232,10 @@ class StepShapes:
             raise AttributeError(name)
         return getattr(self.executor, name)
 
-    def execute(self, chunks):
+    def execute(self, chunks, copies=()):
         q = [len(c.token_ids) for c in chunks]
         self.shapes.append((q, [c.start + n for c, n in zip(chunks, q)]))
-        return self.executor.execute(chunks)
+        return self.executor.execute(chunks, copies)
 
 
 def kind_of(work) -> list[str]:

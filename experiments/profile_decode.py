@@ -3,12 +3,16 @@ kernel backend (issue 20's profile).
 
     python experiments/profile_decode.py --batches 1 8 32 64 --context 340                  # wall time, all threads
     python experiments/profile_decode.py --threads 1 --timer cpu                            # a loaded machine
+    python experiments/profile_decode.py --linear plain                                     # MKL on plain weights
 
 The step is run twice per repeat: once as the model's own forward (timed whole: "model forward"), and once
 re-traced piece by piece through the same modules and kernels with a clock around each part (linear layers by
 name, attention split into the block gathers and the math, norms, rotary, KV write, LM head), plus the sampler.
 The KV pool holds random values and each sequence owns randomly placed blocks, as in a running engine.
-`--torch-profile` adds torch.profiler's operator table.
+Each model-forward time is also given as a share of its hardware roofline (fastgen.roofline: weight and KV bytes
+over the measured bandwidth, linear flops over the measured GEMM rate, on this process's threads), measured in
+the same run. `--linear` picks the linear layers' GEMM as `hardware.linear` does. `--torch-profile` adds
+torch.profiler's operator table.
 """
 from __future__ import annotations
 
@@ -25,10 +29,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fastgen.kernels import reference  # noqa: E402
+from fastgen.kernels.linear import LINEARS, resolve_linear  # noqa: E402
 from fastgen.kv.cache import KVCache  # noqa: E402
 from fastgen.models import load_model  # noqa: E402
 from fastgen.ragged import RaggedBatch, SeqChunk  # noqa: E402
-from fastgen.sampling import Sampler, SamplingParams  # noqa: E402
+from fastgen.roofline import Ceilings, measure_bandwidth, measure_gemm_flops, roofline_s, step_work  # noqa: E402
+from fastgen.sampling import Sampler, SamplingParams, SamplingRow  # noqa: E402
 
 
 def make_batch(b: int, ctx: int, block_size: int, num_blocks: int, seed: int = 0) -> RaggedBatch:
@@ -72,8 +78,8 @@ def timed_forward(model, batch, cache, T: Timer):
         for d in plan.decodes:
             s = pc()
             qd = q[d.rows]; bb = qd.shape[0]
-            kd = plan.gather(k_cache, d.blocks, "k").view(bb, -1, a.num_kv_heads, a.head_dim).transpose(1, 2)
-            vd = plan.gather(v_cache, d.blocks, "v").view(bb, -1, a.num_kv_heads, a.head_dim).transpose(1, 2)
+            kd = plan.gather(k_cache, d.blocks, "k").view(a.num_kv_heads, bb, -1, a.head_dim).transpose(0, 1)
+            vd = plan.gather(v_cache, d.blocks, "v").view(a.num_kv_heads, bb, -1, a.head_dim).transpose(0, 1)
             T.add("attn gather", pc() - s)
             s = pc()
             od = F.scaled_dot_product_attention(qd.view(bb, a.num_kv_heads, -1, a.head_dim), kd, vd,
@@ -106,6 +112,7 @@ def decode_arguments(description: str) -> argparse.ArgumentParser:
 def main():
     ap = decode_arguments(__doc__.splitlines()[0])
     ap.add_argument("--torch-profile", action="store_true")
+    ap.add_argument("--linear", choices=LINEARS, default="auto", help="the linear layers' GEMM (hardware.linear)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,13 +120,17 @@ def main():
     if args.timer == 'cpu':
         CLOCK = time.thread_time
     model, tok = load_model("smollm2-135m", dtype="float32")
+    model.use_linear(resolve_linear(args.linear, "cpu", torch.float32))
     block_size = 64
     spec = model.spec
     num_blocks = max(args.batches) * (-(-(args.context + 1) // block_size)) + 8
     cache = KVCache(spec, num_blocks, block_size, torch.float32)
     cache.k.normal_(); cache.v.normal_()
     sampler = Sampler(0)
-    print(f"load average {os.getloadavg()}, threads {torch.get_num_threads()}, timer {args.timer}")
+    ceilings = Ceilings(measure_gemm_flops(), measure_bandwidth())
+    print(f"load average {os.getloadavg()}, threads {torch.get_num_threads()}, timer {args.timer}, linear "
+          f"{args.linear}; ceilings: GEMM {ceilings.gemm_flops / 1e9:.1f} GFLOP/s, bandwidth "
+          f"{ceilings.bandwidth / 1e9:.1f} GB/s")
     for b in args.batches:
         whole, parts = [], []
         samp = []
@@ -127,7 +138,7 @@ def main():
             for r in range(args.repeats + 1):
                 batch = make_batch(b, args.context, block_size, num_blocks, seed=r)
                 s = CLOCK(); logits = model(batch, cache); dt = CLOCK() - s
-                s = CLOCK(); sampler(logits, [SamplingParams(ignore_eos=True)] * b, [None] * b, [[]] * b)
+                s = CLOCK(); sampler(logits, [SamplingRow(SamplingParams(ignore_eos=True), None, [], [])] * b)
                 ds = CLOCK() - s
                 batch = make_batch(b, args.context, block_size, num_blocks, seed=r)
                 T = Timer(); s = CLOCK(); timed_forward(model, batch, cache, T); T.add("TOTAL (timed)", CLOCK() - s)
@@ -135,7 +146,9 @@ def main():
                     whole.append(dt); parts.append(T.t); samp.append(ds)
         med = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
         w = statistics.median(whole)
-        print(f"\n== b={b} ctx={args.context}: model forward {w*1e3:.1f} ms, sampler {statistics.median(samp)*1e3:.2f} ms")
+        roof = roofline_s(step_work(spec, [1] * b, [args.context + 1] * b), ceilings)
+        print(f"\n== b={b} ctx={args.context}: model forward {w*1e3:.1f} ms (roofline {roof*1e3:.1f} ms: "
+              f"{roof / w:.0%}), sampler {statistics.median(samp)*1e3:.2f} ms")
         acc = sum(v for k, v in med.items() if k != "TOTAL (timed)")
         for k, v in sorted(med.items(), key=lambda kv: -kv[1]):
             print(f"  {k:24s} {v*1e3:8.2f} ms  {v/med['TOTAL (timed)']:6.1%}")

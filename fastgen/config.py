@@ -33,6 +33,8 @@ class HardwareConfig:
     dtype: str = "float32"               # float32 | bfloat16 | float16 | auto (bf16 on AMX CPUs / bf16 GPUs)
     threads: Optional[int] = None        # torch intra-op threads; None keeps torch's choice
     kernels: str = "auto"                # auto (CUDA -> triton, CPU -> torch) | torch | triton
+    linear: str = "auto"                 # linear layers' GEMM: plain (F.linear) | onednn (weights reordered once,
+                                         # float32 CPU) | auto (onednn for decode-sized steps on a float32 CPU)
     tensor_parallel: int = 1             # devices the model is split over
 
     def validate(self) -> None:
@@ -46,6 +48,9 @@ class HardwareConfig:
             raise ValueError(f"hardware.kernels must be one of {', '.join(BACKENDS)}, got {self.kernels!r}")
         if self.tensor_parallel < 1:
             raise ValueError(f"hardware.tensor_parallel must be >= 1, got {self.tensor_parallel}")
+        from fastgen.kernels.linear import LINEARS
+        if self.linear not in LINEARS:
+            raise ValueError(f"unknown hardware.linear={self.linear!r}; choose from {', '.join(LINEARS)}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"hardware.threads must be >= 1 or null, got {self.threads}")
 

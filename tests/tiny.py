@@ -164,10 +164,10 @@ class Built(NamedTuple):
 
 
 def compose_engine(model, scheduler: str = "splitfuse", kv: str = "blocked", num_blocks: int = 64,
-                   block_size: int = 16, kernels: str = "auto", **knobs) -> Built:
+                   block_size: int = 16, kernels: str = "auto", linear: str = "auto", **knobs) -> Built:
     cfg = EngineConfig(scheduler=scheduler_config(scheduler, **knobs),
                        kv=KV_MANAGERS.config(kv, block_size=block_size, num_blocks=num_blocks))
-    cfg.hardware.kernels = kernels
+    cfg.hardware.kernels, cfg.hardware.linear = kernels, linear
     cfg.validate()
     executor = make_executor(cfg, model)
     manager = make_kv_manager(cfg.kv, executor.num_kv_blocks)

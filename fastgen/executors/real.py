@@ -12,6 +12,7 @@ import torch
 from fastgen.config import EngineConfig, ExecutorConfig
 from fastgen.executors.base import Executor, StepResult, register_executor
 from fastgen.kernels import load_backend
+from fastgen.kernels.linear import resolve_linear
 from fastgen.kv.cache import KVCache
 from fastgen.models import CausalLM, load_model
 from fastgen.ragged import BlockCopy, RaggedBatch, SeqChunk
@@ -41,7 +42,7 @@ class RealExecutor(Executor):
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.backend = load_backend(hw.kernels, self.device)
-        self.model = model.use_kernels(self.backend)
+        self.model = model.use_kernels(self.backend).use_linear(resolve_linear(hw.linear, self.device, self.dtype))
         self.spec, self.tokenizer = model.spec, tokenizer
         self.block_size = cfg.kv.block_size
         self.num_kv_blocks = cfg.kv.num_blocks or max(1, self.spec.kv_blocks_in(   # kv.memory_gb per device

@@ -6,7 +6,8 @@ per-step state it needs from the backend-neutral `AttentionMetadata` once, befor
 exist: `torch` (PyTorch, the CPU path and the reference) and `triton` (the GPU path; under TRITON_INTERPRET=1 it
 runs on CPU tensors, which is how CI tests it). The executor chooses one when the engine is built
 (`hardware.kernels`: auto picks triton on CUDA, torch elsewhere) and hands it to the model
-(`CausalLM.use_kernels`).
+(`CausalLM.use_kernels`). How the linear layers' GEMMs run on a CPU (MKL, or oneDNN on weights reordered once) is
+chosen beside it: fastgen.kernels.linear (`hardware.linear`, `CausalLM.use_linear`).
 """
 from __future__ import annotations
 

@@ -37,6 +37,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if residual is not None:
         x = x + residual
     residual = x
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps), residual    # the same math, one fused kernel
     xf = x.float()
     out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * out.to(x.dtype), residual
@@ -107,8 +109,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
     Decode rows (one query each) run as padded batches, in groups small enough that the gathered K/V stays in
     cache, with the query heads of a KV group folded into the query dimension, so grouped-query attention needs
     no repeated K/V. Each prompt chunk runs on its own, as plain causal attention when it has no cached prefix.
-    KV is gathered by whole blocks (a view when the blocks are consecutive), and the plan behind the gathers is
-    built once per step and reused by every layer.
+    KV is gathered by whole blocks into head-major copies (each KV head's keys one contiguous matrix; a view when
+    the blocks are consecutive), and the plan behind the gathers is built once per step and reused by every layer.
     Slots past a context are read and masked, so they must hold finite values (KVCache zero-fills its pools).
     `softcap` (Gemma-2) squashes each score s to softcap * tanh(s / softcap) before the softmax.
     """
@@ -120,18 +122,16 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
     for d in plan.decodes:
         qd = q[d.rows]
         b = qd.shape[0]
-        kd = plan.gather(k_cache, d.blocks, "k").view(b, -1, num_kv_heads, head_dim).transpose(1, 2)  # [B,Hkv,C,D]
-        vd = plan.gather(v_cache, d.blocks, "v").view(b, -1, num_kv_heads, head_dim).transpose(1, 2)
-        od = sdpa(qd.view(b, num_kv_heads, -1, head_dim), kd, vd, attn_mask=d.mask,
-                                            scale=scale)
+        kd = plan.gather(k_cache, d.blocks, "k").view(num_kv_heads, b, -1, head_dim).transpose(0, 1)  # [B,Hkv,C,D]
+        vd = plan.gather(v_cache, d.blocks, "v").view(num_kv_heads, b, -1, head_dim).transpose(0, 1)
+        od = sdpa(qd.view(b, num_kv_heads, -1, head_dim), kd, vd, attn_mask=d.mask, scale=scale)
         out[d.rows] = od.reshape(b, num_heads, head_dim)
     for c in plan.chunks:
-        kc = plan.gather(k_cache, c.blocks, "k").flatten(0, 1).narrow(0, c.first, c.length)  # [C, Hkv, D]
-        vc = plan.gather(v_cache, c.blocks, "v").flatten(0, 1).narrow(0, c.first, c.length)
+        kc = plan.gather(k_cache, c.blocks, "k").flatten(1, 2).narrow(1, c.first, c.length)  # [Hkv, C, D]
+        vc = plan.gather(v_cache, c.blocks, "v").flatten(1, 2).narrow(1, c.first, c.length)
         # 4-D inputs: SDPA's fused CPU kernel; 3-D ones fall back to the much slower math path.
-        oc = sdpa(q[c.rows].transpose(0, 1)[None], kc.transpose(0, 1)[None],
-                                            vc.transpose(0, 1)[None], attn_mask=c.mask, is_causal=c.mask is None,
-                                            scale=scale, enable_gqa=num_kv_heads != num_heads)
+        oc = sdpa(q[c.rows].transpose(0, 1)[None], kc[None], vc[None], attn_mask=c.mask, is_causal=c.mask is None,
+                  scale=scale, enable_gqa=num_kv_heads != num_heads)
         out[c.rows] = oc[0].transpose(0, 1)
     return out
 

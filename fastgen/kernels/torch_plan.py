@@ -46,18 +46,23 @@ class TorchAttentionPlan:
     _buffers: dict = field(default_factory=dict, repr=False)
 
     def gather(self, cache: torch.Tensor, blocks: torch.Tensor | slice, name: str) -> torch.Tensor:
-        """cache[blocks]: a view for a slice, else a copy into a buffer kept for the step. Reusing the buffer in
-        every layer spares the page faults a fresh multi-megabyte tensor costs each time on a CPU."""
+        """cache[blocks] head-major: [Hkv, n, block_size, D] for n blocks, so that each KV head's gathered keys
+        are one contiguous matrix. A view for a slice, else a copy into a buffer kept for the step: reusing it in
+        every layer spares the page faults a fresh multi-megabyte tensor costs each time on a CPU. Fast when the
+        pool's memory is head-major (KVCache's layout); any layout gives the same values."""
+        heads = cache.permute(2, 0, 1, 3)                                   # [Hkv, num_blocks, block_size, D]
         if isinstance(blocks, slice):
-            return cache[blocks]
-        rows = cache.view(cache.shape[0], -1)
-        n = blocks.numel() * rows.shape[1]
+            return heads[:, blocks]
+        n = heads.shape[0] * blocks.numel() * heads.shape[2] * heads.shape[3]
         buf = self._buffers.get(name)
         if buf is None or buf.numel() < n or buf.dtype != cache.dtype:
             buf = self._buffers[name] = torch.empty(n, dtype=cache.dtype, device=cache.device)
-        out = buf[:n].view(blocks.numel(), rows.shape[1])
-        torch.index_select(rows, 0, blocks, out=out)
-        return out.view(blocks.numel(), *cache.shape[1:])
+        out = buf[:n].view(heads.shape[0], blocks.numel(), *heads.shape[2:])
+        if heads.is_contiguous():
+            torch.index_select(heads.view(*heads.shape[:2], -1), 1, blocks, out=out.view(*out.shape[:2], -1))
+        else:
+            torch.index_select(heads, 1, blocks, out=out)
+        return out
 
 
 def build_plan(meta: AttentionMetadata, block_size: int, window: int | None) -> TorchAttentionPlan:

@@ -19,6 +19,7 @@ from torch import nn
 
 from fastgen.distributed import Slice, Split, all_reduce, current, gather_to_first
 from fastgen.kernels import reference
+from fastgen.kernels.linear import PROJECTION_ROWS, VOCABULARY_ROWS, ReorderedWeight, linear
 from fastgen.ragged import RaggedBatch
 
 
@@ -62,7 +63,21 @@ class Sharded(nn.Module):
         return None
 
 
-class ColumnParallelLinear(Sharded):
+class Reorderable(nn.Module):
+    """A layer whose GEMM can run on a copy of its weight reordered for oneDNN (fastgen.kernels.linear);
+    `CausalLM.use_linear` sets `reordered` on every one (None: F.linear on the plain weight)."""
+
+    reordered: ReorderedWeight | None = None
+    auto_rows = PROJECTION_ROWS          # rows for which hardware.linear=auto uses the reordered weight
+
+    def matrix(self) -> torch.Tensor:
+        return self.weight
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return linear(x, self.matrix(), bias, self.reordered)
+
+
+class ColumnParallelLinear(Sharded, Reorderable):
     """y = x W^T + b with W's output rows split over the ranks: each rank computes its share of y, with no
     communication. `parts` are the blocks packed into W (Q, K and V; gate and up), each split on its own, so
     that each rank holds matching heads of Q, K and V."""
@@ -75,7 +90,7 @@ class ColumnParallelLinear(Sharded):
         self.bias = nn.Parameter(torch.empty(sum(self.local_sizes))) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
     def shard(self, param: str, part: int | None, rank: int) -> list[Slice]:
         size = self.tp.size
@@ -87,7 +102,7 @@ class ColumnParallelLinear(Sharded):
                 for i, p in enumerate(self.parts)]
 
 
-class RowParallelLinear(Sharded):
+class RowParallelLinear(Sharded, Reorderable):
     """y = x W^T + b with W's input columns split over the ranks (x arrives split the same way, from a column-
     parallel layer): each rank's partial product is summed by one all-reduce, then the bias is added once."""
 
@@ -99,8 +114,8 @@ class RowParallelLinear(Sharded):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return nn.functional.linear(x, self.weight, self.bias)
-        y = all_reduce(nn.functional.linear(x, self.weight))
+            return self.matmul(x, self.bias)
+        y = all_reduce(self.matmul(x))
         return y if self.bias is None else y + self.bias
 
     def shard(self, param: str, part: int | None, rank: int) -> list[Slice] | None:
@@ -239,9 +254,11 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class LMHead(VocabParallelEmbedding):
+class LMHead(VocabParallelEmbedding, Reorderable):
     """Projects only the rows that need logits; shares the embedding matrix when the model ties them. Split over
     ranks like the embedding (each rank scores its share of the vocabulary); rank 0 gathers the full logits."""
+
+    auto_rows = VOCABULARY_ROWS
 
     def __init__(self, hidden: int, vocab: int, tied_to: VocabParallelEmbedding | None = None):
         super().__init__(vocab, hidden)
@@ -251,9 +268,11 @@ class LMHead(VocabParallelEmbedding):
             del self.weight
             self.weight = None
 
+    def matrix(self) -> torch.Tensor:
+        return self.tied_to.weight if self.tied_to is not None else self.weight
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        weight = self.tied_to.weight if self.tied_to is not None else self.weight
-        logits = nn.functional.linear(h, weight).float()
+        logits = self.matmul(h).float()
         if self.tp.size == 1:
             return logits
         return gather_to_first(logits, dim=1)[:, :self.vocab]
