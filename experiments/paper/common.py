@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))          # run from a checkout without installing fastgen
 
-from fastgen.analysis import markdown_table  # noqa: E402
+from fastgen.analysis import axis_label, describe, draw_curve, error_bar_note, markdown_table, samples  # noqa: E402
 from fastgen.bench import run_benchmark  # noqa: E402
 from fastgen.compose import compose_config  # noqa: E402
 from fastgen.sim.shapes import model_spec  # noqa: E402
@@ -212,6 +212,26 @@ def save(args, stem: str, table: str, figures: dict) -> None:
         figure.savefig(args.out / f"{name}.png", dpi=120)
     print(table)
     print("wrote", args.out / f"{stem}.md", *(args.out / f"{name}.png" for name in figures))
+
+
+def title(deployment: Deployment, runs: list[dict], *lines: str) -> str:
+    """A figure's title: the deployment and the executor that produced its numbers, then `lines` (the workload,
+    the SLA, ...), and the error bars' meaning where points were repeated."""
+    executors = sorted({describe(m["config"])["executor"] for m in runs})
+    note = error_bar_note(runs)
+    return "\n".join([deployment.name, " / ".join(executors), *lines, *([note] if note else [])])
+
+
+def curve(ax, runs: list[dict], x: str, y: str, label: str) -> None:
+    """One scheduler's curve (fastgen.analysis.draw_curve): points ordered by x, labelled with their client count
+    unless x is the client count, error bars where repeated; axes with names and units."""
+    draw_curve(ax, runs, x, y, label, annotate=x != "clients")
+    ax.set(xlabel=axis_label(x), ylabel=axis_label(y))
+
+
+def spread(runs: list[dict], key: str) -> list[float]:
+    """The standard deviation of `key` over each point's repeats (0 for a single run): bar charts' error bars."""
+    return [float(np.std([r[key] for r in samples(m)], ddof=1)) if len(samples(m)) > 1 else 0.0 for m in runs]
 
 
 def subplots(n: int, **kw):

@@ -11,7 +11,7 @@ reads each curve at the paper's operating points: throughput at 9 s latency and 
 from __future__ import annotations
 
 from common import (CLIENTS, LABELS, LLAMA_13B_A100, LLAMA_70B_4XA100, QUICK_CLIENTS, SCHEDULERS, WORKLOADS, Point,
-                    fmt, interpolate, markdown, mode_note, parser, ratio, run_points, save, subplots)
+                    curve, fmt, interpolate, markdown, mode_note, parser, ratio, run_points, save, subplots, title)
 
 PAPER = {LLAMA_70B_4XA100.name: {"1200/128": "1.36 vs 0.67 rps at 9 s (2.0x); 7 vs 14 s at 1.2 rps"}}
 PAPER_NOTE = ("Paper: FastGen vs vLLM, Llama-2 70B on 4xA100, 1200/128: 1.36 vs 0.67 rps at 9 s (2.0x), 7 vs 14 s "
@@ -31,16 +31,17 @@ def main(argv: list[str] | None = None) -> None:
     for dep in deployments:
         fig, axes = subplots(len(workloads))
         for ax, (wname, (prompt, gen)) in zip(axes[0], workloads.items()):
-            at_latency, at_rate = {}, {}
+            at_latency, at_rate, line = {}, {}, []
             for s in SCHEDULERS:
                 points = [metrics[Point(dep, s, prompt, gen, c)] for c in clients]
+                line += points
                 rps = [m["request_throughput"] for m in points]
                 latency = [m["e2e_s_mean"] for m in points]
-                ax.plot(rps, latency, marker="o", label=LABELS[s])
+                curve(ax, points, "request_throughput", "e2e_s_mean", LABELS[s])
                 at_latency[s] = interpolate(latency, rps, LATENCY_S)
                 at_rate[s] = interpolate(rps, latency, RATE)
-            ax.set(title=f"{dep.name}\nprompt {prompt} / generation {gen}", xlabel="throughput (requests/s)",
-                   ylabel="mean latency (s)")
+            ax.set_title(title(dep, line, f"prompt {prompt} / generation {gen} tokens, closed loop",
+                               "point labels: clients"), fontsize=8)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
             sf, vl, cb = (at_latency[s] for s in SCHEDULERS)
