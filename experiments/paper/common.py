@@ -88,6 +88,9 @@ def parser(doc: str, default_out: str) -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=("auto", "simulated", "real"), default="auto")
     p.add_argument("--model-dir", help="real runs: a local checkpoint of the deployment's model")
     p.add_argument("--num-requests", type=int, default=512)
+    p.add_argument("--requests-per-client", type=int, default=64,
+                   help="closed loop: at most this many requests per client (0: no cap); a single client's 512 "
+                        "sequential requests cost 8x the steps of 64 and tell no more about its mean")
     p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
                    help="simulated points run in this many processes at once")
     p.add_argument("--repeats", type=int, default=1, help="runs per point (workload seeds +0..N-1): error bars")
@@ -151,6 +154,8 @@ def run_point(args, point: Point) -> dict:
     cfg = copy.deepcopy(base_config((*dep.overrides, f"scheduler={point.scheduler}", "progress=false", *own,
                                      *point.extra, *executor(args, dep))))
     requests = point.num_requests or (QUICK_REQUESTS if args.quick else args.num_requests)
+    if args.requests_per_client:
+        requests = min(requests, args.requests_per_client * point.clients)
     set_workload(cfg, point.prompt, point.gen, point.clients, requests, model_spec(dep.model).max_positions)
     cfg.repeats = args.repeats
     with contextlib.redirect_stdout(io.StringIO()):     # run_benchmark prints a table per run
@@ -245,5 +250,7 @@ def mode_note(args, runs: list[dict]) -> str:
     """Which executor produced the numbers and at what size, for the table's footnote."""
     executors = sorted({m["config"]["executor"]["name"] for m in runs})
     size = f"reduced size (--quick, {QUICK_REQUESTS} requests)" if args.quick else f"{args.num_requests} requests"
+    if args.requests_per_client:
+        size += f" (at most {args.requests_per_client} per client)"
     return (f"fastgen: {'/'.join(executors)} executor, {size}; lengths ~ Normal(mean, 30%), prompts clipped so "
             "prompt + output fit the model's positions. Paper: DeepSpeed-FastGen vs vLLM as reported.")
