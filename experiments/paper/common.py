@@ -17,7 +17,9 @@ import concurrent.futures
 import contextlib
 import copy
 import functools
+import hashlib
 import io
+import json
 import multiprocessing
 import os
 import sys
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))          # run from a checkout without installing fastgen
@@ -64,6 +67,7 @@ LLAMA_13B_A100 = Deployment("Llama-2 13B, A100-80GB", "llama-2-13b", "a100-80gb"
 
 RESULTS = ROOT / "experiments" / "paper" / "results"      # the committed full-size results
 SCRATCH = ROOT / "outputs" / "paper-quick"                 # --quick's (git-ignored): never over RESULTS
+CACHE = ROOT / "outputs" / "paper-cache"                   # simulated points' metrics, shared by the scripts
 
 
 class Parser(argparse.ArgumentParser):
@@ -77,6 +81,8 @@ class Parser(argparse.ArgumentParser):
         parsed = super().parse_args(*args, **kwargs)
         if parsed.out is None:
             parsed.out = (SCRATCH if parsed.quick else RESULTS) / self.default_out
+        if parsed.cache is None:
+            parsed.cache = False if parsed.quick else CACHE
         return parsed
 
 
@@ -94,6 +100,11 @@ def parser(doc: str, default_out: str) -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
                    help="simulated points run in this many processes at once")
     p.add_argument("--repeats", type=int, default=1, help="runs per point (workload seeds +0..N-1): error bars")
+    p.add_argument("--cache", type=Path, default=None,
+                   help=f"reuse a simulated point's metrics when its whole config and fastgen's source are unchanged "
+                        f"(the scripts share many points); default {CACHE.relative_to(ROOT)} at full size, none with "
+                        f"--quick; --no-cache: none")
+    p.add_argument("--no-cache", dest="cache", action="store_const", const=False)
     return p
 
 
@@ -158,8 +169,41 @@ def run_point(args, point: Point) -> dict:
         requests = min(requests, args.requests_per_client * point.clients)
     set_workload(cfg, point.prompt, point.gen, point.clients, requests, model_spec(dep.model).max_positions)
     cfg.repeats = args.repeats
+    cached = cache_path(args, cfg)
+    if cached is not None and cached.exists():
+        return json.loads(cached.read_text())
     with contextlib.redirect_stdout(io.StringIO()):     # run_benchmark prints a table per run
-        return run_benchmark(cfg, args.out / "runs" / point.name)
+        metrics = run_benchmark(cfg, args.out / "runs" / point.name)
+    remember(args, metrics)
+    return metrics
+
+
+@functools.lru_cache(maxsize=None)
+def source_hash() -> str:
+    """What a simulated point's numbers depend on besides its config: fastgen's code, data and conf/."""
+    digest = hashlib.sha256()
+    for path in sorted([*(ROOT / "fastgen").rglob("*"), *(ROOT / "conf").rglob("*")]):
+        if path.is_file() and "__pycache__" not in path.parts:
+            digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def cache_path(args, cfg_or_config) -> Path | None:
+    """Where a simulated point's metrics are kept, by its whole config (as metrics.json records it) and
+    fastgen's source; None for real runs (their numbers are measurements, never reused) or without a cache."""
+    config = cfg_or_config if isinstance(cfg_or_config, dict) else \
+        OmegaConf.to_container(OmegaConf.structured(cfg_or_config))
+    if not args.cache or config["executor"]["name"] != "simulated":
+        return None
+    key = hashlib.sha256((json.dumps(config, sort_keys=True, default=str) + source_hash()).encode()).hexdigest()
+    return Path(args.cache) / f"{key[:32]}.json"
+
+
+def remember(args, metrics: dict) -> None:
+    path = cache_path(args, metrics["config"])
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(metrics))
 
 
 def _init_worker() -> None:
