@@ -159,6 +159,18 @@ class Point:
 
 def run_point(args, point: Point) -> dict:
     """One benchmark run (run.py's run_benchmark, its files under --out/runs/), returning its metrics."""
+    cfg = point_config(args, point)
+    cached = cache_path(args, cfg)
+    if cached is not None and cached.exists():
+        return json.loads(cached.read_text())
+    with contextlib.redirect_stdout(io.StringIO()):     # run_benchmark prints a table per run
+        metrics = run_benchmark(cfg, args.out / "runs" / point.name)
+    remember(args, metrics)
+    return metrics
+
+
+def point_config(args, point: Point):
+    """The point's run config: run.py's composition with the point's overrides and the paper's workload."""
     dep = point.deployment
     keys = {o.split("=")[0] for o in point.extra}       # an extra override replaces the scheduler's own
     own = [o for o in SCHEDULER_OVERRIDES.get(point.scheduler, ()) if o.split("=")[0] not in keys]
@@ -169,13 +181,7 @@ def run_point(args, point: Point) -> dict:
         requests = min(requests, args.requests_per_client * point.clients)
     set_workload(cfg, point.prompt, point.gen, point.clients, requests, model_spec(dep.model).max_positions)
     cfg.repeats = args.repeats
-    cached = cache_path(args, cfg)
-    if cached is not None and cached.exists():
-        return json.loads(cached.read_text())
-    with contextlib.redirect_stdout(io.StringIO()):     # run_benchmark prints a table per run
-        metrics = run_benchmark(cfg, args.out / "runs" / point.name)
-    remember(args, metrics)
-    return metrics
+    return cfg
 
 
 @functools.lru_cache(maxsize=None)
