@@ -24,6 +24,7 @@ REQUESTS_PER_REPLICA, QUICK_REQUESTS_PER_REPLICA = 256, 8
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__, "replica_scaling")
     p.add_argument("--clients-per-replica", type=int, default=16)
+    p.add_argument("--schedulers", nargs="+", choices=SCHEDULERS, default=list(SCHEDULERS))
     args = p.parse_args(argv)
     prompt, gen = WORKLOADS["2600/60"]
     per_replica = 2 if args.quick else args.clients_per_replica
@@ -34,9 +35,9 @@ def main(argv: list[str] | None = None) -> None:
         extra = () if n == 1 else (f"replicas={n}", f"router={router}")
         return Point(LLAMA_70B_4XA100, s, prompt, gen, per_replica * n, extra, requests * n)
 
-    grid = list(dict.fromkeys(point(s, n, r) for s in SCHEDULERS for r in ROUTERS for n in replicas))
+    grid = list(dict.fromkeys(point(s, n, r) for s in args.schedulers for r in ROUTERS for n in replicas))
     metrics = dict(zip(grid, run_points(args, grid)))
-    runs = {(s, r): [metrics[point(s, n, r)] for n in replicas] for s in SCHEDULERS for r in ROUTERS}
+    runs = {(s, r): [metrics[point(s, n, r)] for n in replicas] for s in args.schedulers for r in ROUTERS}
     qps = {key: [m["request_throughput"] for m in ms] for key, ms in runs.items()}
     fig, axes = subplots(1)
     ax = axes[0][0]

@@ -17,13 +17,17 @@ PAPER = {LLAMA_70B_4XA100.name: {"1200/128": "1.36 vs 0.67 rps at 9 s (2.0x); 7 
 PAPER_NOTE = ("Paper: FastGen vs vLLM, Llama-2 70B on 4xA100, 1200/128: 1.36 vs 0.67 rps at 9 s (2.0x), 7 vs 14 s "
               "at 1.2 rps; other workloads and the 13B deployment: the same trends, no numbers.")
 LATENCY_S, RATE = 9.0, 1.2
+DEPLOYMENTS = (LLAMA_70B_4XA100, LLAMA_13B_A100)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser(__doc__, "throughput_latency").parse_args(argv)
+    p = parser(__doc__, "throughput_latency")
+    p.add_argument("--deployments", nargs="+", choices=[d.model for d in DEPLOYMENTS],
+                   default=[d.model for d in DEPLOYMENTS])
+    args = p.parse_args(argv)
     clients = QUICK_CLIENTS if args.quick else CLIENTS
     workloads = {"2600/60": WORKLOADS["2600/60"]} if args.quick else WORKLOADS
-    deployments = (LLAMA_70B_4XA100, LLAMA_13B_A100)
+    deployments = [d for d in DEPLOYMENTS if d.model in args.deployments]
     grid = [Point(dep, s, prompt, gen, c) for dep in deployments for prompt, gen in workloads.values()
             for s in SCHEDULERS for c in clients]
     metrics = dict(zip(grid, run_points(args, grid)))
