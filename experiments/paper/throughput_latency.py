@@ -24,9 +24,10 @@ def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__, "throughput_latency")
     p.add_argument("--deployments", nargs="+", choices=[d.model for d in DEPLOYMENTS],
                    default=[d.model for d in DEPLOYMENTS])
+    p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     args = p.parse_args(argv)
     clients = QUICK_CLIENTS if args.quick else CLIENTS
-    workloads = {"2600/60": WORKLOADS["2600/60"]} if args.quick else WORKLOADS
+    workloads = {"2600/60": WORKLOADS["2600/60"]} if args.quick else {w: WORKLOADS[w] for w in args.workloads}
     deployments = [d for d in DEPLOYMENTS if d.model in args.deployments]
     grid = [Point(dep, s, prompt, gen, c) for dep in deployments for prompt, gen in workloads.values()
             for s in SCHEDULERS for c in clients]
