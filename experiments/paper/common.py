@@ -17,7 +17,9 @@ import concurrent.futures
 import contextlib
 import copy
 import functools
+import hashlib
 import io
+import json
 import multiprocessing
 import os
 import sys
@@ -25,11 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))          # run from a checkout without installing fastgen
 
-from fastgen.analysis import markdown_table  # noqa: E402
+from fastgen.analysis import axis_label, describe, draw_curve, error_bar_note, markdown_table, samples  # noqa: E402
 from fastgen.bench import run_benchmark  # noqa: E402
 from fastgen.compose import compose_config  # noqa: E402
 from fastgen.sim.shapes import model_spec  # noqa: E402
@@ -64,6 +67,7 @@ LLAMA_13B_A100 = Deployment("Llama-2 13B, A100-80GB", "llama-2-13b", "a100-80gb"
 
 RESULTS = ROOT / "experiments" / "paper" / "results"      # the committed full-size results
 SCRATCH = ROOT / "outputs" / "paper-quick"                 # --quick's (git-ignored): never over RESULTS
+CACHE = ROOT / "outputs" / "paper-cache"                   # simulated points' metrics, shared by the scripts
 
 
 class Parser(argparse.ArgumentParser):
@@ -77,6 +81,8 @@ class Parser(argparse.ArgumentParser):
         parsed = super().parse_args(*args, **kwargs)
         if parsed.out is None:
             parsed.out = (SCRATCH if parsed.quick else RESULTS) / self.default_out
+        if parsed.cache is None:
+            parsed.cache = False if parsed.quick else CACHE
         return parsed
 
 
@@ -88,9 +94,17 @@ def parser(doc: str, default_out: str) -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=("auto", "simulated", "real"), default="auto")
     p.add_argument("--model-dir", help="real runs: a local checkpoint of the deployment's model")
     p.add_argument("--num-requests", type=int, default=512)
+    p.add_argument("--requests-per-client", type=int, default=64,
+                   help="closed loop: at most this many requests per client (0: no cap); a single client's 512 "
+                        "sequential requests cost 8x the steps of 64 and tell no more about its mean")
     p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
                    help="simulated points run in this many processes at once")
     p.add_argument("--repeats", type=int, default=1, help="runs per point (workload seeds +0..N-1): error bars")
+    p.add_argument("--cache", type=Path, default=None,
+                   help=f"reuse a simulated point's metrics when its whole config and fastgen's source are unchanged "
+                        f"(the scripts share many points); default {CACHE.relative_to(ROOT)} at full size, none with "
+                        f"--quick; --no-cache: none")
+    p.add_argument("--no-cache", dest="cache", action="store_const", const=False)
     return p
 
 
@@ -145,16 +159,57 @@ class Point:
 
 def run_point(args, point: Point) -> dict:
     """One benchmark run (run.py's run_benchmark, its files under --out/runs/), returning its metrics."""
+    cfg = point_config(args, point)
+    cached = cache_path(args, cfg)
+    if cached is not None and cached.exists():
+        return json.loads(cached.read_text())
+    with contextlib.redirect_stdout(io.StringIO()):     # run_benchmark prints a table per run
+        metrics = run_benchmark(cfg, args.out / "runs" / point.name)
+    remember(args, metrics)
+    return metrics
+
+
+def point_config(args, point: Point):
+    """The point's run config: run.py's composition with the point's overrides and the paper's workload."""
     dep = point.deployment
     keys = {o.split("=")[0] for o in point.extra}       # an extra override replaces the scheduler's own
     own = [o for o in SCHEDULER_OVERRIDES.get(point.scheduler, ()) if o.split("=")[0] not in keys]
     cfg = copy.deepcopy(base_config((*dep.overrides, f"scheduler={point.scheduler}", "progress=false", *own,
                                      *point.extra, *executor(args, dep))))
     requests = point.num_requests or (QUICK_REQUESTS if args.quick else args.num_requests)
+    if args.requests_per_client:
+        requests = min(requests, args.requests_per_client * point.clients)
     set_workload(cfg, point.prompt, point.gen, point.clients, requests, model_spec(dep.model).max_positions)
     cfg.repeats = args.repeats
-    with contextlib.redirect_stdout(io.StringIO()):     # run_benchmark prints a table per run
-        return run_benchmark(cfg, args.out / "runs" / point.name)
+    return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def source_hash() -> str:
+    """What a simulated point's numbers depend on besides its config: fastgen's code, data and conf/."""
+    digest = hashlib.sha256()
+    for path in sorted([*(ROOT / "fastgen").rglob("*"), *(ROOT / "conf").rglob("*")]):
+        if path.is_file() and "__pycache__" not in path.parts:
+            digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def cache_path(args, cfg_or_config) -> Path | None:
+    """Where a simulated point's metrics are kept, by its whole config (as metrics.json records it) and
+    fastgen's source; None for real runs (their numbers are measurements, never reused) or without a cache."""
+    config = cfg_or_config if isinstance(cfg_or_config, dict) else \
+        OmegaConf.to_container(OmegaConf.structured(cfg_or_config))
+    if not args.cache or config["executor"]["name"] != "simulated":
+        return None
+    key = hashlib.sha256((json.dumps(config, sort_keys=True, default=str) + source_hash()).encode()).hexdigest()
+    return Path(args.cache) / f"{key[:32]}.json"
+
+
+def remember(args, metrics: dict) -> None:
+    path = cache_path(args, metrics["config"])
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(metrics))
 
 
 def _init_worker() -> None:
@@ -214,6 +269,26 @@ def save(args, stem: str, table: str, figures: dict) -> None:
     print("wrote", args.out / f"{stem}.md", *(args.out / f"{name}.png" for name in figures))
 
 
+def title(deployment: Deployment, runs: list[dict], *lines: str) -> str:
+    """A figure's title: the deployment and the executor that produced its numbers, then `lines` (the workload,
+    the SLA, ...), and the error bars' meaning where points were repeated."""
+    executors = sorted({describe(m["config"])["executor"] for m in runs})
+    note = error_bar_note(runs)
+    return "\n".join([deployment.name, " / ".join(executors), *lines, *([note] if note else [])])
+
+
+def curve(ax, runs: list[dict], x: str, y: str, label: str) -> None:
+    """One scheduler's curve (fastgen.analysis.draw_curve): points ordered by x, labelled with their client count
+    unless x is the client count, error bars where repeated; axes with names and units."""
+    draw_curve(ax, runs, x, y, label, annotate=x != "clients")
+    ax.set(xlabel=axis_label(x), ylabel=axis_label(y))
+
+
+def spread(runs: list[dict], key: str) -> list[float]:
+    """The standard deviation of `key` over each point's repeats (0 for a single run): bar charts' error bars."""
+    return [float(np.std([r[key] for r in samples(m)], ddof=1)) if len(samples(m)) > 1 else 0.0 for m in runs]
+
+
 def subplots(n: int, **kw):
     import matplotlib
     matplotlib.use("Agg")
@@ -225,5 +300,7 @@ def mode_note(args, runs: list[dict]) -> str:
     """Which executor produced the numbers and at what size, for the table's footnote."""
     executors = sorted({m["config"]["executor"]["name"] for m in runs})
     size = f"reduced size (--quick, {QUICK_REQUESTS} requests)" if args.quick else f"{args.num_requests} requests"
+    if args.requests_per_client:
+        size += f" (at most {args.requests_per_client} per client)"
     return (f"fastgen: {'/'.join(executors)} executor, {size}; lengths ~ Normal(mean, 30%), prompts clipped so "
             "prompt + output fit the model's positions. Paper: DeepSpeed-FastGen vs vLLM as reported.")

@@ -9,8 +9,10 @@ point over the client counts and its SLA miss rate there.
 """
 from __future__ import annotations
 
-from common import (CLIENTS, LABELS, LLAMA_70B_4XA100, QUICK_CLIENTS, SCHEDULERS, WORKLOADS, Point, fmt, markdown,
-                    mode_note, parser, ratio, run_points, save, subplots)
+from common import (CLIENTS, LABELS, LLAMA_70B_4XA100, QUICK_CLIENTS, SCHEDULERS, WORKLOADS, Point, curve, fmt,
+                    markdown, mode_note, parser, ratio, run_points, save, subplots, title)
+
+from fastgen.analysis import describe
 
 PAPER = {"2600/60": {"splitfuse": ("1.42", "<1%"), "vllm-0.2": ("0.63", "~28%")}}
 PAPER_RATIO = {"2600/60": "2.3x"}
@@ -27,13 +29,16 @@ def main(argv: list[str] | None = None) -> None:
     fig, axes = subplots(2)
     for ax, wname in zip(axes[0], workloads):
         prompt, gen = WORKLOADS[wname]
-        best = {}
+        best, line = {}, []
         for s in SCHEDULERS:
             points = [metrics[Point(dep, s, prompt, gen, c)] for c in clients]
-            ax.plot(clients, [m[KEY] for m in points], marker="o", label=LABELS[s])
+            line += points
+            curve(ax, points, "clients", KEY, LABELS[s])
             best[s] = max(points, key=lambda m: m[KEY])
-        ax.set(title=f"{dep.name}\nprompt {prompt} / generation {gen}, SLA 4 tok/s", xlabel="clients",
-               ylabel="effective throughput (requests/s)")
+        sla = describe(line[0]["config"])["sla"].replace("; EMA", ";\nEMA")
+        ax.set_title(title(dep, line, f"prompt {prompt} / generation {gen} tokens, closed loop", sla), fontsize=8)
+        ax.set_xticks(clients)
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         for s in SCHEDULERS:

@@ -11,7 +11,9 @@ needs no router.
 from __future__ import annotations
 
 from common import (LABELS, LLAMA_70B_4XA100, SCHEDULERS, WORKLOADS, Point, fmt, markdown, mode_note, parser,
-                    run_points, save, subplots)
+                    run_points, save, spread, subplots, title)
+
+from fastgen.analysis import axis_label
 
 REPLICAS, QUICK_REPLICAS = (1, 2, 4, 8, 16), (1, 2)
 ROUTERS = ("round_robin", "least_outstanding", "random")
@@ -22,6 +24,7 @@ REQUESTS_PER_REPLICA, QUICK_REQUESTS_PER_REPLICA = 256, 8
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__, "replica_scaling")
     p.add_argument("--clients-per-replica", type=int, default=16)
+    p.add_argument("--schedulers", nargs="+", choices=SCHEDULERS, default=list(SCHEDULERS))
     args = p.parse_args(argv)
     prompt, gen = WORKLOADS["2600/60"]
     per_replica = 2 if args.quick else args.clients_per_replica
@@ -32,17 +35,20 @@ def main(argv: list[str] | None = None) -> None:
         extra = () if n == 1 else (f"replicas={n}", f"router={router}")
         return Point(LLAMA_70B_4XA100, s, prompt, gen, per_replica * n, extra, requests * n)
 
-    grid = list(dict.fromkeys(point(s, n, r) for s in SCHEDULERS for r in ROUTERS for n in replicas))
+    grid = list(dict.fromkeys(point(s, n, r) for s in args.schedulers for r in ROUTERS for n in replicas))
     metrics = dict(zip(grid, run_points(args, grid)))
-    qps = {(s, r): [metrics[point(s, n, r)]["request_throughput"] for n in replicas]
-           for s in SCHEDULERS for r in ROUTERS}
+    runs = {(s, r): [metrics[point(s, n, r)] for n in replicas] for s in args.schedulers for r in ROUTERS}
+    qps = {key: [m["request_throughput"] for m in ms] for key, ms in runs.items()}
     fig, axes = subplots(1)
     ax = axes[0][0]
     for (s, r), values in qps.items():
-        ax.plot(replicas, values, marker="o", label=f"{LABELS[s]}, {r}",
-                linestyle={"round_robin": "-", "least_outstanding": "--", "random": ":"}[r])
-    ax.set(xlabel="replicas (4 GPUs each)", ylabel="throughput (requests/s)",
-           title=f"{LLAMA_70B_4XA100.name} per replica\nprompt {prompt} / generation {gen}, {per_replica} clients each")
+        std = spread(runs[s, r], "request_throughput")
+        ax.errorbar(replicas, values, yerr=std if any(std) else None, capsize=3, marker="o", label=f"{LABELS[s]}, {r}",
+                    linestyle={"round_robin": "-", "least_outstanding": "--", "random": ":"}[r])
+    ax.set(xlabel="replicas (4 GPUs each)", ylabel=axis_label("request_throughput"), xticks=replicas)
+    ax.set_title(title(LLAMA_70B_4XA100, list(metrics.values()),
+                       f"prompt {prompt} / generation {gen} tokens, {per_replica} closed-loop clients per replica",
+                       "N simulated replicas behind each router"), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
     rows = [[s, r, *(fmt(v) for v in values), fmt(values[-1] / (replicas[-1] * values[0]), ".0%")]

@@ -11,19 +11,24 @@ reads each curve at the paper's operating points: throughput at 9 s latency and 
 from __future__ import annotations
 
 from common import (CLIENTS, LABELS, LLAMA_13B_A100, LLAMA_70B_4XA100, QUICK_CLIENTS, SCHEDULERS, WORKLOADS, Point,
-                    fmt, interpolate, markdown, mode_note, parser, ratio, run_points, save, subplots)
+                    curve, fmt, interpolate, markdown, mode_note, parser, ratio, run_points, save, subplots, title)
 
 PAPER = {LLAMA_70B_4XA100.name: {"1200/128": "1.36 vs 0.67 rps at 9 s (2.0x); 7 vs 14 s at 1.2 rps"}}
 PAPER_NOTE = ("Paper: FastGen vs vLLM, Llama-2 70B on 4xA100, 1200/128: 1.36 vs 0.67 rps at 9 s (2.0x), 7 vs 14 s "
               "at 1.2 rps; other workloads and the 13B deployment: the same trends, no numbers.")
 LATENCY_S, RATE = 9.0, 1.2
+DEPLOYMENTS = (LLAMA_70B_4XA100, LLAMA_13B_A100)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser(__doc__, "throughput_latency").parse_args(argv)
+    p = parser(__doc__, "throughput_latency")
+    p.add_argument("--deployments", nargs="+", choices=[d.model for d in DEPLOYMENTS],
+                   default=[d.model for d in DEPLOYMENTS])
+    p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    args = p.parse_args(argv)
     clients = QUICK_CLIENTS if args.quick else CLIENTS
-    workloads = {"2600/60": WORKLOADS["2600/60"]} if args.quick else WORKLOADS
-    deployments = (LLAMA_70B_4XA100, LLAMA_13B_A100)
+    workloads = {"2600/60": WORKLOADS["2600/60"]} if args.quick else {w: WORKLOADS[w] for w in args.workloads}
+    deployments = [d for d in DEPLOYMENTS if d.model in args.deployments]
     grid = [Point(dep, s, prompt, gen, c) for dep in deployments for prompt, gen in workloads.values()
             for s in SCHEDULERS for c in clients]
     metrics = dict(zip(grid, run_points(args, grid)))
@@ -31,16 +36,17 @@ def main(argv: list[str] | None = None) -> None:
     for dep in deployments:
         fig, axes = subplots(len(workloads))
         for ax, (wname, (prompt, gen)) in zip(axes[0], workloads.items()):
-            at_latency, at_rate = {}, {}
+            at_latency, at_rate, line = {}, {}, []
             for s in SCHEDULERS:
                 points = [metrics[Point(dep, s, prompt, gen, c)] for c in clients]
+                line += points
                 rps = [m["request_throughput"] for m in points]
                 latency = [m["e2e_s_mean"] for m in points]
-                ax.plot(rps, latency, marker="o", label=LABELS[s])
+                curve(ax, points, "request_throughput", "e2e_s_mean", LABELS[s])
                 at_latency[s] = interpolate(latency, rps, LATENCY_S)
                 at_rate[s] = interpolate(rps, latency, RATE)
-            ax.set(title=f"{dep.name}\nprompt {prompt} / generation {gen}", xlabel="throughput (requests/s)",
-                   ylabel="mean latency (s)")
+            ax.set_title(title(dep, line, f"prompt {prompt} / generation {gen} tokens, closed loop",
+                               "point labels: clients"), fontsize=8)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
             sf, vl, cb = (at_latency[s] for s in SCHEDULERS)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from common import (LABELS, LLAMA_70B_4XA100, SCHEDULERS, WORKLOADS, Point, fmt, markdown, mode_note, parser, ratio,
-                    run_points, save, subplots)
+                    run_points, save, spread, subplots, title)
 
 PERCENTILES = (50, 90, 95)
 CLIENTS, QUICK_CLIENTS = 16, 4
@@ -25,10 +25,13 @@ def main(argv: list[str] | None = None) -> None:
     fig, axes = subplots(1)
     ax, width = axes[0][0], 0.8 / len(SCHEDULERS)
     for i, s in enumerate(SCHEDULERS):
+        errors = [spread([runs[s]], f"token_latency_s_p{p}")[0] for p in PERCENTILES]
         ax.bar(np.arange(len(PERCENTILES)) + (i - (len(SCHEDULERS) - 1) / 2) * width, value[s], width,
-               label=LABELS[s])
-    ax.set(xticks=range(len(PERCENTILES)), xticklabels=[f"P{p}" for p in PERCENTILES], ylabel="token latency (s)",
-           title=f"{LLAMA_70B_4XA100.name}\nprompt {prompt} / generation {gen}, {clients} clients")
+               label=LABELS[s], yerr=errors if any(errors) else None, capsize=3)
+    ax.set(xticks=range(len(PERCENTILES)), xticklabels=[f"P{p}" for p in PERCENTILES],
+           xlabel="percentile of the gaps between a request's tokens", ylabel="token latency (s)")
+    ax.set_title(title(LLAMA_70B_4XA100, list(runs.values()),
+                       f"prompt {prompt} / generation {gen} tokens, {clients} clients, closed loop"), fontsize=8)
     ax.legend(fontsize=7)
     rows = []
     for k, p in enumerate(PERCENTILES):
