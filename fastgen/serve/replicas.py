@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, List, Optional
@@ -50,6 +51,7 @@ BOARD_NAME = "fastgen-replica-board"
 NAMESPACE = "fastgen"
 REPORT_PERIOD_S = 0.25        # how often a replica reports its metrics to the board
 STALE_AFTER_S = 3.0           # a replica silent this long is reported unreachable by /health
+SHUTDOWN_TIMEOUT_S = 20.0     # how long stop() waits for Ray Serve to delete the replicas
 FORGET_AFTER_S = 60.0         # ... and this long, forgotten (/metrics and /health drop it)
 
 
@@ -219,7 +221,13 @@ class ReplicaSet:
         self._stopped = True
         for task in self._tasks.values():
             task.cancel()
-        serve.shutdown()
+        # serve.shutdown waits on Ray's controller, which never answers if Ray's own processes are gone (a signal
+        # sent to the whole process group): bounded, then Ray itself is shut down, which ends what is left.
+        stopper = threading.Thread(target=serve.shutdown, name="fastgen-serve-shutdown", daemon=True)
+        stopper.start()
+        stopper.join(SHUTDOWN_TIMEOUT_S)
+        if stopper.is_alive():
+            log.warning("Ray Serve did not shut down within %ss; shutting Ray down", SHUTDOWN_TIMEOUT_S)
         if self.started_ray:
             ray.shutdown()
 
