@@ -5,8 +5,11 @@ builds its engine with build_engine(cfg) like `python -m fastgen.serve replicas=
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 
+import httpx
 import openai
 import psutil
 import pytest
@@ -19,7 +22,7 @@ from fastgen.compose import build_engine
 from fastgen.config import HardwareConfig, ModelConfig
 from fastgen.routers import ROUTERS, make_router
 from fastgen.serve.replicas import ReplicaSet, rank_replicas
-from serving import API_KEY, ENGINE_CFG, MODEL, serve_config, served, tokenizer
+from serving import API_KEY, ENGINE_CFG, MODEL, numbered_stream, serve_config, served, tokenizer
 from test_serve import FAULTS
 from tiny import tiny_config
 
@@ -134,21 +137,10 @@ def test_greedy_outputs_equal_the_single_process_server(replicated, single, stre
 
 
 def test_32_concurrent_streams_complete_and_free_every_replicas_kv(replicated):
-    async def one(client, i):
-        n = 4 + i % 5
-        stream = await client.completions.create(model=MODEL, prompt=f"Request number {i} says", max_tokens=n,
-                                                 temperature=0, stream=True, stream_options={"include_usage": True},
-                                                 extra_body={"ignore_eos": True})
-        choices, usage = [], None
-        async for chunk in stream:
-            choices += chunk.choices
-            usage = chunk.usage or usage
-        return n, len(choices), choices[-1].finish_reason, usage.completion_tokens
-
     async def main():
         async with openai.AsyncOpenAI(base_url=f"{replicated.url}/v1", api_key=API_KEY, max_retries=0,
                                       timeout=120) as client:
-            return await asyncio.gather(*(one(client, i) for i in range(32)))
+            return await asyncio.gather(*(numbered_stream(client, i) for i in range(32)))
 
     before = per_replica(replicated, "fastgen_requests")
     results = asyncio.run(main())
@@ -228,3 +220,38 @@ def test_a_killed_replica_is_restarted_and_the_deployment_keeps_answering(replic
     assert wait_for(both_serve, timeout_s=30)       # the handle routes to the new replica too
     timeline.append((time.monotonic() - t0, "both replicas answered requests"))
     print("\nfailover timeline:\n" + "\n".join(f"  t={t:6.2f}s  {what}" for t, what in timeline))
+
+
+@pytest.mark.slow
+def test_cli_serves_replicas_and_sigterm_ends_streams_and_ray(model_dir):
+    """`python -m fastgen.serve replicas=2 router=power_of_two`: both replicas serve; SIGTERM ends a running stream
+    with the server_shutdown event and [DONE] after shutdown_grace_s, and no process of the server's is left."""
+    port = 18000 + os.getpid() % 1000
+    server = subprocess.Popen([sys.executable, "-m", "fastgen.serve", "replicas=2", "router=power_of_two",
+                               f"model.source={model_dir}", "hardware.threads=1", f"port={port}",
+                               "shutdown_grace_s=2"], env=os.environ | {"FASTGEN_API_KEY": API_KEY})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_for(lambda: server.poll() is None and _ok(f"{url}/health"), timeout_s=300, every_s=1)
+        children = psutil.Process(server.pid).children(recursive=True)
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        body = {"model": model_dir, "prompt": "Hi", "max_tokens": 400, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+            server.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line.startswith("data:")]
+        assert "server_shutdown" in rest[-2] and rest[-1] == "data: [DONE]"
+        server.wait(60)
+        gone = psutil.wait_procs([c for c in children if c.is_running()], timeout=15)[1]
+        assert not gone, [p.cmdline()[:2] for p in gone]
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def _ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

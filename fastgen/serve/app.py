@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -47,8 +47,27 @@ DEFAULT_COMPLETION_TOKENS = 16
 API_PARAMS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "prompt_logprobs": "logprobs"}
 
 Body = TypeVar("Body", bound=GenerationBody)
-# What the app serves through: an EngineLoop, or anything with its interface (fastgen.serve.replicas.ReplicaSet)
-Backend = EngineLoop
+
+
+class Backend(Protocol):
+    """What the app serves through: an EngineLoop (one engine in this process) or a ReplicaSet
+    (fastgen.serve.replicas: engine replicas on Ray Serve)."""
+
+    metrics: ServerMetrics | object          # has content_type
+    tokenizer: object
+    max_model_len: int
+    vocab_size: int
+    shutting_down: bool
+    alive: bool
+    num_active: int
+
+    def start(self, event_loop: asyncio.AbstractEventLoop) -> None: ...
+    def stop(self) -> None: ...
+    def submit(self, requests: Sequence[SequenceRequest], timeout_s: float) -> RequestGroup: ...
+    def release(self, group: RequestGroup) -> None: ...
+    def begin_shutdown(self, grace_s: float) -> None: ...
+    async def render_metrics(self) -> bytes: ...
+    async def health(self) -> tuple[int, dict]: ...
 T = TypeVar("T")
 
 
