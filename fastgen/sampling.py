@@ -34,6 +34,9 @@ class ParameterError(ValueError):
         super().__init__(f"invalid {param}: {reason}")
         self.param, self.reason = param, reason
 
+    def __reduce__(self):       # pickled whole, so a replica's refusal reaches the HTTP front (fastgen.serve.replicas)
+        return type(self), (self.param, self.reason)
+
 
 @dataclass
 class SamplingParams:

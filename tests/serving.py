@@ -106,6 +106,20 @@ def served(cfg: ServeConfig | None = None, engine: LLMEngine | None = None, refe
         thread.join(timeout=cfg.shutdown_grace_s + 10)
 
 
+async def numbered_stream(client: openai.AsyncOpenAI, i: int) -> tuple[int, int, str, int]:
+    """Streams request number i (4 + i % 5 tokens, EOS ignored): (tokens asked, chunks with a choice, the last
+    finish_reason, usage's completion_tokens)."""
+    n = 4 + i % 5
+    stream = await client.completions.create(model=MODEL, prompt=f"Request number {i} says", max_tokens=n,
+                                             temperature=0, stream=True, stream_options={"include_usage": True},
+                                             extra_body={"ignore_eos": True})
+    choices, usage = [], None
+    async for chunk in stream:
+        choices += chunk.choices
+        usage = chunk.usage or usage
+    return n, len(choices), choices[-1].finish_reason, usage.completion_tokens
+
+
 def stream_text(chunks, chat: bool) -> tuple[str, list, object]:
     """(concatenated text, the chunks that carry a choice, the usage) of an openai stream."""
     text, choices, usage = "", [], None

@@ -38,8 +38,22 @@ def test_random_is_seeded_and_spreads_evenly():
     for _ in range(4000):
         counts[r.choose([0] * 4)] += 1
     assert all(900 < c < 1100 for c in counts)
-    with pytest.raises(ValueError, match="unknown router 'nope'; available: least_outstanding, random, round_robin"):
+    with pytest.raises(ValueError, match="unknown router 'nope'; available: least_outstanding, power_of_two, random, round_robin"):
         ROUTERS.config("nope")
+
+
+@given(st.lists(st.integers(0, 20), min_size=2, max_size=8), st.integers(0, 1000))
+def test_power_of_two_picks_the_less_loaded_of_two_distinct_draws(load, seed):
+    p2c = router("power_of_two", len(load), seed=seed)
+    draws = router("power_of_two", len(load), seed=seed)._rng.choice(len(load), size=2, replace=False)
+    chosen = p2c.choose(load)
+    assert chosen in draws and load[chosen] == min(load[d] for d in draws)
+
+
+def test_power_of_two_never_picks_the_most_loaded_of_three():
+    p2c = router("power_of_two", 3, seed=3)
+    picks = [p2c.choose([5, 0, 9]) for _ in range(300)]
+    assert 2 not in picks and {0, 1} <= set(picks)
 
 
 def cluster(replicas, name, *overrides):

@@ -24,7 +24,7 @@ from fastgen.driver import run_workload
 from fastgen.serve import HttpTarget, ServeConfig
 from fastgen.serve.client import _stream_completion, carries_token
 from fastgen.workloads import ClosedLoopArrivals, OpenLoopArrivals, Workload, WorkloadRequest
-from serving import API_KEY, AUTH, MODEL, stream_text, tiny_model
+from serving import API_KEY, AUTH, MODEL, numbered_stream, stream_text, tiny_model
 from serving import served as serve_app
 from serving import tokenizer as load_tokenizer
 
@@ -298,21 +298,10 @@ def test_endpoints_clients_probe(served):
 
 # -- load ----------------------------------------------------------------------------------------------------------
 def test_64_concurrent_streams_all_complete_and_free_the_kv(served):
-    async def one(client, i):
-        n = 4 + i % 5
-        stream = await client.completions.create(model=MODEL, prompt=f"Request number {i} says", max_tokens=n,
-                                                 temperature=0, stream=True, stream_options={"include_usage": True},
-                                                 extra_body={"ignore_eos": True})
-        choices, usage = [], None
-        async for chunk in stream:
-            choices += chunk.choices
-            usage = chunk.usage or usage
-        return n, len(choices), choices[-1].finish_reason, usage.completion_tokens
-
     async def main():
         async with openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key=API_KEY, max_retries=0,
                                       timeout=120) as client:
-            return await asyncio.gather(*(one(client, i) for i in range(64)))
+            return await asyncio.gather(*(numbered_stream(client, i) for i in range(64)))
 
     before = served.counter("fastgen_generation_tokens_total")
     results = asyncio.run(main())

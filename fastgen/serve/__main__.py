@@ -1,6 +1,7 @@
 """`python -m fastgen.serve [key=value ...]`: load the model named by conf/serve.yaml and serve it over HTTP.
 
 Binds 127.0.0.1:8000 unless told otherwise (host=0.0.0.0 port=9000); the API key comes from FASTGEN_API_KEY.
+replicas=N (> 1) serves N engine replicas on Ray Serve behind router=NAME (fastgen/serve/replicas.py).
 """
 import logging
 
@@ -21,7 +22,15 @@ def main(dict_cfg: DictConfig) -> None:
     if cfg.api_key is None and cfg.host not in LOOPBACK_HOSTS:
         logging.getLogger(__name__).warning("serving on %s without an api_key: anyone who can reach it can use it; "
                                             "set FASTGEN_API_KEY", cfg.host)
-    uvicorn_server(create_app(build_engine(cfg), cfg), cfg).run()
+    if cfg.replicas == 1:
+        uvicorn_server(create_app(build_engine(cfg), cfg), cfg).run()
+        return
+    from fastgen.serve.replicas import ReplicaSet      # Ray only where replicas are asked for
+    replicas = ReplicaSet(cfg)
+    try:
+        uvicorn_server(create_app(replicas, cfg), cfg).run()
+    finally:
+        replicas.stop()
 
 
 if __name__ == "__main__":

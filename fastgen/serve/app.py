@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -34,7 +34,8 @@ from fastgen.engine import LLMEngine
 from fastgen.sampling import ParameterError, SamplingParams, TokenLogprob
 from fastgen.serve.config import ServeConfig
 from fastgen.serve.edge import RequestIdMiddleware
-from fastgen.serve.engine_loop import EngineLoop, RequestFailed, RequestGroup, SequenceRequest, ServerShuttingDown
+from fastgen.serve.engine_loop import (EngineLoop, ReplicaUnavailable, RequestFailed, RequestGroup, SequenceRequest,
+                                      ServerShuttingDown)
 from fastgen.serve.metrics import ServerMetrics
 from fastgen.serve.protocol import (APIError, ChatCompletionRequest, ChatMessage, ChoiceState, CompletionRequest,
                                     DetokenizeRequest, GenerationBody, Responder, TokenizeRequest, usage,
@@ -47,19 +48,40 @@ DEFAULT_COMPLETION_TOKENS = 16
 API_PARAMS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "prompt_logprobs": "logprobs"}
 
 Body = TypeVar("Body", bound=GenerationBody)
+
+
+class Backend(Protocol):
+    """What the app serves through: an EngineLoop (one engine in this process) or a ReplicaSet
+    (fastgen.serve.replicas: engine replicas on Ray Serve)."""
+
+    metrics: ServerMetrics | object          # has content_type
+    tokenizer: object
+    max_model_len: int
+    vocab_size: int
+    shutting_down: bool
+    alive: bool
+    num_active: int
+
+    def start(self, event_loop: asyncio.AbstractEventLoop) -> None: ...
+    def stop(self) -> None: ...
+    def submit(self, requests: Sequence[SequenceRequest], timeout_s: float) -> RequestGroup: ...
+    def release(self, group: RequestGroup) -> None: ...
+    def begin_shutdown(self, grace_s: float) -> None: ...
+    async def render_metrics(self) -> bytes: ...
+    async def health(self) -> tuple[int, dict]: ...
 T = TypeVar("T")
 
 
 class Server:
     """What the routes share: the engine thread, the limits, the metrics, the tokenizer and its worker pool."""
 
-    def __init__(self, engine: LLMEngine, cfg: ServeConfig):
+    def __init__(self, loop: Backend, cfg: ServeConfig):
         self.cfg = cfg
-        self.metrics = ServerMetrics()
-        self.loop = EngineLoop(engine, self.metrics)
-        self.tokenizer = engine.tokenizer
-        self.max_model_len = engine.max_model_len
-        self.vocab_size = engine.vocab_size
+        self.loop = loop
+        self.metrics = loop.metrics
+        self.tokenizer = loop.tokenizer
+        self.max_model_len = loop.max_model_len
+        self.vocab_size = loop.vocab_size
         self.model_name = cfg.model_name
         self.created = int(time.time())
         self.pool = ThreadPoolExecutor(cfg.tokenizer_workers, thread_name_prefix="fastgen-tokenize")
@@ -100,12 +122,13 @@ class Server:
             raise APIError(400, f"cannot apply the model's chat template: {e}", param="messages") from e
 
 
-def create_app(engine: LLMEngine, cfg: ServeConfig | None = None) -> FastAPI:
-    """The app serving `engine`; the engine thread runs while the app does (its lifespan). cfg's engine fields
-    are not used: the engine is already built."""
+def create_app(engine: LLMEngine | Backend, cfg: ServeConfig | None = None) -> FastAPI:
+    """The app serving `engine` (in this process: its engine thread runs while the app does) or a backend with
+    EngineLoop's interface (fastgen.serve.replicas.ReplicaSet), which the app stops when it ends. cfg's engine
+    fields are not used: the engine is already built."""
     cfg = cfg or ServeConfig()
     cfg.validate()
-    server = Server(engine, cfg)
+    server = Server(EngineLoop(engine, ServerMetrics()) if isinstance(engine, LLMEngine) else engine, cfg)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -169,9 +192,8 @@ router = APIRouter(dependencies=[Depends(require_api_key), Depends(require_json)
 
 
 async def health(request: Request) -> JSONResponse:
-    if _server(request).loop.alive:
-        return JSONResponse({"status": "ok"})
-    return JSONResponse({"status": "the engine thread has stopped"}, status_code=503)
+    status, body = await _server(request).loop.health()
+    return JSONResponse(body, status_code=status)
 
 
 def _model_card(server: Server) -> dict:
@@ -198,8 +220,8 @@ async def version() -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    m = _server(request).metrics
-    return Response(m.render(), media_type=m.content_type)
+    server = _server(request)
+    return Response(await server.loop.render_metrics(), media_type=server.metrics.content_type)
 
 
 # -- the tokenizer (vLLM's endpoints, which lm-eval's remote tokenizer reads) -------------------------------------
@@ -389,6 +411,8 @@ def _as_api_error(e: Exception, cfg: ServeConfig, chat: bool) -> APIError:
         return _parameter_error(e, chat)
     if isinstance(e, ValueError):
         return APIError(400, str(e), param="prompt")
+    if isinstance(e, ReplicaUnavailable):
+        return APIError(503, f"the request failed: {e}", type="server_error", code="replica_unavailable")
     if isinstance(e, RequestFailed):
         return APIError(500, f"the request failed: {e}", type="server_error", code="request_failed")
     return APIError(500, str(e), type="server_error")

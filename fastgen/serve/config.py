@@ -2,14 +2,36 @@
 the limits that keep one client from exhausting it). conf/serve.yaml is validated against it by Hydra."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 from fastgen.config import EngineConfig, hydra_schema
+from fastgen.routers import ROUTERS, RouterConfig
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 LOOPBACK_NAMES = ["127.0.0.1", "localhost", "[::1]"]
+
+
+@dataclass
+class ReplicaConfig:
+    """One engine replica of a replicated deployment (replicas > 1, fastgen.serve.replicas, on Ray Serve)."""
+
+    num_cpus: float = 1.0                    # Ray resources each replica reserves (its engine uses hardware.threads)
+    num_gpus: float = 0.0
+    max_ongoing_requests: int = 256          # Ray's back-pressure: requests one replica holds at once
+    retries: int = 2                         # a request whose replica dies before its first token goes elsewhere
+    ray_address: Optional[str] = None        # None: the running Ray cluster (RAY_ADDRESS) or a new local one;
+                                             # "auto" or "ray://host:10001": join that cluster
+    ray_num_cpus: Optional[int] = None       # CPUs of a Ray started here; None: replicas x num_cpus
+
+    def validate(self) -> None:
+        if not self.num_cpus >= 0 or not self.num_gpus >= 0:
+            raise ValueError(f"replica.num_cpus and replica.num_gpus must be >= 0, got {self.num_cpus}, "
+                             f"{self.num_gpus}")
+        if self.max_ongoing_requests < 1 or self.retries < 0:
+            raise ValueError(f"replica.max_ongoing_requests must be >= 1 and replica.retries >= 0, got "
+                             f"{self.max_ongoing_requests}, {self.retries}")
 
 
 @dataclass
@@ -32,6 +54,9 @@ class ServeConfig(EngineConfig):
     body_timeout_s: float = 30.0             # ... and its body within this (408 beyond)
     max_connections: int = 1024              # open connections and requests (uvicorn's limit_concurrency: 503 beyond)
     shutdown_grace_s: float = 30.0           # on shutdown, requests still running after this end with an error event
+    replicas: int = 1                        # engine replicas; > 1: Ray Serve deployment replicas behind `router`
+    router: RouterConfig = field(default_factory=lambda: ROUTERS.config("round_robin"))
+    replica: ReplicaConfig = field(default_factory=ReplicaConfig)
 
     @property
     def model_name(self) -> str:
@@ -59,6 +84,10 @@ class ServeConfig(EngineConfig):
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key is empty (FASTGEN_API_KEY set to nothing?): an empty key would let anyone in "
                              "who sends 'Authorization: Bearer'; set a real key or unset FASTGEN_API_KEY")
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        self.router.validate()
+        self.replica.validate()
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
 
@@ -66,4 +95,6 @@ class ServeConfig(EngineConfig):
 def register_configs() -> None:
     """Registers the schema with Hydra, so conf/serve.yaml is validated against ServeConfig."""
     from hydra.core.config_store import ConfigStore
-    ConfigStore.instance().store(name="serve_schema", node=hydra_schema(ServeConfig))
+    schema = hydra_schema(ServeConfig)
+    schema.router = RouterConfig()       # typed by the base, so any router's own config merges in
+    ConfigStore.instance().store(name="serve_schema", node=schema)

@@ -29,6 +29,10 @@ class RequestFailed(RuntimeError):
     """The engine ended a request with an error after accepting it (its own failure, or a failed step)."""
 
 
+class ReplicaUnavailable(RuntimeError):
+    """The engine replica serving the request died (fastgen.serve.replicas): a 503 naming the cause."""
+
+
 class ServerShuttingDown(asyncio.TimeoutError):
     """The request was still running when the server's shutdown grace period ended."""
 
@@ -86,6 +90,7 @@ class RequestGroup:
         self.deadline = deadline
         self.unfinished = set(range(first[-1]))
         self.shutdown_grace_s: float | None = None    # set when a shutdown cut the deadline
+        self._early: list[tuple[int, Update]] = []    # updates that came while `accepted` waited for the others
         self._updates: asyncio.Queue = asyncio.Queue()
 
     @property
@@ -112,12 +117,21 @@ class RequestGroup:
 
     async def accepted(self) -> None:
         """Returns once the engine holds every request of the group; raises the first refusal (a ValueError,
-        mostly fastgen.sampling.ParameterError) or a timeout."""
-        for _ in self.requests:
-            await self._next()
+        mostly fastgen.sampling.ParameterError) or a timeout. Each request's first update is its acceptance; a
+        request's later updates may come before another's acceptance (replicas stream independently): they are
+        kept for `updates`."""
+        accepted: set[str] = set()
+        while len(accepted) < len(self.requests):
+            slot, update = await self._next()
+            request_id = self.slot_request[slot].request_id
+            if request_id in accepted:
+                self._early.append((slot, update))
+            accepted.add(request_id)
 
     async def updates(self) -> AsyncIterator[tuple[int, Update]]:
         """(index, update) up to each request's last update; raises a failure or a timeout."""
+        while self._early:
+            yield self._early.pop(0)
         while self.unfinished:
             yield await self._next()
 
@@ -179,6 +193,26 @@ class EngineLoop:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.vocab_size
+
+    async def render_metrics(self) -> bytes:
+        return self.metrics.render()
+
+    async def health(self) -> tuple[int, dict]:
+        if self.alive:
+            return 200, {"status": "ok"}
+        return 503, {"status": "the engine thread has stopped"}
 
     @property
     def num_active(self) -> int:
@@ -251,6 +285,7 @@ class EngineLoop:
         except Exception as e:      # any refusal belongs to that request alone
             return [(r.request_id, Update(error=e))]
         self._in_engine[r.request_id] = r.sampling.n
+        self.metrics.requests.inc()
         self.metrics.prompt_tokens.inc(len(r.prompt_token_ids))
         return [(r.request_id, Update())]
 

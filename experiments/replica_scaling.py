@@ -1,0 +1,118 @@
+"""Replica scaling, measured over HTTP beside the simulator's prediction.
+
+For each N: `python -m fastgen.serve replicas=N router=round_robin hardware.threads=1` (N=1: the single-process
+server, no Ray), then `run.py target=http` against it (the same closed-loop workload for every N), then SIGTERM.
+The simulated column is `run.py executor=simulated replicas=N` (fastgen.sim.cluster, the same router) on the same
+workload. Writes experiments/results/replica_scaling/{results.md,results.json,replica_scaling.png}.
+
+    python experiments/replica_scaling.py [--replicas 1 2 4] [--requests 32] [--clients 8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "experiments" / "results" / "replica_scaling"
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def serve(n: int, port: int, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "fastgen.serve", f"replicas={n}", "router=round_robin", "hardware.threads=1",
+           f"port={port}", "shutdown_grace_s=5", "max_connections=4096"]
+    server = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        assert server.poll() is None, f"the server exited; see {log}"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"replicas={n} did not start; see {log}")
+
+
+def bench(overrides: list[str], out_dir: Path) -> dict:
+    subprocess.run([sys.executable, "run.py", "progress=false", f"hydra.run.dir={out_dir}", *overrides], cwd=ROOT,
+                   check=True, capture_output=True)
+    return json.loads((out_dir / "metrics.json").read_text())
+
+
+def row(m: dict) -> dict:
+    return {"request_throughput": m["request_throughput"], "ttft_s_p50": m["ttft_s_p50"],
+            "ttft_s_p99": m["ttft_s_p99"], "errors": m["num_requests"] - m["num_completed"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--port", type=int, default=8931)
+    args = p.parse_args()
+    workload = [f"workload.num_requests={args.requests}", f"workload.clients={args.clients}"]
+    OUT.mkdir(parents=True, exist_ok=True)
+    results = {"machine": f"{os.cpu_count()} CPU cores", "workload": workload, "measured": {}, "simulated": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.replicas:
+            before = uptime()
+            server = serve(n, args.port, OUT / f"server_{n}.log")
+            try:
+                m = bench(["target=http", f"target.url=http://127.0.0.1:{args.port}", *workload],
+                          Path(tmp) / f"http_{n}")
+            finally:
+                server.send_signal(signal.SIGTERM)
+                server.wait(120)
+            results["measured"][n] = row(m) | {"uptime_before": before, "uptime_after": uptime()}
+            print(n, results["measured"][n], flush=True)
+            results["simulated"][n] = row(bench(["executor=simulated", f"replicas={n}", "router=round_robin",
+                                                 *workload], Path(tmp) / f"sim_{n}"))
+    (OUT / "results.json").write_text(json.dumps(results, indent=2))
+    lines = [f"Replica scaling, SmolLM2-135M, {results['machine']}, one torch thread per replica, closed loop "
+             f"({' '.join(workload)}), router=round_robin. Measured: `run.py target=http` against "
+             "`python -m fastgen.serve replicas=N` (N=1: the single-process server). Simulated: `run.py "
+             "executor=simulated replicas=N` (hardware=cpu cost model).", "",
+             "| replicas | measured req/s | x of 1 | TTFT p50 s | TTFT p99 s | errors | simulated req/s | x of 1 |",
+             "|---|---|---|---|---|---|---|---|"]
+    base_m, base_s = (results[k][args.replicas[0]]["request_throughput"] for k in ("measured", "simulated"))
+    for n in args.replicas:
+        m, s = results["measured"][n], results["simulated"][n]
+        lines.append(f"| {n} | {m['request_throughput']:.3f} | {m['request_throughput'] / base_m:.2f} | "
+                     f"{m['ttft_s_p50']:.2f} | {m['ttft_s_p99']:.2f} | {m['errors']} | "
+                     f"{s['request_throughput']:.3f} | {s['request_throughput'] / base_s:.2f} |")
+    lines += ["", "Load (uptime) before/after each measured run:", ""]
+    lines += [f"- {n}: {results['measured'][n]['uptime_before']} / {results['measured'][n]['uptime_after']}"
+              for n in args.replicas]
+    (OUT / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for kind, base, style in (("measured", base_m, "o-"), ("simulated", base_s, "s--")):
+        ax.plot(args.replicas, [results[kind][n]["request_throughput"] / base for n in args.replicas], style,
+                label=kind)
+    ax.plot(args.replicas, [n / args.replicas[0] for n in args.replicas], ":", color="grey", label="linear")
+    ax.set_xlabel("replicas")
+    ax.set_ylabel("throughput / throughput of 1")
+    ax.set_title(f"Replica scaling, SmolLM2-135M, {results['machine']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(OUT / "replica_scaling.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

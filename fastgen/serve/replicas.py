@@ -1,0 +1,327 @@
+"""N engine replicas behind one HTTP front, on Ray Serve (`python -m fastgen.serve replicas=N router=NAME`).
+
+The HTTP front is the single-process server's own app (fastgen.serve.app: the same routes, streaming, auth, limits
+and error bodies); only its backend differs. Instead of an EngineLoop around an engine in this process, the app gets
+a `ReplicaSet`: a Ray Serve deployment of `EngineReplica`s, each holding one engine built by
+`fastgen.compose.build_engine(cfg)` (one call, so a tensor-parallel engine drops in) behind its own EngineLoop.
+Every engine request (one per prompt, its n choices forked in the replica's engine) is one streaming call on the
+deployment's handle (`handle.options(stream=True)`): its updates come back as they are sampled.
+
+Routing: Ray Serve's request-router hook (`RequestRouterConfig(request_router_class=...)`, whose
+`choose_replicas` the handle calls in this process for each request) is adapted to a fastgen router
+(fastgen.routers: round_robin, least_outstanding, power_of_two, random). `FastgenRequestRouter` orders the running
+replicas by id, asks the fastgen router for one given each replica's outstanding requests (Ray's own count: sent
+and not finished, from the handle), and ranks that replica first and the others after it. What Ray does by itself:
+it tracks and probes replicas' queue lengths, skips a replica at `max_ongoing_requests` (back-pressure: the next
+rank gets the request, or it waits with backoff), drops dead replicas from the candidates and restarts them.
+
+Faults: a request whose replica dies before its first token is sent again (up to `replica.retries`) and lands on a
+live replica; one that was already streaming ends with a 503 naming the cause (ReplicaUnavailable). Metrics: each
+replica reports its own Prometheus registry and engine snapshot to a `ReplicaBoard` actor every
+`REPORT_PERIOD_S`; /metrics relabels every replica's series with `replica="<id>"`, /health lists each replica.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, List, Optional
+
+import ray
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+from fastgen.compose import build_engine
+from fastgen.routers import ROUTERS, Router, RouterConfig, make_router
+from fastgen.serve.config import ServeConfig
+from fastgen.serve.engine_loop import EngineLoop, ReplicaUnavailable, RequestGroup, SequenceRequest, Update
+from fastgen.serve.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "fastgen"
+BOARD_NAME = "fastgen-replica-board"
+NAMESPACE = "fastgen"
+REPORT_PERIOD_S = 0.25        # how often a replica reports its metrics to the board
+STALE_AFTER_S = 3.0           # a replica silent this long is reported unreachable by /health
+SHUTDOWN_TIMEOUT_S = 20.0     # how long stop() waits for Ray Serve to delete the replicas
+FORGET_AFTER_S = 60.0         # ... and this long, forgotten (/metrics and /health drop it)
+
+
+# -- routing: a fastgen router as Ray Serve's request router --------------------------------------------------------
+def rank_replicas(router: Router, replica_ids: Sequence[str], outstanding: Sequence[int]) -> List[int]:
+    """Indices of `replica_ids`, the router's choice first, the others in order (Ray falls back to them when the
+    first is at max_ongoing_requests)."""
+    chosen = router.choose(outstanding)
+    return [chosen, *(i for i in range(len(replica_ids)) if i != chosen)]
+
+
+class FastgenRequestRouter(RequestRouter):
+    """Ray Serve's request-router hook, deciding with a fastgen router (request_router_kwargs: its config)."""
+
+    def initialize_state(self, router: dict | None = None, **kwargs) -> None:
+        self._router_config: RouterConfig = ROUTERS.config(**(router or {"name": "round_robin"}))
+        self._router: Router | None = None
+
+    async def choose_replicas(self, candidate_replicas: List[RunningReplica],
+                              pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        replicas = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
+        if self._router is None or self._router.num_replicas != len(replicas):    # started, or a replica died
+            self._router = make_router(self._router_config, len(replicas))
+        queue_lens = self.replica_queue_len_cache
+        outstanding = [queue_lens.get(r.replica_id) or 0 for r in replicas]
+        order = rank_replicas(self._router, [r.replica_id.unique_id for r in replicas], outstanding)
+        return [[replicas[i]] for i in order]
+
+
+# -- the replicas ----------------------------------------------------------------------------------------------------
+@ray.remote(num_cpus=0)
+class ReplicaBoard:
+    """What each replica last reported: its pid, engine snapshot and Prometheus text, and when."""
+
+    def __init__(self):
+        self.reports: dict[str, dict] = {}
+
+    def report(self, replica_id: str, report: dict) -> None:
+        self.reports[replica_id] = report | {"time": time.time()}
+
+    def read(self) -> dict[str, dict]:
+        """The reports, less those of replicas silent for FORGET_AFTER_S (dead, and replaced by Ray)."""
+        now = time.time()
+        self.reports = {rid: r for rid, r in self.reports.items() if now - r["time"] < FORGET_AFTER_S}
+        return self.reports
+
+
+class EngineReplica:
+    """One Ray Serve replica: one engine behind its EngineLoop, streaming each request's updates."""
+
+    async def __init__(self, cfg: ServeConfig):     # async: the engine thread reports to this replica's event loop
+        self.engine = build_engine(cfg)
+        self.metrics = ServerMetrics()
+        self.loop = EngineLoop(self.engine, self.metrics)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.board = ray.get_actor(BOARD_NAME, namespace=NAMESPACE)
+        self.loop.start(asyncio.get_running_loop())
+        self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
+
+    async def _report_forever(self) -> None:
+        while True:
+            s = self.engine.snapshot()
+            self.board.report.remote(self.replica_id, {
+                "pid": os.getpid(), "alive": self.loop.alive, "running": s.num_running, "waiting": s.num_waiting,
+                "kv_blocks_total": s.kv_blocks_total, "kv_blocks_free": s.kv_blocks_free,
+                "metrics": self.metrics.render()})
+            await asyncio.sleep(REPORT_PERIOD_S)
+
+    async def describe(self) -> dict:
+        """What the HTTP front needs to check and tokenize requests itself."""
+        e = self.engine
+        return {"tokenizer": e.tokenizer, "max_model_len": e.max_model_len, "vocab_size": e.vocab_size}
+
+    async def generate(self, request: SequenceRequest, timeout_s: float) -> AsyncIterator[Update]:
+        """The request's updates: an empty one when the engine accepts it, then its tokens, up to the last. A
+        cancelled call (the client went away) aborts the request."""
+        group = self.loop.submit([request], timeout_s)
+        try:
+            await group.accepted()
+            yield Update()
+            async for _, update in group.updates():
+                yield update
+        except Exception as e:      # refused, failed, timed out: the front raises it in the handler
+            yield Update(error=e)
+        finally:
+            self.loop.release(group)
+
+    def check_health(self) -> None:
+        """Ray Serve's health check: a replica whose engine thread stopped is restarted."""
+        if not self.loop.alive:
+            raise RuntimeError("the engine thread has stopped")
+
+
+# -- the front's backend ---------------------------------------------------------------------------------------------
+class ReplicaMetrics:
+    """/metrics of a replicated deployment: every replica's series, labelled replica="<id>"."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    @staticmethod
+    def merge(reports: dict[str, dict]) -> bytes:
+        families: dict[str, Any] = {}
+        for replica_id, report in sorted(reports.items()):
+            for family in text_string_to_metric_families(report["metrics"].decode()):
+                merged = families.setdefault(family.name, family)
+                samples = [Sample(s.name, {**s.labels, "replica": replica_id}, s.value, s.timestamp, s.exemplar)
+                           for s in family.samples if not s.name.endswith("_created")]
+                if merged is family:
+                    family.samples = samples
+                else:
+                    merged.samples += samples
+        registry = CollectorRegistry()
+        registry.register(_Families(list(families.values())))
+        return generate_latest(registry)
+
+
+class _Families:
+    def __init__(self, families):
+        self.families = families
+
+    def collect(self):
+        return self.families
+
+
+class ReplicaSet:
+    """The app's backend for replicas > 1: the EngineLoop interface (submit, release, begin_shutdown, stop, ...)
+    over a Ray Serve deployment of EngineReplicas."""
+
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        rep = cfg.replica
+        self.started_ray = not ray.is_initialized()
+        if self.started_ray:
+            num_cpus = rep.ray_num_cpus or max(1, int(round(cfg.replicas * rep.num_cpus)))
+            local = rep.ray_address is None and not os.environ.get("RAY_ADDRESS")
+            ray.init(address=rep.ray_address, namespace=NAMESPACE, include_dashboard=False,
+                     log_to_driver=False, **({"num_cpus": num_cpus} if local else {}))
+        serve.start(proxy_location="Disabled")      # the HTTP front is fastgen's own app
+        self.board = ReplicaBoard.options(name=BOARD_NAME, namespace=NAMESPACE, get_if_exists=True).remote()
+        deployment = serve.deployment(EngineReplica, name="engine").options(
+            num_replicas=cfg.replicas, max_ongoing_requests=rep.max_ongoing_requests,
+            ray_actor_options={"num_cpus": rep.num_cpus, "num_gpus": rep.num_gpus},
+            request_router_config=RequestRouterConfig(request_router_class=FastgenRequestRouter,
+                                                      request_router_kwargs={"router": _plain(cfg.router)}),
+            health_check_period_s=2.0, health_check_timeout_s=30.0)
+        self.handle = serve.run(deployment.bind(cfg), name=APP_NAME, route_prefix=None)
+        info = self.handle.describe.remote().result()
+        self.tokenizer, self.max_model_len, self.vocab_size = info["tokenizer"], info["max_model_len"], \
+            info["vocab_size"]
+        self.metrics = ReplicaMetrics()
+        self.shutting_down = False
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._groups: set[RequestGroup] = set()
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = False
+
+    # -- the EngineLoop interface ------------------------------------------------------------------------------------
+    def start(self, event_loop: asyncio.AbstractEventLoop) -> None:
+        self._event_loop = event_loop
+
+    def stop(self) -> None:
+        """Ends every request, deletes the deployment, and shuts Ray down if it was started here."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for task in self._tasks.values():
+            task.cancel()
+        # serve.shutdown waits on Ray's controller, which never answers if Ray's own processes are gone (a signal
+        # sent to the whole process group): bounded, then Ray itself is shut down, which ends what is left.
+        stopper = threading.Thread(target=serve.shutdown, name="fastgen-serve-shutdown", daemon=True)
+        stopper.start()
+        stopper.join(SHUTDOWN_TIMEOUT_S)
+        if stopper.is_alive():
+            log.warning("Ray Serve did not shut down within %ss; shutting Ray down", SHUTDOWN_TIMEOUT_S)
+        if self.started_ray:
+            ray.shutdown()
+
+    @property
+    def alive(self) -> bool:
+        return not self._stopped
+
+    @property
+    def num_active(self) -> int:
+        return len(self._tasks)
+
+    def submit(self, requests: Sequence[SequenceRequest], timeout_s: float) -> RequestGroup:
+        if self._stopped:
+            raise RuntimeError("the replicas have been shut down")
+        group = RequestGroup(requests, self._event_loop.time() + timeout_s)
+        self._groups.add(group)
+        for r in requests:
+            self._tasks[r.request_id] = self._event_loop.create_task(self._stream(group, r, timeout_s))
+        return group
+
+    def release(self, group: RequestGroup) -> None:
+        self._groups.discard(group)
+        for r in group.requests:
+            task = self._tasks.pop(r.request_id, None)
+            if task is not None:
+                task.cancel()       # cancels the Ray call: the replica aborts the request
+
+    def begin_shutdown(self, grace_s: float) -> None:
+        self.shutting_down = True
+        deadline = self._event_loop.time() + grace_s
+        for group in self._groups:
+            group.cut(deadline, grace_s)
+
+    async def render_metrics(self) -> bytes:
+        return ReplicaMetrics.merge(await self.board.read.remote())
+
+    async def health(self) -> tuple[int, dict]:
+        now = time.time()
+        replicas = {rid: {"status": "ok" if r["alive"] and now - r["time"] < STALE_AFTER_S else "unreachable",
+                          "pid": r["pid"], "running": r["running"], "waiting": r["waiting"],
+                          "kv_blocks_free": r["kv_blocks_free"], "kv_blocks_total": r["kv_blocks_total"],
+                          "last_report_s": round(now - r["time"], 3)}
+                    for rid, r in sorted((await self.board.read.remote()).items())}
+        healthy = sum(r["status"] == "ok" for r in replicas.values())
+        status = "ok" if healthy >= self.cfg.replicas else "degraded" if healthy else "no replica is serving"
+        return (200 if healthy else 503), {"status": status, "replicas": replicas}
+
+    # -- one engine request --------------------------------------------------------------------------------------
+    async def _stream(self, group: RequestGroup, request: SequenceRequest, timeout_s: float) -> None:
+        """Forwards one request's updates from its replica to the group. A replica dying before the first token
+        sends the request again; after it, the request ends with ReplicaUnavailable."""
+        accepted = streaming = False
+        try:
+            for attempt in range(self.cfg.replica.retries + 1):
+                stream = self.handle.options(stream=True).generate.remote(request, timeout_s)
+                try:
+                    first = True
+                    async for update in stream:
+                        if first:       # the acceptance (or refusal); sent again by a retry's replica
+                            first = False
+                            if accepted and not update.last:
+                                continue
+                            accepted = True
+                        else:
+                            streaming = True
+                        done = group.closes(request.request_id, update)    # its last choice ended, or it failed
+                        group.deliver(request.request_id, update)
+                        if done:
+                            return
+                    raise ReplicaUnavailable("the replica ended the stream before the request finished")
+                except asyncio.CancelledError:
+                    stream.cancel()
+                    raise
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                        ReplicaUnavailable) as e:
+                    cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    if streaming or attempt == self.cfg.replica.retries:
+                        log.warning("request %s lost its replica (%s)", request.request_id, cause)
+                        group.deliver(request.request_id, Update(error=ReplicaUnavailable(
+                            f"the engine replica serving it died ({cause})"
+                            + (" after its first token" if streaming else f"; tried {attempt + 1} replicas"))))
+                        return
+                    log.warning("request %s: its replica died before its first token (%s); sending it again",
+                                request.request_id, cause)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:      # anything else from Ray: this request's failure alone
+            group.deliver(request.request_id, Update(error=ReplicaUnavailable(f"{type(e).__name__}: {e}")))
+        finally:
+            if self._tasks.get(request.request_id) is asyncio.current_task():
+                del self._tasks[request.request_id]
+
+
+def _plain(router: RouterConfig) -> dict:
+    """The router's config as plain data for request_router_kwargs."""
+    from dataclasses import asdict
+    return {k: v for k, v in asdict(router).items() if v is not None}
