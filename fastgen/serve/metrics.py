@@ -24,7 +24,7 @@ class ServerMetrics:
         self.waiting = Gauge("fastgen_requests_waiting", "Requests waiting to be scheduled", registry=r)
         self.kv_used = Gauge("fastgen_kv_blocks_used", "KV cache blocks in use", registry=r)
         self.kv_free = Gauge("fastgen_kv_blocks_free", "KV cache blocks free", registry=r)
-        self.requests = Counter("fastgen_requests", "Engine requests accepted (one per prompt and choice)",
+        self.requests = Counter("fastgen_requests", "Engine requests accepted (one per prompt; n choices fork inside it)",
                                 registry=r)
         self.prompt_tokens = Counter("fastgen_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
         self.generation_tokens = Counter("fastgen_generation_tokens", "Generated tokens", registry=r)
