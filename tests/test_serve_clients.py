@@ -211,3 +211,6 @@ def test_real_guidellm_against_the_server(server, tmp_path, request_format):
     assert (totals["successful"], totals["errored"]) == (12, 0)
     assert benchmark["metrics"]["time_to_first_token_ms"]["successful"]["median"] > 0
     assert benchmark["metrics"]["inter_token_latency_ms"]["successful"]["median"] > 0
+    print(request_format, {k: (round(benchmark["metrics"][k]["successful"]["median"], 1),
+                               round(benchmark["metrics"][k]["successful"]["percentiles"]["p99"], 1))
+                           for k in ("time_to_first_token_ms", "inter_token_latency_ms", "request_latency")})
