@@ -98,14 +98,20 @@ class KVConfig:
 
 
 @dataclass
-class ExecutorConfig:
-    """What runs a step; an executor's own config subclasses this beside it (fastgen/executors/)."""
+class PartConfig:
+    """Knobs every part without further common ones has (executors, routers); a part's own config subclasses
+    its kind's config beside it."""
 
     name: str = MISSING
-    module: Optional[str] = None         # import this module or file first (an executor defined outside fastgen)
+    module: Optional[str] = None         # import this module or file first (a part defined outside fastgen)
 
     def validate(self) -> None:
         pass
+
+
+@dataclass
+class ExecutorConfig(PartConfig):
+    """What runs a step; an executor's own config subclasses this beside it (fastgen/executors/)."""
 
 
 def _default(group: str, name: str):

@@ -9,22 +9,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Sequence
+from typing import ClassVar, Sequence
 
-from omegaconf import MISSING
-
+from fastgen.config import PartConfig
 from fastgen.registry import Registry
 
 
 @dataclass
-class RouterConfig:
-    """Knobs every router has; a router's own config subclasses this beside it."""
-
-    name: str = MISSING
-    module: Optional[str] = None         # import this module or file first (a router defined outside fastgen)
-
-    def validate(self) -> None:
-        pass
+class RouterConfig(PartConfig):
+    """Which replica gets a request; a router's own config subclasses this beside it (fastgen/routers/)."""
 
 
 ROUTERS: Registry["Router"] = Registry("router", "fastgen.routers", RouterConfig)
