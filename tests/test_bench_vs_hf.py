@@ -69,6 +69,9 @@ def test_ratios_divide_by_the_best_transformers_row(bench):
     assert rows[2]["vs_best_hf_total"] == 1.0 and "transformers" in rows[2]["best_of"]
 
 
+# Slow: the quick run still loads the embedded model and runs HF generate, HF continuous batching and every
+# scheduler end to end (~7 min on 2 busy cores); the script's table arithmetic is covered above in the default run.
+@pytest.mark.slow
 def test_quick_run_end_to_end(bench, tmp_path):
     cfg = bench.compose_bench_config(["quick=true", "run=[chat]", "compare_dtypes=[bfloat16]"])
     bench.run_bench(cfg, tmp_path)
