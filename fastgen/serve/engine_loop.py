@@ -93,6 +93,10 @@ class RequestGroup:
         self._early: list[tuple[int, Update]] = []    # updates that came while `accepted` waited for the others
         self._updates: asyncio.Queue = asyncio.Queue()
 
+    def active_sequences(self, live) -> int:
+        """Sequences (choices, or best_of) of this group's requests still in `live` (ids of unfinished requests)."""
+        return sum(r.sampling.num_sequences for r in self.requests if r.request_id in live)
+
     @property
     def prompt_tokens(self) -> list[int]:
         return [len(r.prompt_token_ids) for r in self.requests]
@@ -217,8 +221,7 @@ class EngineLoop:
     @property
     def num_active(self) -> int:
         """Sequences of the engine requests submitted and not yet finished: what max_concurrent_requests bounds."""
-        return sum(r.sampling.num_sequences for group in set(self._groups.values()) for r in group.requests
-                   if r.request_id in self._groups)
+        return sum(group.active_sequences(self._groups) for group in set(self._groups.values()))
 
     def submit(self, requests: Sequence[SequenceRequest], timeout_s: float) -> RequestGroup:
         if not self.alive:

@@ -237,7 +237,8 @@ class ReplicaSet:
 
     @property
     def num_active(self) -> int:
-        return len(self._tasks)
+        """Sequences of the requests in flight, as the single-process EngineLoop counts them."""
+        return sum(group.active_sequences(self._tasks) for group in self._groups)
 
     def submit(self, requests: Sequence[SequenceRequest], timeout_s: float) -> RequestGroup:
         if self._stopped:
