@@ -1,8 +1,10 @@
 """Replicated serving (fastgen.serve.replicas): two engine replicas on Ray Serve behind the server's own HTTP app,
 compared with the single-process server over the same tiny random model (saved to a directory, so each replica
 builds its engine with build_engine(cfg) like `python -m fastgen.serve replicas=2` does). One local Ray instance
-(2 CPUs) and one deployment serve the whole module; Ray is shut down at the end and must leave no process behind."""
+(2 CPUs) serves the whole module: one deployment for most tests, a second beside it (`queued`) where requests wait
+in their replica; Ray is shut down at the end and must leave no process behind."""
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -20,8 +22,10 @@ from transformers import AutoModelForCausalLM
 
 from fastgen.compose import build_engine
 from fastgen.config import HardwareConfig, ModelConfig
-from fastgen.routers import ROUTERS, make_router
-from fastgen.serve.replicas import ReplicaSet, rank_replicas
+from fastgen.routers import ROUTERS, Router, make_router
+from fastgen.schedulers import SCHEDULERS
+from fastgen.serve.config import ReplicaConfig
+from fastgen.serve.replicas import FastgenRequestRouter, ReplicaSet, rank_replicas
 from serving import API_KEY, ENGINE_CFG, MODEL, numbered_stream, serve_config, served, tokenizer
 from test_serve import FAULTS
 from tiny import tiny_config
@@ -37,9 +41,12 @@ def model_dir(tmp_path_factory):
     return str(directory)
 
 
+BLOCKER_TOKENS = 400       # a request that keeps a `queued` replica busy for a while (prompt + this <= 512)
+
+
 def config(model_dir, **knobs):
-    return serve_config(model=ModelConfig(source=model_dir), scheduler=ENGINE_CFG.scheduler, kv=ENGINE_CFG.kv,
-                        hardware=HardwareConfig(threads=1), **knobs)
+    return serve_config(**{"model": ModelConfig(source=model_dir), "scheduler": ENGINE_CFG.scheduler,
+                           "kv": ENGINE_CFG.kv, "hardware": HardwareConfig(threads=1)} | knobs)
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +77,19 @@ def replicated(model_dir):
     assert not gone, f"Ray left processes behind: {[p.cmdline()[:2] for p in gone]}"
 
 
+@pytest.fixture(scope="module")
+def queued(model_dir, replicated):
+    """A second deployment on `replicated`'s Ray (its own application and board, no CPU reserved) whose engines
+    run one sequence a step (scheduler.max_seqs=1): a request sent to a busy replica waits there, accepted and
+    without a token, while the one before it runs. least_outstanding routes it unless a test says otherwise."""
+    cfg = config(model_dir, replicas=2, max_tokens_limit=BLOCKER_TOKENS, router=ROUTERS.config("least_outstanding"),
+                 scheduler=SCHEDULERS.config("splitfuse", token_budget=256, max_seqs=1),
+                 replica=ReplicaConfig(num_cpus=0, name="fastgen-queued"))
+    with served(cfg, ReplicaSet(cfg)) as s:
+        assert wait_for(lambda: idle_replicas(s)), s.get("/health").json()     # both report
+        yield s
+
+
 def per_replica(s, name: str) -> dict[str, float]:
     """Each replica's value of a metric family (counters without _total), from the front's /metrics."""
     text = s.get("/metrics").text
@@ -95,6 +115,53 @@ def idle_replicas(s) -> dict | None:
                                       r["kv_blocks_total"] for r in reps):
         return body
     return None
+
+
+def ray_router(s) -> FastgenRequestRouter:
+    """The front's request router, as Ray built it from the deployment's RequestRouterConfig (Ray has no public way
+    to it: through the handle's router wrapper)."""
+    return s.engine.handle._router._asyncio_router.request_router
+
+
+def outstanding(s) -> tuple[list[str], list[int]]:
+    """The replicas in the fastgen router's order and Ray's outstanding requests at each: what the router is given."""
+    router = ray_router(s)
+    replicas, counts = router.ordered(list(router.curr_replicas.values()))
+    return [r.replica_id.unique_id for r in replicas], counts
+
+
+def route_with(s, name: str) -> tuple[list[str], Router]:
+    """Has the front's request router decide with a new `name` router (Ray's own initialize_state call) once both
+    replicas serve and nothing is outstanding; returns the replicas in its order and a twin of the router: given
+    the same counts, the twin picks what it picks."""
+    ready = wait_for(lambda: (o := outstanding(s)) and len(o[0]) == 2 and o[1] == [0, 0]
+                     and set(o[0]) <= set(per_replica(s, "fastgen_requests")) and o[0], timeout_s=60)
+    assert ready, (outstanding(s), s.get("/health").json())
+    ray_router(s).initialize_state(router={"name": name})
+    return ready, make_router(ROUTERS.config(name), 2)
+
+
+async def streamed(client: openai.AsyncOpenAI, prompt: str, max_tokens: int) -> openai.AsyncStream:
+    """A greedy completion stream of exactly max_tokens tokens, once its replica's engine has accepted it."""
+    return await client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+
+
+async def ended(stream: openai.AsyncStream) -> tuple[str, list[str]]:
+    """How a completion stream ended ("ok", or "<status>: <message>") and the tokens' texts it carried."""
+    texts = []
+    try:
+        async for chunk in stream:
+            texts += [c.text for c in chunk.choices]
+        return "ok", texts
+    except openai.APIError as e:
+        return f"{getattr(e, 'status_code', 'stream')}: {e.message}", texts
+
+
+def greedy(s, prompt: str, max_tokens: int) -> str:
+    with s.client() as client:
+        return client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                         extra_body={"ignore_eos": True}).choices[0].text
 
 
 def test_router_adapter_ranks_the_routers_choice_first():
@@ -179,14 +246,10 @@ def test_a_killed_replica_is_restarted_and_the_deployment_keeps_answering(replic
 
     async def one(client, i):
         try:
-            r = await client.completions.create(model=MODEL, prompt=f"Request {i}", max_tokens=24, temperature=0,
-                                                stream=True, extra_body={"ignore_eos": True})
-            tokens = 0
-            async for chunk in r:
-                tokens += len(chunk.choices)
-            return "ok" if tokens == 24 else f"short {tokens}"
-        except openai.APIError as e:
-            return f"{getattr(e, 'status_code', 'stream')}: {e.message}"
+            result, texts = await ended(await streamed(client, f"Request {i}", 24))
+        except openai.APIError as e:        # refused before its stream began
+            return f"{e.status_code}: {e.message}"
+        return f"short {len(texts)}" if result == "ok" and len(texts) != 24 else result
 
     async def main():
         async with openai.AsyncOpenAI(base_url=f"{replicated.url}/v1", api_key=API_KEY, max_retries=0,
@@ -220,6 +283,77 @@ def test_a_killed_replica_is_restarted_and_the_deployment_keeps_answering(replic
     assert wait_for(both_serve, timeout_s=30)       # the handle routes to the new replica too
     timeline.append((time.monotonic() - t0, "both replicas answered requests"))
     print("\nfailover timeline:\n" + "\n".join(f"  t={t:6.2f}s  {what}" for t, what in timeline))
+
+
+@pytest.mark.parametrize("name", ["least_outstanding", "power_of_two", "random"])
+def test_each_router_decides_where_ray_sends_requests(queued, single, name):
+    """Through Ray's request-router hook, with Ray's outstanding counts: while a long request keeps one replica
+    busy, each of 4 requests sent one after another goes where the router, given those counts, says (its twin
+    tells), so least_outstanding and power_of_two (both replicas drawn) never pick the busy one (random may: that
+    request waits for the long one to end); the answers are the single-process server's."""
+    ids, twin = route_with(queued, name)
+    before = per_replica(queued, "fastgen_requests")
+    busy = twin.choose([0, 0])
+    picks, texts = [busy], []
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=f"{queued.url}/v1", api_key=API_KEY, max_retries=0,
+                                      timeout=60) as client:
+            blocker = await streamed(client, "Busy", BLOCKER_TOKENS)
+            for i in range(4):      # each once the one before is done
+                load = [int(k == busy and busy not in picks[1:]) for k in range(2)]
+                assert wait_for(lambda: outstanding(queued)[1] == load, timeout_s=10), (outstanding(queued), load)
+                picks.append(twin.choose(load))
+                _, chunks = await ended(await streamed(client, f"Routed {i}", 6))
+                texts.append("".join(chunks))
+            await blocker.close()
+    asyncio.run(main())
+    if name != "random":
+        assert busy not in picks[1:]
+    expected = {rid: picks.count(k) for k, rid in enumerate(ids)}
+
+    def sent():
+        now = per_replica(queued, "fastgen_requests")
+        return {rid: now[rid] - before[rid] for rid in ids}
+    assert wait_for(lambda: sent() == expected, timeout_s=10), (sent(), expected, picks)
+    assert texts == [greedy(single, f"Routed {i}", 6) for i in range(4)]
+
+
+@pytest.mark.parametrize("retries", [2, 0])
+def test_a_request_whose_replica_dies_before_its_first_token_is_sent_again(queued, single, caplog, retries):
+    """A request waits in its replica behind a running one (max_seqs=1) when that replica is SIGKILLed: with
+    replica.retries=2 it is sent again, to the other replica, and answers in full what the single-process server
+    does (the front logs the resend); with replica.retries=0 it ends with the 503. The running one, already
+    streaming, ends with the 503 either way."""
+    ids, _ = route_with(queued, "least_outstanding")
+    victim_pid = queued.get("/health").json()["replicas"][ids[0]]["pid"]
+    front = queued.engine.cfg.replica       # the front reads replica.retries when a request loses its replica
+    configured, front.retries = front.retries, retries
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=f"{queued.url}/v1", api_key=API_KEY, max_retries=0,
+                                      timeout=60) as client:
+            running = await streamed(client, "Busy 0", BLOCKER_TOKENS)     # [0, 0]: replica 0, running
+            other = await streamed(client, "Busy 1", BLOCKER_TOKENS)       # [1, 0]: replica 1
+            waiting = await streamed(client, "Sent again", 8)              # [1, 1]: replica 0, behind `running`
+            load = outstanding(queued)[1]
+            os.kill(victim_pid, signal.SIGKILL)
+            return load, await asyncio.gather(ended(running), ended(other), ended(waiting))
+    try:
+        with caplog.at_level(logging.WARNING, logger="fastgen.serve.replicas"):
+            load, ((running, _), (other, other_texts), (waiting, texts)) = asyncio.run(main())
+    finally:
+        front.retries = configured
+    resent = [r.getMessage() for r in caplog.records if "sending it again" in r.getMessage()]
+    assert load == [2, 1]
+    assert "after its first token" in running, running
+    assert (other, len(other_texts)) == ("ok", BLOCKER_TOKENS)
+    if retries:
+        assert waiting == "ok" and "".join(texts) == greedy(single, "Sent again", 8), (waiting, texts)
+        assert len(resent) == 1 and "died before its first token" in resent[0], resent
+    else:
+        assert "tried 1 replicas" in waiting and not texts, waiting
+        assert not resent, resent
 
 
 @pytest.mark.slow

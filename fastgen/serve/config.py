@@ -24,11 +24,15 @@ class ReplicaConfig:
     ray_address: Optional[str] = None        # None: the running Ray cluster (RAY_ADDRESS) or a new local one;
                                              # "auto" or "ray://host:10001": join that cluster
     ray_num_cpus: Optional[int] = None       # CPUs of a Ray started here; None: replicas x num_cpus
+    name: str = "fastgen"                    # the Ray Serve application (and its metrics board): two deployments
+                                             # on one Ray cluster need two names
 
     def validate(self) -> None:
         if not self.num_cpus >= 0 or not self.num_gpus >= 0:
             raise ValueError(f"replica.num_cpus and replica.num_gpus must be >= 0, got {self.num_cpus}, "
                              f"{self.num_gpus}")
+        if not self.name:
+            raise ValueError("replica.name (the Ray Serve application's name) must not be empty")
         if self.max_ongoing_requests < 1 or self.retries < 0:
             raise ValueError(f"replica.max_ongoing_requests must be >= 1 and replica.retries >= 0, got "
                              f"{self.max_ongoing_requests}, {self.retries}")

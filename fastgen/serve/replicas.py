@@ -46,8 +46,6 @@ from fastgen.serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
-APP_NAME = "fastgen"
-BOARD_NAME = "fastgen-replica-board"
 NAMESPACE = "fastgen"
 REPORT_PERIOD_S = 0.25        # how often a replica reports its metrics to the board
 STALE_AFTER_S = 3.0           # a replica silent this long is reported unreachable by /health
@@ -74,13 +72,17 @@ class FastgenRequestRouter(RequestRouter):
                               pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
         if not candidate_replicas:
             return []
-        replicas = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
+        replicas, outstanding = self.ordered(candidate_replicas)
         if self._router is None or self._router.num_replicas != len(replicas):    # started, or a replica died
             self._router = make_router(self._router_config, len(replicas))
-        queue_lens = self.replica_queue_len_cache
-        outstanding = [queue_lens.get(r.replica_id) or 0 for r in replicas]
         order = rank_replicas(self._router, [r.replica_id.unique_id for r in replicas], outstanding)
         return [[replicas[i]] for i in order]
+
+    def ordered(self, replicas: Sequence[RunningReplica]) -> tuple[List[RunningReplica], List[int]]:
+        """The replicas as the fastgen router indexes them (by id) and each one's outstanding requests."""
+        replicas = sorted(replicas, key=lambda r: r.replica_id.unique_id)
+        queue_lens = self.replica_queue_len_cache
+        return replicas, [queue_lens.get(r.replica_id) or 0 for r in replicas]
 
 
 # -- the replicas ----------------------------------------------------------------------------------------------------
@@ -109,7 +111,7 @@ class EngineReplica:
         self.metrics = ServerMetrics()
         self.loop = EngineLoop(self.engine, self.metrics)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.board = ray.get_actor(BOARD_NAME, namespace=NAMESPACE)
+        self.board = ray.get_actor(board_name(cfg), namespace=NAMESPACE)
         self.loop.start(asyncio.get_running_loop())
         self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
 
@@ -192,14 +194,14 @@ class ReplicaSet:
             ray.init(address=rep.ray_address, namespace=NAMESPACE, include_dashboard=False,
                      log_to_driver=False, **({"num_cpus": num_cpus} if local else {}))
         serve.start(proxy_location="Disabled")      # the HTTP front is fastgen's own app
-        self.board = ReplicaBoard.options(name=BOARD_NAME, namespace=NAMESPACE, get_if_exists=True).remote()
+        self.board = ReplicaBoard.options(name=board_name(cfg), namespace=NAMESPACE, get_if_exists=True).remote()
         deployment = serve.deployment(EngineReplica, name="engine").options(
             num_replicas=cfg.replicas, max_ongoing_requests=rep.max_ongoing_requests,
             ray_actor_options={"num_cpus": rep.num_cpus, "num_gpus": rep.num_gpus},
             request_router_config=RequestRouterConfig(request_router_class=FastgenRequestRouter,
                                                       request_router_kwargs={"router": _plain(cfg.router)}),
             health_check_period_s=2.0, health_check_timeout_s=30.0)
-        self.handle = serve.run(deployment.bind(cfg), name=APP_NAME, route_prefix=None)
+        self.handle = serve.run(deployment.bind(cfg), name=rep.name, route_prefix=None)
         info = self.handle.describe.remote().result()
         self.tokenizer, self.max_model_len, self.vocab_size = info["tokenizer"], info["max_model_len"], \
             info["vocab_size"]
@@ -215,21 +217,29 @@ class ReplicaSet:
         self._event_loop = event_loop
 
     def stop(self) -> None:
-        """Ends every request, deletes the deployment, and shuts Ray down if it was started here."""
+        """Ends every request and deletes the deployment: all of Ray Serve and Ray itself if Ray was started here,
+        only this application and its board on a cluster joined (other applications there keep serving)."""
         if self._stopped:
             return
         self._stopped = True
         for task in self._tasks.values():
             task.cancel()
-        # serve.shutdown waits on Ray's controller, which never answers if Ray's own processes are gone (a signal
+        # Ray Serve's calls wait on its controller, which never answers if Ray's own processes are gone (a signal
         # sent to the whole process group): bounded, then Ray itself is shut down, which ends what is left.
-        stopper = threading.Thread(target=serve.shutdown, name="fastgen-serve-shutdown", daemon=True)
+        stopper = threading.Thread(target=self._delete, name="fastgen-serve-shutdown", daemon=True)
         stopper.start()
         stopper.join(SHUTDOWN_TIMEOUT_S)
         if stopper.is_alive():
-            log.warning("Ray Serve did not shut down within %ss; shutting Ray down", SHUTDOWN_TIMEOUT_S)
+            log.warning("Ray Serve did not delete the replicas within %ss", SHUTDOWN_TIMEOUT_S)
         if self.started_ray:
             ray.shutdown()
+
+    def _delete(self) -> None:
+        if self.started_ray:
+            serve.shutdown()
+        else:
+            serve.delete(self.cfg.replica.name)
+            ray.kill(self.board)
 
     @property
     def alive(self) -> bool:
@@ -320,6 +330,11 @@ class ReplicaSet:
         finally:
             if self._tasks.get(request.request_id) is asyncio.current_task():
                 del self._tasks[request.request_id]
+
+
+def board_name(cfg: ServeConfig) -> str:
+    """The named actor a deployment's replicas report to (one per application)."""
+    return f"{cfg.replica.name}-replica-board"
 
 
 def _plain(router: RouterConfig) -> dict:
