@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,6 +19,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from fastgen.machine import available_cpus, cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "experiments" / "results" / "replica_scaling"
@@ -65,7 +66,7 @@ def main() -> None:
     args = p.parse_args()
     workload = [f"workload.num_requests={args.requests}", f"workload.clients={args.clients}"]
     OUT.mkdir(parents=True, exist_ok=True)
-    results = {"machine": f"{os.cpu_count()} CPU cores", "workload": workload, "measured": {}, "simulated": {}}
+    results = {"machine": f"{available_cpus()} cores of {cpu_model()}", "workload": workload, "measured": {}, "simulated": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.replicas:
             before = uptime()

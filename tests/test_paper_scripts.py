@@ -38,3 +38,13 @@ def test_quick_writes_to_scratch_never_over_the_committed_results():
     assert hashes() == before and before
     assert (SCRATCH / "token_latency" / "token_latency.png").stat().st_mtime >= start - 1
     assert not RESULTS.is_relative_to(SCRATCH) and not SCRATCH.is_relative_to(RESULTS)
+
+
+def test_implied_host_time_interpolates_between_measured_rates_and_bounds_outside_them():
+    from ablation import implied_host_ms
+
+    known = [(0, 2.2), (10, 1.6), (20, 1.0)]       # the rate at 9 s falls as host time per step grows
+    assert implied_host_ms(known, 1.3) == "15 ms"
+    assert implied_host_ms(known, 0.5) == "> 20 ms"
+    assert implied_host_ms(known, 3.0) == "< 0 ms"
+    assert implied_host_ms([], 1.0) == "-"
