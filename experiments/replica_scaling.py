@@ -20,9 +20,11 @@ from pathlib import Path
 
 import httpx
 
-from fastgen.machine import available_cpus, cpu_model
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fastgen.machine import available_cpus, cpu_model  # noqa: E402
+
 OUT = ROOT / "experiments" / "results" / "replica_scaling"
 
 
@@ -99,18 +101,24 @@ def main() -> None:
               for n in args.replicas]
     (OUT / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    plot(results, args.replicas)
+
+
+def plot(results: dict, replicas: list[int]) -> None:
+    """OUT/replica_scaling.png: measured and simulated throughput relative to one replica, beside linear."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for kind, base, style in (("measured", base_m, "o-"), ("simulated", base_s, "s--")):
-        ax.plot(args.replicas, [results[kind][n]["request_throughput"] / base for n in args.replicas], style,
-                label=kind)
-    ax.plot(args.replicas, [n / args.replicas[0] for n in args.replicas], ":", color="grey", label="linear")
-    ax.set_xlabel("replicas")
-    ax.set_ylabel("throughput / throughput of 1")
-    ax.set_title(f"Replica scaling, SmolLM2-135M, {results['machine']}")
-    ax.legend()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for kind, style in (("measured", "o-"), ("simulated", "s--")):
+        rps = [results[kind][n]["request_throughput"] for n in replicas]
+        ax.plot(replicas, [r / rps[0] for r in rps], style, label=f"{kind} ({rps[0]:.2f} req/s with {replicas[0]})")
+    ax.plot(replicas, [n / replicas[0] for n in replicas], ":", color="grey", label="linear")
+    ax.set(xlabel="replicas (one torch thread each)", ylabel=f"throughput / throughput of {replicas[0]}",
+           xticks=replicas)
+    ax.set_title(f"Replica scaling, SmolLM2-135M, router round_robin\n{results['machine']}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(OUT / "replica_scaling.png", dpi=120)
 
