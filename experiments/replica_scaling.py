@@ -68,7 +68,8 @@ def main() -> None:
     args = p.parse_args()
     workload = [f"workload.num_requests={args.requests}", f"workload.clients={args.clients}"]
     OUT.mkdir(parents=True, exist_ok=True)
-    results = {"machine": f"{available_cpus()} cores of {cpu_model()}", "workload": workload, "measured": {}, "simulated": {}}
+    results = {"machine": f"{available_cpus()} cores of {cpu_model()}", "workload": workload, "measured": {},
+               "simulated": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.replicas:
             before = uptime()
