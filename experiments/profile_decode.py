@@ -1,17 +1,20 @@
-"""Where a decode step's time goes: b sequences at context ctx, the embedded SmolLM2-135M in float32, PyTorch
-kernel backend (issue 20's profile).
+"""Where a decode step's time goes: b sequences at context ctx, the embedded SmolLM2-135M in float32 (issue 20's
+profile).
 
     python experiments/profile_decode.py --batches 1 8 32 64 --context 340                  # wall time, all threads
     python experiments/profile_decode.py --threads 1 --timer cpu                            # a loaded machine
     python experiments/profile_decode.py --linear plain                                     # MKL on plain weights
+    python experiments/profile_decode.py --kernels torch                                    # gather + SDPA attention
 
 The step is run twice per repeat: once as the model's own forward (timed whole: "model forward"), and once
 re-traced piece by piece through the same modules and kernels with a clock around each part (linear layers by
-name, attention split into the block gathers and the math, norms, rotary, KV write, LM head), plus the sampler.
+name, attention split into the block gathers and the math on the torch backend or one in-place kernel call on the
+cpu backend, norms, rotary, KV write, LM head), plus the sampler.
 The KV pool holds random values and each sequence owns randomly placed blocks, as in a running engine.
 Each model-forward time is also given as a share of its hardware roofline (fastgen.roofline: weight and KV bytes
 over the measured bandwidth, linear flops over the measured GEMM rate, on this process's threads), measured in
-the same run. `--linear` picks the linear layers' GEMM as `hardware.linear` does. `--torch-profile` adds
+the same run. `--linear` picks the linear layers' GEMM as `hardware.linear` does, `--kernels` the kernel backend as
+`hardware.kernels` does. `--torch-profile` adds
 torch.profiler's operator table.
 """
 from __future__ import annotations
@@ -28,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from fastgen.kernels import reference  # noqa: E402
+from fastgen.kernels import load_backend, reference  # noqa: E402
+from fastgen.kernels.cpu_attention import paged_decode_attention  # noqa: E402
 from fastgen.kernels.linear import LINEARS, resolve_linear  # noqa: E402
 from fastgen.kv.cache import KVCache  # noqa: E402
 from fastgen.models import load_model  # noqa: E402
@@ -56,10 +60,10 @@ class Timer:
 CLOCK = time.perf_counter
 
 
-def timed_forward(model, batch, cache, T: Timer):
+def timed_forward(model, batch, cache, T: Timer, paged: bool):
     pc = CLOCK
     plan_t = pc()
-    reference._plan(batch.attn, cache.block_size, None)
+    reference._plan(batch.attn, cache.block_size, None, paged)
     T.add("attn plan (per step)", pc() - plan_t)
     s = pc(); h, residual = model.model.embed_tokens(batch.input_ids), None; T.add("embed", pc() - s)
     for i, layer in enumerate(model.model.layers):
@@ -72,9 +76,14 @@ def timed_forward(model, batch, cache, T: Timer):
         v = v.view(-1, a.num_kv_heads, a.head_dim)
         s = pc(); a.rotary(q, k, batch.positions); T.add("rotary", pc() - s)
         s = pc(); reference.kv_write(k, v, k_cache, v_cache, batch.slot_mapping); T.add("kv write", pc() - s)
-        # attention, split into gather and math (the reference's decode path)
-        plan = reference._plan(batch.attn, k_cache.shape[1], None)
+        # attention: the in-place kernel (cpu backend), or split into gather and math (torch backend)
+        plan = reference._plan(batch.attn, k_cache.shape[1], None, paged)
         out = torch.empty_like(q)
+        if plan.paged is not None:
+            p = plan.paged
+            s = pc()
+            out[p.rows] = paged_decode_attention(q[p.rows], k_cache, v_cache, p.blocks, p.start, p.end, a.scale)
+            T.add("attn in place (C++)", pc() - s)
         for d in plan.decodes:
             s = pc()
             qd = q[d.rows]; bb = qd.shape[0]
@@ -113,6 +122,7 @@ def main():
     ap = decode_arguments(__doc__.splitlines()[0])
     ap.add_argument("--torch-profile", action="store_true")
     ap.add_argument("--linear", choices=LINEARS, default="auto", help="the linear layers' GEMM (hardware.linear)")
+    ap.add_argument("--kernels", choices=("auto", "torch", "cpu"), default="auto", help="the kernel backend (hardware.kernels)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,6 +131,9 @@ def main():
         CLOCK = time.thread_time
     model, tok = load_model("smollm2-135m", dtype="float32")
     model.use_linear(resolve_linear(args.linear, "cpu", torch.float32))
+    backend = load_backend(args.kernels, "cpu")
+    model.use_kernels(backend)
+    paged = backend is not reference
     block_size = 64
     spec = model.spec
     num_blocks = max(args.batches) * (-(-(args.context + 1) // block_size)) + 8
@@ -129,7 +142,7 @@ def main():
     sampler = Sampler(0)
     ceilings = Ceilings(measure_gemm_flops(), measure_bandwidth())
     print(f"load average {os.getloadavg()}, threads {torch.get_num_threads()}, timer {args.timer}, linear "
-          f"{args.linear}; ceilings: GEMM {ceilings.gemm_flops / 1e9:.1f} GFLOP/s, bandwidth "
+          f"{args.linear}, kernels {backend.__name__.rsplit('.', 1)[-1]}; ceilings: GEMM {ceilings.gemm_flops / 1e9:.1f} GFLOP/s, bandwidth "
           f"{ceilings.bandwidth / 1e9:.1f} GB/s")
     for b in args.batches:
         whole, parts = [], []
@@ -141,7 +154,7 @@ def main():
                 s = CLOCK(); sampler(logits, [SamplingRow(SamplingParams(ignore_eos=True), None, [], [])] * b)
                 ds = CLOCK() - s
                 batch = make_batch(b, args.context, block_size, num_blocks, seed=r)
-                T = Timer(); s = CLOCK(); timed_forward(model, batch, cache, T); T.add("TOTAL (timed)", CLOCK() - s)
+                T = Timer(); s = CLOCK(); timed_forward(model, batch, cache, T, paged); T.add("TOTAL (timed)", CLOCK() - s)
                 if r:
                     whole.append(dt); parts.append(T.t); samp.append(ds)
         med = {k: statistics.median(p[k] for p in parts) for k in parts[0]}

@@ -32,7 +32,8 @@ class HardwareConfig:
     device: str = "cpu"
     dtype: str = "float32"               # float32 | bfloat16 | float16 | auto (bf16 on AMX CPUs / bf16 GPUs)
     threads: Optional[int] = None        # torch intra-op threads; None keeps torch's choice
-    kernels: str = "auto"                # auto (CUDA -> triton, CPU -> torch) | torch | triton
+    kernels: str = "auto"                # auto (CUDA -> triton, CPU -> cpu, or torch if its C++ kernel
+                                         # cannot build) | torch | cpu | triton
     linear: str = "auto"                 # linear layers' GEMM: plain (F.linear) | onednn (weights reordered once,
                                          # float32 CPU) | auto (onednn for decode-sized steps on a float32 CPU)
     tensor_parallel: int = 1             # devices the model is split over

@@ -2,11 +2,12 @@
 
 A backend is a module with the same functions (rms_norm, layer_norm, rotary, silu_and_mul, gelu_tanh_and_mul,
 kv_write, attention, grouped_gemm) and a `prepare(metadata, block_size, windows)` hook that derives whatever
-per-step state it needs from the backend-neutral `AttentionMetadata` once, before the layers run. Two backends
-exist: `torch` (PyTorch, the CPU path and the reference) and `triton` (the GPU path; under TRITON_INTERPRET=1 it
-runs on CPU tensors, which is how CI tests it). The executor chooses one when the engine is built
-(`hardware.kernels`: auto picks triton on CUDA, torch elsewhere) and hands it to the model
-(`CausalLM.use_kernels`). How the linear layers' GEMMs run on a CPU (MKL, or oneDNN on weights reordered once) is
+per-step state it needs from the backend-neutral `AttentionMetadata` once, before the layers run. Three backends
+exist: `torch` (PyTorch: the reference, and the fallback on any device), `cpu` (the PyTorch backend with decode
+attention in a C++ kernel that reads the KV blocks in place, built on first use: fastgen.kernels.cpu_attention)
+and `triton` (the GPU path; under TRITON_INTERPRET=1 it runs on CPU tensors, which is how CI tests it). The
+executor chooses one when the engine is built (`hardware.kernels`: auto picks triton on CUDA, and on a CPU picks
+cpu where its kernel builds, else torch) and hands it to the model (`CausalLM.use_kernels`). How the linear layers' GEMMs run on a CPU (MKL, or oneDNN on weights reordered once) is
 chosen beside it: fastgen.kernels.linear (`hardware.linear`, `CausalLM.use_linear`).
 """
 from __future__ import annotations
@@ -18,22 +19,35 @@ import torch
 from fastgen.kernels import reference
 from fastgen.kernels.metadata import AttentionMetadata
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "cpu", "triton")
 
 
 def resolve_backend(name: str, device: str | torch.device) -> str:
-    """The backend `hardware.kernels=name` means on `device`."""
+    """The backend `hardware.kernels=name` means on `device` (auto on a CPU builds the cpu kernel to find out)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; choose hardware.kernels from {', '.join(BACKENDS)}")
+    on_cuda = torch.device(device).type == "cuda"
     if name == "auto":
-        return "triton" if torch.device(device).type == "cuda" else "torch"
+        if on_cuda:
+            return "triton"
+        from fastgen.kernels import cpu_attention
+        return "cpu" if cpu_attention.available() else "torch"
+    if name == "cpu" and on_cuda:
+        raise ValueError("hardware.kernels=cpu runs on CPU tensors only; use triton, torch or auto on CUDA")
     return name
 
 
 def load_backend(name: str, device: str | torch.device = "cpu") -> ModuleType:
-    """The backend module for `hardware.kernels=name` on `device` (triton is imported only when chosen)."""
-    if resolve_backend(name, device) == "torch":
+    """The backend module for `hardware.kernels=name` on `device` (cpu and triton are imported only when chosen)."""
+    backend = resolve_backend(name, device)
+    if backend == "torch":
         return reference
+    if backend == "cpu":
+        from fastgen.kernels import cpu, cpu_attention
+        if not cpu_attention.available():
+            raise RuntimeError("hardware.kernels=cpu: the C++ attention kernel could not be built (see the warning "
+                               "above); install a C++ compiler, or use hardware.kernels=torch or auto")
+        return cpu
     from fastgen.kernels import triton_ops
     return triton_ops
 

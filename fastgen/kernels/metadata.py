@@ -6,7 +6,8 @@ tokens, so query j of a sequence with n queries sits at position context_lens[s]
 blocks block_tables[s, :] (padded with 0 beyond the blocks it owns).
 
 A backend may derive per-step state from it once, before the layers run (its `prepare` hook); that state lives in
-`prepared`, keyed by what the backend needs (the PyTorch backend keys its attention plans by window).
+`prepared`, keyed by what the backend needs (the PyTorch backend keys its attention plans by window and by whether
+decodes are read in place).
 """
 from __future__ import annotations
 

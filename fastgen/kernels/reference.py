@@ -24,10 +24,10 @@ def prepare(meta: AttentionMetadata, block_size: int, windows) -> None:
         _plan(meta, block_size, window)
 
 
-def _plan(meta: AttentionMetadata, block_size: int, window: int | None) -> TorchAttentionPlan:
-    plan = meta.prepared.get(window)
+def _plan(meta: AttentionMetadata, block_size: int, window: int | None, paged: bool = False) -> TorchAttentionPlan:
+    plan = meta.prepared.get((window, paged))
     if plan is None:
-        plan = meta.prepared[window] = build_plan(meta, block_size, window)
+        plan = meta.prepared[(window, paged)] = build_plan(meta, block_size, window, paged)
     return plan
 
 
@@ -103,7 +103,8 @@ def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-              scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+              scale: float, window: int | None = None, softcap: float | None = None,
+              paged: bool = False) -> torch.Tensor:
     """Causal attention of each sequence's queries over its whole KV history, read through its block table.
 
     Decode rows (one query each) run as padded batches, in groups small enough that the gathered K/V stays in
@@ -112,13 +113,18 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
     KV is gathered by whole blocks into head-major copies (each KV head's keys one contiguous matrix; a view when
     the blocks are consecutive), and the plan behind the gathers is built once per step and reused by every layer.
     Slots past a context are read and masked, so they must hold finite values (KVCache zero-fills its pools).
-    `softcap` (Gemma-2) squashes each score s to softcap * tanh(s / softcap) before the softmax.
+    `softcap` (Gemma-2) squashes each score s to softcap * tanh(s / softcap) before the softmax. `paged` runs
+    the decodes instead through the C++ kernel that reads the blocks in place (fastgen.kernels.cpu_attention).
     """
     sdpa = F.scaled_dot_product_attention if softcap is None else functools.partial(softcapped_sdpa, softcap=softcap)
-    plan = _plan(meta, k_cache.shape[1], window)
+    plan = _plan(meta, k_cache.shape[1], window, paged)
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     out = torch.empty_like(q)
+    if plan.paged is not None:
+        from fastgen.kernels.cpu_attention import paged_decode_attention
+        p = plan.paged
+        out[p.rows] = paged_decode_attention(q[p.rows], k_cache, v_cache, p.blocks, p.start, p.end, scale, softcap)
     for d in plan.decodes:
         qd = q[d.rows]
         b = qd.shape[0]
@@ -134,7 +140,6 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
                   scale=scale, enable_gqa=num_kv_heads != num_heads)
         out[c.rows] = oc[0].transpose(0, 1)
     return out
-
 
 
 def softcapped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,

@@ -2,7 +2,8 @@
 layers run) and shared by every layer.
 
 Decode rows (one query each) run as padded batches that each read the same number of whole KV blocks, in groups
-small enough that the gathered K/V stays in the CPU's cache; each prompt chunk runs on its own.
+small enough that the gathered K/V stays in the CPU's cache, or, for the CPU backend's kernel that reads the blocks
+in place, as one `PagedDecodes`; each prompt chunk runs on its own.
 """
 from __future__ import annotations
 
@@ -27,6 +28,16 @@ class DecodePlan:
 
 
 @dataclass
+class PagedDecodes:
+    """All single-query sequences of a step, for a kernel that reads their KV blocks in place (no gather)."""
+
+    rows: torch.Tensor | slice                # query rows (a slice when they are consecutive)
+    blocks: torch.Tensor                      # [B, nb] int64, the blocks each sequence reads, in order
+    start: torch.Tensor                       # [B] int64: keys [start, end) are read, counted from the first
+    end: torch.Tensor                         #   slot of blocks[b, 0]
+
+
+@dataclass
 class ChunkPlan:
     """One prompt chunk: its query rows and the KV it reads, [first, first + length) of its gathered blocks."""
 
@@ -43,6 +54,7 @@ class TorchAttentionPlan:
 
     decodes: list[DecodePlan]
     chunks: list[ChunkPlan]
+    paged: PagedDecodes | None = None         # the decodes instead, when planned for in-place reads
     _buffers: dict = field(default_factory=dict, repr=False)
 
     def gather(self, cache: torch.Tensor, blocks: torch.Tensor | slice, name: str) -> torch.Tensor:
@@ -65,7 +77,16 @@ class TorchAttentionPlan:
         return out
 
 
-def build_plan(meta: AttentionMetadata, block_size: int, window: int | None) -> TorchAttentionPlan:
+def _rows(rows: torch.Tensor, device: torch.device) -> torch.Tensor | slice:
+    """Query row indices, as a slice when they are consecutive (a view, no copy)."""
+    if int(rows[-1]) - int(rows[0]) == len(rows) - 1:
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return rows.to(device)
+
+
+def build_plan(meta: AttentionMetadata, block_size: int, window: int | None,
+               paged: bool = False) -> TorchAttentionPlan:
+    """The step's plan; `paged` plans the decodes as one PagedDecodes instead of gathered groups."""
     qs = meta.query_start.cpu().long()
     ctx = meta.context_lens.cpu().long()
     tables = meta.block_tables.cpu().long()
@@ -77,20 +98,23 @@ def build_plan(meta: AttentionMetadata, block_size: int, window: int | None) -> 
     first_block = lo // block_size
     num_blocks = (ctx - 1) // block_size - first_block + 1
 
-    decodes = []
+    decodes, paged_decodes = [], None
     decode_idx = torch.nonzero(q_lens == 1).flatten()
     if decode_idx.numel():
         nb = int(num_blocks[decode_idx].max())
         cols = (first_block[decode_idx, None] + torch.arange(nb)).clamp(max=tables.shape[1] - 1)
         blocks = torch.gather(tables[decode_idx], 1, cols)
-        pos = first_block[decode_idx, None] * block_size + torch.arange(nb * block_size)
-        mask = ((pos >= lo[decode_idx, None]) & (pos < ctx[decode_idx, None]))[:, None, None, :]
-        rows = qs[decode_idx]
-        group = max(1, DECODE_GROUP_SLOTS // (nb * block_size))
-        for g in range(0, len(rows), group):
-            r = rows[g:g + group]
-            r = slice(int(r[0]), int(r[-1]) + 1) if int(r[-1]) - int(r[0]) == len(r) - 1 else r.to(device)
-            decodes.append(DecodePlan(r, blocks[g:g + group].flatten().to(device), mask[g:g + group].to(device)))
+        rows, offset = qs[decode_idx], first_block[decode_idx] * block_size
+        if paged:
+            paged_decodes = PagedDecodes(_rows(rows, device), blocks.to(device), (lo[decode_idx] - offset).to(device),
+                                         (ctx[decode_idx] - offset).to(device))
+        else:
+            pos = offset[:, None] + torch.arange(nb * block_size)
+            mask = ((pos >= lo[decode_idx, None]) & (pos < ctx[decode_idx, None]))[:, None, None, :]
+            group = max(1, DECODE_GROUP_SLOTS // (nb * block_size))
+            for g in range(0, len(rows), group):
+                decodes.append(DecodePlan(_rows(rows[g:g + group], device), blocks[g:g + group].flatten().to(device),
+                                          mask[g:g + group].to(device)))
 
     chunks = []
     for s in torch.nonzero(q_lens > 1).flatten().tolist():
@@ -109,4 +133,4 @@ def build_plan(meta: AttentionMetadata, block_size: int, window: int | None) -> 
                 mask &= kpos[None, :] > qpos[:, None] - window
             mask = mask.to(device)
         chunks.append(ChunkPlan(slice(int(qs[s]), int(qs[s + 1])), blocks, low - fb * block_size, c - low, mask))
-    return TorchAttentionPlan(decodes, chunks)
+    return TorchAttentionPlan(decodes, chunks, paged_decodes)
