@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fastgen.kernels import load_backend, reference  # noqa: E402
-from fastgen.kernels.cpu_attention import paged_decode_attention  # noqa: E402
+from fastgen.kernels.cpu_ops import paged_decode_attention  # noqa: E402
 from fastgen.kernels.linear import LINEARS, resolve_linear  # noqa: E402
 from fastgen.kv.cache import KVCache  # noqa: E402
 from fastgen.models import load_model  # noqa: E402
@@ -75,7 +75,7 @@ def timed_forward(model, batch, cache, T: Timer, paged: bool):
         q = q.view(-1, a.num_heads, a.head_dim); k = k.view(-1, a.num_kv_heads, a.head_dim)
         v = v.view(-1, a.num_kv_heads, a.head_dim)
         s = pc(); a.rotary(q, k, batch.positions); T.add("rotary", pc() - s)
-        s = pc(); reference.kv_write(k, v, k_cache, v_cache, batch.slot_mapping); T.add("kv write", pc() - s)
+        s = pc(); layer.self_attn.ops.kv_write(k, v, k_cache, v_cache, batch.slot_mapping); T.add("kv write", pc() - s)
         # attention: the in-place kernel (cpu backend), or split into gather and math (torch backend)
         plan = reference._plan(batch.attn, k_cache.shape[1], None, paged)
         out = torch.empty_like(q)
@@ -98,7 +98,7 @@ def timed_forward(model, batch, cache, T: Timer, paged: bool):
         s = pc(); h = a.o_proj(out.reshape(-1, a.q_size)); T.add("linear o", pc() - s)
         s = pc(); h, residual = layer.post_attention_layernorm(h, residual); T.add("norms", pc() - s)
         s = pc(); gu = layer.mlp.gate_up_proj(h); T.add("linear gate_up", pc() - s)
-        s = pc(); act = reference.silu_and_mul(gu); T.add("silu*mul", pc() - s)
+        s = pc(); act = layer.mlp.ops.silu_and_mul(gu); T.add("silu*mul", pc() - s)
         s = pc(); h = layer.mlp.down_proj(act); T.add("linear down", pc() - s)
     idx = batch.logits_indices
     s = pc(); h, _ = model.model.norm(h.index_select(0, idx), residual.index_select(0, idx)); T.add("norms", pc() - s)

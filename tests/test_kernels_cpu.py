@@ -1,20 +1,20 @@
-"""The CPU backend (hardware.kernels=cpu): decode attention in a C++ kernel that reads the KV blocks in place,
-against the PyTorch backend's gather + SDPA path and against transformers' greedy tokens; and how auto falls back
-to the PyTorch backend where the kernel cannot be built."""
+"""The CPU backend (hardware.kernels=cpu): its C++ ops (decode attention reading the KV blocks in place, one-pass
+norm, rotary, KV write, gated activation) against the PyTorch backend and against transformers' greedy tokens; and
+how auto falls back to the PyTorch backend where they cannot be built."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import fastgen.kernels as kernels
-from fastgen.kernels import cpu, cpu_attention, reference
+from fastgen.kernels import cpu, cpu_ops, reference
 from fastgen.kv.cache import KVCache
 from fastgen.models.layers import KernelUser
 from fastgen.ragged import RaggedBatch, SeqChunk
 from fastgen.sampling import SamplingParams
 from tiny import compose_engine, drain, fastgen_from_hf, reference_greedy, tiny_hf_model
 
-needs_kernel = pytest.mark.skipif(not cpu_attention.available(), reason="the C++ kernel could not be built here")
+needs_kernel = pytest.mark.skipif(not cpu_ops.available(), reason="the C++ kernel could not be built here")
 TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
@@ -49,15 +49,49 @@ def test_in_place_decodes_equal_the_gathering_path(dtype, head_dim, heads, kv_he
 
 
 @needs_kernel
+def test_pointwise_ops_equal_the_pytorch_backend():
+    """The one-pass ops on the layouts the model hands them: a norm with and without a residual; rotary on q and k
+    that are strided views of a fused QKV output, partly rotated (Phi-3's partial rotary); the KV write into
+    head-major pools at scattered slots; the SiLU-gated activation. bfloat16 goes to the PyTorch backend."""
+    g = torch.Generator().manual_seed(3)
+    x, res, w = torch.randn(7, 96, generator=g), torch.randn(7, 96, generator=g), torch.randn(96, generator=g)
+    for residual in (None, res):
+        got, want = cpu.rms_norm(x, w, 1e-6, residual), reference.rms_norm(x, w, 1e-6, residual)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for dtype in (torch.float32, torch.bfloat16):
+        qkv = torch.randn(5, 4 * 16 + 2 * 2 * 16, generator=g).to(dtype)
+        q, k = qkv[:, :64].view(5, 4, 16)[..., :8], qkv[:, 64:96].view(5, 2, 16)[..., :8]
+        def untouched():    # v, and the dims of q and k past the rotary's 8
+            return qkv[:, 96:], qkv[:, :64].view(5, 4, 16)[..., 8:], qkv[:, 64:96].view(5, 2, 16)[..., 8:]
+        q2, k2, before = q.clone(), k.clone(), [t.clone() for t in untouched()]
+        positions, table = torch.tensor([0, 3, 9, 1, 2]), torch.randn(12, 8, generator=g).to(dtype)
+        cpu.rotary(q, k, positions, table), reference.rotary(q2, k2, positions, table)
+        torch.testing.assert_close((q, k), (q2, k2), rtol=1e-5, atol=1e-6)
+        assert all(torch.equal(a, b) for a, b in zip(untouched(), before))
+    cache = KVCache(fastgen_from_hf(tiny_hf_model("llama")).spec, num_blocks=6, block_size=4, dtype=torch.float32)
+    kc, vc = cache.layer(1)
+    k, v = torch.randn(3, *kc.shape[2:], generator=g), torch.randn(3, *kc.shape[2:], generator=g)
+    slots = torch.tensor([22, 1, 9])
+    cpu.kv_write(k, v, kc, vc, slots)
+    flat_k, flat_v = kc.reshape(-1, *kc.shape[2:]), vc.reshape(-1, *vc.shape[2:])
+    assert torch.equal(flat_k[slots], k) and torch.equal(flat_v[slots], v)
+    assert int((cache.k != 0).sum()) == k.numel()
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        cpu.kv_write(k, v, kc, vc, torch.tensor([22, 1, 24]))
+    gate_up = torch.randn(6, 2 * 40, generator=g) * 8
+    torch.testing.assert_close(cpu.silu_and_mul(gate_up), reference.silu_and_mul(gate_up), rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
 def test_kernel_rejects_bad_input_with_a_clear_error():
     k, v = pools(4, 4, 2, 64, torch.float32, True)
     blocks, start, end = torch.tensor([[0, 1]]), torch.tensor([0]), torch.tensor([5])
     with pytest.raises(RuntimeError, match="share a dtype"):
-        cpu_attention.paged_decode_attention(torch.randn(1, 4, 64).double(), k, v, blocks, start, end, 0.1)
+        cpu_ops.paged_decode_attention(torch.randn(1, 4, 64).double(), k, v, blocks, start, end, 0.1)
     with pytest.raises(RuntimeError, match="at least one key"):
-        cpu_attention.paged_decode_attention(torch.randn(1, 4, 64), k, v, blocks, start, start, 0.1)
+        cpu_ops.paged_decode_attention(torch.randn(1, 4, 64), k, v, blocks, start, start, 0.1)
     with pytest.raises(RuntimeError, match="heads must match"):
-        cpu_attention.paged_decode_attention(torch.randn(1, 3, 64), k, v, blocks, start, end, 0.1)
+        cpu_ops.paged_decode_attention(torch.randn(1, 3, 64), k, v, blocks, start, end, 0.1)
 
 
 @needs_kernel
@@ -80,8 +114,8 @@ def test_greedy_tokens_equal_transformers_through_the_cpu_backend(family):
 def test_auto_falls_back_to_torch_where_the_kernel_cannot_be_built(monkeypatch):
     """auto means cpu on a CPU when the kernel builds, else torch; asking for cpu then is a clear error, and so is
     cpu on CUDA."""
-    assert kernels.resolve_backend("auto", "cpu") == ("cpu" if cpu_attention.available() else "torch")
-    monkeypatch.setattr(cpu_attention, "available", lambda: False)
+    assert kernels.resolve_backend("auto", "cpu") == ("cpu" if cpu_ops.available() else "torch")
+    monkeypatch.setattr(cpu_ops, "available", lambda: False)
     assert kernels.resolve_backend("auto", "cpu") == "torch"
     assert kernels.load_backend("auto", "cpu") is reference
     with pytest.raises(RuntimeError, match="hardware.kernels=torch"):

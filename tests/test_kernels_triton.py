@@ -320,12 +320,12 @@ def test_split_heuristic(monkeypatch):
 def test_hardware_kernels_chooses_the_backend_once_for_every_layer():
     """hardware.kernels picks the backend when the engine is built; every kernel-using layer of the model then
     runs on it (auto: triton on CUDA, and on a CPU the cpu backend where its C++ kernel builds, else torch)."""
-    from fastgen.kernels import cpu, cpu_attention
+    from fastgen.kernels import cpu, cpu_ops
     from fastgen.models.layers import KernelUser
     from tiny import compose_engine, fastgen_from_hf, tiny_hf_model
 
     model = fastgen_from_hf(tiny_hf_model("llama"))
-    on_cpu = cpu if cpu_attention.available() else reference
+    on_cpu = cpu if cpu_ops.available() else reference
     for name, backend in (("triton", triton_ops), ("torch", reference), ("auto", on_cpu)):
         compose_engine(model, kernels=name)
         assert {m.ops for m in model.modules() if isinstance(m, KernelUser)} == {backend}

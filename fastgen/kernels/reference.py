@@ -114,7 +114,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
     the blocks are consecutive), and the plan behind the gathers is built once per step and reused by every layer.
     Slots past a context are read and masked, so they must hold finite values (KVCache zero-fills its pools).
     `softcap` (Gemma-2) squashes each score s to softcap * tanh(s / softcap) before the softmax. `paged` runs
-    the decodes instead through the C++ kernel that reads the blocks in place (fastgen.kernels.cpu_attention).
+    the decodes instead through the C++ kernel that reads the blocks in place (fastgen.kernels.cpu_ops).
     """
     sdpa = F.scaled_dot_product_attention if softcap is None else functools.partial(softcapped_sdpa, softcap=softcap)
     plan = _plan(meta, k_cache.shape[1], window, paged)
@@ -122,7 +122,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
     num_kv_heads = k_cache.shape[2]
     out = torch.empty_like(q)
     if plan.paged is not None:
-        from fastgen.kernels.cpu_attention import paged_decode_attention
+        from fastgen.kernels.cpu_ops import paged_decode_attention
         p = plan.paged
         out[p.rows] = paged_decode_attention(q[p.rows], k_cache, v_cache, p.blocks, p.start, p.end, scale, softcap)
     for d in plan.decodes:

@@ -17,6 +17,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace {
 
 // One register of float32 lanes, in GCC/Clang vector extensions, as wide as the build's -m flags allow (16 lanes
@@ -74,25 +76,6 @@ inline vec4 hsum4(vec a, vec b, vec c, vec d) {
                  __builtin_shufflevector(c, d, 2, 3, 6, 7);
   return __builtin_shufflevector(ab, cd, 0, 2, 4, 6) + __builtin_shufflevector(ab, cd, 1, 3, 5, 7);
 #endif
-}
-
-// e^x for x <= 0 (scores minus their maximum): x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6 Taylor polynomial
-// (relative error < 2e-7, under float32's rounding), 2^n built in the exponent bits. Branch-free, so it vectorises.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
 }
 
 // Calls visit(first_row, n, j) for each run of keys of [lo, hi) that lie in one block: n keys whose rows start at
@@ -174,7 +157,7 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < m; ++j) {
-          s[j] = exp_nonpositive(s[j] - mx);
+          s[j] = fastgen_cpu::exp(s[j] - mx);
           sum += s[j];
         }
         sums[g] = sum;
