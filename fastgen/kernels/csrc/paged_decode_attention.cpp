@@ -2,8 +2,8 @@
 // they lie in the block pools, with no gathered copy. Registered as torch.ops.fastgen_cpu.paged_decode_attention
 // (loaded by fastgen/kernels/cpu_attention.py, which picks the instruction-set flags for the machine it runs on).
 //
-// Work is split over (sequence, KV head): the G query heads of a KV head run back to back over each block, so
-// grouped-query attention reads each key and value from memory once. Keys are visited block by block (no per-key division),
+// Work is split over (sequence, KV head, group of query heads): the query heads of a group share each key and
+// value row they load, so grouped-query attention reads the cache once. Keys are visited block by block (no per-key division),
 // scores go to a per-thread buffer, the softmax runs in float32 with a polynomial exp the compiler vectorises, and
 // queries and outputs stay in float32 registers. Per key it reads 2 * head_dim elements.
 #include <ATen/ATen.h>
@@ -97,11 +97,14 @@ inline void for_each_run(const scalar_t* pool, int64_t blk_stride, const int64_t
 }
 
 // DT: head_dim fixed at compile time (a multiple of W: the common sizes, fully unrolled), or 0 to read it from q.
-// Each (sequence, KV head) item runs its G query heads one after another: the first reads the head's keys and
-// values from memory, the others find them in cache, and each keeps its query and output rows in registers.
-template <typename scalar_t, int64_t DT>
+// GT: query heads of a KV head that go through the key loops together (G is a multiple of GT): each key and value
+// row is loaded once for all of them and their accumulators stay in registers, where running the heads one after
+// another re-reads every row per head. KB keys are reduced together, so that one transposing reduction serves
+// KB * GT <= 4 dot products.
+template <typename scalar_t, int64_t DT, int64_t GT>
 void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& blocks,
             const at::Tensor& start, const at::Tensor& end, double scale, double softcap, at::Tensor& out) {
+  constexpr int64_t KB = 4 / GT;
   const int64_t B = q.size(0), H = q.size(1), HKV = k_cache.size(2), G = H / HKV, BS = k_cache.size(1);
   const int64_t nb = blocks.size(1), head_dim = q.size(2);
   const int64_t k_blk = k_cache.stride(0), k_tok = k_cache.stride(1), k_head = k_cache.stride(2);
@@ -115,82 +118,95 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   scalar_t* op = out.data_ptr<scalar_t>();
   const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
 
-  at::parallel_for(0, B * HKV, 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, B * HKV * (G / GT), 1, [&](int64_t first, int64_t last) {
     // Here, not outside: captured by the lambda they would be loads, and the chunk loops would not unroll.
     const int64_t D = DT ? DT : head_dim, NC = (D + W - 1) / W;
-    std::vector<float> scores, sums(G);
-    std::vector<vec> queries(G * NC), outputs(G * 2 * NC);
+    std::vector<float> scores;
     for (int64_t item = first; item < last; ++item) {
-      const int64_t b = item / HKV, h = item % HKV;
+      const int64_t b = item / (HKV * (G / GT)), h = item / (G / GT) % HKV, g0 = item % (G / GT) * GT;
       const int64_t lo = sp[b], hi = ep[b], m = hi - lo;
       const int64_t* table = bp + b * nb;
-      const int64_t row0 = (b * H + h * G) * D;   // the first of the G query (and output) rows
-      scores.resize(G * m);
-      for (int64_t i = 0; i < G * NC; ++i) queries[i] = load_chunk<scalar_t, DT>(qp + row0 + i / NC * D, i % NC, D) * sc;
-      // Scores q_g . k_j. Blocks outside, heads inside: a block's keys come from memory for the first head and
-      // from L1 for the others (head after head over the whole context would read them from L2 G times).
-      for_each_run(kp + h * k_head, k_blk, table, BS, lo, hi, k_tok, D * int64_t(sizeof(scalar_t)), [&](const scalar_t* k0, int64_t n, int64_t j) {
-        for (int64_t g = 0; g < G; ++g) {
-          const vec* qv = queries.data() + g * NC;
-          float* s = scores.data() + g * m + j;
-          auto dot = [&](const scalar_t* k) {
-            vec acc = qv[0] * load_chunk<scalar_t, DT>(k, 0, D);
-            for (int64_t c = 1; c < NC; ++c) acc += qv[c] * load_chunk<scalar_t, DT>(k, c, D);
-            return acc;
-          };
-          const scalar_t* k = k0;
-          int64_t t = 0;
-          for (; t + 4 <= n; t += 4, k += 4 * k_tok) {
-            const vec4 d4 = hsum4(dot(k), dot(k + k_tok), dot(k + 2 * k_tok), dot(k + 3 * k_tok));
-            std::memcpy(s + t, &d4, sizeof(d4));
-          }
-          for (; t < n; ++t, k += k_tok) s[t] = hsum4(dot(k), vec{}, vec{}, vec{})[0];
-        }
+      const int64_t row0 = (b * H + h * G + g0) * D;   // the first of the GT query (and output) rows
+      scores.resize(GT * m);
+      float* s = scores.data();
+      vec qv[GT][MAX_CHUNKS];
+      for (int64_t g = 0; g < GT; ++g)
+        for (int64_t c = 0; c < NC; ++c) qv[g][c] = load_chunk<scalar_t, DT>(qp + row0 + g * D, c, D) * sc;
+
+      // Scores q_g . k_j, KB keys x GT heads per reduction.
+      for_each_run(kp + h * k_head, k_blk, table, BS, lo, hi, k_tok, D * int64_t(sizeof(scalar_t)),
+                   [&](const scalar_t* k, int64_t n, int64_t j) {
+        auto dots = [&](const scalar_t* k0, int64_t keys) {   // keys <= KB rows from k0; scores to s[g * m + j]
+          vec acc[4] = {};
+          for (int64_t kb = 0; kb < keys; ++kb)
+            for (int64_t c = 0; c < NC; ++c) {
+              const vec kv = load_chunk<scalar_t, DT>(k0 + kb * k_tok, c, D);
+              for (int64_t g = 0; g < GT; ++g) acc[kb * GT + g] += qv[g][c] * kv;
+            }
+          const vec4 d = hsum4(acc[0], acc[1], acc[2], acc[3]);
+          for (int64_t kb = 0; kb < keys; ++kb)
+            for (int64_t g = 0; g < GT; ++g) s[g * m + j + kb] = d[kb * GT + g];
+        };
+        int64_t t = 0;
+        for (; t + KB <= n; t += KB, j += KB) dots(k + t * k_tok, KB);
+        for (; t < n; ++t, ++j) dots(k + t * k_tok, 1);
       });
       // Softmax of each head's row in float32 (soft-capped first when the model asks: Gemma-2), unnormalised.
-      for (int64_t g = 0; g < G; ++g) {
-        float* s = scores.data() + g * m;
+      float inv[GT];
+      for (int64_t g = 0; g < GT; ++g) {
+        float* sg = s + g * m;
         if (cap > 0.f)
-          for (int64_t j = 0; j < m; ++j) s[j] = cap * std::tanh(s[j] / cap);
+          for (int64_t j = 0; j < m; ++j) sg[j] = cap * std::tanh(sg[j] / cap);
         float mx = -INFINITY;
-        for (int64_t j = 0; j < m; ++j) mx = std::max(mx, s[j]);
+#pragma omp simd reduction(max : mx)
+        for (int64_t j = 0; j < m; ++j) mx = sg[j] > mx ? sg[j] : mx;
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < m; ++j) {
-          s[j] = fastgen_cpu::exp(s[j] - mx);
-          sum += s[j];
+          sg[j] = fastgen_cpu::exp(sg[j] - mx);
+          sum += sg[j];
         }
-        sums[g] = sum;
+        inv[g] = 1.f / sum;
       }
-      // Outputs sum_j p_gj v_j, blocks outside and heads inside again. Each head keeps two sets of accumulators in
-      // registers over a block, for even and odd keys, so that consecutive keys' FMAs do not wait on each other.
-      std::fill(outputs.begin(), outputs.end(), vec{});
-      for_each_run(vp + h * v_head, v_blk, table, BS, lo, hi, v_tok, D * int64_t(sizeof(scalar_t)), [&](const scalar_t* v0, int64_t n, int64_t j) {
-        for (int64_t g = 0; g < G; ++g) {
-          const float* p = scores.data() + g * m + j;
-          vec acc[2][MAX_CHUNKS];
-          for (int64_t c = 0; c < NC; ++c) acc[0][c] = outputs[(g * 2) * NC + c], acc[1][c] = outputs[(g * 2 + 1) * NC + c];
-          const scalar_t* v = v0;
-          int64_t t = 0;
-          for (; t + 2 <= n; t += 2, v += 2 * v_tok)
-            for (int64_t c = 0; c < NC; ++c) {
-              acc[0][c] += p[t] * load_chunk<scalar_t, DT>(v, c, D);
-              acc[1][c] += p[t + 1] * load_chunk<scalar_t, DT>(v + v_tok, c, D);
-            }
-          for (; t < n; ++t, v += v_tok)
-            for (int64_t c = 0; c < NC; ++c) acc[0][c] += p[t] * load_chunk<scalar_t, DT>(v, c, D);
-          for (int64_t c = 0; c < NC; ++c) outputs[(g * 2) * NC + c] = acc[0][c], outputs[(g * 2 + 1) * NC + c] = acc[1][c];
-        }
+      // Outputs sum_j p_gj v_j: each value row loaded once for the GT heads, their accumulators in registers.
+      vec acc[GT][MAX_CHUNKS] = {};
+      for_each_run(vp + h * v_head, v_blk, table, BS, lo, hi, v_tok, D * int64_t(sizeof(scalar_t)),
+                   [&](const scalar_t* v, int64_t n, int64_t j) {
+        for (int64_t t = 0; t < n; ++t, v += v_tok)
+          for (int64_t c = 0; c < NC; ++c) {
+            const vec vv = load_chunk<scalar_t, DT>(v, c, D);
+            for (int64_t g = 0; g < GT; ++g) acc[g][c] += s[g * m + j + t] * vv;
+          }
       });
-      for (int64_t g = 0; g < G; ++g) {
-        const float inv = 1.f / sums[g];
+      for (int64_t g = 0; g < GT; ++g)
         for (int64_t c = 0; c < NC; ++c) {
-          const vec o = (outputs[(g * 2) * NC + c] + outputs[(g * 2 + 1) * NC + c]) * inv;
+          const vec o = acc[g][c] * inv[g];
           for (int64_t i = 0; i < std::min(W, D - c * W); ++i) op[row0 + g * D + c * W + i] = static_cast<scalar_t>(o[i]);
         }
-      }
     }
   });
+}
+
+// The largest group of query heads (<= 4) that divides G.
+template <typename scalar_t, int64_t DT>
+void attend_groups(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                   const at::Tensor& blocks, const at::Tensor& start, const at::Tensor& end, double scale,
+                   double softcap, at::Tensor& out) {
+  const int64_t G = q.size(1) / k_cache.size(2);
+  if (G % 4 == 0) attend<scalar_t, DT, 4>(q, k_cache, v_cache, blocks, start, end, scale, softcap, out);
+  else if (G % 3 == 0) attend<scalar_t, DT, 3>(q, k_cache, v_cache, blocks, start, end, scale, softcap, out);
+  else if (G % 2 == 0) attend<scalar_t, DT, 2>(q, k_cache, v_cache, blocks, start, end, scale, softcap, out);
+  else attend<scalar_t, DT, 1>(q, k_cache, v_cache, blocks, start, end, scale, softcap, out);
+}
+
+template <typename scalar_t>
+void attend_dims(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& blocks,
+                 const at::Tensor& start, const at::Tensor& end, double scale, double softcap, at::Tensor& out) {
+  switch (q.size(2)) {
+    case 64: attend_groups<scalar_t, 64>(q, k_cache, v_cache, blocks, start, end, scale, softcap, out); break;
+    case 128: attend_groups<scalar_t, 128>(q, k_cache, v_cache, blocks, start, end, scale, softcap, out); break;
+    default: attend_groups<scalar_t, 0>(q, k_cache, v_cache, blocks, start, end, scale, softcap, out);
+  }
 }
 
 // q [B, H, D] contiguous; k_cache, v_cache [num_blocks, block_size, HKV, D] with unit stride in D (any layout
@@ -213,14 +229,12 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK((end > start).all().item<bool>(), "every sequence must read at least one key");
   at::Tensor out = at::empty_like(q);
   const at::Tensor s = start.contiguous(), e = end.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
-    switch (q.size(2)) {
-      case 64: attend<scalar_t, 64>(q, k_cache, v_cache, blocks, s, e, scale, softcap, out); break;
-      case 128: attend<scalar_t, 128>(q, k_cache, v_cache, blocks, s, e, scale, softcap, out); break;
-      case 256: attend<scalar_t, 256>(q, k_cache, v_cache, blocks, s, e, scale, softcap, out); break;
-      default: attend<scalar_t, 0>(q, k_cache, v_cache, blocks, s, e, scale, softcap, out);
-    }
-  });
+  switch (q.scalar_type()) {
+    case at::kFloat: attend_dims<float>(q, k_cache, v_cache, blocks, s, e, scale, softcap, out); break;
+    case at::kBFloat16: attend_dims<c10::BFloat16>(q, k_cache, v_cache, blocks, s, e, scale, softcap, out); break;
+    case at::kHalf: attend_dims<c10::Half>(q, k_cache, v_cache, blocks, s, e, scale, softcap, out); break;
+    default: TORCH_CHECK(false, "paged_decode_attention runs float32, bfloat16 or float16, got ", q.scalar_type());
+  }
   return out;
 }
 
