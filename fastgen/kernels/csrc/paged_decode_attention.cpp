@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -118,11 +119,16 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   scalar_t* op = out.data_ptr<scalar_t>();
   const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
 
-  at::parallel_for(0, B * HKV * (G / GT), 1, [&](int64_t first, int64_t last) {
+  // Items are handed out one at a time to torch's threads (a shared counter), not in one contiguous range per
+  // thread: contexts differ from sequence to sequence, and a batch lists its oldest (longest) sequences first,
+  // where an even split measured 1.32x slower (32 sequences of 100-900 keys, longest first; 1.09x shuffled).
+  const int64_t items = B * HKV * (G / GT);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items), 1, [&](int64_t, int64_t) {
     // Here, not outside: captured by the lambda they would be loads, and the chunk loops would not unroll.
     const int64_t D = DT ? DT : head_dim, NC = (D + W - 1) / W;
     std::vector<float> scores;
-    for (int64_t item = first; item < last; ++item) {
+    for (int64_t item; (item = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
       const int64_t b = item / (HKV * (G / GT)), h = item / (G / GT) % HKV, g0 = item % (G / GT) * GT;
       const int64_t lo = sp[b], hi = ep[b], m = hi - lo;
       const int64_t* table = bp + b * nb;
