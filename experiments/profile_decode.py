@@ -122,7 +122,8 @@ def main():
     ap = decode_arguments(__doc__.splitlines()[0])
     ap.add_argument("--torch-profile", action="store_true")
     ap.add_argument("--linear", choices=LINEARS, default="auto", help="the linear layers' GEMM (hardware.linear)")
-    ap.add_argument("--kernels", choices=("auto", "torch", "cpu"), default="auto", help="the kernel backend (hardware.kernels)")
+    ap.add_argument("--kernels", choices=("auto", "torch", "cpu"), default="auto",
+                    help="the kernel backend (hardware.kernels)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,7 +143,8 @@ def main():
     sampler = Sampler(0)
     ceilings = Ceilings(measure_gemm_flops(), measure_bandwidth())
     print(f"load average {os.getloadavg()}, threads {torch.get_num_threads()}, timer {args.timer}, linear "
-          f"{args.linear}, kernels {backend.__name__.rsplit('.', 1)[-1]}; ceilings: GEMM {ceilings.gemm_flops / 1e9:.1f} GFLOP/s, bandwidth "
+          f"{args.linear}, kernels {backend.__name__.rsplit('.', 1)[-1]}; ceilings: GEMM "
+          f"{ceilings.gemm_flops / 1e9:.1f} GFLOP/s, bandwidth "
           f"{ceilings.bandwidth / 1e9:.1f} GB/s")
     for b in args.batches:
         whole, parts = [], []
@@ -154,7 +156,8 @@ def main():
                 s = CLOCK(); sampler(logits, [SamplingRow(SamplingParams(ignore_eos=True), None, [], [])] * b)
                 ds = CLOCK() - s
                 batch = make_batch(b, args.context, block_size, num_blocks, seed=r)
-                T = Timer(); s = CLOCK(); timed_forward(model, batch, cache, T, paged); T.add("TOTAL (timed)", CLOCK() - s)
+                T = Timer(); s = CLOCK(); timed_forward(model, batch, cache, T, paged)
+                T.add("TOTAL (timed)", CLOCK() - s)
                 if r:
                     whole.append(dt); parts.append(T.t); samp.append(ds)
         med = {k: statistics.median(p[k] for p in parts) for k in parts[0]}

@@ -35,8 +35,8 @@ ISA_FLAGS = {
 
 
 @functools.cache
-def _load() -> float | None:
-    """Builds (or loads the cached build of) the ops; returns the seconds it took, or None if it failed."""
+def available() -> bool:
+    """Whether the ops are built and loaded: builds them, or loads the cached build, on the first call."""
     from torch.utils import cpp_extension
     capability = torch.backends.cpu.get_cpu_capability()
     digest = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()))).hexdigest()[:10]
@@ -47,20 +47,9 @@ def _load() -> float | None:
                            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:      # no compiler, headers or OpenMP: the PyTorch path still works
         log.warning("CPU kernels unavailable (%s: %s); using the PyTorch path", type(e).__name__, e)
-        return None
-    seconds = time.perf_counter() - start
-    log.info("CPU kernels (%s) ready in %.1f s", capability, seconds)
-    return seconds
-
-
-def available() -> bool:
-    """Whether the ops are built and loaded (building them on the first call)."""
-    return _load() is not None
-
-
-def build_seconds() -> float | None:
-    """How long building or loading the ops took in this process (None: unavailable)."""
-    return _load()
+        return False
+    log.info("CPU kernels (%s) ready in %.1f s", capability, time.perf_counter() - start)
+    return True
 
 
 def _ops():

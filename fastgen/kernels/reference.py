@@ -14,6 +14,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from fastgen.kernels import cpu_ops
 from fastgen.kernels.metadata import AttentionMetadata
 from fastgen.kernels.torch_plan import TorchAttentionPlan, build_plan
 
@@ -122,9 +123,9 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
     num_kv_heads = k_cache.shape[2]
     out = torch.empty_like(q)
     if plan.paged is not None:
-        from fastgen.kernels.cpu_ops import paged_decode_attention
         p = plan.paged
-        out[p.rows] = paged_decode_attention(q[p.rows], k_cache, v_cache, p.blocks, p.start, p.end, scale, softcap)
+        out[p.rows] = cpu_ops.paged_decode_attention(q[p.rows], k_cache, v_cache, p.blocks, p.start, p.end, scale,
+                                                     softcap)
     for d in plan.decodes:
         qd = q[d.rows]
         b = qd.shape[0]

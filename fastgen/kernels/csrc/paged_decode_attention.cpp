@@ -1,11 +1,11 @@
 // Decode attention read from the paged KV cache in place: each sequence's one query attends over its keys where
 // they lie in the block pools, with no gathered copy. Registered as torch.ops.fastgen_cpu.paged_decode_attention
-// (loaded by fastgen/kernels/cpu_attention.py, which picks the instruction-set flags for the machine it runs on).
+// (loaded by fastgen/kernels/cpu_ops.py, which picks the instruction-set flags for the machine it runs on).
 //
 // Work is split over (sequence, KV head, group of query heads): the query heads of a group share each key and
-// value row they load, so grouped-query attention reads the cache once. Keys are visited block by block (no per-key division),
-// scores go to a per-thread buffer, the softmax runs in float32 with a polynomial exp the compiler vectorises, and
-// queries and outputs stay in float32 registers. Per key it reads 2 * head_dim elements.
+// value row they load, so grouped-query attention reads the cache once. Keys are visited block by block (no
+// per-key division), scores go to a per-thread buffer, the softmax runs in float32 with a polynomial exp the
+// compiler vectorises, and queries and outputs stay in float32 registers. Per key it reads 2 * head_dim elements.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -24,7 +24,7 @@ namespace {
 
 // One register of float32 lanes, in GCC/Clang vector extensions, as wide as the build's -m flags allow (16 lanes
 // with AVX-512, 8 with AVX2, 4 otherwise): the flags come from the capability torch detected at run time
-// (cpu_attention.py), so no instruction set is assumed here.
+// (cpu_ops.py), so no instruction set is assumed here.
 #if defined(__AVX512F__)
 constexpr int64_t W = 16;
 #elif defined(__AVX__)
@@ -91,7 +91,8 @@ inline void for_each_run(const scalar_t* pool, int64_t blk_stride, const int64_t
     if (blk < last) {  // the next block lies elsewhere in the pool, where the hardware prefetcher cannot guess
       const char* next = reinterpret_cast<const char*>(pool + table[blk + 1] * blk_stride);
       for (int64_t t = 0; t < std::min(hi - (blk + 1) * BS, BS); ++t)
-        for (int64_t byte = 0; byte < row_bytes; byte += 64) __builtin_prefetch(next + t * tok_stride * sizeof(scalar_t) + byte);
+        for (int64_t byte = 0; byte < row_bytes; byte += 64)
+          __builtin_prefetch(next + t * tok_stride * sizeof(scalar_t) + byte);
     }
     visit(pool + table[blk] * blk_stride + t0 * tok_stride, t1 - t0, blk * BS + t0 - lo);
   }
@@ -187,7 +188,8 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       for (int64_t g = 0; g < GT; ++g)
         for (int64_t c = 0; c < NC; ++c) {
           const vec o = acc[g][c] * inv[g];
-          for (int64_t i = 0; i < std::min(W, D - c * W); ++i) op[row0 + g * D + c * W + i] = static_cast<scalar_t>(o[i]);
+          for (int64_t i = 0; i < std::min(W, D - c * W); ++i)
+            op[row0 + g * D + c * W + i] = static_cast<scalar_t>(o[i]);
         }
     }
   });
@@ -232,9 +234,11 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(blocks.scalar_type() == at::kLong && start.scalar_type() == at::kLong && end.scalar_type() == at::kLong,
               "blocks, start and end must be int64");
   TORCH_CHECK(blocks.is_contiguous() && blocks.size(0) == q.size(0), "blocks must be a contiguous [B, nb] tensor");
-  TORCH_CHECK((end > start).all().item<bool>(), "every sequence must read at least one key");
-  at::Tensor out = at::empty_like(q);
+  TORCH_CHECK(start.numel() == q.size(0) && end.numel() == q.size(0), "start and end need one entry per sequence");
   const at::Tensor s = start.contiguous(), e = end.contiguous();
+  for (int64_t b = 0; b < q.size(0); ++b)
+    TORCH_CHECK(e.data_ptr<int64_t>()[b] > s.data_ptr<int64_t>()[b], "every sequence must read at least one key");
+  at::Tensor out = at::empty_like(q);
   switch (q.scalar_type()) {
     case at::kFloat: attend_dims<float>(q, k_cache, v_cache, blocks, s, e, scale, softcap, out); break;
     case at::kBFloat16: attend_dims<c10::BFloat16>(q, k_cache, v_cache, blocks, s, e, scale, softcap, out); break;
