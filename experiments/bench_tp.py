@@ -12,7 +12,7 @@ same cores: TP=1 with --threads torch threads, TP=1 with one thread, TP=2 with -
 time is the executor's execute() (what the engine times as prepare + forward), median of --repeats after a
 warm-up; "in all-reduce" is the time rank 0's layers spent in all-reduce and the LM head's gather, waiting for the
 other rank included. The isolated all-reduce times are the same message sizes timed on their own after a barrier.
-With --calibrate, `python -m fastgen.sim.calibrate executor=tp hardware.tensor_parallel=2` runs on the same model
+With --calibrate, `python -m fastgen.calibration.calibrate executor=tp hardware.tensor_parallel=2` runs on the same model
 and writes fastgen/sim/profiles/<name>.json, whose all-reduce term is fitted to the calibration steps' all-reduces
 (`executor=simulated hardware=cpu hardware.tensor_parallel=2 executor.device.profile=<name>` then simulates it).
 """
@@ -33,11 +33,11 @@ sys.path.insert(0, str(ROOT))          # run from a checkout without installing 
 
 import torch  # noqa: E402
 
-from fastgen.config import EngineConfig  # noqa: E402
+from fastgen.compose import EngineConfig  # noqa: E402
 from fastgen.distributed import COMM  # noqa: E402
 from fastgen.executors import EXECUTORS, make_executor  # noqa: E402
 from fastgen.kv import KV_MANAGERS  # noqa: E402
-from fastgen.sim.calibrate import fit_allreduce, step_chunks, time_allreduces  # noqa: E402
+from fastgen.calibration.calibrate import fit_allreduce, step_chunks, time_allreduces  # noqa: E402
 from fastgen.sim.cost_model import BatchShape  # noqa: E402
 
 SHAPE = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                 COMM.reset(record=False)
         profile = None
         if args.calibrate:
-            from fastgen.sim.calibrate import main as calibrate
+            from fastgen.calibration.calibrate import main as calibrate
             profile = calibrate(["executor=tp", "hardware.tensor_parallel=2", "model=local", f"model.source={tmp}",
                                  f"executor.threads_per_rank={half}", "--profile", args.calibrate,
                                  "--max-tokens", "512", "--max-context", "1024", "--max-seqs", "16", "--repeats", "5"])
@@ -141,7 +141,7 @@ def write(out: Path, args, configs, rows, in_steps, alone, profile, load_before:
         ratio = rows[configs[-1][0], name][0] / rows[base, name][0]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {ratio:.2f} |")
     lines += ["", "## The simulator's all-reduce term", "",
-              "Fitted (`fastgen.sim.calibrate.fit_allreduce`: latency + 2 (n-1)/n x bytes / bus bandwidth, relative "
+              "Fitted (`fastgen.calibration.calibrate.fit_allreduce`: latency + 2 (n-1)/n x bytes / bus bandwidth, relative "
               "errors, median per message size):", "",
               "| all-reduces | latency | bus bandwidth | median error | max error |", "| --- | ---: | ---: | ---: | ---: |"]
     fits = [("inside the TP=2 steps above (rank 0, waits included)", in_steps), ("alone, after a barrier", alone)]

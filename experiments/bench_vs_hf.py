@@ -84,7 +84,8 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from fastgen.models import EMBEDDED, load_model, resolve_dtype  # noqa: E402
-from fastgen.compose import CONF_DIR, build_engine, compose_config  # noqa: E402
+from fastgen.compose import build_engine  # noqa: E402
+from fastgen.conf import CONF_DIR, compose_config  # noqa: E402
 from fastgen.metrics import step_rows  # noqa: E402
 from fastgen.schedulers import SCHEDULERS  # noqa: E402
 from fastgen.sampling import SamplingParams  # noqa: E402

@@ -2,7 +2,7 @@
 
     python experiments/gpu_profile_fit.py            # -> experiments/results/gpu_profile_fit/fidelity.md
 
-Uses the shipped profiles (fastgen/sim/profiles/{a100,h100}-80gb.json, made by `python -m fastgen.sim.measured`)
+Uses the shipped profiles (fastgen/sim/profiles/{a100,h100}-80gb.json, made by `python -m fastgen.calibration.measured`)
 and the shipped rows (fastgen/sim/data/vidur/): every row compared here was held out of the fit. Errors are
 |predicted / measured - 1| per row. Also: how a model whose GEMM shapes were not measured fares (the roofline
 efficiencies fitted on one model, evaluated on the other), the all-reduce fit by GPU count, and the share of a
@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))          # run from a checkout without installing 
 
 from fastgen.analysis import markdown_table  # noqa: E402
 from fastgen.sim.cost_model import Profile  # noqa: E402
-from fastgen.sim.measured import (GEMM_OPS, GPUS, MODELS, Prediction, cost_model, evaluate, fit,  # noqa: E402
+from fastgen.calibration.measured import (GEMM_OPS, GPUS, MODELS, Prediction, cost_model, evaluate, fit,  # noqa: E402
                                   held_out, load_allreduce, operator_series)
 
 PARTS = [*GEMM_OPS, "linear", "elementwise"]
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
              "count of each series, 1..4096 tokens; the fit saw the others). Cells: median / P95 / worst "
              "|predicted / measured - 1| in %. Source: Vidur's A100-80GB / H100-80GB profiling (microsoft/vidur "
              "commit 7d47513363ec, MIT), thinned in `fastgen/sim/data/vidur/`. Profiles: "
-             "`fastgen/sim/profiles/{a100,h100}-80gb.json` (`python -m fastgen.sim.measured a100-80gb h100-80gb`). "
+             "`fastgen/sim/profiles/{a100,h100}-80gb.json` (`python -m fastgen.calibration.measured a100-80gb h100-80gb`). "
              "Reproduce this file: `python experiments/gpu_profile_fit.py`.", ""]
     summary_rows, detail_rows, allreduce_rows, fallback_rows, share_rows, worst, forms = [], [], [], [], [], [], []
     all_predictions = []

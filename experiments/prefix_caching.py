@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))          # run from a checkout without installing 
 
 from fastgen.analysis import markdown_table  # noqa: E402
 from fastgen.bench import run_benchmark  # noqa: E402
-from fastgen.compose import compose_config  # noqa: E402
+from fastgen.conf import compose_config  # noqa: E402
 from fastgen.sim.clocks import CPUClock  # noqa: E402
 
 SCHEDULERS = ["splitfuse", "sarathi", "continuous", "orca", "static"]

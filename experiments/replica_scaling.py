@@ -2,7 +2,7 @@
 
 For each N: `python -m fastgen.serve replicas=N router=round_robin hardware.threads=1` (N=1: the single-process
 server, no Ray), then `run.py target=http` against it (the same closed-loop workload for every N), then SIGTERM.
-The simulated column is `run.py executor=simulated replicas=N` (fastgen.sim.cluster, the same router) on the same
+The simulated column is `run.py executor=simulated replicas=N` (fastgen.driver.cluster, the same router) on the same
 workload. Writes experiments/results/replica_scaling/{results.md,results.json,replica_scaling.png}.
 
     python experiments/replica_scaling.py [--replicas 1 2 4] [--requests 32] [--clients 8]

@@ -10,7 +10,7 @@ throughput, P50 TTFT and P50 inter-token latency. Both use the same KV pool (kv.
 happens alike. Results go to --out: fidelity.md, and run.py's files under runs/real/<case>/ and runs/sim/<case>/.
 On a machine other processes load, wall times are noise; `--timer cpu` runs single-threaded and times real runs in
 process CPU seconds (fastgen.sim.CPUClock), against a profile calibrated the same way
-(python -m fastgen.sim.calibrate hardware=cpu hardware.threads=1 --timer cpu --profile cpu-1thread).
+(python -m fastgen.calibration.calibrate hardware=cpu hardware.threads=1 --timer cpu --profile cpu-1thread).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))          # run from a checkout without installing 
 
 from fastgen.analysis import markdown_table  # noqa: E402
 from fastgen.bench import run_benchmark  # noqa: E402
-from fastgen.compose import compose_config  # noqa: E402
+from fastgen.conf import compose_config  # noqa: E402
 from fastgen.sim.clocks import CPUClock  # noqa: E402
 
 # Two CPU-sized shapes of the paper's workload: chat-like and long-prompt; closed loop with warm-ups.

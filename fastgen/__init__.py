@@ -1,6 +1,7 @@
 """fastgen: a research framework for LLM serving schedulers on one ragged forward pass."""
 
-from fastgen.compose import build_engine, compose_config
+from fastgen.compose import build_engine
+from fastgen.conf import compose_config
 from fastgen.engine import LLMEngine, RequestOutput
 from fastgen.models import load_model
 from fastgen.pipeline import Pipeline, pipeline

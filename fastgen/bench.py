@@ -21,18 +21,16 @@ from omegaconf import OmegaConf
 
 from fastgen.analysis import describe
 from fastgen.compose import build_engine
-from fastgen.driver import EngineTarget, RunResult, run_workload
+from fastgen.driver import EngineTarget, HttpTarget, ReplicaCluster, RunResult, run_workload
 from fastgen.executors import EXECUTORS
 from fastgen.machine import Machine
 from fastgen.metrics import format_table, summarize
 from fastgen.models import load_config, load_model, resolve_dtype
 from fastgen.routers import make_router
 from fastgen.run_config import RunConfig
-from fastgen.serve.client import HttpTarget
 from fastgen.sim.clocks import CPUClock, VirtualClock
-from fastgen.sim.cluster import ReplicaCluster
 from fastgen.workloads import Workload, build_workload
-from fastgen.workloads.trace import resolve_trace_path
+from fastgen.workloads.replay import resolve_trace_path
 
 log = logging.getLogger(__name__)
 

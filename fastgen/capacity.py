@@ -32,80 +32,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from fastgen.analysis import markdown_table
-from fastgen.compose import CONF_DIR
-from fastgen.config import hydra_schema
+from fastgen.conf import CONF_DIR
 from fastgen.metrics import g_suffix
-from fastgen.routers import RouterConfig
-from fastgen.run_config import RunConfig
-
-OPEN_LOOP = ("poisson", "gamma", "trace")
-
-
-@dataclass
-class SLOConfig:
-    """Limits a run must meet; None leaves a limit out (at least one is needed)."""
-
-    ttft_p99_s: Optional[float] = None   # P99 time to first token
-    tbt_p99_s: Optional[float] = None    # P99 time between tokens
-    sla_frac: Optional[float] = None     # the fraction of requests meeting the paper's chat SLA, at least
-    sla_g: float = 4.0                   # ... at this generation rate (tokens/s; one of sla.gen_tokens_per_s)
-
-    def validate(self) -> None:
-        if self.ttft_p99_s is None and self.tbt_p99_s is None and self.sla_frac is None:
-            raise ValueError("capacity search needs an SLO: set capacity.slo.ttft_p99_s, capacity.slo.tbt_p99_s "
-                             "and/or capacity.slo.sla_frac")
-        if self.sla_frac is not None and not 0 < self.sla_frac <= 1:
-            raise ValueError(f"capacity.slo.sla_frac must be in (0, 1], got {self.sla_frac}")
-
-    def checks(self) -> dict[str, tuple[str, float, bool]]:
-        """{metric key: (what, limit, whether the value must stay at most (True) or at least (False) the limit)}"""
-        out = {}
-        if self.ttft_p99_s is not None:
-            out["ttft_s_p99"] = ("P99 TTFT (s)", self.ttft_p99_s, True)
-        if self.tbt_p99_s is not None:
-            out["itl_s_p99"] = ("P99 TBT (s)", self.tbt_p99_s, True)
-        if self.sla_frac is not None:
-            out[f"sla_frac_{g_suffix(self.sla_g)}"] = (f"SLA met at {self.sla_g:g} tok/s", self.sla_frac, False)
-        return out
-
-    def met(self, metrics: dict) -> bool:
-        for key, (_, limit, at_most) in self.checks().items():
-            value = metrics.get(key)
-            if value is None or (value > limit if at_most else value < limit):
-                return False
-        return True
-
-
-@dataclass
-class CapacityConfig:
-    slo: SLOConfig = field(default_factory=SLOConfig)
-    rate: float = 1.0                    # first probe (requests/s)
-    tolerance: float = 0.05              # stop when (failing rate - meeting rate) / meeting rate <= this
-    max_probes: int = 24
-
-    def validate(self) -> None:
-        self.slo.validate()
-        if not self.rate > 0 or not self.tolerance > 0 or self.max_probes < 2:
-            raise ValueError("capacity.rate and capacity.tolerance must be > 0 and capacity.max_probes >= 2")
-
-
-@dataclass
-class CapacityRunConfig(RunConfig):
-    capacity: CapacityConfig = field(default_factory=CapacityConfig)
-
-    def validate(self) -> None:
-        super().validate()
-        self.capacity.validate()
-        if self.workload.arrival not in OPEN_LOOP:
-            raise ValueError(f"capacity search varies the arrival rate: workload.arrival must be one of {OPEN_LOOP}, "
-                             f"got {self.workload.arrival!r} (e.g. workload.arrival=poisson)")
-        if self.sla_key_missing():
-            raise ValueError(f"capacity.slo.sla_g={self.capacity.slo.sla_g} is not one of sla.gen_tokens_per_s "
-                             f"{list(self.sla.gen_tokens_per_s)}")
-
-    def sla_key_missing(self) -> bool:
-        return self.capacity.slo.sla_frac is not None and self.capacity.slo.sla_g not in self.sla.gen_tokens_per_s
-
+from fastgen.run_config import OPEN_LOOP, CapacityRunConfig, RunConfig
 
 @dataclass
 class Probe:
@@ -127,7 +56,7 @@ class CapacityResult:
 
 def trace_rate(cfg: RunConfig) -> float:
     """Requests per second of the trace's rows the workload replays, at time_scale 1."""
-    from fastgen.workloads.trace import load_trace, resolve_trace_path
+    from fastgen.workloads.replay import load_trace, resolve_trace_path
     times = sorted(r.arrival_time for r in load_trace(str(resolve_trace_path(cfg.workload.trace_path)),
                                                      require_arrival_time=True)[:cfg.workload.num_requests])
     if len(times) < 2 or times[-1] <= times[0]:
@@ -222,13 +151,6 @@ class CapacityTable(Callback):
         if paths:
             (sweep / "capacity.md").write_text(capacity_table(paths))
             print(f"wrote {sweep / 'capacity.md'}\n{capacity_table(paths)}")
-
-
-def register_configs() -> None:
-    from hydra.core.config_store import ConfigStore
-    schema = hydra_schema(CapacityRunConfig)
-    schema.router = RouterConfig()
-    ConfigStore.instance().store(name="capacity_schema", node=schema)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="capacity", version_base=None)

@@ -10,7 +10,7 @@ from typing import Callable
 
 from omegaconf import OmegaConf
 
-from fastgen.compose import CONF_DIR, register_all
+from fastgen.conf import CONF_DIR, register_all
 from fastgen.plugins import PluginError, import_plugins
 
 

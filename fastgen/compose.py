@@ -1,54 +1,40 @@
-"""The composition root: a config (from conf/ through Hydra, or built in code) in, an engine out.
+"""The composition root: the engine's config with its default parts, and `build_engine`, which puts an engine
+together from it.
 
-    cfg = compose_config(["scheduler=sarathi", "scheduler.chunk_size=256"])
-    engine = build_engine(cfg)
+    engine = build_engine(EngineConfig(scheduler=SCHEDULERS.config("sarathi", chunk_size=256)))
+    engine = build_engine(compose_config(["scheduler=sarathi"]))     # from conf/ through Hydra (fastgen.conf)
 
 `build_engine` makes the executor (which loads the model, or simulates it), sizes the KV manager to the executor's
-pool, gives the scheduler that manager, and hands all three to the engine; nothing else builds engines.
+pool, gives the scheduler that manager, and hands the scheduler and the executor to the engine; nothing else builds
+engines.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable
 
-from omegaconf import OmegaConf
-
-from fastgen.config import EngineConfig
+from fastgen.config import ExecutorConfig, HardwareConfig, KVConfig, ModelConfig, SchedulerConfig
 from fastgen.engine import LLMEngine
-from fastgen.executors import Executor, make_executor
-from fastgen.kv import make_kv_manager
-from fastgen.schedulers import make_scheduler
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from fastgen.executors import EXECUTORS, Executor, make_executor
+from fastgen.kv import KV_MANAGERS, make_kv_manager
+from fastgen.schedulers import SCHEDULERS, make_scheduler
 
 
-def register_all() -> None:
-    """Registers every built-in part's typed config (and the top-level schemas) with Hydra's ConfigStore."""
-    from fastgen.capacity import register_configs as register_capacity
-    from fastgen.plugins import REGISTRIES
-    from fastgen.run_config import register_configs as register_run
-    from fastgen.serve.config import register_configs as register_serve
-    for registry in REGISTRIES.values():
-        registry().discover()
-    register_run()
-    register_serve()
-    register_capacity()
+@dataclass
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    scheduler: SchedulerConfig = field(default_factory=lambda: SCHEDULERS.config("splitfuse"))
+    kv: KVConfig = field(default_factory=lambda: KV_MANAGERS.config("blocked"))
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    executor: ExecutorConfig = field(default_factory=lambda: EXECUTORS.config("real"))
+    seed: int = 0
 
-
-def compose_config(overrides: Sequence[str] = (), config_name: str = "config"):
-    """The run.py config (or another top-level config of conf/, whose schema is registered) with Hydra overrides
-    applied, as a typed object: a RunConfig for run.py's."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    if not CONF_DIR.is_dir():
-        raise FileNotFoundError(f"fastgen's config tree {CONF_DIR} is missing; install fastgen from a checkout "
-                                "with `pip install -e .`")
-    register_all()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name, overrides=list(overrides))
-    return OmegaConf.to_object(cfg)
+    def validate(self) -> None:
+        """Cheap checks Hydra's types cannot express, before anything is loaded."""
+        self.model.validate()
+        self.hardware.validate()
+        for part in (self.scheduler, self.kv, self.executor):
+            part.validate()
 
 
 def build_engine(cfg: EngineConfig, model=None, tokenizer=None, clock: Callable[[], float] | None = None,
@@ -56,7 +42,7 @@ def build_engine(cfg: EngineConfig, model=None, tokenizer=None, clock: Callable[
     """The engine cfg describes. `model` (optional) is a fastgen model, or anything load_model accepts (the simulated
     executor only reads its shape); `clock` replaces the executor's clock (e.g. fastgen.sim.CPUClock for CPU-time
     measurements of the real executor); `instrument` wraps the executor the engine gets (a benchmark's probe that
-    sees each step's plain data, e.g. experiments/bench_vs_vllm.py's roofline)."""
+    sees each step's plain data, e.g. the roofline of experiments/bench_vs_vllm.py)."""
     cfg.validate()
     executor = make_executor(cfg, model, tokenizer)
     if clock is not None and executor.loads_weights:
@@ -64,5 +50,5 @@ def build_engine(cfg: EngineConfig, model=None, tokenizer=None, clock: Callable[
     if instrument is not None:
         executor = instrument(executor)
     kv = make_kv_manager(cfg.kv, executor.num_kv_blocks)
-    return LLMEngine(executor, make_scheduler(cfg.scheduler, kv), kv, seed=cfg.seed,
+    return LLMEngine(executor, make_scheduler(cfg.scheduler, kv), seed=cfg.seed,
                      max_model_len=cfg.model.max_model_len, clock=clock)

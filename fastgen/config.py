@@ -1,14 +1,16 @@
-"""The core config schema: what builds an engine (model, hardware, scheduler, KV manager, executor).
+"""The base configs every part of an engine extends: model, hardware, and the knobs every scheduler, KV manager
+and executor has.
 
 Each scheduler, KV manager and executor has its own config dataclass, declared next to it and subclassing the base
-here; Hydra validates every override against the chosen part's own knobs (fastgen.registry). What only a benchmark
-or a server needs (workload, SLA, logger, target, HTTP limits) lives in their own configs (fastgen.run_config,
-fastgen.serve.config), so importing the engine never imports the workload generator.
+here; Hydra validates every override against the chosen part's own knobs (fastgen.registry). The engine's whole
+config, with its default parts, is fastgen.compose.EngineConfig; what only a benchmark or a server needs
+(workload, SLA, logger, target, HTTP limits) lives in their own configs (fastgen.run_config, fastgen.serve.config),
+so importing the engine never imports the workload generator.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Protocol
 
 from omegaconf import MISSING
 
@@ -115,29 +117,13 @@ class ExecutorConfig(PartConfig):
     """What runs a step; an executor's own config subclasses this beside it (fastgen/executors/)."""
 
 
-def _default(group: str, name: str):
-    from fastgen.plugins import REGISTRIES
-    return REGISTRIES[group]().config(name)
+class EngineSettings(Protocol):
+    """What the parts read of the engine's config: fastgen.compose.EngineConfig, or an app's config extending it
+    (its concrete defaults need the registries of parts, so it lives above them, in the composition root)."""
 
-
-@dataclass
-class EngineConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    scheduler: SchedulerConfig = field(default_factory=lambda: _default("scheduler", "splitfuse"))
-    kv: KVConfig = field(default_factory=lambda: _default("kv", "blocked"))
-    hardware: HardwareConfig = field(default_factory=HardwareConfig)
-    executor: ExecutorConfig = field(default_factory=lambda: _default("executor", "real"))
-    seed: int = 0
-
-    def validate(self) -> None:
-        """Cheap checks Hydra's types cannot express, before anything is loaded."""
-        self.model.validate()
-        self.hardware.validate()
-        for part in (self.scheduler, self.kv, self.executor):
-            part.validate()
-
-
-def hydra_schema(config_class: type):
-    """The node to store in Hydra's ConfigStore for a top-level config: its parts typed by their bases, so that
-    whichever scheduler, KV manager or executor a config group picks can merge in with its own knobs."""
-    return config_class(scheduler=SchedulerConfig(), kv=KVConfig(), executor=ExecutorConfig())
+    model: ModelConfig
+    hardware: HardwareConfig
+    scheduler: SchedulerConfig
+    kv: KVConfig
+    executor: ExecutorConfig
+    seed: int

@@ -7,7 +7,7 @@ with (fastgen.executors.workers starts it). A model built outside the context ha
 ones, no collective runs, and the single-device path is unchanged.
 
 Every collective a layer calls is timed here (`COMM`), so a step's share of time in all-reduce can be reported
-and the simulator's all-reduce term fitted from a real run (fastgen.sim.calibrate).
+and the simulator's all-reduce term fitted from a real run (fastgen.calibration.calibrate).
 """
 from __future__ import annotations
 

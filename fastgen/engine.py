@@ -1,9 +1,12 @@
-"""LLMEngine: owns the loop. Each step asks the scheduler for a plan, turns it into plain per-sequence data for
-the executor (with the KV manager's block copies), samples from the logits it returns and commits the results to
-the requests; finished requests free their blocks at once.
+"""LLMEngine: owns the loop. Each step asks the scheduler for a plan (which carries the executor's plain step
+data: each sequence's tokens and blocks, and the block copies to make first), hands it to the executor, samples
+from the logits it returns, and commits the step to the scheduler in one call (computed tokens, forks, finished
+requests, whose blocks are freed at once). The engine talks to the scheduler, the executor and the output path
+(sampler, detokenizer) only; the KV manager is the scheduler's.
 
 A request with n > 1 or best_of computes its prompt once and forks at its first token into best_of sequences,
-which share the prompt's KV blocks (the KV manager copies a shared block when one of them writes into it). With
+which share the prompt's KV blocks where the KV manager can (it copies a shared block when one of them writes
+into it). With
 best_of == n each sequence streams its outputs tagged with its choice `index`; with best_of > n the sequences run
 to their end and the n with the highest cumulative log-probability (under the model, before temperature) are
 returned, each as one output with all its tokens.
@@ -27,14 +30,13 @@ import torch
 
 from fastgen.detokenizer import IncrementalDetokenizer
 from fastgen.executors.base import Executor
-from fastgen.kv.manager import KVManager
 from fastgen.model_spec import eos_ids
 from fastgen.ragged import SeqChunk
 from fastgen.request import Request
 from fastgen.sampling import ParameterError, Sampler, SamplingParams, SamplingRow, TokenLogprob, token_logprobs
 from fastgen.schedulers.base import Scheduler, SchedulerOutput
-from fastgen.stats import EngineSnapshot, StepStats
-from fastgen.trace import RequestTrace
+from fastgen.step_stats import EngineSnapshot, StepStats
+from fastgen.request_trace import RequestTrace
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +65,9 @@ StepObserver = Callable[[StepStats], None]
 
 
 class LLMEngine:
-    def __init__(self, executor: Executor, scheduler: Scheduler, kv: KVManager, *, seed: int = 0,
+    def __init__(self, executor: Executor, scheduler: Scheduler, *, seed: int = 0,
                  max_model_len: int | None = None, clock: Callable[[], float] | None = None):
-        self._executor, self._scheduler, self._kv = executor, scheduler, kv
+        self._executor, self._scheduler = executor, scheduler
         self.tokenizer = executor.tokenizer
         self.clock = clock or executor.clock
         self.spec = executor.spec
@@ -78,7 +80,7 @@ class LLMEngine:
         self._observers: list[StepObserver] = []
         self._ids = itertools.count()
         self._num_steps = 0
-        scheduler.set_context_limit(self.max_model_len)
+        scheduler.attach(self.max_model_len, self.clock)
 
     # -- requests ------------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], sampling: SamplingParams | None = None,
@@ -100,10 +102,7 @@ class LLMEngine:
                                            f"max_model_len={self.max_model_len}")
         req = Request(request_id, token_ids, sampling, self.clock() if arrival_time is None else arrival_time,
                       eos_token_ids=self.eos_token_ids)
-        if not self._kv.fits_ever(req):
-            raise ValueError(f"request needs {req.max_kv_tokens} KV slots but the whole KV pool holds "
-                             f"{self._kv.capacity_tokens} (kv.num_blocks={self._kv.num_blocks} x "
-                             f"kv.block_size={self._kv.block_size}); raise kv.num_blocks or kv.memory_gb")
+        self._scheduler.check_fits(req)
         self._detokenize(req)
         self._requests[request_id] = [req]
         if sampling.num_sequences > sampling.n:
@@ -144,6 +143,7 @@ class LLMEngine:
         first, now = seqs[0], self.clock()
         for req in list(seqs):
             self._finish(req, "abort", now)
+            self._scheduler.finish(req)
         self._best_of.pop(request_id, None)
         return first
 
@@ -156,20 +156,20 @@ class LLMEngine:
 
     def snapshot(self) -> EngineSnapshot:
         running, waiting = self._scheduler.num_requests()
-        return EngineSnapshot(running, waiting, self._kv.num_blocks, self._kv.num_free_blocks, self._num_steps)
+        return EngineSnapshot(running, waiting, *self._scheduler.kv_blocks(), self._num_steps)
 
     def close(self) -> None:
         self._executor.close()
 
     def _finish(self, req: Request, reason: str, now: float) -> None:
+        """Ends a sequence on the engine's side; the caller tells the scheduler (which frees its blocks)."""
         req.finish_reason = reason
         req.trace.finish_time, req.trace.finish_reason = now, reason
         if req.detokenizer is not None:
             req.output_text = req.detokenizer.final_text
-        self._release(req)
+        self._forget(req)
 
-    def _release(self, req: Request) -> None:
-        self._scheduler.finish(req)           # frees its KV blocks
+    def _forget(self, req: Request) -> None:
         seqs = self._requests[req.request_id]
         seqs.remove(req)
         if not seqs:
@@ -177,11 +177,11 @@ class LLMEngine:
 
     def _fail(self, req: Request, error: str) -> RequestOutput:
         """Ends a request that failed: like a failed HTTP request, its trace keeps no finish_time (metrics do not
-        count it as completed) and its finish_reason says why."""
+        count it as completed) and its finish_reason says why. The caller tells the scheduler."""
         log.warning("request %s failed: %s", req.request_id, error)
         req.finish_reason = "error"
         req.trace.finish_reason = f"error: {error}"
-        self._release(req)
+        self._forget(req)
         if req.request_id not in self._requests:     # best_of > n: what its other sequences held back goes too
             self._best_of.pop(req.request_id, None)
         return RequestOutput(req.request_id, [], req.trace, True, "error", "", req, error=error)
@@ -189,70 +189,69 @@ class LLMEngine:
     # -- the loop ------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         start = self.clock()
-        self._scheduler.begin_step()
-        plan = self._scheduler.schedule()
+        plan = self._scheduler.plan_step()
         if not plan:
             if self.has_unfinished():
                 raise RuntimeError(f"scheduler {self._scheduler.name!r} scheduled nothing while "
                                    f"{self._scheduler.num_requests()} (running, waiting) requests are unfinished")
             return []
-        chunks = [self._chunk(c.request, c.num_tokens, c.num_pad) for c in plan.chunks]
         for c in plan.chunks:
             if c.request.trace.first_scheduled_time is None:
                 c.request.trace.first_scheduled_time = start
-        copies = self._kv.take_copies()
         scheduled = self.clock()
         try:
-            result = self._executor.execute(chunks, copies)
+            result = self._executor.execute(plan.step_chunks, plan.copies)
         except Exception as e:      # noqa: BLE001  (the model failed: this step's requests end, the engine lives on)
             log.exception("the forward pass failed; ending its %d requests", len(plan.chunks))
             error = f"the model's forward pass failed: {type(e).__name__}: {e}"
             outputs = [self._fail(c.request, error) for c in plan.chunks]
+            for c in plan.chunks:
+                self._scheduler.finish(c.request)
             prepare_s = forward_s = 0.0
             executed = self.clock()
         else:
             executed = self.clock()
             prepare_s, forward_s = result.prepare_s, result.forward_s
-            outputs = self._commit(plan, chunks, result.logits)
+            outputs = self._commit(plan, result.logits)
         now = self.clock()
         self._report(StepStats(
             index=self._num_steps, start=start, duration_s=now - start, schedule_s=scheduled - start,
             prepare_s=prepare_s, forward_s=forward_s, sample_s=now - executed,
             num_tokens=plan.num_tokens, num_seqs=len(plan.chunks),
             num_prefill_tokens=sum(c.num_tokens for c in plan.chunks if c.num_tokens > 1),
-            num_preempted=len(plan.preempted), num_block_copies=len(copies), num_pad_tokens=plan.num_pad_tokens,
-            **self._scheduler_counts(), **self._kv.usage(), **self._kv.take_counters()))
+            num_preempted=len(plan.preempted), num_block_copies=len(plan.copies),
+            num_pad_tokens=plan.num_pad_tokens, **self._scheduler.step_counts()))
         return outputs
 
-    def _chunk(self, req: Request, num_tokens: int, num_pad: int) -> SeqChunk:
-        start = req.num_computed_tokens
-        return SeqChunk(req.token_slice(start, num_tokens), start, self._kv.block_table(req),
-                        all_logits=req.needs_prompt_logits and start < len(req.prompt_token_ids) - 1,
-                        num_pad=num_pad)
-
-    def _commit(self, plan: SchedulerOutput, chunks: list[SeqChunk], logits: torch.Tensor) -> list[RequestOutput]:
-        """Applies a step's results: every chunk's tokens are computed (and the prompt logprobs of chunks that asked
-        for all their logits are recorded); the chunks that reached the end of their request's pending tokens
-        sample one token each, which may finish the request. A request that needs more than one sequence forks
-        here, at its first token: each sequence samples its own from the same logits. A failure that belongs to
-        some requests ends only those."""
+    def _commit(self, plan: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
+        """Applies a step's results: the prompt logprobs of chunks that asked for all their logits are recorded;
+        the chunks that reached the end of their request's pending tokens sample one token each, which may finish
+        the request. A request that needs more than one sequence forks here, at its first token: each sequence
+        samples its own from the same logits. A failure that belongs to some requests ends only those. Then the
+        scheduler commits the step (computed tokens, forks, finished requests) in one call."""
+        chunks = plan.step_chunks
         first_rows = np.cumsum([0] + [c.num_logits for c in chunks])
         outputs = self._record_prompt_logprobs(plan, chunks, logits, first_rows[:-1])
         failed = {out.request_id for out in outputs}
         sampled = [i for i, c in enumerate(plan.chunks)
                    if c.num_tokens == c.request.num_pending_tokens and c.request.request_id not in failed]
-        for c in plan.chunks:
-            c.request.num_computed_tokens += c.num_tokens
-            self._kv.computed(c.request)
-        if not sampled:
-            return outputs
         reqs = [plan.chunks[i].request for i in sampled]
         rows = list(first_rows[1:][sampled] - 1)
+        forks = []
         for row, req in zip(list(rows), list(reqs)):
             if req.sampling.num_sequences > 1 and req.index == 0 and not req.output_token_ids:
-                forks = self._fork(req)
-                reqs += forks
-                rows += [row] * len(forks)
+                children = self._fork(req)
+                forks += [(req, child) for child in children]
+                reqs += children
+                rows += [row] * len(children)
+        if reqs:
+            outputs += self._sample_and_append(reqs, rows, logits)
+        ended = [r for r in [c.request for c in plan.chunks] + [child for _, child in forks] if r.finish_reason]
+        self._scheduler.update_from_output(plan, forks, ended)
+        return outputs
+
+    def _sample_and_append(self, reqs: list[Request], rows: list[int], logits: torch.Tensor) -> list[RequestOutput]:
+        outputs = []
         logits = logits[torch.as_tensor(rows, dtype=torch.int64)]
         results = self._sample(logits, [
             SamplingRow(r.sampling, r.generator, r.prompt_token_ids, r.output_token_ids,
@@ -273,16 +272,12 @@ class LLMEngine:
         return outputs
 
     def _fork(self, parent: Request) -> list[Request]:
-        """The parent's other sequences, sharing its KV when the KV manager can (else they recompute it)."""
+        """The parent's other sequences (the scheduler gives them its KV when the step is committed)."""
         forks = []
         for index in range(1, parent.sampling.num_sequences):
             child = parent.fork(index)
-            shared = self._kv.fork(parent, child)
-            if not shared:
-                child.num_computed_tokens = 0
             self._detokenize(child)
             self._requests[parent.request_id].append(child)
-            self._scheduler.add_fork(child, shared)
             forks.append(child)
         return forks
 
@@ -393,10 +388,6 @@ class LLMEngine:
         if n >= req.sampling.max_new_tokens or req.num_tokens >= self.max_model_len:
             return "length"
         return None
-
-    def _scheduler_counts(self) -> dict[str, int]:
-        running, waiting = self._scheduler.num_requests()
-        return {"num_running": running, "num_waiting": waiting}
 
     def _report(self, stats: StepStats) -> None:
         self._num_steps += 1

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from fastgen.trace import RequestTrace
+from fastgen.request_trace import RequestTrace
 
 LATENCY_STATS = ("mean", "p50", "p90", "p95", "p99")
 STEP_STATS = ("mean", "p50", "p95")
@@ -43,7 +43,7 @@ class SLAConfig:
     prompt_tokens_per_s: float = 512.0
     gen_tokens_per_s: list[float] = field(default_factory=lambda: [2.0, 4.0, 6.0])
     ema_span: int = 16
-    # The measurements a derived SLA was computed from (fastgen.sim.sla), so it can be recomputed; empty: the paper's
+    # The measurements a derived SLA was computed from (fastgen.calibration.sla), so it can be recomputed; empty: the paper's
     derived_from: dict[str, float] = field(default_factory=dict)
 
     def describe(self) -> str:

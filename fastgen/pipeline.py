@@ -11,7 +11,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
-from fastgen.compose import build_engine, compose_config
+from fastgen.compose import build_engine
+from fastgen.conf import compose_config
 from fastgen.engine import LLMEngine
 from fastgen.sampling import SamplingParams, TokenLogprob
 

@@ -18,7 +18,7 @@ import torch
 
 from fastgen.detokenizer import IncrementalDetokenizer
 from fastgen.sampling import SamplingParams, TokenLogprob
-from fastgen.trace import RequestTrace
+from fastgen.request_trace import RequestTrace
 
 
 _SEQ_IDS = itertools.count()

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastgen.compose import build_engine
-from fastgen.config import EngineConfig
+from fastgen.compose import EngineConfig
 from fastgen.engine import LLMEngine
 from fastgen.kv import KV_MANAGERS
 from fastgen.pipeline import Pipeline

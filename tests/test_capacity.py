@@ -4,7 +4,7 @@ import json
 import pytest
 
 from fastgen.capacity import at_rate, capacity_table, search, trace_rate, write
-from fastgen.compose import compose_config
+from fastgen.conf import compose_config
 
 SMALL = ["executor=simulated", "progress=false", "workload=poisson", "workload.num_requests=24",
          "workload.prompt.mean=128", "workload.output.mean=12", "workload.output.max=24"]

@@ -19,7 +19,7 @@ from fastgen.metrics import (
     summarize,
     token_latency_percentiles,
 )
-from fastgen.trace import RequestTrace
+from fastgen.request_trace import RequestTrace
 
 TINY = 2.0 ** -20       # exactly representable nudge past a boundary
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastgen.compose import compose_config
+from fastgen.conf import compose_config
 from fastgen.models import build_model, load_model
 from fastgen.models.moe import Experts
 from fastgen.sim import BatchShape, model_spec

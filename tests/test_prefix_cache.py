@@ -12,8 +12,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastgen.compose import build_engine, compose_config
-from fastgen.config import EngineConfig
+from fastgen.compose import build_engine
+from fastgen.conf import compose_config
+from fastgen.compose import EngineConfig
 from fastgen.engine import LLMEngine
 from fastgen.executors import make_executor
 from fastgen.executors.real import RealExecutor
@@ -23,7 +24,7 @@ from fastgen.metrics import summarize
 from fastgen.request import Request, fork_seed
 from fastgen.sampling import SamplingParams
 from fastgen.schedulers import SchedulerOutput, make_scheduler
-from fastgen.stats import StepStats
+from fastgen.step_stats import StepStats
 from fastgen.workloads import ClosedLoopArrivals, ConversationArrivals, WorkloadConfig, build_workload
 from tiny import Built, drain, fastgen_from_hf, scheduler_config, tiny_hf_model
 
@@ -52,7 +53,7 @@ def compose(scheduler="splitfuse", caching=True, num_blocks=64, block_size=BLOCK
     executor = make_executor(cfg, tiny(family)[1])
     manager = make_kv_manager(cfg.kv, executor.num_kv_blocks)
     policy = make_scheduler(cfg.scheduler, manager)
-    return Built(LLMEngine(executor, policy, manager), policy, manager)
+    return Built(LLMEngine(executor, policy), policy, manager)
 
 
 def tokens(seed: int, n: int) -> list[int]:
@@ -481,7 +482,7 @@ def test_shared_prefix_config_is_checked():
 
 
 def test_hit_rates_in_metrics_and_server_gauges():
-    from fastgen.serve.metrics import ServerMetrics
+    from fastgen.serve.prometheus import ServerMetrics
     base = dict(index=0, start=0.0, duration_s=0.1, schedule_s=0.0, prepare_s=0.0, forward_s=0.1, sample_s=0.0,
                 num_tokens=10, num_seqs=1, num_prefill_tokens=10, num_preempted=0, num_running=1, num_waiting=0,
                 kv_used_tokens=10, kv_reserved_tokens=16, kv_capacity_tokens=64)

@@ -1,13 +1,14 @@
-"""Routers across replicas (fastgen.routers) and the simulator's replica cluster (fastgen.sim.cluster)."""
+"""Routers across replicas (fastgen.routers) and the simulator's replica cluster (fastgen.driver.cluster)."""
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fastgen.bench import run_benchmark
-from fastgen.compose import build_engine, compose_config
+from fastgen.compose import build_engine
+from fastgen.conf import compose_config
 from fastgen.driver import EngineTarget, run_workload
 from fastgen.routers import ROUTERS, make_router
-from fastgen.sim.cluster import ReplicaCluster
+from fastgen.driver.cluster import ReplicaCluster
 from fastgen.workloads import build_workload
 
 SIM = ["executor=simulated", "progress=false", "model.source=llama-2-7b", "hardware=a100-80gb",

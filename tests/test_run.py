@@ -216,7 +216,7 @@ BAD_VALUES = [   # (overrides, what the message names): every part's knobs and t
 @pytest.mark.parametrize("overrides,names", BAD_VALUES, ids=[" ".join(o) for o, _ in BAD_VALUES])
 def test_every_bad_value_is_refused_before_the_model_loads(overrides, names, tmp_path, monkeypatch):
     from fastgen import bench
-    from fastgen.compose import compose_config
+    from fastgen.conf import compose_config
     from fastgen.executors import real
 
     def no_loading(*args, **kwargs):
@@ -237,7 +237,7 @@ def test_repeats_on_the_cpu_clock_give_means_and_error_bars(tiny_dir, tmp_path):
 
     from fastgen.analysis import error_bar_note, plot, points
     from fastgen.bench import run_benchmark
-    from fastgen.compose import compose_config
+    from fastgen.conf import compose_config
     threads = torch.get_num_threads()
     cfg = compose_config(small(tiny_dir, "repeats=2", "timer=cpu", "hardware.threads=1"))
     try:

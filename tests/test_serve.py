@@ -18,11 +18,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastgen.compose import CONF_DIR, register_all
+from fastgen.conf import CONF_DIR, register_all
 from fastgen.detokenizer import IncrementalDetokenizer
 from fastgen.driver import run_workload
-from fastgen.serve import HttpTarget, ServeConfig
-from fastgen.serve.client import _stream_completion, carries_token
+from fastgen.driver.http import HttpTarget, _stream_completion, carries_token
+from fastgen.serve import ServeConfig
 from fastgen.workloads import ClosedLoopArrivals, OpenLoopArrivals, Workload, WorkloadRequest
 from serving import API_KEY, AUTH, MODEL, numbered_stream, stream_text, tiny_model
 from serving import served as serve_app
@@ -532,7 +532,7 @@ def test_benchmark_http_target_writes_the_same_metrics_as_in_process(served, tok
     """run.py's target=http against this server and the in-process target on the same model and workload: both
     complete every request and write metrics.json with the same keys (the values differ)."""
     from fastgen.bench import run_benchmark
-    from fastgen.compose import compose_config
+    from fastgen.conf import compose_config
 
     model = tiny_model()
     common = ["workload.num_requests=6", "workload.clients=2", "workload.prompt.mean=20", "workload.prompt.max=60",
@@ -551,6 +551,6 @@ def test_benchmark_http_target_writes_the_same_metrics_as_in_process(served, tok
 
 def test_http_target_needs_a_url(tmp_path):
     from fastgen.bench import run_benchmark
-    from fastgen.compose import compose_config
+    from fastgen.conf import compose_config
     with pytest.raises(ValueError, match="target=http needs target.url"):
         run_benchmark(compose_config(["target=http", "target.url=null"]), tmp_path)

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from fastgen.bench import run_benchmark
-from fastgen.compose import compose_config
+from fastgen.conf import compose_config
 from fastgen.driver import EngineTarget, run_workload
 from fastgen.executors.simulated import SimulatedExecutor, kv_pool_blocks
 from fastgen.kv.manager import KV_MANAGERS, make_kv_manager
@@ -18,8 +18,8 @@ from fastgen.engine import LLMEngine
 from fastgen.ragged import SeqChunk
 from fastgen.schedulers import SCHEDULERS, make_scheduler
 from fastgen.sim import BatchShape, CostModel, CPUClock, Profile, model_spec
-from fastgen.sim.calibrate import fit, grid
-from fastgen.sim.calibrate import main as calibrate
+from fastgen.calibration.calibrate import fit, grid
+from fastgen.calibration.calibrate import main as calibrate
 from fastgen.workloads import build_workload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +99,7 @@ def test_simulated_run_of_every_scheduler_completes_with_workload_lengths(schedu
     manager = make_kv_manager(cfg.kv, executor.num_kv_blocks)
     policy = make_scheduler(cfg.scheduler, manager)
     assert type(policy) is SCHEDULERS.get(scheduler) and type(manager) is KV_MANAGERS.get(kv)
-    engine = LLMEngine(executor, policy, manager)
+    engine = LLMEngine(executor, policy)
     workload = build_workload(cfg.workload, engine.vocab_size)
     result = run_workload(EngineTarget(engine), workload, progress=False)
     wanted = [r.max_new_tokens for r in workload.requests if not r.warmup]

@@ -1,4 +1,4 @@
-"""GPU profiles fitted to measured operator times (fastgen.sim.measured): the shipped profiles predict the shipped
+"""GPU profiles fitted to measured operator times (fastgen.calibration.measured): the shipped profiles predict the shipped
 rows that were held out of their fit within the stated bounds, the fit reproduces them from those rows, and the
 simulator uses them by default for the A100 and H100."""
 import dataclasses
@@ -6,9 +6,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from fastgen.compose import compose_config
+from fastgen.conf import compose_config
 from fastgen.sim import BatchShape, Profile, model_spec
-from fastgen.sim.measured import GEMM_OPS, GPUS, MODELS, cost_model, evaluate, fit, held_out, load_operators
+from fastgen.calibration.measured import GEMM_OPS, GPUS, MODELS, cost_model, evaluate, fit, held_out, load_operators
 
 TP = (1, 2, 4, 8)
 

@@ -1,5 +1,5 @@
 """The SLA follows the hardware: the paper's on the GPU configs, one scaled to this CPU's measured speed for
-hardware=cpu (fastgen.sim.sla), recorded with the measurements it was computed from."""
+hardware=cpu (fastgen.calibration.sla), recorded with the measurements it was computed from."""
 import json
 import subprocess
 import sys
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from fastgen.compose import compose_config
+from fastgen.conf import compose_config
 from fastgen.metrics import SLAConfig
 from fastgen.sim.cost_model import Profile
-from fastgen.sim.sla import derive, reference_speeds, scale, simulated_speeds
+from fastgen.calibration.sla import derive, reference_speeds, scale, simulated_speeds
 from tiny import tiny_hf_model
 
 ROOT = Path(__file__).resolve().parent.parent

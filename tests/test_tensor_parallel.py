@@ -16,8 +16,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from fastgen.compose import build_engine, compose_config
-from fastgen.config import EngineConfig
+from fastgen.compose import build_engine
+from fastgen.conf import compose_config
+from fastgen.compose import EngineConfig
 from fastgen.engine import LLMEngine
 from fastgen.executors import EXECUTORS, make_executor
 from fastgen.executors.tensor_parallel import TensorParallelExecutor, rank_memory
@@ -86,7 +87,7 @@ def prompts_for(vocab: int = 211):
 def greedy(executor, scheduler: str, prompts) -> list[list[int]]:
     """The engine's greedy tokens with `scheduler` over `executor` (only the rank-0 side is built anew)."""
     kv = make_kv_manager(KV_MANAGERS.config("blocked", block_size=16, num_blocks=48), executor.num_kv_blocks)
-    engine = LLMEngine(executor, make_scheduler(scheduler_config(scheduler, **KNOBS), kv), kv)
+    engine = LLMEngine(executor, make_scheduler(scheduler_config(scheduler, **KNOBS), kv))
     ids = [engine.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True)) for p, n in zip(prompts, NEW_TOKENS)]
     finished = drain(engine)
     return [finished[i].output_token_ids for i in ids]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from fastgen.bench import run_benchmark
-from fastgen.compose import compose_config
+from fastgen.conf import compose_config
 from fastgen.workloads import build_workload, load_trace
-from fastgen.workloads.trace import DATA_DIR, resolve_trace_path
+from fastgen.workloads.replay import DATA_DIR, resolve_trace_path
 
 VOCAB = 32000
 FILES = {"azure-conv": "azure_conv.csv.gz", "azure-code": "azure_code.csv.gz", "arxiv": "arxiv_summarization.csv.gz"}

@@ -9,7 +9,7 @@ import torch
 from transformers import (AutoModelForCausalLM, FalconConfig, Gemma2Config, LlamaConfig, MistralConfig, MixtralConfig,
                           OPTConfig, Phi3Config, Qwen2Config, Qwen2MoeConfig)
 
-from fastgen.config import EngineConfig
+from fastgen.compose import EngineConfig
 from fastgen.engine import LLMEngine
 from fastgen.executors import make_executor
 from fastgen.kv import KV_MANAGERS, KVManager, make_kv_manager
@@ -172,7 +172,7 @@ def compose_engine(model, scheduler: str = "splitfuse", kv: str = "blocked", num
     executor = make_executor(cfg, model)
     manager = make_kv_manager(cfg.kv, executor.num_kv_blocks)
     policy = make_scheduler(cfg.scheduler, manager)
-    return Built(LLMEngine(executor, policy, manager), policy, manager)
+    return Built(LLMEngine(executor, policy), policy, manager)
 
 
 def drain(eng: LLMEngine) -> dict:

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))          # run from a checkout without installing 
 
 from fastgen.analysis import axis_label, describe, draw_curve, error_bar_note, markdown_table, samples  # noqa: E402
 from fastgen.bench import run_benchmark  # noqa: E402
-from fastgen.compose import compose_config  # noqa: E402
+from fastgen.conf import compose_config  # noqa: E402
 from fastgen.sim.shapes import model_spec  # noqa: E402
 from fastgen.workloads import LengthSpec  # noqa: E402
 

@@ -8,7 +8,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from fastgen.config import EngineConfig, ExecutorConfig
+from fastgen.config import EngineSettings, ExecutorConfig
 from fastgen.model_spec import ModelSpec
 from fastgen.ragged import BlockCopy, SeqChunk
 from fastgen.registry import Registry
@@ -50,6 +50,6 @@ EXECUTORS: Registry[Executor] = Registry("executor", "fastgen.executors", Execut
 register_executor = EXECUTORS.register
 
 
-def make_executor(cfg: EngineConfig, model=None, tokenizer=None) -> Executor:
+def make_executor(cfg: EngineSettings, model=None, tokenizer=None) -> Executor:
     """The executor cfg.executor names, for cfg's model (or `model`, anything load_model accepts)."""
     return EXECUTORS.resolve(cfg.executor)(cfg, model, tokenizer)

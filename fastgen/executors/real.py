@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from fastgen.config import EngineConfig, ExecutorConfig
+from fastgen.config import EngineSettings, ExecutorConfig
 from fastgen.executors.base import Executor, StepResult, register_executor
 from fastgen.kernels import load_backend
 from fastgen.kernels.linear import resolve_linear
@@ -27,7 +27,7 @@ class RealExecutorConfig(ExecutorConfig):
 class RealExecutor(Executor):
     loads_weights = True
 
-    def __init__(self, cfg: EngineConfig, model=None, tokenizer=None):
+    def __init__(self, cfg: EngineSettings, model=None, tokenizer=None):
         hw = cfg.hardware
         shards = model.parallel.size if isinstance(model, CausalLM) else 1
         if hw.tensor_parallel != shards:

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fastgen.config import EngineConfig, ExecutorConfig
+from fastgen.config import EngineSettings, ExecutorConfig
 from fastgen.executors.base import Executor, StepResult, register_executor
 from fastgen.model_spec import ModelSpec
 from fastgen.ragged import BlockCopy, SeqChunk
@@ -40,7 +40,7 @@ class SimulatedExecutorConfig(ExecutorConfig):
             raise ValueError(f"executor.memory_utilization must be in (0, 1], got {self.memory_utilization}")
 
 
-def kv_pool_blocks(spec: ModelSpec, cfg: EngineConfig) -> int:
+def kv_pool_blocks(spec: ModelSpec, cfg: EngineSettings) -> int:
     """kv.num_blocks if set; else what a deployment gets: device memory x utilization - its share of the weights -
     the activations of a full step, in blocks of this model's KV (per device, KV heads split by tensor parallel)."""
     if cfg.kv.num_blocks is not None:
@@ -63,7 +63,7 @@ def kv_pool_blocks(spec: ModelSpec, cfg: EngineConfig) -> int:
 
 @register_executor("simulated", config=SimulatedExecutorConfig)
 class SimulatedExecutor(Executor):
-    def __init__(self, cfg: EngineConfig, model=None, tokenizer=None):
+    def __init__(self, cfg: EngineSettings, model=None, tokenizer=None):
         """`model` (optional) only gives the shape: a fastgen or transformers model, or a transformers config."""
         sheet = cfg.executor.device
         profile = Profile.load(sheet.profile) if sheet.profile else Profile()

@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from fastgen.config import EngineConfig, ExecutorConfig
+from fastgen.config import EngineSettings, ExecutorConfig
 from fastgen.distributed import TensorParallel
 from fastgen.executors.base import Executor, StepResult, register_executor
 from fastgen.executors.real import RealExecutor
@@ -62,7 +62,7 @@ class TensorParallelConfig(ExecutorConfig):
             raise ValueError(f"executor.timeout_s must be > 0, got {self.timeout_s}")
 
 
-def group_options(cfg: EngineConfig) -> GroupOptions:
+def group_options(cfg: EngineSettings) -> GroupOptions:
     """The worker group cfg asks for: ranks, device kind, backend, threads per rank, timeouts."""
     hw, ex = cfg.hardware, cfg.executor
     size, device = hw.tensor_parallel, torch.device(hw.device).type
@@ -86,7 +86,7 @@ class ShardLoad:
     """What every rank needs to build its shard: the config (KV pool, dtype, kernels), the model's transformers
     config, and where the weights are (a safetensors directory each rank reads itself, or None: broadcast)."""
 
-    cfg: EngineConfig
+    cfg: EngineSettings
     hf_config: Any
     directory: Optional[str]
     name: str
@@ -124,7 +124,7 @@ def rank_memory(state: RankState) -> dict[str, int]:
 
 @register_executor("tp", config=TensorParallelConfig)
 class TensorParallelExecutor(Executor):
-    def __init__(self, cfg: EngineConfig, model=None, tokenizer=None):
+    def __init__(self, cfg: EngineSettings, model=None, tokenizer=None):
         """`model`: a short name, a directory or a transformers model (default cfg.model.source)."""
         source = cfg.model.source if model is None else model
         if isinstance(source, CausalLM):
@@ -139,11 +139,9 @@ class TensorParallelExecutor(Executor):
         self.workers = WorkerGroup(options)
         self.workers.state.weights = weights
         directory = str(weights.directory) if isinstance(weights, SafetensorsWeights) else None
-        plain = EngineConfig(model=cfg.model, scheduler=cfg.scheduler, kv=cfg.kv, hardware=cfg.hardware,
-                             executor=cfg.executor, seed=cfg.seed)
         del weights
         try:
-            self.workers.run(load_shard, ShardLoad(plain, hf_config, directory, name))
+            self.workers.run(load_shard, ShardLoad(cfg, hf_config, directory, name))
         except BaseException:
             self.close()
             raise

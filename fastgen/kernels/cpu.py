@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from fastgen.kernels import cpu_ops, reference
+import fastgen.kernels.cpu_ops as cpu_ops
+import fastgen.kernels.reference as reference
 from fastgen.kernels.metadata import AttentionMetadata
 from fastgen.kernels.reference import gelu_tanh_and_mul, grouped_gemm, layer_norm  # noqa: F401
 

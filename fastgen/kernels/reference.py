@@ -14,7 +14,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from fastgen.kernels import cpu_ops
+import fastgen.kernels.cpu_ops as cpu_ops
 from fastgen.kernels.metadata import AttentionMetadata
 from fastgen.kernels.torch_plan import TorchAttentionPlan, build_plan
 

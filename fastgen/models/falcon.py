@@ -14,8 +14,7 @@ from torch import nn
 from fastgen.kv.cache import KVCache
 from fastgen.model_spec import ModelSpec, eos_ids
 from fastgen.models.base import CausalLM
-from fastgen.models.layers import MLP, Attention, LayerNorm, LMHead, VocabParallelEmbedding
-from fastgen.models.llama import rotary_from_config
+from fastgen.models.layers import MLP, Attention, LayerNorm, LMHead, RotaryEmbedding, VocabParallelEmbedding
 from fastgen.models.weights import MappedWeights, WeightSource
 from fastgen.ragged import RaggedBatch
 
@@ -69,7 +68,7 @@ class FalconForCausalLM(CausalLM):
     def __init__(self, config):
         super().__init__(config)
         from transformers.models.falcon.modeling_falcon import FalconRotaryEmbedding
-        rotary = rotary_from_config(config, FalconRotaryEmbedding)
+        rotary = RotaryEmbedding.from_config(config, FalconRotaryEmbedding)
         self.transformer = nn.Module()
         self.transformer.word_embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.transformer.h = nn.ModuleList(FalconDecoderLayer(config, rotary) for _ in range(config.num_hidden_layers))

@@ -8,8 +8,7 @@ from torch import nn
 
 from fastgen.kv.cache import KVCache
 from fastgen.models.base import CausalLM
-from fastgen.models.layers import Attention, GatedMLP, LMHead, RMSNorm, VocabParallelEmbedding
-from fastgen.models.llama import rotary_from_config
+from fastgen.models.layers import Attention, GatedMLP, LMHead, RMSNorm, RotaryEmbedding, VocabParallelEmbedding
 from fastgen.ragged import RaggedBatch
 
 
@@ -56,7 +55,7 @@ class Gemma2ForCausalLM(CausalLM):
     def __init__(self, config):
         super().__init__(config)
         from transformers.models.gemma2.modeling_gemma2 import Gemma2RotaryEmbedding
-        rotary = rotary_from_config(config, Gemma2RotaryEmbedding)
+        rotary = RotaryEmbedding.from_config(config, Gemma2RotaryEmbedding)
         self.model = nn.Module()
         self.model.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.model.layers = nn.ModuleList(Gemma2DecoderLayer(config, rotary, w) for w in self.spec.windows)

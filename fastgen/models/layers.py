@@ -162,6 +162,17 @@ class RotaryEmbedding(KernelUser):
         self.attention_scaling, self.max_positions = attention_scaling, max_positions
         self.build_table()
 
+    @classmethod
+    def from_config(cls, config, hf_rotary_class) -> "RotaryEmbedding":
+        """Asks transformers' own rotary module (`hf_rotary_class`) of `config` for inv_freq and the attention
+        scaling, so scaling variants match."""
+        with torch.device("cpu"):
+            hf_rotary = hf_rotary_class(config=config)
+        if getattr(hf_rotary, "rope_type", "default") in ("dynamic", "longrope"):
+            raise ValueError(f"rope type {hf_rotary.rope_type!r} depends on the sequence length and is not "
+                             "supported; supported: default, linear, llama3, yarn")
+        return cls(hf_rotary.inv_freq, float(hf_rotary.attention_scaling), config.max_position_embeddings)
+
     def build_table(self) -> None:
         """(Re)computes the table; the loader calls it after materialising a model built on the meta device."""
         t = torch.arange(self.max_positions, dtype=torch.float32, device="cpu")

@@ -10,16 +10,6 @@ from fastgen.models.layers import Attention, GatedMLP, LMHead, RMSNorm, RotaryEm
 from fastgen.ragged import RaggedBatch
 
 
-def rotary_from_config(config, layer_cls_module) -> RotaryEmbedding:
-    """Ask transformers' own rotary module for inv_freq and the attention scaling, so scaling variants match."""
-    with torch.device("cpu"):
-        hf_rotary = layer_cls_module(config=config)
-    if getattr(hf_rotary, "rope_type", "default") in ("dynamic", "longrope"):
-        raise ValueError(f"rope type {hf_rotary.rope_type!r} depends on the sequence length and is not supported; "
-                         "supported: default, linear, llama3, yarn")
-    return RotaryEmbedding(hf_rotary.inv_freq, float(hf_rotary.attention_scaling), config.max_position_embeddings)
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, config, rotary: RotaryEmbedding, window: int | None, qkv_bias: bool):
         super().__init__()
@@ -57,7 +47,7 @@ class LlamaForCausalLM(CausalLM):
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act={config.hidden_act!r} is not supported for {type(self).__name__}; "
                              "supported: silu")
-        rotary = rotary_from_config(config, self.hf_rotary_embedding())
+        rotary = RotaryEmbedding.from_config(config, self.hf_rotary_embedding())
         self.model = LlamaModel(config, rotary, self.spec.windows, self.qkv_bias(config))
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.hidden_size, config.vocab_size, tied_to=tied)

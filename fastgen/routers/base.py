@@ -1,7 +1,7 @@
 """Router: the global scheduler in front of N replicas, choosing the replica each new request goes to.
 
 A router is pure policy over what the caller tells it: the number of requests outstanding (sent, not finished) at
-each replica when a request arrives. The same classes serve the simulator's replica cluster (fastgen.sim.cluster)
+each replica when a request arrives. The same classes serve the simulator's replica cluster (fastgen.driver.cluster)
 and a deployment of real replicas. A new router is one file here (or anywhere, named by `router.module`) with a
 `@register_router("name", config=MyConfig)` subclass of Router, plus conf/router/name.yaml.
 """

@@ -1,22 +1,27 @@
 """Scheduler: the policy that decides, each step, which requests run and how many of their tokens.
 
-Schedulers are pure policy. They own the waiting queue and the running list, read request state and ask the KV
-manager for room; they return a SchedulerOutput and never touch tensors. The engine owns the loop and tells the
-scheduler when a request finishes or is aborted.
+Schedulers are pure policy. They own the waiting queue, the running list and the KV manager: they read request
+state and ask the KV manager for room, and never touch tensors. The engine sees only two calls a step, as in vLLM
+v1: `plan_step()`, whose SchedulerOutput carries everything the executor needs (each chunk's plain step data with
+its block table, and the block copies to make first), and `update_from_output()`, which commits what the step did
+(computed tokens, forked sequences, finished requests and their freed blocks). A policy writes only `schedule()`,
+over the shared bookkeeping below.
 
 Budget vocabulary (as in vLLM's v1 scheduler): a step carries at most `token_budget` tokens from at most
 `max_seqs` sequences. A decode costs one token; a prompt costs as many tokens as the policy gives it. Tokens the
-KV manager has cached cost nothing: before each step (begin_step) a waiting request's num_computed_tokens is set
+KV manager has cached cost nothing: before each step (plan_step) a waiting request's num_computed_tokens is set
 to its cached prefix, so `num_pending_tokens`, which every policy budgets with, counts only what is left to compute.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Sequence
 
 from fastgen.config import SchedulerConfig, check_positive
 from fastgen.kv.manager import KVManager
+from fastgen.ragged import BlockCopy, SeqChunk
 from fastgen.registry import Registry
 from fastgen.request import Request, RequestStatus
 
@@ -59,8 +64,13 @@ class ScheduledChunk:
 
 @dataclass
 class SchedulerOutput:
+    """A step's plan: what the policy chose (`chunks`, `preempted`), and, once plan_step() has finished it, what
+    the executor gets (`step_chunks`, one SeqChunk per chunk in order, and `copies`)."""
+
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    step_chunks: list[SeqChunk] = field(default_factory=list)
+    copies: list[BlockCopy] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -83,22 +93,71 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.max_model_len: int | None = None
+        self.clock: Callable[[], float] = time.perf_counter
 
-    def set_context_limit(self, max_model_len: int) -> None:
-        """The engine's context limit (prompt + output tokens), told once when the engine is built, for policies
-        whose defaults follow from it (vLLM's max_num_batched_tokens)."""
-        self.max_model_len = max_model_len
+    def attach(self, max_model_len: int, clock: Callable[[], float]) -> None:
+        """The engine's context limit (prompt + output tokens), for policies whose defaults follow from it (vLLM's
+        max_num_batched_tokens), and the clock its requests' times are on (for policies that read deadlines);
+        told once when the engine is built."""
+        self.max_model_len, self.clock = max_model_len, clock
 
     # -- the policy ---------------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         raise NotImplementedError
 
-    # -- bookkeeping shared by every policy ----------------------------------------------------------------------
-    def begin_step(self) -> None:
-        """Called by the engine before each schedule(): every waiting request starts past its cached prefix."""
+    # -- the engine's calls --------------------------------------------------------------------------------------
+    def check_fits(self, req: Request) -> None:
+        """Refuses (ValueError naming the fix) a request that could not finish even with the whole KV pool."""
+        kv = self.kv
+        if not kv.fits_ever(req):
+            raise ValueError(f"request needs {req.max_kv_tokens} KV slots but the whole KV pool holds "
+                             f"{kv.capacity_tokens} (kv.num_blocks={kv.num_blocks} x kv.block_size={kv.block_size}); "
+                             "raise kv.num_blocks or kv.memory_gb")
+
+    def plan_step(self) -> SchedulerOutput:
+        """The next step's plan: every waiting request starts past its cached prefix, the policy chooses, and the
+        plan gets each chunk's plain step data (its tokens, where they start, its blocks) and the block copies the
+        executor must make first."""
         if self.kv.caches_prefixes:
             for req in self.waiting:
                 req.num_computed_tokens = self.kv.cached_prefix(req)
+        out = self.schedule()
+        for c in out.chunks:
+            req, start = c.request, c.request.num_computed_tokens
+            out.step_chunks.append(SeqChunk(
+                req.token_slice(start, c.num_tokens), start, self.kv.block_table(req),
+                all_logits=req.needs_prompt_logits and start < len(req.prompt_token_ids) - 1, num_pad=c.num_pad))
+        out.copies = self.kv.take_copies()
+        return out
+
+    def update_from_output(self, out: SchedulerOutput, forks: Sequence[tuple[Request, Request]] = (),
+                           finished: Sequence[Request] = ()) -> None:
+        """Commits a step: every chunk's tokens are computed; each (parent, child) of `forks` is a sequence forked
+        from its parent at this step's end, sharing the parent's KV where the manager can (else it waits to
+        compute its tokens again); `finished` requests leave and free their blocks."""
+        for c in out.chunks:
+            c.request.num_computed_tokens += c.num_tokens
+            self.kv.computed(c.request)
+        for parent, child in forks:
+            child.num_computed_tokens = parent.num_computed_tokens
+            shared = self.kv.fork(parent, child)
+            if not shared:
+                child.num_computed_tokens = 0
+            self.add_fork(child, shared)
+        for req in finished:
+            self.finish(req)
+
+    def step_counts(self) -> dict[str, int]:
+        """For the step's stats: running and waiting requests, KV use and the prefix-cache counters since the last
+        call."""
+        return {"num_running": len(self.running), "num_waiting": len(self.waiting), **self.kv.usage(),
+                **self.kv.take_counters()}
+
+    def kv_blocks(self) -> tuple[int, int]:
+        """(blocks in the pool, free blocks)."""
+        return self.kv.num_blocks, self.kv.num_free_blocks
+
+    # -- bookkeeping shared by every policy ----------------------------------------------------------------------
 
     def add_request(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
@@ -114,7 +173,8 @@ class Scheduler:
             self.add_request(child)
 
     def finish(self, req: Request) -> None:
-        """Called by the engine when a request finishes or is aborted: drop it and free its KV at once."""
+        """A request that finished (update_from_output) or was aborted or failed (the engine, at once): drop it
+        and free its KV."""
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:

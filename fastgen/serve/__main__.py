@@ -9,7 +9,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fastgen.cli import run_hydra
-from fastgen.compose import CONF_DIR, build_engine
+from fastgen.compose import build_engine
+from fastgen.conf import CONF_DIR
 from fastgen.serve.app import create_app
 from fastgen.serve.config import LOOPBACK_HOSTS, ServeConfig
 from fastgen.serve.edge import uvicorn_server

@@ -36,7 +36,7 @@ from fastgen.serve.config import ServeConfig
 from fastgen.serve.edge import RequestIdMiddleware
 from fastgen.serve.engine_loop import (EngineLoop, ReplicaUnavailable, RequestFailed, RequestGroup, SequenceRequest,
                                       ServerShuttingDown)
-from fastgen.serve.metrics import ServerMetrics
+from fastgen.serve.prometheus import ServerMetrics
 from fastgen.serve.protocol import (APIError, ChatCompletionRequest, ChatMessage, ChoiceState, CompletionRequest,
                                     DetokenizeRequest, GenerationBody, Responder, TokenizeRequest, usage,
                                     validation_error)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from fastgen.config import EngineConfig, hydra_schema
+from fastgen.compose import EngineConfig
 from fastgen.routers import ROUTERS, RouterConfig
 
 
@@ -94,11 +94,3 @@ class ServeConfig(EngineConfig):
         self.replica.validate()
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-
-
-def register_configs() -> None:
-    """Registers the schema with Hydra, so conf/serve.yaml is validated against ServeConfig."""
-    from hydra.core.config_store import ConfigStore
-    schema = hydra_schema(ServeConfig)
-    schema.router = RouterConfig()       # typed by the base, so any router's own config merges in
-    ConfigStore.instance().store(name="serve_schema", node=schema)

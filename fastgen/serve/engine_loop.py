@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from fastgen.engine import LLMEngine, RequestOutput
 from fastgen.sampling import SamplingParams, TokenLogprob
-from fastgen.serve.metrics import ServerMetrics
+from fastgen.serve.prometheus import ServerMetrics
 
 log = logging.getLogger(__name__)
 

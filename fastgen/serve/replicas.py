@@ -42,7 +42,7 @@ from fastgen.compose import build_engine
 from fastgen.routers import ROUTERS, Router, RouterConfig, make_router
 from fastgen.serve.config import ServeConfig
 from fastgen.serve.engine_loop import EngineLoop, ReplicaUnavailable, RequestGroup, SequenceRequest, Update
-from fastgen.serve.metrics import ServerMetrics
+from fastgen.serve.prometheus import ServerMetrics
 
 log = logging.getLogger(__name__)
 

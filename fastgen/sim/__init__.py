@@ -1,6 +1,6 @@
 """Simulated execution: the real engine, schedulers and KV managers, with each step's time predicted by a cost
 model calibrated on measured step times (executor=simulated, fastgen/executors/simulated.py;
-python -m fastgen.sim.calibrate) or fitted to published GPU operator times (python -m fastgen.sim.measured)."""
+python -m fastgen.calibration.calibrate) or fitted to published GPU operator times (python -m fastgen.calibration.measured)."""
 from fastgen.sim.clocks import CPUClock, VirtualClock
 from fastgen.sim.cost_model import BatchShape, CostModel, DeviceSheet, Profile, StepWork
 from fastgen.sim.shapes import NAMED_MODELS, PAPER_MODELS, model_spec

@@ -7,8 +7,8 @@ KV history, and a prefill chunk also does quadratic work; tensor parallelism add
 state per layer. Time is a roofline per operation, max(flops / (peak x efficiency), bytes / (bandwidth x
 efficiency)), where the matmul efficiency grows with the token count (small GEMMs cannot fill the device), plus
 fixed costs per layer, per step and per sequence (kernel launches, host-side batch building and sampling). The
-efficiencies and overheads are a `Profile`, fitted to measured step times by `fastgen.sim.calibrate`, or to
-published per-operator GPU times by `fastgen.sim.measured`. A measured profile also carries per-GEMM-shape time
+efficiencies and overheads are a `Profile`, fitted to measured step times by `fastgen.calibration.calibrate`, or to
+published per-operator GPU times by `fastgen.calibration.measured`. A measured profile also carries per-GEMM-shape time
 curves over the token count (`Profile.gemm_times`), which replace the roofline for the GEMMs they cover: cuBLAS
 picks tiles per shape, so a GEMM's time is a staircase in the token count that no smooth efficiency follows.
 """
@@ -52,7 +52,7 @@ class DeviceSheet:
         measured = profile is not None and profile.allreduce_bandwidth_gbs is not None
         if hardware.tensor_parallel > 1 and not (self.link_bandwidth_gbs > 0 or measured):
             raise ValueError("hardware.tensor_parallel > 1 needs executor.device.link_bandwidth_gbs > 0, or a profile "
-                             "with a measured all-reduce (python -m fastgen.sim.calibrate executor=tp ...)")
+                             "with a measured all-reduce (python -m fastgen.calibration.calibrate executor=tp ...)")
 
 
 @dataclass
@@ -103,7 +103,7 @@ class Profile:
     # BLAS libraries switch kernels at small sizes (a CPU's 4-token GEMM can cost as much as its 16-token one),
     # steps no smooth efficiency curve follows. Filled in by calibration from the fit's residuals.
     token_correction: dict = field(default_factory=dict)
-    # Measured profiles (fastgen.sim.measured) only; None / empty: the roofline and link model above.
+    # Measured profiles (fastgen.calibration.measured) only; None / empty: the roofline and link model above.
     elementwise_efficiency: Optional[float] = None  # norms, rotary, activation, residual adds stream their tensors
     #                                                 at this fraction of memory bandwidth, on top of
     #                                                 layer_overhead_s (their launches); None: inside layer_overhead_s
@@ -141,7 +141,7 @@ class Profile:
         if not path.exists():
             known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.json")))
             raise FileNotFoundError(f"simulator profile {name_or_path!r} not found (looked for {path}); shipped "
-                                    f"profiles: {known or 'none'}; make one with python -m fastgen.sim.calibrate")
+                                    f"profiles: {known or 'none'}; make one with python -m fastgen.calibration.calibrate")
         return cls(**json.loads(path.read_text()))
 
     def save(self, path: str | Path) -> Path:

@@ -2,8 +2,8 @@
 of Llama-2-7B and 70B on one A100-80GB / H100-80GB (every token count 1..4096, tensor parallel 1/2/4/8) and its
 all-reduce times inside a DGX node, shipped (thinned) in fastgen/sim/data/vidur/.
 
-    python -m fastgen.sim.measured a100-80gb h100-80gb       # fit; write fastgen/sim/profiles/<gpu>.json
-    python -m fastgen.sim.measured --extract /path/to/vidur/data    # re-make the shipped rows from Vidur's files
+    python -m fastgen.calibration.measured a100-80gb h100-80gb       # fit; write fastgen/sim/profiles/<gpu>.json
+    python -m fastgen.calibration.measured --extract /path/to/vidur/data    # re-make the shipped rows from Vidur's files
 
 Every series (one model, TP degree and operator over token counts; one worker count over all-reduce sizes) is
 split: every second point is held out (`held_out`), the fit sees the others, first and last included. What is
@@ -144,7 +144,7 @@ def allreduce_series(gpu: str) -> list[tuple[list[AllReduceRow], np.ndarray]]:
 @functools.lru_cache(maxsize=None)
 def _hardware(gpu: str):
     """(the datasheet in conf/device/simulated_<gpu>.yaml, the hardware config's dtype)."""
-    from fastgen.compose import compose_config
+    from fastgen.conf import compose_config
     cfg = compose_config([f"hardware={gpu}", "executor=simulated", "executor.device.profile=null"])
     return cfg.executor.device, cfg.hardware.dtype
 
@@ -230,7 +230,7 @@ def fit(gpu: str, models: tuple[str, ...] = tuple(MODELS)) -> Profile:
     profile = dataclasses.replace(profile, **{k: float(f"{v:.6g}") for k, v in fitted.items()})
     profile.meta = {
         "source": SOURCE.format(gpu=GPUS[gpu]), "device": gpu, "dtype": "float16",
-        "command": f"python -m fastgen.sim.measured {gpu}",
+        "command": f"python -m fastgen.calibration.measured {gpu}",
         "held_out": "every second token count of each (model, TP) series and every second all-reduce size "
                     "(never the first or last): the fit did not see them; evaluate() predicts them",
         "measured": ["gemm_times", "matmul_efficiency", "matmul_half_tokens", "bandwidth_efficiency",

@@ -18,7 +18,7 @@ import time
 
 import httpx
 
-from fastgen.trace import RequestTrace
+from fastgen.request_trace import RequestTrace
 from fastgen.workloads import WorkloadRequest
 
 

@@ -1,11 +1,11 @@
 """Calibrate the simulator on this device: time the real executor's steps over a grid of ragged batches and fit
 the cost model's efficiencies and overheads to them, writing a profile that executor=simulated loads.
 
-    python -m fastgen.sim.calibrate hardware=cpu --profile cpu                       # SmolLM2-135M, float32
-    python -m fastgen.sim.calibrate hardware=a100-80gb model=local model.source=/models/Llama-2-7b-hf \\
+    python -m fastgen.calibration.calibrate hardware=cpu --profile cpu                       # SmolLM2-135M, float32
+    python -m fastgen.calibration.calibrate hardware=a100-80gb model=local model.source=/models/Llama-2-7b-hf \\
         --profile a100-80gb --max-tokens 4096 --max-context 8192 --max-seqs 256           # the same on a GPU
 
-    python -m fastgen.sim.calibrate executor=tp hardware.tensor_parallel=2 model=local model.source=DIR \\
+    python -m fastgen.calibration.calibrate executor=tp hardware.tensor_parallel=2 model=local model.source=DIR \\
         --profile cpu-tp2        # tensor-parallel: also fits the all-reduce term to the run's own all-reduces
 
 Positional arguments are Hydra overrides of run.py's config (model, hardware, kv, ...). Each grid point is a
@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from scipy.optimize import least_squares
 
-from fastgen.compose import compose_config
+from fastgen.conf import compose_config
 from fastgen.distributed import COMM
 from fastgen.executors import Executor, make_executor
 from fastgen.ragged import SeqChunk

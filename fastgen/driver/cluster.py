@@ -15,11 +15,11 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from fastgen.driver import EngineTarget
+from fastgen.driver.engine_target import EngineTarget
 from fastgen.engine import LLMEngine
 from fastgen.routers import Router
-from fastgen.stats import StepStats
-from fastgen.trace import RequestTrace
+from fastgen.step_stats import StepStats
+from fastgen.request_trace import RequestTrace
 from fastgen.workloads import WorkloadRequest
 
 

@@ -13,18 +13,18 @@ prefill_rate: prompt tokens per second of one request's whole-prompt step; decod
 sequence. R's are the simulator's (the A100 profile fitted to Vidur's measured operator times) at the paper's
 workload (prompt 1200, decode context 1200 + 60/2); D's are measured on the real executor at the run's workload
 (prompt = its mean prompt length, decode context = that + half its mean output), each the median of `--repeats`
-steps after a warm-up (fastgen.sim.calibrate.measure). The EMA span (a token count) stays 16. Values are
+steps after a warm-up (fastgen.calibration.calibrate.measure). The EMA span (a token count) stays 16. Values are
 rounded to two significant digits; the measurements are kept in the SLA's `derived_from`, so `scale` recomputes
 it exactly.
 
-    python -m fastgen.sim.sla                                   # this CPU, the default model and workload
-    python -m fastgen.sim.sla --write conf/sla/cpu.yaml         # ... and write run.py's SLA for hardware=cpu
-    python -m fastgen.sim.sla --speeds profile --write conf/sla/cpu.yaml   # speeds from the calibrated profile
+    python -m fastgen.calibration.sla                                   # this CPU, the default model and workload
+    python -m fastgen.calibration.sla --write conf/sla/cpu.yaml         # ... and write run.py's SLA for hardware=cpu
+    python -m fastgen.calibration.sla --speeds profile --write conf/sla/cpu.yaml   # speeds from the calibrated profile
 
 Positional arguments are run.py overrides (model, hardware, workload). On a shared machine run it when idle:
 other load slows the measured steps and so loosens the SLA (the output records the load average). Where the
 machine is busy, `--speeds profile` reads D's speeds off its calibrated simulator profile instead: the cost model
-fitted to step times that `python -m fastgen.sim.calibrate` measured (on an idle machine) for this model.
+fitted to step times that `python -m fastgen.calibration.calibrate` measured (on an idle machine) for this model.
 """
 from __future__ import annotations
 
@@ -78,13 +78,13 @@ def simulated_speeds(cfg, prompt_tokens: int, decode_context: int) -> Speeds:
 
 def reference_speeds() -> Speeds:
     """The paper's reference deployment, simulated with its fitted A100 profile."""
-    from fastgen.compose import compose_config
+    from fastgen.conf import compose_config
     return simulated_speeds(compose_config(REFERENCE), REFERENCE_PROMPT, REFERENCE_PROMPT + REFERENCE_OUTPUT // 2)
 
 
 def measured_speeds(executor, prompt_tokens: int, decode_context: int, repeats: int) -> Speeds:
     """One request's prompt step and one decode step on the real executor (medians, wall clock)."""
-    from fastgen.sim.calibrate import measure
+    from fastgen.calibration.calibrate import measure
     from fastgen.sim.cost_model import BatchShape
 
     prompt = BatchShape.of([prompt_tokens], [prompt_tokens])
@@ -99,7 +99,7 @@ SPEEDS = ("measured", "profile")
 def derive(cfg, name: str, repeats: int = 7, speeds: str = "measured", model=None, tokenizer=None) -> SLAConfig:
     """The paper's SLA scaled to cfg's deployment (model, hardware) at cfg's workload lengths. `speeds`:
     `measured` times the real executor now; `profile` reads them off the deployment's calibrated simulator
-    profile (step times measured by fastgen.sim.calibrate, on an idle machine, and fitted): for a machine that is
+    profile (step times measured by fastgen.calibration.calibrate, on an idle machine, and fitted): for a machine that is
     busy now."""
     prompt = max(1, round(cfg.workload.prompt.mean))
     context = prompt + max(1, round(cfg.workload.output.mean / 2))
@@ -125,7 +125,7 @@ def to_yaml(sla: SLAConfig, comment: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> SLAConfig:
-    from fastgen.compose import compose_config
+    from fastgen.conf import compose_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="run.py overrides (model, hardware, workload)")
@@ -148,19 +148,19 @@ def main(argv: list[str] | None = None) -> SLAConfig:
         from fastgen.sim.cost_model import Profile
         meta = Profile.load(cfg.executor.device.profile).meta
         how = (f"read off the calibrated profile {cfg.executor.device.profile!r}: the cost model fitted to step "
-               f"times\nthat fastgen.sim.calibrate measured on {meta.get('date', '?')} ({meta.get('threads', '?')} "
+               f"times\nthat fastgen.calibration.calibrate measured on {meta.get('date', '?')} ({meta.get('threads', '?')} "
                f"threads, {meta.get('timer', '?')} clock; median fit error {meta.get('fit_rel_error_median', 0):.1%})")
     comment = "\n".join([
         f"The paper's chat SLA scaled to {cfg.model.source} on hardware={hardware} ({cfg.hardware.dtype}) by its "
         "single-request speed",
-        "against the paper's Llama-2 70B on 4xA100 (fastgen/sim/sla.py). Speeds here are", how + ":",
+        "against the paper's Llama-2 70B on 4xA100 (fastgen/calibration/sla.py). Speeds here are", how + ":",
         f"  prompt: 512 x {d['prefill_tokens_per_s']:.0f} / {d['reference_prefill_tokens_per_s']:.0f} tok/s "
         f"(one {d['prompt_tokens']:.0f}-token prompt step, here / reference)",
         f"  generation: g x {d['reference_decode_step_s'] * 1e3:.1f} / {d['decode_step_s'] * 1e3:.1f} ms "
         f"(one decode step at context {d['decode_context']:.0f}, reference / here)",
         f"Derived {datetime.date.today()} (load average {load[0]:.2f} -> {os.getloadavg()[0]:.2f} on {os.cpu_count()} "
         "CPUs); regenerate:",
-        f"  python -m fastgen.sim.sla {' '.join(args.overrides)}{' ' if args.overrides else ''}--speeds {args.speeds} "
+        f"  python -m fastgen.calibration.sla {' '.join(args.overrides)}{' ' if args.overrides else ''}--speeds {args.speeds} "
         f"--write {args.write or 'conf/sla/<hardware>.yaml'}"])
     text = to_yaml(sla, comment)
     print(text)

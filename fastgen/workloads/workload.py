@@ -1,0 +1,269 @@
+"""Benchmark workloads: which requests are sent (prompt tokens, output budget) and when.
+
+`build_workload(cfg, vocab_size, tokenizer)` turns a flat `WorkloadConfig` into a `Workload`:
+a list of `WorkloadRequest`s plus an arrival process (see `arrivals` for the driver protocol).
+Everything is deterministic under `seed`; prompt lengths, output lengths, prompt tokens and
+arrival times come from independent streams, so e.g. sweeping the rate keeps the requests fixed.
+
+Arrival processes (`WorkloadConfig.arrival`):
+
+- ``closed_loop``: the paper's method, `clients` concurrent clients (1..32), each sending its next
+  request when its previous one finished; with `warmup` the first `clients` requests are one
+  warm-up per client (``WorkloadRequest.warmup``; exclude them from metrics);
+- ``poisson``: open loop at `rate` requests/s;
+- ``gamma``: open loop at `rate` requests/s with Gamma gaps of shape `burstiness` (= 1/CV^2);
+- ``trace``: replay `trace_path`, at most `num_requests` rows, at the file's arrival offsets times
+  `time_scale` (0.5 replays twice as fast).
+
+Shared prefixes (`workload.prefix`, fastgen.workloads.shared_prefix): a system prompt of `prefix.share` of the
+mean prompt length that requests start with (one of `prefix.num_prefixes`), and conversations of `prefix.turns`
+requests, each turn resending the earlier ones; the arrival process then times conversations, and a
+conversation's next turn follows its previous one's end by `prefix.think_s`.
+
+With `trace_path` and a synthetic arrival process, the file's rows are the requests, in order (warm-ups first),
+sent at the process's times; their arrival_time column, if any, is ignored. So a file of length pairs without
+times (the arXiv summarization lengths) runs open or closed loop.
+
+Trace files are JSONL (one object per line) or CSV (header row; chosen by the `.csv` suffix):
+
+- ``arrival_time``: seconds from the start of the run (float, >= 0), used as is;
+- exactly one prompt column per row:
+  ``prompt`` (text, tokenized with ``tokenizer.encode(text, add_special_tokens=False)``),
+  ``prompt_token_ids`` (a JSON list of ints; in CSV one space-separated string), or
+  ``prompt_tokens`` (an int length; tokens are made by `prompt_source` like synthetic prompts);
+- ``output_tokens``: the request's max_new_tokens (int >= 1).
+
+In CSV an empty cell means the column is absent for that row; `.gz` files are read compressed. A `trace_path`
+that does not exist relative to the working directory may name a file shipped in `data/`:
+`example_trace.jsonl` (a 20-row example) and the real traces `azure_conv.csv.gz`, `azure_code.csv.gz`,
+`arxiv_summarization.csv.gz` (conf/workload/azure-conv, azure-code, arxiv; sources and licence in
+`data/README.md`). Synthetic prompts are random ids in [random_token_low, vocab_size) or windows of
+`data/corpus.txt` (English prose) tokenized by the given tokenizer. `max_prompt_len`, when set,
+truncates every prompt, trace prompts included.
+
+Requests longer than the model's context (prompt + output > max_model_len, when the caller passes it) follow
+`too_long`: ``error`` (the default: say which request and how to fix it), ``clip`` (keep the output length, cut
+the prompt to fit; an output alone too long is cut to max_model_len - 1 with a 1-token prompt) or ``skip`` (leave
+the trace row out and take the next one; trace files only). `Workload.clipped` / `skipped` count them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from fastgen.workloads.arrivals import (ArrivalProcess, ClosedLoopArrivals, OpenLoopArrivals, gamma_arrivals,
+                                       poisson_arrivals)
+from fastgen.workloads.corpus import CORPUS_PATH, CorpusPrompts, Tokenizer, random_prompt
+from fastgen.workloads.lengths import LengthSpec, sample_lengths
+from fastgen.workloads.replay import TraceRecord, load_trace
+from fastgen.workloads.shared_prefix import ConversationArrivals, SharedPrefixSpec, conversation_prompts
+
+EXAMPLE_TRACE_PATH = Path(__file__).parent / "data" / "example_trace.jsonl"
+ARRIVALS = ("closed_loop", "poisson", "gamma", "trace")
+TOO_LONG = ("error", "clip", "skip")
+PROMPT_SOURCES = ("random", "corpus")
+
+
+@dataclass
+class WorkloadConfig:
+    """Flat, OmegaConf-compatible description of a workload (defaults: the paper's 1200/60 setup)."""
+
+    name: Optional[str] = None           # the conf/workload option it came from (summaries, figure titles)
+    num_requests: int = 512              # measured requests (closed loop adds `clients` warm-ups)
+    prompt: LengthSpec = field(default_factory=lambda: LengthSpec(mean=1200.0))
+    output: LengthSpec = field(default_factory=lambda: LengthSpec(mean=60.0))
+    arrival: str = "closed_loop"         # one of ARRIVALS
+    clients: int = 16                    # closed_loop
+    warmup: bool = True                  # closed_loop: one warm-up request per client
+    jitter_s_per_client: float = 0.01    # closed_loop: start jitter U(0, clients) * this
+    rate: float = 1.0                    # poisson/gamma: requests per second
+    burstiness: float = 1.0              # gamma: shape = 1/CV^2; 1 == poisson
+    trace_path: Optional[str] = None     # trace: replay it; other arrivals: its rows are the requests
+    time_scale: float = 1.0              # trace: arrival offsets x this (0.5: twice the trace's rate)
+    too_long: str = "error"              # prompt + output > the model's context: error | clip | skip (see above)
+    prompt_source: str = "random"        # one of PROMPT_SOURCES
+    corpus_path: Optional[str] = None    # corpus text; None = the shipped data/corpus.txt
+    random_token_low: int = 0            # random prompts draw ids from [random_token_low, vocab_size)
+    max_prompt_len: Optional[int] = None
+    prefix: SharedPrefixSpec = field(default_factory=SharedPrefixSpec)   # shared system prompts, multi-turn
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Check the fields only this config knows; arrival/length parameters are checked where used."""
+        if self.num_requests < 1:
+            raise ValueError(f"num_requests must be >= 1, got {self.num_requests}")
+        if self.arrival not in ARRIVALS:
+            raise ValueError(f"arrival must be one of {ARRIVALS}, got {self.arrival!r}")
+        if self.arrival == "trace" and not self.trace_path:
+            raise ValueError("arrival='trace' needs trace_path: set trace_path to a .jsonl or .csv file")
+        if self.prompt_source not in PROMPT_SOURCES:
+            raise ValueError(f"prompt_source must be one of {PROMPT_SOURCES}, got {self.prompt_source!r}")
+        if not self.time_scale > 0:
+            raise ValueError(f"time_scale must be > 0 (arrival offsets are multiplied by it), got {self.time_scale}")
+        if self.too_long not in TOO_LONG:
+            raise ValueError(f"too_long must be one of {TOO_LONG}, got {self.too_long!r}")
+        if self.too_long == "skip" and not self.trace_path:
+            raise ValueError("too_long='skip' leaves trace rows out; a synthetic workload draws its lengths: use "
+                             "too_long='clip' or lower prompt.max / output.max")
+        if self.max_prompt_len is not None and self.max_prompt_len < 1:
+            raise ValueError(f"max_prompt_len must be >= 1 or None (no cap), got {self.max_prompt_len}")
+        if self.arrival == "closed_loop" and self.clients < 1:
+            raise ValueError(f"clients must be >= 1 concurrent clients, got {self.clients}")
+        if self.jitter_s_per_client < 0:
+            raise ValueError(f"jitter_s_per_client must be >= 0 seconds, got {self.jitter_s_per_client}")
+        if self.arrival in ("poisson", "gamma") and not self.rate > 0:
+            raise ValueError(f"rate must be > 0 requests/s, got {self.rate}")
+        if self.arrival == "gamma" and not self.burstiness > 0:
+            raise ValueError(f"burstiness must be > 0 (1 = Poisson, <1 burstier), got {self.burstiness}")
+        if self.random_token_low < 0:
+            raise ValueError(f"random_token_low must be >= 0 (a token id), got {self.random_token_low}")
+        if self.corpus_path is not None and not Path(self.corpus_path).is_file():
+            raise FileNotFoundError(f"corpus_path {self.corpus_path} is not a file; None uses the shipped corpus")
+        self.prompt.validate("prompt")
+        self.output.validate("output")
+        self.prefix.validate(self.num_requests)
+        if self.prefix.active and self.trace_path:
+            raise ValueError("workload.prefix shapes synthetic prompts; a trace brings its own: leave "
+                             "workload.prefix at its defaults or trace_path unset")
+
+
+@dataclass
+class WorkloadRequest:
+    index: int                       # position in Workload.requests, the id arrival processes use
+    prompt_token_ids: list[int]
+    max_new_tokens: int
+    warmup: bool = False             # closed-loop warm-up: send it, but leave it out of metrics
+
+
+@dataclass
+class Workload:
+    requests: list[WorkloadRequest]
+    arrivals: ArrivalProcess
+    clipped: int = 0                 # requests cut to fit the model's context (too_long='clip')
+    skipped: int = 0                 # trace rows left out for not fitting it (too_long='skip')
+
+    @property
+    def measured(self) -> list[WorkloadRequest]:
+        return [r for r in self.requests if not r.warmup]
+
+
+def build_workload(cfg: WorkloadConfig, vocab_size: int, tokenizer: Optional[Tokenizer] = None,
+                   seed: Optional[int] = None, max_model_len: Optional[int] = None) -> Workload:
+    """Materialise `cfg` into requests and an arrival process; `seed` overrides `cfg.seed`; `max_model_len` (the
+    model's context) applies `cfg.too_long` to requests that do not fit it."""
+    cfg.validate()
+    sequence = np.random.SeedSequence(cfg.seed if seed is None else seed)
+    prompt_rng, output_rng, token_rng, arrival_rng = (np.random.default_rng(s) for s in sequence.spawn(4))
+    make_prompt = _prompt_source(cfg, vocab_size, tokenizer, token_rng)
+    context = _ContextPolicy(max_model_len, cfg.too_long)
+
+    if cfg.trace_path:
+        records = load_trace(cfg.trace_path, require_arrival_time=cfg.arrival == "trace")
+        arrivals = None if cfg.arrival == "trace" else _synthetic_arrivals(cfg, arrival_rng)
+        needed = cfg.num_requests if arrivals is None else arrivals.total
+        if arrivals is not None and len(records) < needed:
+            raise ValueError(f"{cfg.trace_path} has {len(records)} rows but the workload needs {needed} (num_requests "
+                             "plus warm-ups); lower workload.num_requests")
+        prompts, outputs, times = [], [], []
+        for i, record in enumerate(records):
+            if len(prompts) == needed:
+                break
+            fitted = context.fit(_trace_prompt(record, make_prompt, tokenizer)[: cfg.max_prompt_len],
+                                 record.output_tokens, f"{cfg.trace_path} row {i + 1}")
+            if fitted is not None:
+                prompts.append(fitted[0])
+                outputs.append(fitted[1])
+                times.append(record.arrival_time)
+        if arrivals is None:
+            arrivals = OpenLoopArrivals([t * cfg.time_scale for t in times])
+        elif len(prompts) < needed:
+            raise ValueError(f"{cfg.trace_path} has {len(prompts)} rows that fit the model's context but the "
+                             f"workload needs {needed} (num_requests plus warm-ups); lower workload.num_requests")
+    else:
+        if cfg.prefix.active:
+            conversations = dataclasses.replace(cfg, num_requests=cfg.num_requests // cfg.prefix.turns)
+            arrivals = ConversationArrivals(_synthetic_arrivals(conversations, arrival_rng), cfg.prefix.turns,
+                                            cfg.prefix.think_s)
+        else:
+            arrivals = _synthetic_arrivals(cfg, arrival_rng)
+        lengths = sample_lengths(cfg.prompt, arrivals.total, prompt_rng, "prompt")
+        outputs = sample_lengths(cfg.output, arrivals.total, output_rng, "output").tolist()
+        if cfg.prefix.active:
+            made = conversation_prompts(cfg.prefix, cfg.prompt, lengths, outputs, make_prompt, prompt_rng)
+        else:
+            made = (make_prompt(int(length)) for length in lengths)
+        pairs = [context.fit(p[: cfg.max_prompt_len], int(output), f"request {i}")
+                 for i, (p, output) in enumerate(zip(made, outputs))]
+        prompts, outputs = [p for p, _ in pairs], [o for _, o in pairs]
+
+    top = max(max(p) for p in prompts) if prompts else -1
+    if top >= vocab_size:
+        raise ValueError(f"prompt token id {top} is outside the vocabulary (vocab_size={vocab_size}); "
+                         "check the trace's prompt_token_ids or that the tokenizer matches the model")
+    requests = [WorkloadRequest(i, p, int(o), warmup=i in arrivals.warmup_indices)
+                for i, (p, o) in enumerate(zip(prompts, outputs))]
+    return Workload(requests=requests, arrivals=arrivals, clipped=context.clipped, skipped=context.skipped)
+
+
+@dataclass
+class _ContextPolicy:
+    """What happens to a request whose prompt + output exceed the model's context (`WorkloadConfig.too_long`)."""
+
+    max_model_len: Optional[int]
+    policy: str
+    clipped: int = 0
+    skipped: int = 0
+
+    def fit(self, prompt: list[int], output: int, where: str) -> Optional[tuple[list[int], int]]:
+        """(prompt, output) within the context, or None to skip the request."""
+        limit = self.max_model_len
+        if limit is None or len(prompt) + output <= limit:
+            return prompt, output
+        if self.policy == "skip":
+            self.skipped += 1
+            return None
+        if self.policy == "clip":
+            self.clipped += 1
+            output = min(output, limit - 1)
+            return prompt[: limit - output], output
+        raise ValueError(f"{where}: prompt ({len(prompt)} tokens) + output ({output}) exceeds the model's context "
+                         f"({limit}); set workload.too_long=clip or skip, or a model with a longer context")
+
+
+def _synthetic_arrivals(cfg: WorkloadConfig, rng: np.random.Generator) -> ArrivalProcess:
+    if cfg.arrival == "closed_loop":
+        return ClosedLoopArrivals(cfg.num_requests, cfg.clients, rng, cfg.warmup, cfg.jitter_s_per_client)
+    burstiness = 1.0 if cfg.arrival == "poisson" else cfg.burstiness
+    return OpenLoopArrivals(gamma_arrivals(cfg.num_requests, cfg.rate, burstiness, rng))
+
+
+def _prompt_source(cfg: WorkloadConfig, vocab_size: int, tokenizer: Optional[Tokenizer],
+                   rng: np.random.Generator) -> Callable[[int], list[int]]:
+    """A function from prompt length to token ids, following `cfg.prompt_source`."""
+    if cfg.prompt_source == "random":
+        if not 0 <= cfg.random_token_low < vocab_size:
+            raise ValueError(f"random_token_low must satisfy 0 <= random_token_low < vocab_size ({vocab_size}), "
+                             f"got {cfg.random_token_low}")
+        return lambda length: random_prompt(length, vocab_size, rng, cfg.random_token_low)
+    if tokenizer is None:
+        raise ValueError("prompt_source='corpus' needs a tokenizer: pass tokenizer= or use prompt_source='random'")
+    return CorpusPrompts(tokenizer, rng, cfg.corpus_path).take
+
+
+def _trace_prompt(record: TraceRecord, make_prompt: Callable[[int], list[int]],
+                  tokenizer: Optional[Tokenizer]) -> list[int]:
+    if record.prompt_token_ids is not None:
+        return record.prompt_token_ids
+    if record.prompt_tokens is not None:
+        return make_prompt(record.prompt_tokens)
+    if tokenizer is None:
+        raise ValueError("the trace has text prompts: pass tokenizer= to build_workload")
+    ids = tokenizer.encode(record.prompt, add_special_tokens=False)
+    if not ids:
+        raise ValueError(f"trace prompt {record.prompt!r} tokenized to no tokens")
+    return ids
