@@ -38,7 +38,7 @@ from fastgen.distributed import COMM  # noqa: E402
 from fastgen.executors import EXECUTORS, make_executor  # noqa: E402
 from fastgen.kv import KV_MANAGERS  # noqa: E402
 from fastgen.calibration.calibrate import fit_allreduce, step_chunks, time_allreduces  # noqa: E402
-from fastgen.sim.cost_model import BatchShape  # noqa: E402
+from fastgen.sim.work import BatchShape  # noqa: E402
 
 SHAPE = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
              num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)

@@ -22,7 +22,7 @@ import copy
 import io
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -33,8 +33,7 @@ from omegaconf import OmegaConf
 
 from fastgen.analysis import markdown_table
 from fastgen.conf import CONF_DIR
-from fastgen.metrics import g_suffix
-from fastgen.run_config import OPEN_LOOP, CapacityRunConfig, RunConfig
+from fastgen.run_config import CapacityRunConfig, RunConfig
 
 @dataclass
 class Probe:

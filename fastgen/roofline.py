@@ -14,6 +14,7 @@ A step's work follows from the model's spec (fastgen.model_spec) and each sequen
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -21,9 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from fastgen.model_spec import ModelSpec
-
-PREFILL, DECODE, MIXED = "prefill", "decode", "mixed"
-
+from fastgen.sim.work import DECODE, MIXED, PREFILL, BatchShape, StepWork, WorkModel  # noqa: F401 (kinds)
 
 @dataclass(frozen=True)
 class Ceilings:
@@ -33,46 +32,19 @@ class Ceilings:
     meta: dict = field(default_factory=dict)            # how they were measured
 
 
-@dataclass(frozen=True)
-class StepWork:
-    prefill_flops: float                  # prompt chunks: linear + attention + LM-head flops
-    decode_linear_flops: float            # decodes: linear + LM-head flops
-    weight_bytes: float                   # every linear weight (layers + LM head), read once
-    kv_bytes: float                       # KV history the decodes read
-    prefill_tokens: int
-    decode_seqs: int
-
-    @property
-    def kind(self) -> str:
-        return MIXED if self.prefill_tokens and self.decode_seqs else PREFILL if self.prefill_tokens else DECODE
-
-
 def step_work(spec: ModelSpec, query_lens: Sequence[int], context_lens: Sequence[int],
               dtype_bytes: int = 4) -> StepWork:
     """The work of one step in which sequence i computes query_lens[i] new tokens and has context_lens[i] tokens
-    of KV after it (its new ones included). A layer with a sliding window reads and attends to at most that many
-    keys."""
+    of KV after it (its new ones included), as the simulator's cost model counts it (fastgen.sim.work). A layer with
+    a sliding window reads and attends to at most that many keys."""
     if len(query_lens) != len(context_lens) or not len(query_lens):
         raise ValueError("a step needs one (new tokens, context) pair per sequence, and at least one sequence")
-    layer_flops_per_token = 2 * spec.num_layers * spec.layer_params
-    head_flops_per_row = 2 * spec.vocab_size * spec.hidden
-    kv_per_layer_token = spec.kv_bytes_per_token(dtype_bytes) / spec.num_layers
-    prefill_flops = decode_flops = kv_bytes = 0.0
-    prefill_tokens = decode_seqs = 0
-    for q, ctx in zip(query_lens, context_lens):
-        if q < 1 or ctx < q:
-            raise ValueError(f"a sequence needs >= 1 new token and context >= its new tokens, got {q} and {ctx}")
-        mean_keys = ctx - (q - 1) / 2                  # keys a query sees on average (causal within the chunk)
-        if q > 1:
-            prefill_tokens += q
-            prefill_flops += q * layer_flops_per_token + head_flops_per_row + sum(
-                4 * spec.q_size * q * (min(mean_keys, w) if w else mean_keys) for w in spec.windows)
-        else:
-            decode_seqs += 1
-            decode_flops += layer_flops_per_token + head_flops_per_row
-            kv_bytes += kv_per_layer_token * sum(min(ctx, w) if w else ctx for w in spec.windows)
-    weights = (spec.num_layers * spec.layer_params + spec.vocab_size * spec.hidden) * dtype_bytes
-    return StepWork(prefill_flops, decode_flops, weights, kv_bytes, prefill_tokens, decode_seqs)
+    return _work_model(spec, dtype_bytes).work(BatchShape.of(query_lens, context_lens))
+
+
+@functools.lru_cache(maxsize=8)
+def _work_model(spec: ModelSpec, dtype_bytes: int) -> WorkModel:
+    return WorkModel(spec, dtype_bytes)
 
 
 def roofline_s(work: StepWork, ceilings: Ceilings) -> float:

@@ -39,7 +39,8 @@ from fastgen.distributed import COMM
 from fastgen.executors import Executor, make_executor
 from fastgen.ragged import SeqChunk
 from fastgen.sampling import Sampler, SamplingParams, SamplingRow
-from fastgen.sim.cost_model import PROFILES_DIR, BatchShape, CostModel, DeviceSheet, Profile, StepWork
+from fastgen.sim.cost_model import PROFILES_DIR, CostModel, DeviceSheet, Profile
+from fastgen.sim.work import BatchShape, StepWork
 
 
 def grid(max_tokens: int, max_context: int, max_seqs: int) -> list[BatchShape]:

@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import least_squares
 
-from fastgen.sim.cost_model import PROFILES_DIR, CostModel, Gemm, Profile
+from fastgen.sim.cost_model import PROFILES_DIR, CostModel, Profile
+from fastgen.sim.work import Gemm
 from fastgen.sim.shapes import model_spec
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "vidur"

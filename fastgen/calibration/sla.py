@@ -66,7 +66,8 @@ def scale(paper: SLAConfig, name: str, prefill_tokens_per_s: float, decode_step_
 def simulated_speeds(cfg, prompt_tokens: int, decode_context: int) -> Speeds:
     """One request's prompt step and one decode step as executor=simulated predicts them for cfg's deployment
     (its datasheet and fitted profile)."""
-    from fastgen.sim.cost_model import BatchShape, CostModel, Profile
+    from fastgen.sim.cost_model import CostModel, Profile
+    from fastgen.sim.work import BatchShape
     from fastgen.sim.shapes import model_spec
 
     sheet = cfg.executor.device
@@ -85,7 +86,7 @@ def reference_speeds() -> Speeds:
 def measured_speeds(executor, prompt_tokens: int, decode_context: int, repeats: int) -> Speeds:
     """One request's prompt step and one decode step on the real executor (medians, wall clock)."""
     from fastgen.calibration.calibrate import measure
-    from fastgen.sim.cost_model import BatchShape
+    from fastgen.sim.work import BatchShape
 
     prompt = BatchShape.of([prompt_tokens], [prompt_tokens])
     decode = BatchShape.of([1], [decode_context])

@@ -18,8 +18,9 @@ from fastgen.executors.base import Executor, StepResult, register_executor
 from fastgen.model_spec import ModelSpec
 from fastgen.ragged import BlockCopy, SeqChunk
 from fastgen.sim.clocks import VirtualClock
-from fastgen.sim.cost_model import DTYPE_BYTES, BatchShape, CostModel, DeviceSheet, Profile
+from fastgen.sim.cost_model import DTYPE_BYTES, CostModel, DeviceSheet, Profile
 from fastgen.sim.shapes import model_spec
+from fastgen.sim.work import BatchShape
 
 
 # vLLM 0.2.7 captures CUDA graphs for decode steps of these batch sizes (its _BATCH_SIZES_TO_CAPTURE) and contexts

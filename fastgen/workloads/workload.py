@@ -56,9 +56,8 @@ from typing import Optional
 
 import numpy as np
 
-from fastgen.workloads.arrivals import (ArrivalProcess, ClosedLoopArrivals, OpenLoopArrivals, gamma_arrivals,
-                                       poisson_arrivals)
-from fastgen.workloads.corpus import CORPUS_PATH, CorpusPrompts, Tokenizer, random_prompt
+from fastgen.workloads.arrivals import ArrivalProcess, ClosedLoopArrivals, OpenLoopArrivals, gamma_arrivals
+from fastgen.workloads.corpus import CorpusPrompts, Tokenizer, random_prompt
 from fastgen.workloads.lengths import LengthSpec, sample_lengths
 from fastgen.workloads.replay import TraceRecord, load_trace
 from fastgen.workloads.shared_prefix import ConversationArrivals, SharedPrefixSpec, conversation_prompts
