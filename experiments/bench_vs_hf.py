@@ -72,13 +72,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
-from peers import (FastgenConfig, HFGenerateConfig, LimitConfig, Req, agreement, build_fastgen, checkpoint, compose,
-                   fastgen_run, fastgen_timed, fmt, hf_generate_rows, hydra_main, load_hf, log, machine_line, machine_record,
-                   make_requests, measure_limit, row, start_run, summary, warmup_requests, write_results)
+from peers import (FastgenConfig, HFGenerateConfig, LimitConfig, Req, agreement, build_fastgen, check, checkpoint,
+                   compose, fastgen_run, fastgen_timed, fmt, hf_generate_rows, hydra_main, load_hf, log, machine_line,
+                   machine_record, make_requests, measure_limit, row, shrink, start_run, summary, warmup_requests,
+                   write_results)
 
 from fastgen.machine import Machine
 from fastgen.models import load_model
-from fastgen.workloads import LengthSpec, WorkloadConfig
+from fastgen.workloads import WorkloadConfig
 
 SYSTEMS = ("hf-generate", "hf-generate-batch", "fastgen")
 
@@ -119,31 +120,19 @@ def compose_bench_config(overrides: list[str] | tuple[str, ...] = ()) -> BenchCo
 
 def apply_quick(cfg: BenchConfig) -> None:
     """quick=true: 4 short requests per workload, small batch sizes, one generate_batch setting, short probes."""
-    for name, w in cfg.workloads.items():
-        w.num_requests = 4
-        w.prompt = LengthSpec(dist="normal", mean=48 if name != "long-prompt" else 96, std_frac=0.3, min=8, max=160)
-        w.output = LengthSpec(dist="normal", mean=8, std_frac=0.3, min=2, max=16)
+    shrink(cfg)
     cfg.hf_generate.batch_sizes = [1, 2, 4]
     cfg.hf_generate.bs1_max_requests = 4
     cfg.generate_batch = [GenerateBatchSetting(name="mbt128-p16", page_size=16, max_batch_tokens=128)]
     cfg.limit = LimitConfig(repeats=1, decode_repeats=2, decode_context=None)
-    # a smaller budget (still above the longest quick prompt, which continuous/orca need) and KV pool
-    cfg.fastgen.overrides = ["scheduler.token_budget=192", "kv.memory_gb=0.25", *cfg.fastgen.overrides]
     cfg.profile_requests = min(cfg.profile_requests, 2)
     cfg.agreement_requests, cfg.agreement_tokens = min(cfg.agreement_requests, 2), min(cfg.agreement_tokens, 8)
 
 
 def validate(cfg: BenchConfig) -> None:
-    unknown = [s for s in cfg.systems if s not in SYSTEMS]
-    if unknown:
-        raise ValueError(f"unknown systems {unknown}; choose from {SYSTEMS}")
-    missing = [w for w in cfg.run if w not in cfg.workloads]
-    if missing:
-        raise ValueError(f"run names workloads {missing} that are not in `workloads` ({sorted(cfg.workloads)})")
+    check(cfg, SYSTEMS, cfg.run)
     if any(b < 1 for b in cfg.hf_generate.batch_sizes):
         raise ValueError("hf_generate.batch_sizes must be >= 1")
-    for w in cfg.workloads.values():
-        w.validate()
 
 
 def cb_num_blocks(reqs: list[Req], page_size: int) -> int:

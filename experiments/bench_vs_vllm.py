@@ -57,17 +57,17 @@ from typing import Any, Optional
 
 import torch
 from omegaconf import OmegaConf
-from peers import (ROOT, FastgenConfig, HFGenerateConfig, LimitConfig, agreement, build_fastgen, compose,
+from peers import (ROOT, FastgenConfig, HFGenerateConfig, LimitConfig, agreement, build_fastgen, check, compose,
                    fastgen_timed, fmt, free_port, hf_generate_rows, hydra_main, load_hf, log, machine_line,
-                   machine_record, make_requests, measure_limit, row, run_py, start_run, start_server, stop, summary,
-                   warmup_requests, write_results)
+                   machine_record, make_requests, measure_limit, row, run_py, shrink, start_run, start_server, stop,
+                   summary, warmup_requests, write_results)
 
 from fastgen.machine import Machine, load_average
 from fastgen.model_spec import ModelSpec
 from fastgen.models import EMBEDDED, load_model
 from fastgen.roofline import DECODE, MIXED, PREFILL, Ceilings, measure_ceilings, roofline_s, step_work
 from fastgen.sim.shapes import model_spec
-from fastgen.workloads import LengthSpec, WorkloadConfig
+from fastgen.workloads import WorkloadConfig
 
 SYSTEMS = ("hf-generate", "fastgen", "vllm", "http")
 STEP_KINDS = (PREFILL, DECODE, MIXED, "decode >= 8 seqs")
@@ -139,34 +139,22 @@ QUICK_HTTP = ["workload.num_requests=6", "workload.clients=2", "workload.prompt.
 
 def apply_quick(cfg: BenchConfig) -> None:
     """quick=true: 4 short requests per workload, one vLLM setting, one short HTTP workload, small probes."""
-    for name, w in cfg.workloads.items():
-        w.num_requests = 4
-        w.prompt = LengthSpec(dist="normal", mean=96 if name == "long-prompt" else 48, std_frac=0.3, min=8, max=160)
-        w.output = LengthSpec(dist="normal", mean=8, std_frac=0.3, min=2, max=16)
+    shrink(cfg)
     cfg.hf_generate = HFGenerateConfig(batch_sizes=[1, 4], bs1_max_requests=4)
     cfg.vllm.settings = cfg.vllm.settings[:1]
     cfg.http.workloads = cfg.http.workloads[:1]
     cfg.http.overrides = [*QUICK_HTTP, *cfg.http.overrides]
-    cfg.fastgen.overrides = ["scheduler.token_budget=192", "kv.memory_gb=0.25", *cfg.fastgen.overrides]
     cfg.vllm.kv_cache_gib, cfg.vllm.max_model_len = min(cfg.vllm.kv_cache_gib, 0.25), 1024
     cfg.roofline = RooflineConfig(gemm_n=512, bandwidth_mb=64, linear_tokens=[1, 8], repeats=2, decode_context=64,
                                   decode_batches=[1, 4], limit_repeats=1)
 
 
 def validate(cfg: BenchConfig) -> None:
-    unknown = [s for s in cfg.systems if s not in SYSTEMS]
-    if unknown:
-        raise ValueError(f"unknown systems {unknown}; choose from {SYSTEMS}")
-    missing = [w for w in [*cfg.run, *cfg.http.workloads] if w not in cfg.workloads]
-    if missing:
-        raise ValueError(f"run / http.workloads name workloads {missing} that are not in `workloads` "
-                         f"({sorted(cfg.workloads)})")
+    check(cfg, SYSTEMS, [*cfg.run, *cfg.http.workloads], "run / http.workloads")
     if cfg.dtype != "float32":
         raise ValueError("the vLLM comparison is float32 only (vLLM's CPU kernels and fastgen's agree there)")
     if not cfg.vllm.settings:
         raise ValueError("vllm.settings needs at least one setting")
-    for w in cfg.workloads.values():
-        w.validate()
 
 
 class StepShapes:

@@ -89,6 +89,29 @@ def hydra_main(config_name: str, schema: type, run: Callable[[Any, str], Any]) -
     run_hydra(hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=None)(app), config_name)
 
 
+def shrink(cfg) -> None:
+    """quick=true's common part: 4 short requests per workload, a small token budget (still above the longest
+    quick prompt, which continuous/orca need) and KV pool for fastgen."""
+    from fastgen.workloads import LengthSpec
+    for name, w in cfg.workloads.items():
+        w.num_requests = 4
+        w.prompt = LengthSpec(dist="normal", mean=96 if name == "long-prompt" else 48, std_frac=0.3, min=8, max=160)
+        w.output = LengthSpec(dist="normal", mean=8, std_frac=0.3, min=2, max=16)
+    cfg.fastgen.overrides = ["scheduler.token_budget=192", "kv.memory_gb=0.25", *cfg.fastgen.overrides]
+
+
+def check(cfg, systems: tuple[str, ...], workloads: list[str], what: str = "run") -> None:
+    """The systems are known, the workloads named are defined, and each workload is valid."""
+    unknown = [s for s in cfg.systems if s not in systems]
+    if unknown:
+        raise ValueError(f"unknown systems {unknown}; choose from {systems}")
+    missing = [w for w in workloads if w not in cfg.workloads]
+    if missing:
+        raise ValueError(f"{what} name workloads {missing} that are not in `workloads` ({sorted(cfg.workloads)})")
+    for w in cfg.workloads.values():
+        w.validate()
+
+
 def log(msg: str) -> None:
     print(f"[{Path(sys.argv[0]).stem} {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
