@@ -77,6 +77,7 @@ from peers import (FastgenConfig, HFGenerateConfig, LimitConfig, Req, agreement,
                    machine_record, make_requests, measure_limit, row, shrink, start_run, summary, warmup_requests,
                    write_results)
 
+from fastgen.analysis import markdown_table
 from fastgen.machine import Machine
 from fastgen.models import load_model
 from fastgen.workloads import WorkloadConfig
@@ -335,6 +336,12 @@ def correctness(outputs: dict[str, list[list[int]]], bs1_n: int) -> dict:
     return out
 
 
+def note(r: dict) -> str:
+    return "; ".join(x for x in [r.get("note", ""), "best " + "/".join(r["best_of"]) if r.get("best_of") else "",
+                                 f"{r['wrong_output_lengths']} wrong lengths" if r["wrong_output_lengths"] else ""]
+                     if x)
+
+
 def markdown(results: dict) -> str:
     lines = [f"# fastgen vs transformers ({results['config']['model']}, {results['config']['dtype']})", ""]
     m = results["machine"]
@@ -344,19 +351,13 @@ def markdown(results: dict) -> str:
         s = w["summary"]
         lines += [f"## {name}: {s['num_requests']} requests, prompt mean {s['prompt_mean']:.0f}, output mean "
                   f"{s['output_mean']:.0f} tokens, all submitted at t=0", "",
-                  "| system | setting | dtype | requests | wall s | total tok/s | output tok/s | x best HF | "
-                  "x best generate | x best generate_batch | note |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for r in w["rows"]:
-            note = "; ".join(x for x in [r.get("note", ""), ("best " + "/".join(r["best_of"])) if r.get("best_of")
-                                           else "", f"{r['wrong_output_lengths']} wrong lengths"
-                                           if r["wrong_output_lengths"] else ""] if x)
-            lines.append(
-                f"| {r['system']} | {r['setting']} | {r['dtype']} | {r['num_requests']} | {r['wall_s']:.1f} | "
-                f"{r['total_tok_s']:.1f} | {r['output_tok_s']:.1f} | "
-                f"{fmt(r['vs_best_hf_total'])} ({fmt(r['vs_best_hf_output'])}) | {fmt(r['vs_best_generate_total'])} | "
-                f"{fmt(r['vs_best_generate_batch_total'])} | {note} |")
-        lines.append("")
+                  markdown_table(["system", "setting", "dtype", "requests", "wall s", "total tok/s", "output tok/s",
+                                  "x best HF", "x best generate", "x best generate_batch", "note"],
+                                 [[r["system"], r["setting"], r["dtype"], r["num_requests"], f"{r['wall_s']:.1f}",
+                                   f"{r['total_tok_s']:.1f}", f"{r['output_tok_s']:.1f}",
+                                   f"{fmt(r['vs_best_hf_total'])} ({fmt(r['vs_best_hf_output'])})",
+                                   fmt(r["vs_best_generate_total"]), fmt(r["vs_best_generate_batch_total"]),
+                                   note(r)] for r in w["rows"]])]
         if "limit" in w:
             lim = w["limit"]
             dec = ", ".join(f"b={b}: {t * 1e3:.1f} ms" for b, t in lim["decode_step_s"].items())
@@ -366,20 +367,19 @@ def markdown(results: dict) -> str:
                       "(sum over steps of prompt tokens / prefill tok/s + decode step time at the step's decode "
                       "batch) / wall time = achieved total tok/s / forward-pass throughput at the scheduled token "
                       "counts. Outside model = 1 - time in the model's forward / wall (scheduling, batch building, "
-                      "sampling, bookkeeping); outside executor = the same without batch building.", "",
-                      "| fastgen | steps | mean step tokens | mean decode batch | limit tok/s | achieved tok/s | "
-                      "engine efficiency | forward efficiency | outside model | outside executor |",
-                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                      "sampling, bookkeeping); outside executor = the same without batch building.", ""]
+            table = []
             for sched, e in lim["efficiency"].items():
                 r = next(r for r in w["rows"] if r["system"] == "fastgen" and r["setting"] == sched
                          and r["dtype"] == results["config"]["dtype"])
                 o = r["overhead"]
-                lines.append(f"| {sched} | {o['num_steps']} | {e['mean_step_tokens']:.0f} | "
-                             f"{e['mean_decode_batch']:.1f} | {fmt(e['limit_tok_s'], '.1f')} | "
-                             f"{r['total_tok_s']:.1f} | {e['engine_efficiency']:.3f} | "
-                             f"{fmt(e['forward_efficiency'], '.3f')} | {o['outside_model_frac']:.2%} | "
-                             f"{o['outside_executor_frac']:.2%} |")
-            lines.append("")
+                table.append([sched, o["num_steps"], f"{e['mean_step_tokens']:.0f}", f"{e['mean_decode_batch']:.1f}",
+                              fmt(e["limit_tok_s"], ".1f"), f"{r['total_tok_s']:.1f}", f"{e['engine_efficiency']:.3f}",
+                              fmt(e["forward_efficiency"], ".3f"), f"{o['outside_model_frac']:.2%}",
+                              f"{o['outside_executor_frac']:.2%}"])
+            lines += [markdown_table(["fastgen", "steps", "mean step tokens", "mean decode batch", "limit tok/s",
+                                      "achieved tok/s", "engine efficiency", "forward efficiency", "outside model",
+                                      "outside executor"], table)]
         c = w.get("correctness", {})
         if "vs_hf_generate_bs1" in c:
             agree = ", ".join(f"{k}: {v['identical_frac']:.2f}" for k, v in c["vs_hf_generate_bs1"].items())
