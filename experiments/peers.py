@@ -1,5 +1,5 @@
 """What the experiments that measure fastgen beside its peers share (bench_vs_hf.py, bench_vs_vllm.py,
-ray_replica_scaling.py): their Hydra entry, the machine record, the requests every system gets, transformers
+ray_replica_scaling.py, serve_neighbour_gap.py): their Hydra entry, the machine record, the requests every system gets, transformers
 `generate`, fastgen's engine timed through the library's offline pipeline, its limit probes, servers driven by
 run.py target=http, and the results files. A script imports it by name (its own directory is on sys.path).
 """
@@ -122,12 +122,12 @@ def log(msg: str) -> None:
 PARTIAL: Optional[Path] = None
 
 
-def start_run(cfg, out_dir: str | os.PathLike, shrink: Callable, check: Callable) -> Path:
-    """quick sizes (`shrink`), validation (`check`), the output directory with its partial.jsonl, torch's threads."""
+def start_run(cfg, out_dir: str | os.PathLike, apply_quick: Callable, validate: Callable) -> Path:
+    """quick sizes, validation, the output directory with its partial.jsonl, torch's threads."""
     global PARTIAL
     if cfg.quick:
-        shrink(cfg)
-    check(cfg)
+        apply_quick(cfg)
+    validate(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     PARTIAL = out / "partial.jsonl"
