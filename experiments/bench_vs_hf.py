@@ -57,50 +57,32 @@ result has its speed-up over the main dtype and its greedy agreement with it on 
 ``agreement_tokens`` tokens (fraction of identical sequences, mean identical-prefix fraction, positionwise
 agreement).
 
-Timings on a shared machine are noisy; the load average at start and end is recorded with the machine info.
+Timings on a shared machine are noisy; the run's `machine` record (fastgen.machine) says how noisy.
 """
 from __future__ import annotations
 
 import cProfile
-import dataclasses
 import io
-import json
 import math
-import os
-import platform
 import pstats
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))          # run from a checkout without installing fastgen
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from omegaconf import OmegaConf
+from peers import (FastgenConfig, HFGenerateConfig, LimitConfig, Req, agreement, build_fastgen, check, checkpoint,
+                   compose, fastgen_run, fastgen_timed, fmt, hf_generate_rows, hydra_main, load_hf, log, machine_line,
+                   machine_record, make_requests, measure_limit, row, shrink, start_run, summary, warmup_requests,
+                   write_results)
 
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from fastgen.models import EMBEDDED, load_model, resolve_dtype  # noqa: E402
-from fastgen.compose import build_engine  # noqa: E402
-from fastgen.conf import CONF_DIR, compose_config  # noqa: E402
-from fastgen.metrics import step_rows  # noqa: E402
-from fastgen.schedulers import SCHEDULERS  # noqa: E402
-from fastgen.sampling import SamplingParams  # noqa: E402
-from fastgen.workloads import LengthSpec, WorkloadConfig, build_workload  # noqa: E402
+from fastgen.analysis import markdown_table
+from fastgen.machine import Machine
+from fastgen.models import load_model
+from fastgen.workloads import WorkloadConfig
 
 SYSTEMS = ("hf-generate", "hf-generate-batch", "fastgen")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# config
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class HFGenerateConfig:
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
-    bs1_max_requests: int = 6            # bs=1 runs on the first N requests of the workload
 
 
 @dataclass
@@ -111,19 +93,6 @@ class GenerateBatchSetting:
     max_batch_tokens: int = 512
     scheduler: str = "fifo"              # fifo | prefill_first
     attn_implementation: str = "sdpa"    # sdpa | paged|eager (the CPU-capable continuous-batching attentions)
-
-
-@dataclass
-class FastgenConfig:
-    schedulers: list[str] = field(default_factory=lambda: ["splitfuse", "continuous", "orca", "static"])
-    overrides: list[str] = field(default_factory=list)
-
-
-@dataclass
-class LimitConfig:
-    repeats: int = 5
-    decode_repeats: int = 4
-    decode_context: Optional[int] = None
 
 
 @dataclass
@@ -146,154 +115,25 @@ class BenchConfig:
     out_dir: Optional[str] = None
 
 
-def register_schema(config_name: str, schema: type) -> None:
-    """A benchmark's config dataclass as `<config_name>_schema`, the first default of conf/<config_name>.yaml."""
-    from hydra.core.config_store import ConfigStore
-    ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
-
-
-def compose_typed(config_name: str, schema: type, overrides: list[str] | tuple[str, ...] = ()):
-    """conf/<config_name>.yaml with Hydra overrides applied, as a typed `schema` object (for tests and notebooks)."""
-    register_schema(config_name, schema)
-    return compose_config(overrides, config_name=config_name)
-
-
-def register_configs() -> None:
-    register_schema("bench_vs_hf", BenchConfig)
-
-
 def compose_bench_config(overrides: list[str] | tuple[str, ...] = ()) -> BenchConfig:
-    return compose_typed("bench_vs_hf", BenchConfig, overrides)
+    return compose("bench_vs_hf", BenchConfig, overrides)
 
 
 def apply_quick(cfg: BenchConfig) -> None:
     """quick=true: 4 short requests per workload, small batch sizes, one generate_batch setting, short probes."""
-    for name, w in cfg.workloads.items():
-        w.num_requests = 4
-        w.prompt = LengthSpec(dist="normal", mean=48 if name != "long-prompt" else 96, std_frac=0.3, min=8, max=160)
-        w.output = LengthSpec(dist="normal", mean=8, std_frac=0.3, min=2, max=16)
+    shrink(cfg)
     cfg.hf_generate.batch_sizes = [1, 2, 4]
     cfg.hf_generate.bs1_max_requests = 4
     cfg.generate_batch = [GenerateBatchSetting(name="mbt128-p16", page_size=16, max_batch_tokens=128)]
     cfg.limit = LimitConfig(repeats=1, decode_repeats=2, decode_context=None)
-    # a smaller budget (still above the longest quick prompt, which continuous/orca need) and KV pool
-    cfg.fastgen.overrides = ["scheduler.token_budget=192", "kv.memory_gb=0.25", *cfg.fastgen.overrides]
     cfg.profile_requests = min(cfg.profile_requests, 2)
     cfg.agreement_requests, cfg.agreement_tokens = min(cfg.agreement_requests, 2), min(cfg.agreement_tokens, 8)
 
 
 def validate(cfg: BenchConfig) -> None:
-    unknown = [s for s in cfg.systems if s not in SYSTEMS]
-    if unknown:
-        raise ValueError(f"unknown systems {unknown}; choose from {SYSTEMS}")
-    missing = [w for w in cfg.run if w not in cfg.workloads]
-    if missing:
-        raise ValueError(f"run names workloads {missing} that are not in `workloads` ({sorted(cfg.workloads)})")
+    check(cfg, SYSTEMS, cfg.run)
     if any(b < 1 for b in cfg.hf_generate.batch_sizes):
         raise ValueError("hf_generate.batch_sizes must be >= 1")
-    for w in cfg.workloads.values():
-        w.validate()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class Req:
-    prompt: list[int]
-    max_new_tokens: int
-
-
-def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import transformers
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "loadavg_start": _loadavg()}
-
-
-def _loadavg() -> Optional[list[float]]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def make_requests(wcfg: WorkloadConfig, vocab_size: int, tokenizer) -> list[Req]:
-    workload = build_workload(wcfg, vocab_size, tokenizer)
-    return [Req(list(r.prompt_token_ids), int(r.max_new_tokens)) for r in workload.requests]
-
-
-def warmup_requests(reqs: list[Req]) -> list[Req]:
-    """Two short requests (prompt 32 tokens, 4 new tokens) made from the workload's first prompts."""
-    return [Req(r.prompt[:32], 4) for r in reqs[:2]]
-
-
-PARTIAL: Optional[Path] = None          # rows/limits are appended here as they finish (a long run's progress)
-
-
-def checkpoint(kind: str, item: dict) -> None:
-    if PARTIAL is not None:
-        with open(PARTIAL, "a") as f:
-            f.write(json.dumps({"kind": kind, **item}) + "\n")
-    if kind == "row":
-        log(f"  {item['system']} {item['setting']} {item['dtype']}: {item['wall_s']:.1f} s, "
-            f"{item['total_tok_s']:.1f} total tok/s, {item['output_tok_s']:.1f} output tok/s")
-
-
-def row(system: str, setting: str, dtype: str, reqs: list[Req], wall: float, outputs: list[list[int]],
-        **extra) -> dict:
-    prompt_tokens = sum(len(r.prompt) for r in reqs)
-    output_tokens = sum(r.max_new_tokens for r in reqs)
-    bad = [i for i, (r, o) in enumerate(zip(reqs, outputs)) if len(o) != r.max_new_tokens]
-    r = {"system": system, "setting": setting, "dtype": dtype, "num_requests": len(reqs),
-         "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "wall_s": wall,
-         "total_tok_s": (prompt_tokens + output_tokens) / wall, "output_tok_s": output_tokens / wall,
-         "wrong_output_lengths": len(bad), **extra}
-    checkpoint("row", r)
-    return r
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# transformers
-# ---------------------------------------------------------------------------------------------------------------
-def load_hf(model: str, dtype: str, attn: str = "sdpa"):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    if model in EMBEDDED:
-        emb = EMBEDDED[model]
-        kw = dict(gguf_file=emb.gguf_file)
-        directory = emb.directory()
-    else:
-        kw, directory = {}, model
-    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation=attn, **kw).eval()
-    hf = hf.to(resolve_dtype(dtype))
-    tok = AutoTokenizer.from_pretrained(directory, **kw)
-    return hf, tok
-
-
-@torch.inference_mode()
-def hf_generate(hf, reqs: list[Req], batch_size: int, pad_id: int) -> tuple[float, list[list[int]]]:
-    """Static batching: batches of `batch_size` in order, left padded, each run to its longest output."""
-    outputs: list[list[int]] = []
-    start = time.perf_counter()
-    for i in range(0, len(reqs), batch_size):
-        batch = reqs[i:i + batch_size]
-        width = max(len(r.prompt) for r in batch)
-        n = max(r.max_new_tokens for r in batch)
-        ids = torch.tensor([[pad_id] * (width - len(r.prompt)) + r.prompt for r in batch])
-        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in batch])
-        out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                          eos_token_id=None, pad_token_id=pad_id, use_cache=True)
-        for r, o in zip(batch, out[:, width:].tolist()):
-            outputs.append(o[:r.max_new_tokens])
-    return time.perf_counter() - start, outputs
 
 
 def cb_num_blocks(reqs: list[Req], page_size: int) -> int:
@@ -351,107 +191,9 @@ def hf_generate_batch(hf, reqs: list[Req], setting: GenerateBatchSetting, warm: 
     return wall, [list(results[i].generated_tokens) for i in ids], info
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# fastgen
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class Fastgen:
-    """An engine and the step stats it reported (the engine's step observer fills `steps`)."""
-
-    engine: object
-    token_budget: int
-    steps: list = field(default_factory=list)
-
-
-def build_fastgen(model, tokenizer, scheduler: str, dtype: str, overrides: list[str], instrument=None) -> Fastgen:
-    """`overrides` are shared by every scheduler: a `scheduler.<knob>` one applies to the policies that have it;
-    `instrument` wraps the engine's executor (see fastgen.compose.build_engine)."""
-    knobs = {f.name for f in dataclasses.fields(SCHEDULERS.get(scheduler).Config)}
-    overrides = [o for o in overrides if not o.startswith("scheduler.") or o.split("=")[0].split(".", 1)[1] in knobs]
-    cfg = compose_config([f"scheduler={scheduler}", f"hardware.dtype={dtype}", "progress=false", *overrides])
-    fg = Fastgen(build_engine(cfg, model, tokenizer, instrument=instrument), getattr(cfg.scheduler, "token_budget", 0))
-    fg.engine.add_step_observer(fg.steps.append)
-    return fg
-
-
-def fastgen_run(fg: Fastgen, reqs: list[Req]) -> tuple[float, list[list[int]], list]:
-    """All requests at t=0, step to the end; returns (wall, outputs, the run's step stats)."""
-    first = len(fg.steps)
-    start = time.perf_counter()
-    ids = [fg.engine.add_request(r.prompt, SamplingParams(max_new_tokens=r.max_new_tokens, ignore_eos=True,
-                                                          detokenize=False)) for r in reqs]
-    finished = {}
-    while fg.engine.has_unfinished():
-        finished.update((o.request_id, o.request) for o in fg.engine.step() if o.finished)
-    wall = time.perf_counter() - start
-    return wall, [list(finished[i].output_token_ids) for i in ids], fg.steps[first:]
-
-
-def fastgen_timed(fg: Fastgen, reqs: list[Req], warm: list[Req]) -> tuple[float, list[list[int]], list[dict], dict]:
-    fastgen_run(fg, warm)
-    wall, outputs, steps = fastgen_run(fg, reqs)
-    in_model = sum(s.forward_s for s in steps)
-    in_executor = in_model + sum(s.prepare_s for s in steps)
-    overhead = {"in_model_s": in_model, "in_executor_s": in_executor,
-                "outside_model_frac": 1 - in_model / wall, "outside_executor_frac": 1 - in_executor / wall,
-                "num_steps": len(steps)}
-    return wall, outputs, step_rows(steps), overhead
-
-
 def decode_seqs(step: dict) -> int:
     """Sequences in a step that are decoding (one token each); the rest of the tokens are prompt tokens."""
     return step["num_tokens"] - step["num_prefill_tokens"]
-
-
-def measure_limit(model, tokenizer, dtype: str, overrides: list[str], lcfg: LimitConfig, context: int,
-                  max_decode_batch: int, vocab: int) -> dict:
-    """Prefill throughput of one budget-sized pass, and decode step time on a grid of batch sizes."""
-    import random
-    fg = build_fastgen(model, tokenizer, "splitfuse", dtype, overrides)
-    engine, budget = fg.engine, fg.token_budget
-    rng = random.Random(0)
-
-    def prompt(n: int) -> list[int]:
-        return [rng.randrange(vocab) for _ in range(n)]
-
-    prefill_times = []
-    for _ in range(lcfg.repeats + 1):                        # first pass is a warm-up
-        engine.add_request(prompt(budget), SamplingParams(max_new_tokens=1, ignore_eos=True, detokenize=False))
-        first = len(fg.steps)
-        while engine.has_unfinished():
-            engine.step()
-        prefill_times.append(sum(s.forward_s for s in fg.steps[first:]))
-    prefill_s = statistics.median(prefill_times[1:])
-
-    grid = sorted({b for b in (2 ** k for k in range(12)) if b <= max_decode_batch} | {max(1, max_decode_batch)})
-    levels = list(reversed(grid))
-    # requests decode while later ones are still being prefilled: leave room for those steps too, so no probe
-    # request finishes before the smallest batch size is timed
-    prefill_steps = math.ceil(levels[0] * context / budget) + levels[0]
-    steps_needed = (lcfg.decode_repeats + 1) * len(levels) + prefill_steps + 2
-    ids = [engine.add_request(prompt(context), SamplingParams(max_new_tokens=steps_needed + 1, ignore_eos=True,
-                                                              detokenize=False)) for _ in range(levels[0])]
-    started: set[str] = set()
-    while len(started) < len(ids):                                      # prefill all of them
-        started.update(o.request_id for o in engine.step())
-    decode_s: dict[int, float] = {}
-    for b in levels:
-        while len(ids) > b:
-            engine.abort(ids.pop())
-        times = []
-        for _ in range(lcfg.decode_repeats + 1):
-            engine.step()
-            last = fg.steps[-1]
-            if last.num_prefill_tokens != 0 or last.num_seqs != b:
-                raise RuntimeError(f"decode probe at batch {b} ran a step of {last.num_seqs} sequences with "
-                                   f"{last.num_prefill_tokens} prompt tokens")
-            times.append(last.forward_s)
-        decode_s[b] = statistics.median(times[1:])
-    for i in ids:
-        engine.abort(i)
-    return {"token_budget": budget, "prefill_pass_s": prefill_s, "prefill_tok_s": budget / prefill_s,
-            "decode_context": context, "decode_step_s": {str(b): t for b, t in sorted(decode_s.items())},
-            "decode_tok_s": {str(b): b / t for b, t in sorted(decode_s.items())}}
 
 
 def interp_decode(decode_s: dict[int, float], d: int) -> float:
@@ -481,10 +223,10 @@ def efficiency(steps: list[dict], wall: float, in_model: float, limit: dict) -> 
             "mean_step_tokens": statistics.fmean([s["num_tokens"] for s in steps] or [0])}
 
 
-def profile_engine(engine, reqs: list[Req], out: Path, top: int = 30) -> dict:
+def profile_engine(fg, reqs: list[Req], out: Path, top: int = 30) -> dict:
     prof = cProfile.Profile()
     prof.enable()
-    wall, _, _ = fastgen_run(engine, reqs)
+    wall, _, _ = fastgen_run(fg, reqs)
     prof.disable()
     s = io.StringIO()
     stats = pstats.Stats(prof, stream=s)
@@ -495,48 +237,18 @@ def profile_engine(engine, reqs: list[Req], out: Path, top: int = 30) -> dict:
     return {"file": out.name, "requests": len(reqs), "wall_s_under_cprofile": wall}
 
 
-def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
-    same = sum(x == y for x, y in zip(a, b))
-    prefix, pos, n = [], 0, 0
-    for x, y in zip(a, b):
-        k = 0
-        while k < min(len(x), len(y)) and x[k] == y[k]:
-            k += 1
-        prefix.append(k / max(len(x), 1))
-        pos += sum(p == q for p, q in zip(x, y))
-        n += max(len(x), len(y))
-    return {"requests": len(a), "identical_frac": same / max(len(a), 1),
-            "mean_identical_prefix_frac": statistics.fmean(prefix) if prefix else None,
-            "positionwise_frac": pos / max(n, 1)}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the benchmark
-# ---------------------------------------------------------------------------------------------------------------
-def log(msg: str) -> None:
-    print(f"[bench_vs_hf {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def bench_workload(name: str, cfg: BenchConfig, reqs: list[Req], hf, tok, fg_models: dict, out: Path) -> dict:
     dtype = cfg.dtype
     warm = warmup_requests(reqs)
     rows: list[dict] = []
     outputs: dict[str, list[list[int]]] = {}
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     bs1_n = min(cfg.hf_generate.bs1_max_requests, len(reqs))
 
     result: dict[str, Any] = {"rows": rows}
     fastgen_steps: dict[str, tuple[list[dict], float, float]] = {}
     for system in cfg.systems:                       # in the order given
         if system == "hf-generate":
-            hf_generate(hf, warm, 1, pad)
-            for bs in cfg.hf_generate.batch_sizes:
-                subset = reqs[:bs1_n] if bs == 1 else reqs
-                log(f"{name}: hf-generate bs={bs} on {len(subset)} requests")
-                wall, outs = hf_generate(hf, subset, bs, pad)
-                note = f"subset: first {len(subset)} of {len(reqs)} requests" if len(subset) < len(reqs) else ""
-                rows.append(row("hf-generate", f"bs={bs}", dtype, subset, wall, outs, note=note))
-                outputs[f"hf-generate bs={bs}"] = outs
+            rows += hf_generate_rows(name, cfg, hf, tok, reqs, warm, outputs)
 
         if system == "hf-generate-batch":
             for setting in cfg.generate_batch:
@@ -548,16 +260,16 @@ def bench_workload(name: str, cfg: BenchConfig, reqs: list[Req], hf, tok, fg_mod
         if system == "fastgen":
             for sched in cfg.fastgen.schedulers:
                 log(f"{name}: fastgen {sched}")
-                engine = build_fastgen(fg_models[dtype], tok, sched, dtype, cfg.fastgen.overrides)
-                wall, outs, steps, overhead = fastgen_timed(engine, reqs, warm)
+                fg = build_fastgen(fg_models[dtype], tok, sched, dtype, cfg.fastgen.overrides)
+                wall, outs, steps, overhead = fastgen_timed(fg, reqs, warm)
                 rows.append(row("fastgen", sched, dtype, reqs, wall, outs, overhead=overhead, note=""))
                 outputs[f"fastgen {sched}"] = outs
                 fastgen_steps[sched] = (steps, wall, overhead["in_model_s"])
                 if sched == "splitfuse" and cfg.profile_requests > 0:
                     log(f"{name}: cProfile of splitfuse on {min(cfg.profile_requests, len(reqs))} requests")
-                    result["profile"] = profile_engine(engine, reqs[:cfg.profile_requests],
+                    result["profile"] = profile_engine(fg, reqs[:cfg.profile_requests],
                                                        out / f"profile_{name}.txt")
-                del engine
+                del fg
 
             if fastgen_steps:
                 max_d = max(max((decode_seqs(s) for s in st), default=1) for st, _, _ in fastgen_steps.values())
@@ -624,37 +336,28 @@ def correctness(outputs: dict[str, list[list[int]]], bs1_n: int) -> dict:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# report
-# ---------------------------------------------------------------------------------------------------------------
-def fmt(x, spec=".2f") -> str:
-    return "" if x is None else format(x, spec)
+def note(r: dict) -> str:
+    return "; ".join(x for x in [r.get("note", ""), "best " + "/".join(r["best_of"]) if r.get("best_of") else "",
+                                 f"{r['wrong_output_lengths']} wrong lengths" if r["wrong_output_lengths"] else ""]
+                     if x)
 
 
 def markdown(results: dict) -> str:
     lines = [f"# fastgen vs transformers ({results['config']['model']}, {results['config']['dtype']})", ""]
     m = results["machine"]
-    lines += [f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['torch_threads']} threads), "
-              f"transformers {m['transformers']}; load average at start {m['loadavg_start']}, at end "
-              f"{m.get('loadavg_end')}. Ratios are total-token (output-token) throughput divided by the best "
+    lines += [machine_line(m) + " Ratios are total-token (output-token) throughput divided by the best "
               "transformers row of the same dtype.", ""]
     for name, w in results["workloads"].items():
         s = w["summary"]
         lines += [f"## {name}: {s['num_requests']} requests, prompt mean {s['prompt_mean']:.0f}, output mean "
                   f"{s['output_mean']:.0f} tokens, all submitted at t=0", "",
-                  "| system | setting | dtype | requests | wall s | total tok/s | output tok/s | x best HF | "
-                  "x best generate | x best generate_batch | note |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for r in w["rows"]:
-            note = "; ".join(x for x in [r.get("note", ""), ("best " + "/".join(r["best_of"])) if r.get("best_of")
-                                           else "", f"{r['wrong_output_lengths']} wrong lengths"
-                                           if r["wrong_output_lengths"] else ""] if x)
-            lines.append(
-                f"| {r['system']} | {r['setting']} | {r['dtype']} | {r['num_requests']} | {r['wall_s']:.1f} | "
-                f"{r['total_tok_s']:.1f} | {r['output_tok_s']:.1f} | "
-                f"{fmt(r['vs_best_hf_total'])} ({fmt(r['vs_best_hf_output'])}) | {fmt(r['vs_best_generate_total'])} | "
-                f"{fmt(r['vs_best_generate_batch_total'])} | {note} |")
-        lines.append("")
+                  markdown_table(["system", "setting", "dtype", "requests", "wall s", "total tok/s", "output tok/s",
+                                  "x best HF", "x best generate", "x best generate_batch", "note"],
+                                 [[r["system"], r["setting"], r["dtype"], r["num_requests"], f"{r['wall_s']:.1f}",
+                                   f"{r['total_tok_s']:.1f}", f"{r['output_tok_s']:.1f}",
+                                   f"{fmt(r['vs_best_hf_total'])} ({fmt(r['vs_best_hf_output'])})",
+                                   fmt(r["vs_best_generate_total"]), fmt(r["vs_best_generate_batch_total"]),
+                                   note(r)] for r in w["rows"]])]
         if "limit" in w:
             lim = w["limit"]
             dec = ", ".join(f"b={b}: {t * 1e3:.1f} ms" for b, t in lim["decode_step_s"].items())
@@ -664,20 +367,19 @@ def markdown(results: dict) -> str:
                       "(sum over steps of prompt tokens / prefill tok/s + decode step time at the step's decode "
                       "batch) / wall time = achieved total tok/s / forward-pass throughput at the scheduled token "
                       "counts. Outside model = 1 - time in the model's forward / wall (scheduling, batch building, "
-                      "sampling, bookkeeping); outside executor = the same without batch building.", "",
-                      "| fastgen | steps | mean step tokens | mean decode batch | limit tok/s | achieved tok/s | "
-                      "engine efficiency | forward efficiency | outside model | outside executor |",
-                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                      "sampling, bookkeeping); outside executor = the same without batch building.", ""]
+            table = []
             for sched, e in lim["efficiency"].items():
                 r = next(r for r in w["rows"] if r["system"] == "fastgen" and r["setting"] == sched
                          and r["dtype"] == results["config"]["dtype"])
                 o = r["overhead"]
-                lines.append(f"| {sched} | {o['num_steps']} | {e['mean_step_tokens']:.0f} | "
-                             f"{e['mean_decode_batch']:.1f} | {fmt(e['limit_tok_s'], '.1f')} | "
-                             f"{r['total_tok_s']:.1f} | {e['engine_efficiency']:.3f} | "
-                             f"{fmt(e['forward_efficiency'], '.3f')} | {o['outside_model_frac']:.2%} | "
-                             f"{o['outside_executor_frac']:.2%} |")
-            lines.append("")
+                table.append([sched, o["num_steps"], f"{e['mean_step_tokens']:.0f}", f"{e['mean_decode_batch']:.1f}",
+                              fmt(e["limit_tok_s"], ".1f"), f"{r['total_tok_s']:.1f}", f"{e['engine_efficiency']:.3f}",
+                              fmt(e["forward_efficiency"], ".3f"), f"{o['outside_model_frac']:.2%}",
+                              f"{o['outside_executor_frac']:.2%}"])
+            lines += [markdown_table(["fastgen", "steps", "mean step tokens", "mean decode batch", "limit tok/s",
+                                      "achieved tok/s", "engine efficiency", "forward efficiency", "outside model",
+                                      "outside executor"], table)]
         c = w.get("correctness", {})
         if "vs_hf_generate_bs1" in c:
             agree = ", ".join(f"{k}: {v['identical_frac']:.2f}" for k, v in c["vs_hf_generate_bs1"].items())
@@ -701,26 +403,11 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def start_run(cfg, out_dir: str | os.PathLike, shrink: Callable, check: Callable) -> Path:
-    """A benchmark run's start: quick sizes (`shrink`), validation (`check`), the output directory with its
-    partial.jsonl, torch's threads."""
-    global PARTIAL
-    if cfg.quick:
-        shrink(cfg)
-    check(cfg)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    PARTIAL = out / "partial.jsonl"
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    return out
-
-
-def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike) -> dict:
+def run_bench(cfg: BenchConfig, out_dir: str | Path) -> dict:
     out = start_run(cfg, out_dir, apply_quick, validate)
 
-    results: dict[str, Any] = {"config": OmegaConf.to_container(OmegaConf.structured(cfg)), "machine": machine_info(),
-                               "workloads": {}}
+    machine = Machine.at_start()
+    results: dict[str, Any] = {"config": OmegaConf.to_container(OmegaConf.structured(cfg)), "workloads": {}}
     log(f"loading {cfg.model} (transformers, {cfg.dtype})")
     hf, tok = load_hf(cfg.model, cfg.dtype)
     fg_models = {}
@@ -732,46 +419,14 @@ def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike) -> dict:
     for name in cfg.run:
         reqs = make_requests(cfg.workloads[name], vocab, tok)
         w = bench_workload(name, cfg, reqs, hf, tok, fg_models, out)
-        w["summary"] = {"num_requests": len(reqs), "prompt_mean": statistics.fmean(len(r.prompt) for r in reqs),
-                        "output_mean": statistics.fmean(r.max_new_tokens for r in reqs),
-                        "prompt_tokens": sum(len(r.prompt) for r in reqs),
-                        "output_tokens": sum(r.max_new_tokens for r in reqs)}
-        results["workloads"][name] = w
-        results["machine"]["loadavg_end"] = _loadavg()
-        (out / "results.json").write_text(json.dumps(results, indent=2))      # partial results survive a crash
+        results["workloads"][name] = w | {"summary": summary(reqs)}
+        write_results(out, results | {"machine": machine_record(machine)})     # partial results survive a crash
+    results["machine"] = machine_record(machine)
     return write_results(out, results, markdown(results))
 
 
-def write_results(out: Path, results: dict, md: str) -> dict:
-    """results.json and results.md into `out`; the Markdown is printed too."""
-    (out / "results.md").write_text(md)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(md)
-    print(f"wrote {out / 'results.json'} and {out / 'results.md'}", flush=True)
-    return results
-
-
-def hydra_main(config_name: str, register: Callable[[], None], run: Callable[[Any, str], Any]) -> None:
-    """A benchmark script's entry point: conf/<config_name>.yaml with the command line's overrides, run into
-    `out_dir` or Hydra's run directory; a bad value ends with its message, not a traceback."""
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-
-    register()
-
-    @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=None)
-    def app(cfg) -> None:
-        bench = OmegaConf.to_object(cfg)
-        try:
-            run(bench, bench.out_dir or HydraConfig.get().runtime.output_dir)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-
-    app()
-
-
 def main() -> None:
-    hydra_main("bench_vs_hf", register_configs, run_bench)
+    hydra_main("bench_vs_hf", BenchConfig, run_bench)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ fastgen's transformers when missing: vLLM and fastgen then compute with the same
 **Systems**, each given the same requests (the workload's prompt token ids and output lengths, EOS ignored, greedy,
 float32, every request submitted at t=0, two short warm-up requests first):
 
-- ``hf-generate bs=B``: transformers ``generate``, static batches of B (bench_vs_hf.py's implementation; bs=1 on
+- ``hf-generate bs=B``: transformers ``generate``, static batches of B (experiments/peers.py, as bench_vs_hf; bs=1 on
   the first ``hf_generate.bs1_max_requests`` requests only);
 - ``fastgen <scheduler>``: fastgen's engine in this process;
 - ``vllm <setting>``: ``LLM.generate`` in the vLLM venv (experiments/vllm_offline.py, a subprocess; token ids in
@@ -47,51 +47,32 @@ sizes up to the largest of ``roofline.decode_batches``) are reported the same wa
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import socket
-import statistics
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
+from omegaconf import OmegaConf
+from peers import (ROOT, FastgenConfig, HFGenerateConfig, LimitConfig, agreement, build_fastgen, check, compose,
+                   fastgen_timed, fmt, free_port, hf_generate_rows, hydra_main, load_hf, log, machine_line,
+                   machine_record, make_requests, measure_limit, row, run_py, shrink, start_run, start_server, stop,
+                   summary, warmup_requests, write_results)
 
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from fastgen.machine import Machine, load_average
+from fastgen.model_spec import ModelSpec
+from fastgen.models import EMBEDDED, load_model
+from fastgen.roofline import DECODE, MIXED, PREFILL, Ceilings, measure_ceilings, roofline_s, step_work
+from fastgen.sim.shapes import model_spec
+from fastgen.workloads import WorkloadConfig
 
-from fastgen.models import EMBEDDED, load_model  # noqa: E402
-from fastgen.roofline import DECODE, MIXED, PREFILL, Ceilings, measure_ceilings, roofline_s, step_work  # noqa: E402
-from fastgen.model_spec import ModelSpec  # noqa: E402
-from fastgen.sim.shapes import model_spec  # noqa: E402
-from fastgen.workloads import LengthSpec, WorkloadConfig  # noqa: E402
-
-
-def _load_bench_vs_hf():
-    """bench_vs_hf.py's helpers (requests, transformers generate, the timed fastgen engine, the limit probes)."""
-    spec = importlib.util.spec_from_file_location("bench_vs_hf", ROOT / "experiments" / "bench_vs_hf.py")
-    module = sys.modules.get(spec.name)
-    if module is None:
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return module
-
-
-hfb = _load_bench_vs_hf()
 SYSTEMS = ("hf-generate", "fastgen", "vllm", "http")
 STEP_KINDS = (PREFILL, DECODE, MIXED, "decode >= 8 seqs")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# config
-# ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class VLLMSetting:
     name: str = "default"
@@ -139,8 +120,8 @@ class BenchConfig:
     run: list[str] = field(default_factory=lambda: ["chat", "long-prompt", "short"])
     systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
     workloads: dict[str, WorkloadConfig] = field(default_factory=dict)
-    hf_generate: hfb.HFGenerateConfig = field(default_factory=hfb.HFGenerateConfig)
-    fastgen: hfb.FastgenConfig = field(default_factory=lambda: hfb.FastgenConfig(schedulers=["splitfuse"]))
+    hf_generate: HFGenerateConfig = field(default_factory=HFGenerateConfig)
+    fastgen: FastgenConfig = field(default_factory=lambda: FastgenConfig(schedulers=["splitfuse"]))
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     http: HTTPConfig = field(default_factory=HTTPConfig)
     roofline: RooflineConfig = field(default_factory=RooflineConfig)
@@ -148,12 +129,8 @@ class BenchConfig:
     out_dir: Optional[str] = None
 
 
-def register_configs() -> None:
-    hfb.register_schema("bench_vs_vllm", BenchConfig)
-
-
 def compose_bench_config(overrides: list[str] | tuple[str, ...] = ()) -> BenchConfig:
-    return hfb.compose_typed("bench_vs_vllm", BenchConfig, overrides)
+    return compose("bench_vs_vllm", BenchConfig, overrides)
 
 
 QUICK_HTTP = ["workload.num_requests=6", "workload.clients=2", "workload.prompt.mean=48", "workload.prompt.max=160",
@@ -162,59 +139,24 @@ QUICK_HTTP = ["workload.num_requests=6", "workload.clients=2", "workload.prompt.
 
 def apply_quick(cfg: BenchConfig) -> None:
     """quick=true: 4 short requests per workload, one vLLM setting, one short HTTP workload, small probes."""
-    for name, w in cfg.workloads.items():
-        w.num_requests = 4
-        w.prompt = LengthSpec(dist="normal", mean=96 if name == "long-prompt" else 48, std_frac=0.3, min=8, max=160)
-        w.output = LengthSpec(dist="normal", mean=8, std_frac=0.3, min=2, max=16)
-    cfg.hf_generate = hfb.HFGenerateConfig(batch_sizes=[1, 4], bs1_max_requests=4)
+    shrink(cfg)
+    cfg.hf_generate = HFGenerateConfig(batch_sizes=[1, 4], bs1_max_requests=4)
     cfg.vllm.settings = cfg.vllm.settings[:1]
     cfg.http.workloads = cfg.http.workloads[:1]
     cfg.http.overrides = [*QUICK_HTTP, *cfg.http.overrides]
-    cfg.fastgen.overrides = ["scheduler.token_budget=192", "kv.memory_gb=0.25", *cfg.fastgen.overrides]
     cfg.vllm.kv_cache_gib, cfg.vllm.max_model_len = min(cfg.vllm.kv_cache_gib, 0.25), 1024
     cfg.roofline = RooflineConfig(gemm_n=512, bandwidth_mb=64, linear_tokens=[1, 8], repeats=2, decode_context=64,
                                   decode_batches=[1, 4], limit_repeats=1)
 
 
 def validate(cfg: BenchConfig) -> None:
-    unknown = [s for s in cfg.systems if s not in SYSTEMS]
-    if unknown:
-        raise ValueError(f"unknown systems {unknown}; choose from {SYSTEMS}")
-    missing = [w for w in [*cfg.run, *cfg.http.workloads] if w not in cfg.workloads]
-    if missing:
-        raise ValueError(f"run / http.workloads name workloads {missing} that are not in `workloads` "
-                         f"({sorted(cfg.workloads)})")
+    check(cfg, SYSTEMS, [*cfg.run, *cfg.http.workloads], "run / http.workloads")
     if cfg.dtype != "float32":
         raise ValueError("the vLLM comparison is float32 only (vLLM's CPU kernels and fastgen's agree there)")
     if not cfg.vllm.settings:
         raise ValueError("vllm.settings needs at least one setting")
-    for w in cfg.workloads.values():
-        w.validate()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# machine
-# ---------------------------------------------------------------------------------------------------------------
-def loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def cpu_flags_of_note() -> list[str]:
-    """The SIMD/matrix flags that decide which kernels a CPU backend can use."""
-    from fastgen.models.loader import cpu_flags
-    return sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c")))
-
-
-def machine(cfg: BenchConfig) -> dict:
-    info = hfb.machine_info()
-    info["cpu_flags"] = cpu_flags_of_note()
-    info["loadavg_start"] = loadavg()
-    return info
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# roofline of fastgen's steps
-# ---------------------------------------------------------------------------------------------------------------
 class StepShapes:
     """An instrument around the engine's executor (fastgen.compose.build_engine's `instrument`): records each
     step's (new tokens, context after the step) per sequence from the plain step data, then runs the step."""
@@ -283,9 +225,9 @@ def probe_rooflines(limit: dict, spec: ModelSpec, ceilings: Ceilings) -> dict:
 
 
 def ceilings_now(spec: ModelSpec, r: RooflineConfig, when: str) -> Ceilings:
-    log(f"measuring the ceilings at the {when} (load {loadavg()})")
+    log(f"measuring the ceilings at the {when} (load {load_average()})")
     c = measure_ceilings(spec, r.linear_tokens, r.gemm_n, r.bandwidth_mb * 2**20, r.repeats)
-    c.meta.update(when=when, loadavg=loadavg())
+    c.meta.update(when=when, loadavg=load_average())
     log(f"GEMM {c.gemm_flops / 1e9:.1f} GFLOP/s, bandwidth {c.bandwidth / 1e9:.1f} GB/s")
     return c
 
@@ -300,9 +242,6 @@ def best_ceilings(*measured: Ceilings) -> Ceilings:
                      "measurements": [dict(c.meta, gemm_flops=c.gemm_flops, bandwidth=c.bandwidth) for c in measured]})
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# vLLM
-# ---------------------------------------------------------------------------------------------------------------
 def venv_python(cfg: VLLMConfig) -> Path:
     return Path(cfg.venv) / "bin" / "python"
 
@@ -390,7 +329,7 @@ def serve_args(cfg: VLLMConfig, setting: VLLMSetting, port: int) -> list[str]:
 def vllm_offline(cfg: VLLMConfig, setting: VLLMSetting, workloads: dict[str, list], out: Path) -> dict:
     """One vLLM engine (one start-up) runs every workload in turn; see experiments/vllm_offline.py."""
     job = {"model": cfg.model_dir, "engine_args": engine_args(cfg, setting),
-           "runs": {name: {"warmup": [[r.prompt, r.max_new_tokens] for r in hfb.warmup_requests(reqs)],
+           "runs": {name: {"warmup": [[r.prompt, r.max_new_tokens] for r in warmup_requests(reqs)],
                            "requests": [[r.prompt, r.max_new_tokens] for r in reqs]}
                     for name, reqs in workloads.items()}}
     job_path, result_path, log_path = out / "job.json", out / "result.json", out / "vllm.log"
@@ -405,54 +344,8 @@ def vllm_offline(cfg: VLLMConfig, setting: VLLMSetting, workloads: dict[str, lis
     return json.loads(result_path.read_text())
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# servers over HTTP, driven by run.py target=http
-# ---------------------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float, log_path: Path) -> float:
-    import httpx
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout_s:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before it was ready; its log: {log_path}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return time.perf_counter() - start
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"server not healthy after {timeout_s:.0f} s; its log: {log_path}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 HTTP_KEYS = ("num_completed", "num_requests", "total_token_throughput", "output_token_throughput", "ttft_s_p50",
              "ttft_s_p99", "itl_s_p50", "itl_s_p99", "e2e_s_p50")
-
-
-def drive_http(url: str, workload: str, overrides: list[str], out: Path) -> dict:
-    """python run.py target=http on the server at `url`; returns its metrics.json (the keys of HTTP_KEYS)."""
-    cmd = [sys.executable, str(ROOT / "run.py"), "target=http", f"target.url={url}", f"workload={workload}",
-           "progress=false", f"hydra.run.dir={out}", *overrides]
-    with open(out.parent / f"{out.name}.client.log", "w") as logf:
-        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=logf,
-                              stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"run.py target=http failed ({' '.join(cmd)}); see {out.parent / (out.name + '.client.log')}")
-    metrics = json.loads((out / "metrics.json").read_text())
-    return {k: metrics.get(k) for k in HTTP_KEYS} | {"command": " ".join(cmd[1:])}
 
 
 def http_rows(cfg: BenchConfig, out: Path) -> list[dict]:
@@ -466,58 +359,41 @@ def http_rows(cfg: BenchConfig, out: Path) -> list[dict]:
     for name, make in servers.items():
         port = free_port()
         cmd, env = make(port)
-        log_path = out / f"server-{name}.log"
         log(f"http: starting {name} server: {' '.join(cmd)}")
-        with open(log_path, "w") as logf:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        proc, ready = start_server(cmd, url, out / f"server-{name}.log", cfg.vllm.startup_timeout_s, env)
         try:
-            ready = wait_healthy(proc, f"http://127.0.0.1:{port}", cfg.vllm.startup_timeout_s, log_path)
             for workload in cfg.http.workloads:
                 log(f"http: {name} server, run.py target=http workload={workload}")
-                load = loadavg()
-                m = drive_http(f"http://127.0.0.1:{port}", workload, cfg.http.overrides,
-                               out / f"http-{name}-{workload}")
+                load = load_average()
+                m = run_py(["target=http", f"target.url={url}", f"workload={workload}", *cfg.http.overrides],
+                           out / f"http-{name}-{workload}")
                 rows.append({"server": name, "workload": workload, "startup_s": ready, "loadavg_before": load,
-                             "loadavg_after": loadavg(), **m})
+                             "loadavg_after": load_average(), **{k: m.get(k) for k in HTTP_KEYS},
+                             "command": m["command"]})
         finally:
             stop(proc)
     return rows
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# the benchmark
-# ---------------------------------------------------------------------------------------------------------------
-def log(msg: str) -> None:
-    print(f"[bench_vs_vllm {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def bench_workload(name: str, cfg: BenchConfig, reqs, hf, tok, fg_model, vllm_runs: dict[str, dict]) -> dict:
     """Every system on one workload; `vllm_runs` holds the vLLM results of this workload, per setting."""
-    warm = hfb.warmup_requests(reqs)
+    warm = warmup_requests(reqs)
     rows: list[dict] = []
     outputs: dict[str, list[list[int]]] = {}
     result: dict[str, Any] = {"rows": rows}
     bs1_n = min(cfg.hf_generate.bs1_max_requests, len(reqs))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-
     if "hf-generate" in cfg.systems:
-        hfb.hf_generate(hf, warm, 1, pad)
-        for bs in cfg.hf_generate.batch_sizes:
-            subset = reqs[:bs1_n] if bs == 1 else reqs
-            log(f"{name}: hf-generate bs={bs} on {len(subset)} requests (load {loadavg()})")
-            wall, outs = hfb.hf_generate(hf, subset, bs, pad)
-            note = f"subset: first {len(subset)} of {len(reqs)} requests" if len(subset) < len(reqs) else ""
-            rows.append(hfb.row("hf-generate", f"bs={bs}", cfg.dtype, subset, wall, outs, note=note))
-            outputs[f"hf-generate bs={bs}"] = outs
+        rows += hf_generate_rows(name, cfg, hf, tok, reqs, warm, outputs)
 
     if "fastgen" in cfg.systems:
         for sched in cfg.fastgen.schedulers:
-            log(f"{name}: fastgen {sched} (load {loadavg()})")
+            log(f"{name}: fastgen {sched} (load {load_average()})")
             shapes = StepShapes()
-            fg = hfb.build_fastgen(fg_model, tok, sched, cfg.dtype, cfg.fastgen.overrides, instrument=shapes)
-            wall, outs, steps, overhead = hfb.fastgen_timed(fg, reqs, warm)
+            fg = build_fastgen(fg_model, tok, sched, cfg.dtype, cfg.fastgen.overrides, instrument=shapes)
+            wall, outs, steps, overhead = fastgen_timed(fg, reqs, warm)
             records = [(q, ctx, s["forward_s"]) for (q, ctx), s in zip(shapes.shapes[-len(steps):], steps)]
-            rows.append(hfb.row("fastgen", sched, cfg.dtype, reqs, wall, outs, overhead=overhead, note=""))
+            rows.append(row("fastgen", sched, cfg.dtype, reqs, wall, outs, overhead=overhead, note=""))
             rows[-1]["_steps"] = (records, [s["duration_s"] for s in steps])   # held to the roofline at the end
             rows[-1]["step_split_s"] = {k: sum(s[k] for s in steps)
                                         for k in ("schedule_s", "prepare_s", "forward_s", "sample_s", "duration_s")}
@@ -526,9 +402,9 @@ def bench_workload(name: str, cfg: BenchConfig, reqs, hf, tok, fg_model, vllm_ru
 
     for setting, res in vllm_runs.items():
         run = res["runs"][name]
-        rows.append(hfb.row("vllm", setting, cfg.dtype, reqs, run["wall_s"], run["outputs"],
-                            note=f"start-up {res['startup_s']:.0f} s", vllm=res["vllm"],
-                            engine_args=res["engine_args"], loadavg=res["loadavg"]))
+        rows.append(row("vllm", setting, cfg.dtype, reqs, run["wall_s"], run["outputs"],
+                        note=f"start-up {res['startup_s']:.0f} s", vllm=res["vllm"],
+                        engine_args=res["engine_args"], loadavg=res["loadavg"]))
         outputs[f"vllm {setting}"] = run["outputs"]
 
     ratios(rows)
@@ -554,19 +430,19 @@ def agreements(outputs: dict[str, list[list[int]]], bs1_n: int) -> dict:
         ref = outputs.get(ref_name)
         if ref is None:
             continue
-        out[f"vs {ref_name}"] = {k: hfb.agreement(ref[:min(len(ref), len(v))], v[:min(len(ref), len(v))])
+        out[f"vs {ref_name}"] = {k: agreement(ref[:min(len(ref), len(v))], v[:min(len(ref), len(v))])
                                  for k, v in outputs.items() if k != ref_name}
     return out
 
 
-def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike) -> dict:
-    out = hfb.start_run(cfg, out_dir, apply_quick, validate)
+def run_bench(cfg: BenchConfig, out_dir: str | Path) -> dict:
+    out = start_run(cfg, out_dir, apply_quick, validate)
     if "vllm" in cfg.systems:
         ensure_venv(cfg.vllm)
-    results: dict[str, Any] = {"config": OmegaConf.to_container(OmegaConf.structured(cfg)), "machine": machine(cfg),
-                               "workloads": {}}
+    machine = Machine.at_start()
+    results: dict[str, Any] = {"config": OmegaConf.to_container(OmegaConf.structured(cfg)), "workloads": {}}
     log(f"loading {cfg.model} (transformers and fastgen, float32)")
-    hf, tok = hfb.load_hf(cfg.model, cfg.dtype)
+    hf, tok = load_hf(cfg.model, cfg.dtype)
     if "vllm" in cfg.systems or "http" in cfg.systems:
         export_hf_dir(cfg.model, Path(cfg.vllm.model_dir))
     fg_model = load_model(hf, dtype=cfg.dtype, tokenizer=tok)[0]
@@ -574,29 +450,27 @@ def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike) -> dict:
     r = cfg.roofline
     start_ceilings = ceilings_now(spec, r, "start")
 
-    requests = {name: hfb.make_requests(cfg.workloads[name], hf.config.vocab_size, tok) for name in cfg.run}
+    requests = {name: make_requests(cfg.workloads[name], hf.config.vocab_size, tok) for name in cfg.run}
     vllm_results: dict[str, dict] = {}
     if "vllm" in cfg.systems:
         for setting in cfg.vllm.settings:
-            log(f"vllm {setting.name}: offline LLM.generate on {', '.join(cfg.run)} (load {loadavg()})")
+            log(f"vllm {setting.name}: offline LLM.generate on {', '.join(cfg.run)} (load {load_average()})")
             d = out / f"vllm-{setting.name}"
             d.mkdir(parents=True, exist_ok=True)
-            load = loadavg()
+            load = load_average()
             vllm_results[setting.name] = vllm_offline(cfg.vllm, setting, requests, d) | \
-                {"loadavg": [load, loadavg()]}
+                {"loadavg": [load, load_average()]}
     for name, reqs in requests.items():
-        w = bench_workload(name, cfg, reqs, hf, tok, fg_model, vllm_results)
-        w["summary"] = {"num_requests": len(reqs), "prompt_mean": statistics.fmean(len(q.prompt) for q in reqs),
-                        "output_mean": statistics.fmean(q.max_new_tokens for q in reqs)}
-        results["workloads"][name] = w
+        results["workloads"][name] = bench_workload(name, cfg, reqs, hf, tok, fg_model, vllm_results) | \
+            {"summary": summary(reqs)}
 
     if "fastgen" in cfg.systems:
         log(f"limit probes: a {r.decode_context}-token-context decode step at batch sizes up to "
-            f"{max(r.decode_batches)} and a budget-sized prompt pass (load {loadavg()})")
-        limit = hfb.measure_limit(fg_model, tok, cfg.dtype, cfg.fastgen.overrides,
-                                  hfb.LimitConfig(repeats=r.limit_repeats, decode_repeats=r.limit_repeats),
-                                  r.decode_context, max(r.decode_batches), hf.config.vocab_size)
-        results["limit"] = limit | {"loadavg": loadavg()}
+            f"{max(r.decode_batches)} and a budget-sized prompt pass (load {load_average()})")
+        limit = measure_limit(fg_model, tok, cfg.dtype, cfg.fastgen.overrides,
+                              LimitConfig(repeats=r.limit_repeats, decode_repeats=r.limit_repeats),
+                              r.decode_context, max(r.decode_batches), hf.config.vocab_size)
+        results["limit"] = limit | {"loadavg": load_average()}
     if "http" in cfg.systems:
         results["http"] = http_rows(cfg, out)
     ceilings = best_ceilings(start_ceilings, ceilings_now(spec, r, "end"))
@@ -607,14 +481,11 @@ def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike) -> dict:
                 row["roofline"] = roofline_summary(*row.pop("_steps"), spec, ceilings)
     if "limit" in results:
         results["probes"] = probe_rooflines(results.pop("limit"), spec, ceilings)
-    results["machine"]["loadavg_end"] = loadavg()
+    results["machine"] = machine_record(machine)
     results["targets"] = targets(results)
-    return hfb.write_results(out, results, markdown(results))
+    return write_results(out, results, markdown(results))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# targets and report
-# ---------------------------------------------------------------------------------------------------------------
 def _row(w: dict, system: str, setting: str | None = None) -> Optional[dict]:
     return next((r for r in w["rows"] if r["system"] == system and (setting is None or r["setting"] == setting)),
                 None)
@@ -660,17 +531,11 @@ def targets(results: dict) -> list[dict]:
     return out
 
 
-def fmt(x, spec=".2f") -> str:
-    return "" if x is None else format(x, spec)
-
-
 def markdown(results: dict) -> str:
     from fastgen.analysis import markdown_table
     m, c = results["machine"], results["ceilings"]
     lines = [f"# fastgen vs vLLM CPU vs transformers ({results['config']['model']}, float32)", "",
-             f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, flags {' '.join(m['cpu_flags'])}; torch {m['torch']} "
-             f"({m['torch_threads']} threads), transformers {m['transformers']}. Load average at start "
-             f"{m['loadavg_start']}, at end {m.get('loadavg_end')}.", "",
+             machine_line(m), "",
              f"**Ceilings** (best of the start and the end of the run, loads "
              f"{[x['loadavg'][0] for x in c['meta']['measurements']]}): float32 GEMM {c['gemm_flops'] / 1e9:.1f} "
              f"GFLOP/s (square {c['meta']['gemm_n']}^3: {c['meta']['square_gemm_flops'] / 1e9:.1f}; the model's "
@@ -736,7 +601,7 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    hfb.hydra_main("bench_vs_vllm", register_configs, run_bench)
+    hydra_main("bench_vs_vllm", BenchConfig, run_bench)
 
 
 if __name__ == "__main__":

@@ -106,20 +106,14 @@ def timed_forward(model, batch, cache, T: Timer, paged: bool):
     return logits
 
 
-def decode_arguments(description: str) -> argparse.ArgumentParser:
-    """The decode probe's knobs (batch sizes, context, repeats, threads, clock), shared with the prototypes."""
-    ap = argparse.ArgumentParser(description=description)
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--context", type=int, default=340)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--timer", choices=["wall", "cpu"], default="wall",
                     help="cpu: the thread's CPU time (use with --threads 1 on a loaded machine)")
-    return ap
-
-
-def main():
-    ap = decode_arguments(__doc__.splitlines()[0])
     ap.add_argument("--torch-profile", action="store_true")
     ap.add_argument("--linear", choices=LINEARS, default="auto", help="the linear layers' GEMM (hardware.linear)")
     ap.add_argument("--kernels", choices=("auto", "torch", "cpu"), default="auto",

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,33 +25,20 @@ import time
 from pathlib import Path
 
 import httpx
+from peers import ROOT, free_port, start_server, stop
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))          # run from a checkout without installing fastgen
-
-from fastgen.sampling import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS  # noqa: E402
+from fastgen.sampling import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 
 KEY = "neighbour-gap"
 PHASES = ("alone", "ordinary", "attacked")
 
 
 def start(model: str) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "fastgen.serve", f"model.source={model}", f"port={port}"],
-                              env={**os.environ, "FASTGEN_API_KEY": KEY, "PYTHONPATH": str(ROOT)},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                return server, url
-        except httpx.HTTPError:
-            time.sleep(1)
-    server.kill()
-    raise RuntimeError("the server did not start")
+    url = f"http://127.0.0.1:{free_port()}"
+    server, _ = start_server([sys.executable, "-m", "fastgen.serve", f"model.source={model}",
+                              f"port={url.rsplit(':', 1)[1]}"], url, None,
+                             env={**os.environ, "FASTGEN_API_KEY": KEY, "PYTHONPATH": str(ROOT)})
+    return server, url
 
 
 async def neighbour(client: httpx.AsyncClient, model: str, tokens: int, started: asyncio.Event) -> list[float]:
@@ -115,8 +101,7 @@ def main() -> None:
             for phase in PHASES:
                 rounds[phase].append(asyncio.run(one_round(url, args.model, args.tokens, phase)))
     finally:
-        server.terminate()
-        server.wait(60)
+        stop(server, 60)
     worst = {p: statistics.median(r["worst_gap_s"] for r in rs) for p, rs in rounds.items()}
     median = {p: statistics.median(r["median_gap_s"] for r in rs) for p, rs in rounds.items()}
     result = {"model": args.model, "rounds": rounds, "median_worst_gap_s": worst, "median_gap_s": median,

@@ -1,7 +1,6 @@
 """experiments/bench_vs_vllm.py: its config composes, its vLLM settings map onto vLLM's arguments and flags, the
 per-step roofline summary and the targets are computed right (default run, no vLLM needed); and a quick end-to-end
 run against vLLM's CPU backend in its venv (slow; skipped when the venv is missing)."""
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -17,11 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_vs_vllm", ROOT / "experiments" / "bench_vs_vllm.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, str(ROOT / "experiments"))    # the scripts import experiments/peers.py by name
+    import bench_vs_vllm
+    return bench_vs_vllm
 
 
 def test_config_composes_and_quick_shrinks_it(bench):

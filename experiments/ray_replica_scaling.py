@@ -1,31 +1,27 @@
-"""Replica scaling, measured over HTTP beside the simulator's prediction.
+"""Replica scaling on Ray Serve (SmolLM2 on this machine), measured over HTTP beside the simulator's prediction
+(the paper's figure, simulated at Llama-2 70B scale, is experiments/paper/replica_scaling.py).
 
 For each N: `python -m fastgen.serve replicas=N router=round_robin hardware.threads=1` (N=1: the single-process
 server, no Ray), then `run.py target=http` against it (the same closed-loop workload for every N), then SIGTERM.
 The simulated column is `run.py executor=simulated replicas=N` (fastgen.driver.cluster, the same router) on the same
-workload. Writes experiments/results/replica_scaling/{results.md,results.json,replica_scaling.png}.
+workload. Writes experiments/results/ray_replica_scaling/{results.md,results.json,replica_scaling.png}.
 
-    python experiments/replica_scaling.py [--replicas 1 2 4] [--requests 32] [--clients 8]
+    python experiments/ray_replica_scaling.py [--replicas 1 2 4] [--requests 32] [--clients 8]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
+from peers import ROOT, run_py, start_server, stop
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from fastgen.machine import available_cpus, cpu_model
 
-from fastgen.machine import available_cpus, cpu_model  # noqa: E402
-
-OUT = ROOT / "experiments" / "results" / "replica_scaling"
+OUT = ROOT / "experiments" / "results" / "ray_replica_scaling"
 
 
 def uptime() -> str:
@@ -35,23 +31,7 @@ def uptime() -> str:
 def serve(n: int, port: int, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "fastgen.serve", f"replicas={n}", "router=round_robin", "hardware.threads=1",
            f"port={port}", "shutdown_grace_s=5", "max_connections=4096"]
-    server = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"the server exited; see {log}"
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"replicas={n} did not start; see {log}")
-
-
-def bench(overrides: list[str], out_dir: Path) -> dict:
-    subprocess.run([sys.executable, "run.py", "progress=false", f"hydra.run.dir={out_dir}", *overrides], cwd=ROOT,
-                   check=True, capture_output=True)
-    return json.loads((out_dir / "metrics.json").read_text())
+    return start_server(cmd, f"http://127.0.0.1:{port}", log)[0]
 
 
 def row(m: dict) -> dict:
@@ -75,15 +55,14 @@ def main() -> None:
             before = uptime()
             server = serve(n, args.port, OUT / f"server_{n}.log")
             try:
-                m = bench(["target=http", f"target.url=http://127.0.0.1:{args.port}", *workload],
-                          Path(tmp) / f"http_{n}")
+                m = run_py(["target=http", f"target.url=http://127.0.0.1:{args.port}", *workload],
+                           Path(tmp) / f"http_{n}")
             finally:
-                server.send_signal(signal.SIGTERM)
-                server.wait(120)
+                stop(server, 120)
             results["measured"][n] = row(m) | {"uptime_before": before, "uptime_after": uptime()}
             print(n, results["measured"][n], flush=True)
-            results["simulated"][n] = row(bench(["executor=simulated", f"replicas={n}", "router=round_robin",
-                                                 *workload], Path(tmp) / f"sim_{n}"))
+            results["simulated"][n] = row(run_py(["executor=simulated", f"replicas={n}", "router=round_robin",
+                                                  *workload], Path(tmp) / f"sim_{n}"))
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
     lines = [f"Replica scaling, SmolLM2-135M, {results['machine']}, one torch thread per replica, closed loop "
              f"({' '.join(workload)}), router=round_robin. Measured: `run.py target=http` against "
