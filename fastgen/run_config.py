@@ -85,4 +85,16 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
     schema = hydra_schema(RunConfig)
     schema.router = RouterConfig()       # typed by the base, so any router's own config merges in
-    ConfigStore.instance().store(name="run_schema", node=schema)
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=schema)
+    register_sla_options(store)
+
+
+def register_sla_options(store) -> None:
+    """The `sla` choices (no files): `hardware`, the SLA that fits the machine (hardware.sla, stated in its
+    conf/hardware/<name>.yaml), and `paper`, the paper's chat SLA on any machine (SLAConfig's defaults)."""
+    from omegaconf import DictConfig, OmegaConf
+    machine = OmegaConf.create()
+    machine["sla"] = DictConfig("${hardware.sla}", ref_type=SLAConfig)   # typed, so it merges into RunConfig.sla
+    store.store(group="sla", name="hardware", node=machine, package="_global_")
+    store.store(group="sla", name="paper", node=SLAConfig(), package="sla")

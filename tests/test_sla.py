@@ -27,9 +27,9 @@ def test_the_sla_follows_the_hardware():
 
 
 def test_the_shipped_cpu_sla_is_derived_from_measured_speeds_not_tuned():
-    """conf/sla/cpu.yaml is `scale` of the measurements it records; the reference speeds are the simulator's for
-    the paper's deployment; this CPU's are the calibrated profile's, which lie between the step times calibration
-    measured around the SLA's shapes."""
+    """conf/hardware/cpu.yaml's `sla` is `scale` of the measurements it records; the reference speeds are the
+    simulator's for the paper's deployment; this CPU's are the calibrated profile's, which lie between the step times
+    calibration measured around the SLA's shapes."""
     shipped = compose_config([]).sla
     d = dict(shipped.derived_from)
     assert scale(SLAConfig(), "cpu", **d) == shipped
@@ -40,7 +40,7 @@ def test_the_shipped_cpu_sla_is_derived_from_measured_speeds_not_tuned():
     here = simulated_speeds(cpu, int(d["prompt_tokens"]), int(d["decode_context"]))
     assert d["prefill_tokens_per_s"] == pytest.approx(here.prefill_tokens_per_s, rel=1e-9)
     assert d["decode_step_s"] == pytest.approx(here.decode_step_s, rel=1e-9)
-    measured = Profile.load(cpu.executor.device.profile).meta["points"]
+    measured = Profile.load(cpu.hardware.sim.profile).meta["points"]
     single = [p for p in measured if len(p["query_lens"]) == 1 and 128 <= p["context_lens"][0] <= 512]
     prefill_rates = [p["query_lens"][0] / p["measured_s"] for p in single if p["query_lens"] == p["context_lens"]]
     decodes = [p["measured_s"] for p in single if p["query_lens"] == [1]]
