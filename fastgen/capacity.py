@@ -228,7 +228,7 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
     schema = hydra_schema(CapacityRunConfig)
     schema.router = RouterConfig()
-    ConfigStore.instance().store(name="capacity_schema", node=schema)
+    ConfigStore.instance().store(group="schema", name="capacity", node=schema, package="_global_")
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="capacity", version_base=None)

@@ -81,12 +81,13 @@ class RunConfig(EngineConfig):
 
 
 def register_configs() -> None:
-    """Registers the schema with Hydra, so conf/config.yaml is validated against RunConfig."""
+    """Registers the schema with Hydra, so conf/config.yaml is validated against RunConfig (a `schema` choice, so
+    a config extending conf/config.yaml can swap in a subclass: conf/capacity.yaml's `override schema: capacity`)."""
     from hydra.core.config_store import ConfigStore
     schema = hydra_schema(RunConfig)
     schema.router = RouterConfig()       # typed by the base, so any router's own config merges in
     store = ConfigStore.instance()
-    store.store(name="run_schema", node=schema)
+    store.store(group="schema", name="run", node=schema, package="_global_")   # conf/config.yaml's `schema: run`
     register_sla_options(store)
 
 
