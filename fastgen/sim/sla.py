@@ -133,10 +133,10 @@ def write_into(path: Path, block: str) -> None:
     end = start + 1
     while end < len(lines) and lines[end][:1] in (" ", "\t", "\n"):
         end += 1
-    while start < len(lines) and lines[start].startswith("sla:") and start > 0 and lines[start - 1].startswith("#"):
-        lines[start - 1:start + 1] = [lines[start]]  # the comment above it goes with it
-        start, end = start - 1, end - 1
-    if start == len(lines) and lines and not lines[-1].endswith("\n"):
+    if start < len(lines) and lines[start].startswith("sla:"):
+        while start > 0 and lines[start - 1].startswith("#"):      # the comment above it goes with it
+            start -= 1
+    elif start == len(lines) and lines and not lines[-1].endswith("\n"):
         lines[-1] += "\n"
     path.write_text("".join(lines[:start]) + block + "".join(lines[end:]))
 
