@@ -73,3 +73,30 @@ def test_default_run_has_nonzero_effective_throughput_at_the_default_sla(tmp_pat
     assert metrics["config"]["sla"]["name"] == "cpu"
     effective = {k: v for k, v in metrics.items() if k.startswith("effective_throughput_g")}
     assert len(effective) == 3 and max(effective.values()) > 0, (effective, metrics["machine"])
+
+
+def test_one_file_per_machine_states_its_datasheet_and_sla(tmp_path):
+    """conf/hardware/<name>.yaml holds the real device, the simulated datasheet (hardware.sim) and the SLA
+    (hardware.sla, which run.py's sla follows); fastgen.sim.sla --write replaces only that file's `sla:`."""
+    from fastgen.sim.sla import to_yaml, write_into
+    conf = ROOT / "conf"
+    assert not (conf / "sla").exists() and not (conf / "device").exists()
+    a100 = compose_config(["hardware=a100-80gb", "executor=simulated"])
+    assert (a100.hardware.sim.peak_tflops, a100.hardware.sim.profile, a100.hardware.sla) == (312.0, "a100-80gb",
+                                                                                             SLAConfig())
+    cpu = compose_config([])
+    assert cpu.sla == cpu.hardware.sla and cpu.hardware.sim.profile == "cpu"
+    assert compose_config(["sla=paper"]).hardware.sla == cpu.sla       # the machine keeps its own
+    with pytest.raises(ValueError, match="conf/hardware/cpu-bf16.yaml"):     # no bf16 datasheet measured yet
+        bf16 = compose_config(["hardware=cpu-bf16", "executor=simulated"]).hardware
+        bf16.sim.validate(bf16)
+    shipped = (conf / "hardware" / "cpu.yaml").read_text()
+    comment = shipped[shipped.index("# The paper"):shipped.index("\nsla:")]
+    body = to_yaml(cpu.sla, "")
+    block = comment + "\nsla:\n" + "".join(f"  {line}\n" for line in body.splitlines())
+    for name in ("cpu", "a100-80gb"):
+        (tmp_path / f"{name}.yaml").write_text((conf / "hardware" / f"{name}.yaml").read_text())
+        write_into(tmp_path / f"{name}.yaml", block)
+    assert (tmp_path / "cpu.yaml").read_text() == shipped
+    gpu = (tmp_path / "a100-80gb.yaml").read_text()
+    assert gpu.count("sla:") == 1 and gpu.endswith(block) and "profile: a100-80gb" in gpu
