@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> str:
                 model, tokenizer = load_model(cfg.model.source, cfg.hardware.dtype, cfg.hardware.device)
             real = run_case([*case, "executor=real"], real_dir, args.reuse, model, tokenizer,
                             CPUClock() if args.timer == "cpu" else None)
-            profile = [f"executor.device.profile={args.profile}"] if args.profile else []
+            profile = [f"hardware.sim.profile={args.profile}"] if args.profile else []
             sim = run_case([*case, "executor=simulated", *profile], args.out / "runs" / "sim" / name, False, model)
             rows.append((scheduler, workload, real, sim))
     text = table(rows)

@@ -148,7 +148,8 @@ def series(runs: Sequence[Mapping]) -> dict[str, list[Mapping]]:
     settings that tell the lines apart (the scheduler's name first)."""
     groups: dict[tuple, list[Mapping]] = defaultdict(list)
     for m in runs:
-        key = tuple(sorted((k, v) for k, v in flatten(m["config"]).items() if k not in NOT_A_SERIES))
+        key = tuple(sorted((k, v) for k, v in flatten(m["config"]).items()
+                           if k not in NOT_A_SERIES and not k.startswith("hardware.sla.")))   # the run's: `sla`
         groups[key].append(m)
     flats = [dict(k) for k in groups]
     varying = sorted({k for f in flats for k in f if len({g.get(k) for g in flats}) > 1})

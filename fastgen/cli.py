@@ -37,14 +37,17 @@ def run_hydra(main: Callable[[], None], config_name: str = "config") -> None:
 
 
 def _defaults(config_name: str) -> dict[str, str]:
-    """Each config group's default option in conf/<config_name>.yaml (plain `group: option` entries; any group's
-    chosen YAML may name a plugin `module`, so a new kind of part needs nothing here)."""
+    """Each config group's default option in conf/<config_name>.yaml (plain `group: option` and `override group:
+    option` entries, over those of a config it extends, e.g. conf/capacity.yaml's `config`; any group's chosen
+    YAML may name a plugin `module`, so a new kind of part needs nothing here)."""
     chosen = {}
     config = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{config_name}.yaml"), resolve=False)
     for entry in config.get("defaults", []):
-        if isinstance(entry, dict):
-            chosen.update((group, str(option)) for group, option in entry.items()
-                          if group.isidentifier() and "${" not in str(option))
+        if isinstance(entry, str) and (CONF_DIR / f"{entry}.yaml").is_file():
+            chosen.update(_defaults(entry))
+        elif isinstance(entry, dict):
+            chosen.update((group.removeprefix("override "), str(option)) for group, option in entry.items()
+                          if group.removeprefix("override ").isidentifier() and "${" not in str(option))
     return chosen
 
 

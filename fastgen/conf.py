@@ -10,16 +10,19 @@ from pathlib import Path
 from typing import Sequence
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from fastgen.config import ExecutorConfig, KVConfig, SchedulerConfig
+from fastgen.metrics import SLAConfig
 from fastgen.plugins import REGISTRIES
 from fastgen.routers import RouterConfig
 from fastgen.run_config import CapacityRunConfig, RunConfig
 from fastgen.serve.config import ServeConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-SCHEMAS = {"run_schema": RunConfig, "serve_schema": ServeConfig, "capacity_schema": CapacityRunConfig}
+# conf/config.yaml's `schema: run` (a choice, so conf/capacity.yaml, which extends it, can swap in its subclass with
+# `override schema: capacity`), and conf/serve.yaml's serve_schema.
+SCHEMAS = {("schema", "run"): RunConfig, ("schema", "capacity"): CapacityRunConfig, (None, "serve_schema"): ServeConfig}
 
 
 def hydra_schema(config_class: type):
@@ -31,12 +34,19 @@ def hydra_schema(config_class: type):
 
 
 def register_all() -> None:
-    """Registers every built-in part's typed config and the top-level schemas (conf/config.yaml, serve.yaml and
-    capacity.yaml name them) with Hydra's ConfigStore."""
+    """Registers every built-in part's typed config, the top-level schemas and the `sla` choices with Hydra's
+    ConfigStore."""
+    store = ConfigStore.instance()
     for registry in REGISTRIES.values():
         registry().discover()
-    for name, config_class in SCHEMAS.items():
-        ConfigStore.instance().store(name=name, node=hydra_schema(config_class))
+    for (group, name), config_class in SCHEMAS.items():
+        store.store(group=group, name=name, node=hydra_schema(config_class), package="_global_" if group else None)
+    # the `sla` choices (no files): `hardware`, the SLA that fits the machine (hardware.sla, stated in its
+    # conf/hardware/<name>.yaml), and `paper`, the paper's chat SLA on any machine (SLAConfig's defaults)
+    machine = OmegaConf.create()
+    machine["sla"] = DictConfig("${hardware.sla}", ref_type=SLAConfig)   # typed, so it merges into RunConfig.sla
+    store.store(group="sla", name="hardware", node=machine, package="_global_")
+    store.store(group="sla", name="paper", node=SLAConfig(), package="sla")
 
 
 def compose_config(overrides: Sequence[str] = (), config_name: str = "config"):

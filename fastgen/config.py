@@ -3,16 +3,20 @@ and executor has.
 
 Each scheduler, KV manager and executor has its own config dataclass, declared next to it and subclassing the base
 here; Hydra validates every override against the chosen part's own knobs (fastgen.registry). The engine's whole
-config, with its default parts, is fastgen.compose.EngineConfig; what only a benchmark or a server needs
-(workload, SLA, logger, target, HTTP limits) lives in their own configs (fastgen.run_config, fastgen.serve.config),
-so importing the engine never imports the workload generator.
+config, with its default parts, is fastgen.compose.EngineConfig. What only a benchmark
+or a server needs (workload, logger, target, HTTP limits) lives in their own configs (fastgen.run_config,
+fastgen.serve.config), so importing the engine never imports the workload generator. A machine (HardwareConfig,
+one conf/hardware/<name>.yaml each) carries its real settings, the datasheet executor=simulated reads
+(DeviceSheet) and the chat SLA that fits it (fastgen.metrics.SLAConfig; run.py judges by it unless sla=paper).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
 from omegaconf import MISSING
+
+from fastgen.metrics import SLAConfig
 
 
 @dataclass
@@ -27,8 +31,35 @@ class ModelConfig:
 
 
 @dataclass
+class DeviceSheet:
+    """A device's datasheet, as far as the simulator's cost model needs it (per device; TP over N such devices), and
+    the profile of efficiencies fitted on it (fastgen/sim/profiles/<profile>.json; None: typical GPU values)."""
+
+    memory_gb: Optional[float] = None          # device memory; the simulated KV pool is what weights leave of it
+    peak_tflops: Optional[float] = None        # dense matmul peak at hardware.dtype
+    memory_bandwidth_gbs: Optional[float] = None
+    link_bandwidth_gbs: float = 0.0            # per-device all-reduce bus bandwidth between devices (NVLink)
+    link_latency_us: float = 0.0               # latency of one all-reduce step
+    profile: Optional[str] = None
+
+    def validate(self, hardware: HardwareConfig, profile=None) -> None:
+        """`profile`: the loaded fastgen.sim.cost_model.Profile, if any."""
+        missing = [k for k in ("memory_gb", "peak_tflops", "memory_bandwidth_gbs") if not (getattr(self, k) or 0) > 0]
+        if missing:
+            raise ValueError(f"executor=simulated needs the device's datasheet, but hardware.sim.{missing[0]} is "
+                             f"not set: add a `sim:` datasheet to conf/hardware/{hardware.name or '<name>'}.yaml, "
+                             f"or set hardware.sim.{{{','.join(missing)}}}")
+        measured = profile is not None and profile.allreduce_bandwidth_gbs is not None
+        if hardware.tensor_parallel > 1 and not (self.link_bandwidth_gbs > 0 or measured):
+            raise ValueError("hardware.tensor_parallel > 1 needs hardware.sim.link_bandwidth_gbs > 0, or a profile "
+                             "with a measured all-reduce (python -m fastgen.sim.calibrate executor=tp ...)")
+
+
+@dataclass
 class HardwareConfig:
-    """The device the real executor runs on (executor=simulated only reads dtype and tensor_parallel)."""
+    """One machine (conf/hardware/<name>.yaml): the device the real executor runs on; the datasheet the simulated
+    executor pretends to be (`sim`; executor=simulated reads it, dtype and tensor_parallel); the chat SLA that fits
+    this machine (`sla`; the paper's unless the file says otherwise), which run.py's `sla` defaults to."""
 
     name: Optional[str] = None           # the conf/hardware option it came from (summaries, figure titles)
     device: str = "cpu"
@@ -39,6 +70,8 @@ class HardwareConfig:
     linear: str = "auto"                 # linear layers' GEMM: plain (F.linear) | onednn (weights reordered once,
                                          # float32 CPU) | auto (onednn for decode-sized steps on a float32 CPU)
     tensor_parallel: int = 1             # devices the model is split over
+    sim: DeviceSheet = field(default_factory=DeviceSheet)   # executor=simulated: the device's datasheet
+    sla: SLAConfig = field(default_factory=SLAConfig)       # the SLA that fits it; defaults: the paper's
 
     def validate(self) -> None:
         from fastgen.kernels import BACKENDS

@@ -36,8 +36,8 @@ Metrics = dict[str, Optional[float]]
 
 @dataclass
 class SLAConfig:
-    """The chat SLA of the paper (the defaults), or one scaled to other hardware (conf/sla/, chosen by run.py's
-    `hardware`); OmegaConf-compatible (lists via default_factory)."""
+    """The chat SLA of the paper (the defaults), or one scaled to other hardware (the `sla` of a conf/hardware file,
+    which run.py's `sla` follows unless sla=paper); OmegaConf-compatible (lists via default_factory)."""
 
     name: str = "paper"                  # where the values come from: paper, or the hardware they were derived for
     prompt_tokens_per_s: float = 512.0

@@ -44,3 +44,18 @@ def test_capacity_scales_a_trace_by_its_time_scale_and_refuses_closed_loop():
         capacity_config("workload.arrival=closed_loop", "capacity.slo.tbt_p99_s=1").validate()
     with pytest.raises(ValueError, match="needs an SLO"):
         capacity_config().validate()
+
+
+def test_the_capacity_config_extends_run_pys_and_judges_by_the_papers_sla():
+    """conf/capacity.yaml is conf/config.yaml with the capacity schema, Poisson arrivals and the paper's SLA (so
+    capacity.slo.sla_g=4 is one of its rates on any hardware); sla=hardware picks the machine's."""
+    from fastgen.capacity import CapacityRunConfig
+    from fastgen.cli import _defaults
+    from fastgen.metrics import SLAConfig
+    run, cfg = compose_config([]), compose_config([], config_name="capacity")
+    assert isinstance(cfg, CapacityRunConfig) and cfg.workload.arrival == "poisson" and cfg.sla == SLAConfig()
+    assert (cfg.model, cfg.scheduler, cfg.kv, cfg.hardware, cfg.executor) == \
+        (run.model, run.scheduler, run.kv, run.hardware, run.executor)
+    assert compose_config(["sla=hardware"], config_name="capacity").sla == run.sla
+    assert _defaults("capacity") == {**_defaults("config"), "schema": "capacity", "workload": "poisson",
+                                     "sla": "paper"}

@@ -30,7 +30,7 @@ SMALL = ["workload.num_requests=12", "workload.clients=4", "workload.prompt.mean
 
 def cost(model="llama-2-7b", hardware="a100-80gb", tp=1, profile=None, *overrides) -> CostModel:
     cfg = compose_config([f"hardware={hardware}", f"hardware.tensor_parallel={tp}", "executor=simulated", *overrides])
-    return CostModel(model_spec(model), cfg.executor.device, cfg.hardware.dtype, tp, profile)
+    return CostModel(model_spec(model), cfg.hardware.sim, cfg.hardware.dtype, tp, profile)
 
 
 def decodes(n: int, context: int) -> BatchShape:
@@ -71,7 +71,7 @@ def test_tensor_parallel_splits_work_and_adds_all_reduces():
     batch = BatchShape.of([1] * 16 + [752], [2000] * 16 + [1500])
     assert one.breakdown(batch)["allreduce_s"] == 0 < four.breakdown(batch)["allreduce_s"]
     assert four.step_time(batch) < one.step_time(batch) / 2.5
-    pcie = cost("llama-2-70b", "a100-80gb", 4, None, "executor.device.link_bandwidth_gbs=25")
+    pcie = cost("llama-2-70b", "a100-80gb", 4, None, "hardware.sim.link_bandwidth_gbs=25")
     assert pcie.breakdown(batch)["allreduce_s"] > 5 * four.breakdown(batch)["allreduce_s"]
 
 
@@ -228,7 +228,7 @@ def _fidelity_case(tmp_path):
     case = [*common, "workload.num_requests=8", "workload.clients=2", "workload.prompt.mean=192",
             "workload.prompt.max=400", "workload.output.mean=16", "workload.output.max=40", "kv.num_blocks=64"]
     real = run_benchmark(compose_config(case), tmp_path / "real", clock=CPUClock())
-    sim = run_benchmark(compose_config([*case, "executor=simulated", f"executor.device.profile={tmp_path / 'p.json'}"]),
+    sim = run_benchmark(compose_config([*case, "executor=simulated", f"hardware.sim.profile={tmp_path / 'p.json'}"]),
                         tmp_path / "sim")
     for key in ("request_throughput", "ttft_s_p50", "itl_s_p50"):
         assert sim[key] == pytest.approx(real[key], rel=0.2), key

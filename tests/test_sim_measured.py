@@ -49,7 +49,7 @@ def test_fit_from_the_shipped_rows_reproduces_the_shipped_profile(gpu):
 
 def test_gpu_hardware_configs_use_their_measured_profiles_and_say_what_is_still_modelled():
     for gpu in GPUS:
-        device = compose_config([f"hardware={gpu}", "executor=simulated"]).executor.device
+        device = compose_config([f"hardware={gpu}", "executor=simulated"]).hardware.sim
         assert device.profile == gpu
         meta = Profile.load(gpu).meta
         assert "attention" in meta["modelled"]["prefill_attention_efficiency"]

@@ -27,9 +27,9 @@ def test_the_sla_follows_the_hardware():
 
 
 def test_the_shipped_cpu_sla_is_derived_from_measured_speeds_not_tuned():
-    """conf/sla/cpu.yaml is `scale` of the measurements it records; the reference speeds are the simulator's for
-    the paper's deployment; this CPU's are the calibrated profile's, which lie between the step times calibration
-    measured around the SLA's shapes."""
+    """conf/hardware/cpu.yaml's `sla` is `scale` of the measurements it records; the reference speeds are the
+    simulator's for the paper's deployment; this CPU's are the calibrated profile's, which lie between the step times
+    calibration measured around the SLA's shapes."""
     shipped = compose_config([]).sla
     d = dict(shipped.derived_from)
     assert scale(SLAConfig(), "cpu", **d) == shipped
@@ -40,7 +40,7 @@ def test_the_shipped_cpu_sla_is_derived_from_measured_speeds_not_tuned():
     here = simulated_speeds(cpu, int(d["prompt_tokens"]), int(d["decode_context"]))
     assert d["prefill_tokens_per_s"] == pytest.approx(here.prefill_tokens_per_s, rel=1e-9)
     assert d["decode_step_s"] == pytest.approx(here.decode_step_s, rel=1e-9)
-    measured = Profile.load(cpu.executor.device.profile).meta["points"]
+    measured = Profile.load(cpu.hardware.sim.profile).meta["points"]
     single = [p for p in measured if len(p["query_lens"]) == 1 and 128 <= p["context_lens"][0] <= 512]
     prefill_rates = [p["query_lens"][0] / p["measured_s"] for p in single if p["query_lens"] == p["context_lens"]]
     decodes = [p["measured_s"] for p in single if p["query_lens"] == [1]]
@@ -73,3 +73,30 @@ def test_default_run_has_nonzero_effective_throughput_at_the_default_sla(tmp_pat
     assert metrics["config"]["sla"]["name"] == "cpu"
     effective = {k: v for k, v in metrics.items() if k.startswith("effective_throughput_g")}
     assert len(effective) == 3 and max(effective.values()) > 0, (effective, metrics["machine"])
+
+
+def test_one_file_per_machine_states_its_datasheet_and_sla(tmp_path):
+    """conf/hardware/<name>.yaml holds the real device, the simulated datasheet (hardware.sim) and the SLA
+    (hardware.sla, which run.py's sla follows); fastgen.calibration.sla --write replaces only that file's `sla:`."""
+    from fastgen.calibration.sla import to_yaml, write_into
+    conf = ROOT / "conf"
+    assert not (conf / "sla").exists() and not (conf / "device").exists()
+    a100 = compose_config(["hardware=a100-80gb", "executor=simulated"])
+    assert (a100.hardware.sim.peak_tflops, a100.hardware.sim.profile, a100.hardware.sla) == (312.0, "a100-80gb",
+                                                                                             SLAConfig())
+    cpu = compose_config([])
+    assert cpu.sla == cpu.hardware.sla and cpu.hardware.sim.profile == "cpu"
+    assert compose_config(["sla=paper"]).hardware.sla == cpu.sla       # the machine keeps its own
+    with pytest.raises(ValueError, match="conf/hardware/cpu-bf16.yaml"):     # no bf16 datasheet measured yet
+        bf16 = compose_config(["hardware=cpu-bf16", "executor=simulated"]).hardware
+        bf16.sim.validate(bf16)
+    shipped = (conf / "hardware" / "cpu.yaml").read_text()
+    comment = shipped[shipped.index("# The paper"):shipped.index("\nsla:")]
+    body = to_yaml(cpu.sla, "")
+    block = comment + "\nsla:\n" + "".join(f"  {line}\n" for line in body.splitlines())
+    for name in ("cpu", "a100-80gb"):
+        (tmp_path / f"{name}.yaml").write_text((conf / "hardware" / f"{name}.yaml").read_text())
+        write_into(tmp_path / f"{name}.yaml", block)
+    assert (tmp_path / "cpu.yaml").read_text() == shipped
+    gpu = (tmp_path / "a100-80gb.yaml").read_text()
+    assert gpu.count("sla:") == 1 and gpu.endswith(block) and "profile: a100-80gb" in gpu

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     overheads = {ms: slower_host_profile(args, ms) for ms in extra_ms if ms}
 
     def implied_curve(scheduler: str, ms: int) -> list[Point]:
-        extra = (f"executor.device.profile={overheads[ms]}",) if ms else ()
+        extra = (f"hardware.sim.profile={overheads[ms]}",) if ms else ()
         return [Point(dep, scheduler, *WORKLOADS["1200/128"], c, extra)
                 for c in (clients if args.quick else IMPLIED_CLIENTS)]
 
@@ -175,7 +175,7 @@ def implied_host_ms(known: list[tuple[int, float]], paper: float) -> str:
 
 def base_profile(args) -> Profile:
     cfg = base_config((*LLAMA_70B_4XA100.overrides, "executor=simulated"))
-    return Profile.load(cfg.executor.device.profile)
+    return Profile.load(cfg.hardware.sim.profile)
 
 
 def slower_host_profile(args, extra_ms: int) -> str:

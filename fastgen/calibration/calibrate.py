@@ -74,10 +74,10 @@ def step_chunks(batch: BatchShape, block_size: int) -> list[SeqChunk]:
 
 
 def device_sheet(overrides: list[str]) -> DeviceSheet:
-    """The datasheet executor=simulated reads with these overrides (those choosing or setting the measured
-    executor left out): the ceilings the fit's efficiencies scale."""
-    sheet = [o for o in overrides if not o.startswith("executor") or o.startswith("executor.device.")]
-    return compose_config(["executor=simulated", *sheet]).executor.device
+    """The datasheet executor=simulated reads with these overrides (hardware.sim; those choosing or setting the
+    measured executor left out): the ceilings the fit's efficiencies scale."""
+    sheet = [o for o in overrides if not o.startswith("executor")]
+    return compose_config(["executor=simulated", *sheet]).hardware.sim
 
 
 def measure(executor: Executor, batch: BatchShape, repeats: int, timer=time.perf_counter) -> float:

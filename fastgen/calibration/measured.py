@@ -144,14 +144,14 @@ def allreduce_series(gpu: str) -> list[tuple[list[AllReduceRow], np.ndarray]]:
 # -- cost models of the measured deployments ---------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _hardware(gpu: str):
-    """(the datasheet in conf/device/simulated_<gpu>.yaml, the hardware config's dtype)."""
+    """(the datasheet in conf/hardware/<gpu>.yaml, the hardware config's dtype)."""
     from fastgen.conf import compose_config
-    cfg = compose_config([f"hardware={gpu}", "executor=simulated", "executor.device.profile=null"])
-    return cfg.executor.device, cfg.hardware.dtype
+    cfg = compose_config([f"hardware={gpu}", "executor=simulated", "hardware.sim.profile=null"])
+    return cfg.hardware.sim, cfg.hardware.dtype
 
 
 def cost_model(gpu: str, model: str, tensor_parallel: int, profile: Profile | None = None) -> CostModel:
-    """fastgen's cost model of `model` on `tensor_parallel` x `gpu` (its datasheet, conf/device/simulated_<gpu>)."""
+    """fastgen's cost model of `model` on `tensor_parallel` x `gpu` (its datasheet, conf/hardware/<gpu>.yaml)."""
     device, dtype = _hardware(gpu)
     return CostModel(model_spec(model), device, dtype, tensor_parallel, profile or Profile())
 

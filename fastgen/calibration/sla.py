@@ -18,8 +18,8 @@ rounded to two significant digits; the measurements are kept in the SLA's `deriv
 it exactly.
 
     python -m fastgen.calibration.sla                                   # this CPU, the default model and workload
-    python -m fastgen.calibration.sla --write conf/sla/cpu.yaml         # ... and write run.py's SLA for hardware=cpu
-    python -m fastgen.calibration.sla --speeds profile --write conf/sla/cpu.yaml   # speeds from the calibrated profile
+    python -m fastgen.calibration.sla --write conf/hardware/cpu.yaml    # ... into the `sla:` of hardware=cpu's file
+    python -m fastgen.calibration.sla --speeds profile --write conf/hardware/cpu.yaml   # speeds from the calibrated profile
 
 Positional arguments are run.py overrides (model, hardware, workload). On a shared machine run it when idle:
 other load slows the measured steps and so loosens the SLA (the output records the load average). Where the
@@ -70,7 +70,7 @@ def simulated_speeds(cfg, prompt_tokens: int, decode_context: int) -> Speeds:
     from fastgen.sim.work import BatchShape
     from fastgen.sim.shapes import model_spec
 
-    sheet = cfg.executor.device
+    sheet = cfg.hardware.sim
     cost = CostModel(model_spec(cfg.model.source), sheet, cfg.hardware.dtype, cfg.hardware.tensor_parallel,
                      Profile.load(sheet.profile) if sheet.profile else Profile())
     return Speeds(prompt_tokens / cost.step_time(BatchShape.of([prompt_tokens], [prompt_tokens])),
@@ -125,6 +125,23 @@ def to_yaml(sla: SLAConfig, comment: str) -> str:
     return "".join(f"# {line}\n" if line else "#\n" for line in comment.splitlines()) + body
 
 
+def write_into(path: Path, block: str) -> None:
+    """Puts `block` (comment lines, then `sla:` and its indented values) in place of the `sla:` section of a
+    conf/hardware/<name>.yaml (with the comment lines right above it; a `# sla: ...` line marks where none is set
+    yet), or at its end; the rest of the file is left as it is."""
+    lines = path.read_text().splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.startswith(("sla:", "# sla:"))), len(lines))
+    end = start + 1
+    while end < len(lines) and lines[end][:1] in (" ", "\t", "\n"):
+        end += 1
+    if start < len(lines) and lines[start].startswith("sla:"):
+        while start > 0 and lines[start - 1].startswith("#"):      # the comment above it goes with it
+            start -= 1
+    elif start == len(lines) and lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    path.write_text("".join(lines[:start]) + block + "".join(lines[end:]))
+
+
 def main(argv: list[str] | None = None) -> SLAConfig:
     from fastgen.conf import compose_config
 
@@ -135,7 +152,7 @@ def main(argv: list[str] | None = None) -> SLAConfig:
                         help="measured: time the real executor now; profile: the calibrated simulator profile's "
                              "(step times measured when it was calibrated), for a machine that is busy now")
     parser.add_argument("--name", help="the SLA's name (default: the hardware config's)")
-    parser.add_argument("--write", type=Path, help="write the SLA as a conf/sla/ YAML file")
+    parser.add_argument("--write", type=Path, help="write the SLA into this conf/hardware/<name>.yaml (its `sla:`)")
     args = parser.parse_args(argv)
     executor = "executor=simulated" if args.speeds == "profile" else "executor=real"
     cfg = compose_config(["progress=false", executor, *args.overrides])
@@ -147,8 +164,8 @@ def main(argv: list[str] | None = None) -> SLAConfig:
         how = f"measured on the real executor now (median of {args.repeats} steps)"
     else:
         from fastgen.sim.cost_model import Profile
-        meta = Profile.load(cfg.executor.device.profile).meta
-        how = (f"read off the calibrated profile {cfg.executor.device.profile!r}: the cost model fitted to step "
+        meta = Profile.load(cfg.hardware.sim.profile).meta
+        how = (f"read off the calibrated profile {cfg.hardware.sim.profile!r}: the cost model fitted to step "
                f"times\nthat fastgen.calibration.calibrate measured on {meta.get('date', '?')} ({meta.get('threads', '?')} "
                f"threads, {meta.get('timer', '?')} clock; median fit error {meta.get('fit_rel_error_median', 0):.1%})")
     comment = "\n".join([
@@ -162,11 +179,12 @@ def main(argv: list[str] | None = None) -> SLAConfig:
         f"Derived {datetime.date.today()} (load average {load[0]:.2f} -> {os.getloadavg()[0]:.2f} on {os.cpu_count()} "
         "CPUs); regenerate:",
         f"  python -m fastgen.calibration.sla {' '.join(args.overrides)}{' ' if args.overrides else ''}--speeds {args.speeds} "
-        f"--write {args.write or 'conf/sla/<hardware>.yaml'}"])
+        f"--write {args.write or f'conf/hardware/{hardware}.yaml'}"])
     text = to_yaml(sla, comment)
     print(text)
     if args.write:
-        args.write.write_text(text)
+        body = to_yaml(sla, "")                      # the values below the comment, nested as hardware.sla
+        write_into(args.write, text[:-len(body)] + "sla:\n" + "".join(f"  {line}\n" for line in body.splitlines()))
         print("wrote", args.write)
     return sla
 

@@ -2,12 +2,12 @@
 for its ragged batch (fastgen.sim), so the same engine, schedulers and KV managers run at paper scale on a CPU.
 
 The device is described by a datasheet (peak flops, memory and its bandwidth, the link between tensor-parallel
-devices) and a profile of fitted efficiencies; conf/device/simulated_<hardware>.yaml holds one per hardware
-config (`hardware=a100-80gb executor=simulated` picks conf/device/simulated_a100-80gb.yaml).
+devices) and a profile of fitted efficiencies: `hardware.sim`, which each machine's conf/hardware/<name>.yaml states
+(`hardware=a100-80gb executor=simulated` simulates the datasheet in conf/hardware/a100-80gb.yaml).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -18,7 +18,7 @@ from fastgen.executors.base import Executor, StepResult, register_executor
 from fastgen.model_spec import ModelSpec
 from fastgen.ragged import BlockCopy, SeqChunk
 from fastgen.sim.clocks import VirtualClock
-from fastgen.sim.cost_model import DTYPE_BYTES, CostModel, DeviceSheet, Profile
+from fastgen.sim.cost_model import DTYPE_BYTES, CostModel, Profile
 from fastgen.sim.shapes import model_spec
 from fastgen.sim.work import BatchShape
 
@@ -34,7 +34,7 @@ class SimulatedExecutorConfig(ExecutorConfig):
     name: str = "simulated"
     memory_utilization: float = 0.9      # the share of device memory the deployment may use
     cuda_graphs: bool = False            # decode steps replayed from CUDA graphs, as vLLM 0.2.7 (see execute)
-    device: DeviceSheet = field(default_factory=DeviceSheet)
+                                         # (the device's datasheet is the machine's: hardware.sim)
 
     def validate(self) -> None:
         if not 0 < self.memory_utilization <= 1:
@@ -46,7 +46,7 @@ def kv_pool_blocks(spec: ModelSpec, cfg: EngineSettings) -> int:
     the activations of a full step, in blocks of this model's KV (per device, KV heads split by tensor parallel)."""
     if cfg.kv.num_blocks is not None:
         return cfg.kv.num_blocks
-    hw, sheet = cfg.hardware, cfg.executor.device
+    hw, sheet = cfg.hardware, cfg.hardware.sim
     b, tp = DTYPE_BYTES[hw.dtype], hw.tensor_parallel
     weights = spec.num_params * b / tp
     tokens = cfg.scheduler.step_tokens(min(filter(None, (spec.max_positions, cfg.model.max_model_len))))
@@ -58,7 +58,7 @@ def kv_pool_blocks(spec: ModelSpec, cfg: EngineSettings) -> int:
         raise ValueError(f"no room for KV: {cfg.model.source} needs {weights / 2**30:.1f} GiB of weights per device "
                          f"and {activations / 2**30:.1f} GiB of activations, of {sheet.memory_gb} GiB x "
                          f"{cfg.executor.memory_utilization}; raise hardware.tensor_parallel or "
-                         "executor.device.memory_gb")
+                         "hardware.sim.memory_gb")
     return blocks
 
 
@@ -66,7 +66,7 @@ def kv_pool_blocks(spec: ModelSpec, cfg: EngineSettings) -> int:
 class SimulatedExecutor(Executor):
     def __init__(self, cfg: EngineSettings, model=None, tokenizer=None):
         """`model` (optional) only gives the shape: a fastgen or transformers model, or a transformers config."""
-        sheet = cfg.executor.device
+        sheet = cfg.hardware.sim
         profile = Profile.load(sheet.profile) if sheet.profile else Profile()
         sheet.validate(cfg.hardware, profile)
         self.spec = model_spec(model if model is not None else cfg.model.source)

@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from fastgen.config import HardwareConfig
+from fastgen.config import DeviceSheet  # noqa: F401  (the datasheet lives with the hardware config)
 from fastgen.model_spec import ModelSpec
 from fastgen.sim.work import BatchShape, StepWork, WorkModel
 from fastgen.models.loader import DTYPES
@@ -24,30 +24,6 @@ from fastgen.models.loader import DTYPES
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 # Explicit dtype names only: "auto" would ask this machine about a device the simulator only pretends to be.
 DTYPE_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
-
-
-@dataclass
-class DeviceSheet:
-    """A device's datasheet, as far as the cost model needs it (per device; TP over N such devices), and the
-    profile of efficiencies fitted on it (fastgen/sim/profiles/<profile>.json; None: typical GPU values)."""
-
-    memory_gb: Optional[float] = None          # device memory; the simulated KV pool is what weights leave of it
-    peak_tflops: Optional[float] = None        # dense matmul peak at hardware.dtype
-    memory_bandwidth_gbs: Optional[float] = None
-    link_bandwidth_gbs: float = 0.0            # per-device all-reduce bus bandwidth between devices (NVLink)
-    link_latency_us: float = 0.0               # latency of one all-reduce step
-    profile: Optional[str] = None
-
-    def validate(self, hardware: HardwareConfig, profile: "Profile | None" = None) -> None:
-        missing = [k for k in ("memory_gb", "peak_tflops", "memory_bandwidth_gbs") if not (getattr(self, k) or 0) > 0]
-        if missing:
-            raise ValueError(f"executor=simulated needs the device's datasheet, but executor.device.{missing[0]} is "
-                             f"not set: add conf/device/simulated_<hardware>.yaml for this hardware config, or set "
-                             f"executor.device.{{{','.join(missing)}}}")
-        measured = profile is not None and profile.allreduce_bandwidth_gbs is not None
-        if hardware.tensor_parallel > 1 and not (self.link_bandwidth_gbs > 0 or measured):
-            raise ValueError("hardware.tensor_parallel > 1 needs executor.device.link_bandwidth_gbs > 0, or a profile "
-                             "with a measured all-reduce (python -m fastgen.calibration.calibrate executor=tp ...)")
 
 
 @dataclass
@@ -77,7 +53,7 @@ class Profile:
     #                                                 at this fraction of memory bandwidth, on top of
     #                                                 layer_overhead_s (their launches); None: inside layer_overhead_s
     allreduce_latency_s: Optional[float] = None     # measured all-reduce: fixed cost and bus bandwidth, replacing
-    allreduce_bandwidth_gbs: Optional[float] = None  # hardware.link_latency_us / link_bandwidth_gbs
+    allreduce_bandwidth_gbs: Optional[float] = None  # hardware.sim.link_latency_us / link_bandwidth_gbs
     # {"<outputs>x<inputs>": {"tokens": [...], "seconds": [...]}}: one device's GEMM of that shape (see Gemm),
     # interpolated log-log between token counts and linear in tokens past the last one (compute-bound there).
     gemm_times: dict = field(default_factory=dict)
