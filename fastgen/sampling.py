@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Sequence
@@ -96,7 +97,7 @@ class SamplingParams:
         self.presence_penalty = _float("presence_penalty", self.presence_penalty, -PENALTY_RANGE, PENALTY_RANGE)
         if not isinstance(self.logit_bias, dict):
             raise ParameterError("logit_bias", "must map token ids to numbers")
-        self.logit_bias = {_int("logit_bias", int(k) if isinstance(k, str) and k.isdigit() else k, low=0):
+        self.logit_bias = {_int("logit_bias", decimal_int("logit_bias", k) if isinstance(k, str) else k, low=0):
                            _float("logit_bias", v, -LOGIT_BIAS_RANGE, LOGIT_BIAS_RANGE)
                            for k, v in self.logit_bias.items()}
         for name in ("logprobs", "prompt_logprobs"):
@@ -129,6 +130,21 @@ class SamplingParams:
             bad = [t for t in ids if t >= vocab_size]
             if bad:
                 raise ParameterError(name, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+
+
+MAX_DECIMAL_DIGITS = 18       # a decimal integer sent as a string (a logit_bias key, ...) has at most this many digits
+_ASCII_DECIMAL = re.compile(r"[0-9]+", re.ASCII)
+
+
+def decimal_int(name: str, text: str, max_digits: int = MAX_DECIMAL_DIGITS) -> int:
+    """An integer written as a string, by an explicit rule: ASCII digits 0-9 only (no sign, space, underscore, or
+    Unicode digit such as '²', '③', Arabic-Indic or fullwidth ones, which str.isdigit() and int() accept), at most
+    `max_digits` of them (int() of 4,301+ digits raises). ParameterError naming `name` otherwise."""
+    if not isinstance(text, str) or not _ASCII_DECIMAL.fullmatch(text):
+        raise ParameterError(name, f"must be a token id written in ASCII decimal digits (0-9), got {_short(text)}")
+    if len(text) > max_digits:
+        raise ParameterError(name, f"a number of {len(text)} digits; at most {max_digits} are allowed")
+    return int(text)
 
 
 def _int(name: str, value, low: int | None = None, high: int | None = None) -> int:

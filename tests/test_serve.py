@@ -431,7 +431,7 @@ def test_a_failing_step_fails_its_requests_and_the_server_lives_on(served, monke
         raise RuntimeError("boom")
     monkeypatch.setattr(served.engine, "step", failing_step)
     response = served.post("/v1/completions", completion())
-    assert response.status_code == 500 and "boom" in response.json()["error"]["message"]
+    assert response.status_code == 500 and "boom" not in response.json()["error"]["message"]     # logged only
     assert served.idle()
     assert served.post("/v1/completions", completion()).status_code == 200
 

@@ -136,7 +136,7 @@ def test_a_request_whose_sampling_fails_ends_alone_with_an_error_event(server, a
                                                   ignore_eos=True))
             return await asyncio.gather(*victims), bad
     results, bad = asyncio.run(run())
-    assert bad["status"] == 200 and "injected sampling fault" in bad["error"]["message"]
+    assert bad["status"] == 200 and "injected" not in bad["error"]["message"]      # logged, not sent (issue 35)
     assert bad["error"]["code"] == "request_failed"
     assert [r["tokens"] for r in results] == [r["tokens"] for r in alone]
     assert server.idle()
@@ -156,7 +156,8 @@ def test_a_failed_forward_pass_ends_its_requests_and_the_server_serves_on(server
     monkeypatch.setattr(RealExecutor, "forward", failing)
     response = server.post("/v1/completions", completion(max_tokens=8, temperature=0))
     monkeypatch.setattr(RealExecutor, "forward", real)
-    assert response.status_code == 500 and "injected device fault" in response.json()["error"]["message"]
+    assert response.status_code == 500 and "injected" not in response.json()["error"]["message"]
+    assert response.json()["error"]["code"] == "request_failed"
     assert server.idle()
     after = server.post("/v1/completions", completion(max_tokens=8, temperature=0)).json()["choices"][0]["text"]
     assert after == before
@@ -207,14 +208,11 @@ def test_stalled_connections_are_timed_out_and_capped():
                      API_KEY.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"mo")
         closed, answer = closed_within(body, 5)
         assert b"408" in answer.split(b"\r\n")[0] and b"body_timeout_s=0.5" in answer
-        idle = [raw_socket(s.url) for _ in range(4)]
-        time.sleep(0.1)
-        refused = s.get("/v1/models")
-        assert refused.status_code == 503
+        idle = [raw_socket(s.url) for _ in range(4)]     # connections without a request head take no slot of
+        time.sleep(0.1)                                   # max_connections (issue 35): bounded apart
+        assert s.get("/v1/models").status_code == 200
         for sock in idle:
             sock.close()
-        time.sleep(0.2)
-        assert s.get("/v1/models").status_code == 200
 
 
 def test_shutdown_ends_remaining_streams_after_the_grace_period(monkeypatch):

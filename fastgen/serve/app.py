@@ -16,6 +16,8 @@ import asyncio
 import functools
 import importlib.metadata
 import json
+import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -29,11 +31,13 @@ from jinja2 import TemplateError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import ClientDisconnect
 
 from fastgen.engine import LLMEngine
 from fastgen.sampling import ParameterError, SamplingParams, TokenLogprob
+from fastgen.serve.admission import TenantLedger, Ticket
 from fastgen.serve.config import ServeConfig
-from fastgen.serve.edge import RequestIdMiddleware
+from fastgen.serve.edge import RequestIdMiddleware, request_id
 from fastgen.serve.engine_loop import (EngineLoop, ReplicaUnavailable, RequestFailed, RequestGroup, SequenceRequest,
                                       ServerShuttingDown)
 from fastgen.serve.prometheus import ServerMetrics
@@ -48,6 +52,8 @@ DEFAULT_COMPLETION_TOKENS = 16
 API_PARAMS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "prompt_logprobs": "logprobs"}
 
 Body = TypeVar("Body", bound=GenerationBody)
+log = logging.getLogger(__name__)
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}", re.ASCII)
 
 
 class Backend(Protocol):
@@ -86,6 +92,7 @@ class Server:
         self.created = int(time.time())
         self.pool = ThreadPoolExecutor(cfg.tokenizer_workers, thread_name_prefix="fastgen-tokenize")
         self._token_texts: dict[int, str] = {}
+        self.ledger = TenantLedger(cfg)
 
     async def off_loop(self, fn: Callable[..., T], *args, **kwargs) -> T:
         """`fn` in the tokenizer pool: the event loop (and every stream) goes on meanwhile."""
@@ -165,15 +172,26 @@ async def _http_error_response(request: Request, e: StarletteHTTPException) -> J
 
 
 async def _internal_error_response(request: Request, e: Exception) -> JSONResponse:
-    return await _api_error_response(request, APIError(500, f"internal server error: {e}", type="server_error"))
+    """Reached only if RequestIdMiddleware did not answer first: the same generic body, no exception text."""
+    return await _api_error_response(request, internal_error(request.scope))
+
+
+def internal_error(scope, code: str | None = None) -> APIError:
+    """A 5xx body never carries exception text (that goes to the log, under the request id)."""
+    return APIError(500, f"internal server error; the server log has the details under request id "
+                         f"{request_id(scope)}", type="server_error", code=code)
+
+
+def has_api_key(request: Request) -> bool:
+    key = _server(request).cfg.api_key
+    if key is None:
+        return True
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), key.encode())
 
 
 def require_api_key(request: Request) -> None:
-    key = _server(request).cfg.api_key
-    if key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
+    if not has_api_key(request):
         raise APIError(401, "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
@@ -192,7 +210,12 @@ router = APIRouter(dependencies=[Depends(require_api_key), Depends(require_json)
 
 
 async def health(request: Request) -> JSONResponse:
-    status, body = await _server(request).loop.health()
+    """ok or degraded, and nothing more without the key (replicas' pids, queues and KV occupancy would be a live
+    traffic side channel): the details with the key, or for everyone with health_details=true."""
+    server = _server(request)
+    status, body = await server.loop.health()
+    if not (server.cfg.health_details or (server.cfg.api_key is not None and has_api_key(request))):
+        body = {"status": "ok" if status == 200 and body.get("status") == "ok" else "degraded"}
     return JSONResponse(body, status_code=status)
 
 
@@ -310,7 +333,7 @@ async def _parse(request: Request, schema: type[Body]) -> Body:
     try:
         body = schema.model_validate_json(raw)
     except ValidationError as e:
-        raise validation_error(e) from None
+        raise validation_error(e, raw) from None
     if getattr(body, "model", None) is not None:
         _check_model(server, body.model)
     body.check()
@@ -330,7 +353,9 @@ async def _read_body(request: Request, cfg: ServeConfig) -> bytes:
     too_large = APIError(413, f"the request body exceeds the server's limit max_body_bytes={limit}",
                          param="body", code="request_too_large")
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared and not _CONTENT_LENGTH.fullmatch(declared):
+        raise APIError(400, "content-length must be a decimal number of ASCII digits", param="content-length")
+    if declared and int(declared) > limit:
         raise too_large
 
     async def read() -> bytes:
@@ -342,6 +367,10 @@ async def _read_body(request: Request, cfg: ServeConfig) -> bytes:
         return bytes(body)
     try:
         return await asyncio.wait_for(read(), cfg.body_timeout_s)
+    except ClientDisconnect:     # one line, no traceback: a client may do this as often as it likes
+        log.info("request %s: the client went away during the body read", request_id(request.scope))
+        raise APIError(499, "the client went away during the body read", param="body",
+                       code="client_disconnected") from None
     except asyncio.TimeoutError:
         raise APIError(408, f"the request body did not arrive within the server's limit body_timeout_s="
                             f"{cfg.body_timeout_s:g}", param="body", code="request_timeout") from None
@@ -398,7 +427,9 @@ def _parameter_error(e: ParameterError, chat: bool) -> APIError:
     return APIError(400, f"{name}: {e.reason}", param=name)
 
 
-def _as_api_error(e: Exception, cfg: ServeConfig, chat: bool) -> APIError:
+def _as_api_error(e: Exception, cfg: ServeConfig, chat: bool, scope) -> APIError:
+    """The error's API body: 4xx bodies say what to change; 5xx bodies name no exception text (logged with the
+    request id instead)."""
     if isinstance(e, APIError):
         return e
     if isinstance(e, ServerShuttingDown):
@@ -411,11 +442,11 @@ def _as_api_error(e: Exception, cfg: ServeConfig, chat: bool) -> APIError:
         return _parameter_error(e, chat)
     if isinstance(e, ValueError):
         return APIError(400, str(e), param="prompt")
-    if isinstance(e, ReplicaUnavailable):
-        return APIError(503, f"the request failed: {e}", type="server_error", code="replica_unavailable")
-    if isinstance(e, RequestFailed):
-        return APIError(500, f"the request failed: {e}", type="server_error", code="request_failed")
-    return APIError(500, str(e), type="server_error")
+    if isinstance(e, ReplicaUnavailable):       # fastgen's own words; Ray's are in the log
+        return APIError(503, f"the request failed: {e} (request id {request_id(scope)})", type="server_error",
+                        code="replica_unavailable")
+    log.error("request %s failed: %s: %s", request_id(scope), type(e).__name__, e)
+    return internal_error(scope, code="request_failed" if isinstance(e, RequestFailed) else None)
 
 
 async def _generate(request: Request, body: GenerationBody, prompts: list[list[int]], chat: bool,
@@ -430,9 +461,6 @@ async def _generate(request: Request, body: GenerationBody, prompts: list[list[i
         raise APIError(400, f"{len(prompts)} prompt(s) x {per_prompt} choice(s) = {total} sequences, more than the "
                             f"server's limit max_sequences_per_request={cfg.max_sequences_per_request}",
                        param="best_of" if per_prompt > body.n else "n" if per_prompt > 1 else "prompt")
-    if server.loop.num_active + total > cfg.max_concurrent_requests:
-        raise APIError(429, f"the server is at its limit max_concurrent_requests={cfg.max_concurrent_requests}; "
-                            "retry later", type="rate_limit_error", code="too_many_requests")
     responder = Responder(chat, server.model_name, server.token_text, body.sampled_logprobs, body.include_usage,
                           body.continuous_usage)
     sequences, choices = [], []
@@ -442,24 +470,35 @@ async def _generate(request: Request, body: GenerationBody, prompts: list[list[i
         choices += [ChoiceState(index=i * body.n + j, prompt_index=i, echo_text=echoes[i] if echoes else "")
                     for j in range(body.n)]
     prompt_tokens = sum(map(len, prompts))
-    group = server.loop.submit(sequences, cfg.request_timeout_s)
+    tenant = TenantLedger.tenant_of(body.user, request.client.host if request.client else None)
+    ticket = server.ledger.admit(tenant, total, sum(len(s.prompt_token_ids) + s.sampling.max_new_tokens
+                                                    for s in sequences) * per_prompt, server.loop.num_active)
+    try:
+        group = server.loop.submit(sequences, cfg.request_timeout_s)
+    except BaseException:
+        server.ledger.release(ticket)
+        raise
+
+    def release() -> None:
+        server.loop.release(group)
+        server.ledger.release(ticket)
     try:
         await group.accepted()
     except BaseException as e:
-        server.loop.release(group)
+        release()
         if isinstance(e, Exception):
-            raise _as_api_error(e, cfg, chat) from e
+            raise _as_api_error(e, cfg, chat, request.scope) from e
         raise
     echo_logprobs = bool(echoes) and body.sampled_logprobs is not None
     if body.stream:
-        return EventStream(_events(group, responder, choices, echo_logprobs, prompt_tokens, cfg),
-                           on_close=lambda: server.loop.release(group))
+        return EventStream(_events(group, responder, choices, echo_logprobs, prompt_tokens, cfg, request.scope),
+                           on_close=release)
     try:
         done = await _unless_disconnected(request, _collect(group, choices, echo_logprobs))
     except Exception as e:
-        raise _as_api_error(e, cfg, chat) from e
+        raise _as_api_error(e, cfg, chat, request.scope) from e
     finally:
-        server.loop.release(group)
+        release()
     if done is None:
         return Response(status_code=499)      # nobody is left to read it
     completion_tokens = sum(c.num_tokens for c in choices)
@@ -485,7 +524,7 @@ async def _collect(group: RequestGroup, choices: list[ChoiceState], echo_logprob
 
 
 async def _events(group: RequestGroup, responder: Responder, choices: list[ChoiceState], echo_logprobs: bool,
-                  prompt_tokens: int, cfg: ServeConfig) -> AsyncIterator[str]:
+                  prompt_tokens: int, cfg: ServeConfig, scope) -> AsyncIterator[str]:
     """The OpenAI stream: one chunk per sequence per engine update, so per token, sent the step the token is
     sampled (nothing goes out before a choice's first token, not even chat's role), then usage if asked for, then
     [DONE]. An error after the 200 went out can only be reported in the stream, as an error object."""
@@ -502,7 +541,7 @@ async def _events(group: RequestGroup, responder: Responder, choices: list[Choic
         if responder.include_usage:
             yield _sse(responder.usage_chunk(usage(prompt_tokens, completion_tokens)))
     except Exception as e:      # reported to the client in the stream
-        yield _sse(_as_api_error(e, cfg, responder.chat).body())
+        yield _sse(_as_api_error(e, cfg, responder.chat, scope).body())
     yield "data: [DONE]\n\n"
 
 

@@ -5,6 +5,7 @@ Types are checked here; ranges are checked once, where fastgen.sampling.Sampling
 the API's parameter in its 400)."""
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -230,14 +231,45 @@ class DetokenizeRequest(_Body):
         pass
 
 
-def validation_error(error: ValidationError) -> APIError:
-    """A 400 naming each offending parameter, with pydantic's wording."""
+_OUT_OF_RANGE = re.compile(r"number out of range at line (\d+) column (\d+)")
+_NESTED_KEY_BEFORE = re.compile(r'"([^"\\]{1,64})"\s*:\s*\{[^{}]*"([^"\\]{1,64})"\s*:\s*$')
+_KEY_BEFORE = re.compile(r'"([^"\\]{1,64})"\s*:[\s\[\]{},0-9eE.+-]*$')
+
+
+def _field_at(raw: str | bytes | None, reason: str) -> str | None:
+    """The JSON key whose value holds the number the parser refused (a numeral of thousands of digits), if the
+    raw body shows it."""
+    found = _OUT_OF_RANGE.search(reason)
+    if raw is None or not found:
+        return None
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+    line, column = int(found.group(1)), int(found.group(2))
+    lines = text.split("\n")
+    if line > len(lines):
+        return None
+    before = "\n".join(lines[:line - 1] + [lines[line - 1][:column]]).rstrip("0123456789.eE+-}], \t\r")[-4096:]
+    nested = _NESTED_KEY_BEFORE.search(before)
+    if nested:
+        return f"{nested.group(1)}.{nested.group(2)}"
+    key = _KEY_BEFORE.search(before)
+    return key.group(1) if key else None
+
+
+def validation_error(error: ValidationError, raw: str | bytes | None = None) -> APIError:
+    """A 400 naming each offending parameter, with pydantic's wording (a numeral too long to parse: the key that
+    holds it, found in the raw body)."""
     messages, params = [], []
     for e in error.errors(include_url=False):
         where = ".".join(map(str, e["loc"]))
         params.append(where or "body")
         if e["type"] == "json_invalid":
-            messages.append(f"the body is not valid JSON: {e['ctx'].get('error', e['msg'])}")
+            reason = e['ctx'].get('error', e['msg'])
+            key = _field_at(raw, str(reason))
+            if key is not None:
+                params[-1] = key
+                messages.append(f"{key}: a number too long to parse (JSON numbers here have at most 4300 digits)")
+                continue
+            messages.append(f"the body is not valid JSON: {reason}")
         elif e["type"] == "extra_forbidden":
             name = str(e["loc"][-1])
             allowed = NEUTRAL_VALUES.get(name)

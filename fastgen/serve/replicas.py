@@ -27,8 +27,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Any, List, Optional
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
+from typing import Any, List, Optional, TypeVar
 
 import ray
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -39,6 +40,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from fastgen.compose import build_engine
+from fastgen.config import KVConfig
 from fastgen.routers import ROUTERS, Router, RouterConfig, make_router
 from fastgen.serve.config import ServeConfig
 from fastgen.serve.engine_loop import EngineLoop, ReplicaUnavailable, RequestGroup, SequenceRequest, Update
@@ -149,6 +151,59 @@ class EngineReplica:
             raise RuntimeError("the engine thread has stopped")
 
 
+# -- start-up --------------------------------------------------------------------------------------------------------
+class ReplicaStartError(RuntimeError):
+    """The replicas did not start: the message names the cause (Ray's OOM kills, resources no node has, ...)."""
+
+
+T = TypeVar("T")
+
+
+def start_within(start: Callable[[], T], timeout_s: float, diagnose: Callable[[], str]) -> T:
+    """start()'s result, or ReplicaStartError (naming diagnose()'s cause) if it fails or is not done within
+    timeout_s (Ray Serve keeps re-creating replicas that Ray's OOM killer ends: serve.run never returns)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = start()
+        except BaseException as e:       # handed to the caller
+            box["error"] = e
+    thread = threading.Thread(target=run, name="fastgen-replica-start", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if "result" in box:
+        return box["result"]
+    what = f"failed: {box['error']}" if "error" in box else f"did not start within replica.start_timeout_s=" \
+                                                                 f"{timeout_s:g}"
+    raise ReplicaStartError(f"the engine replicas {what}; {diagnose()}") from box.get("error")
+
+
+def explain(status_message: str, need: dict[str, float], cluster: dict[str, float]) -> str:
+    """The likely cause, from Ray Serve's deployment status message and the resources the replicas need (all of
+    them together) against what the Ray cluster has."""
+    causes = []
+    text = status_message.lower()
+    if "out of memory" in text or "oom" in text or "low on memory" in text or "memory" in text and "kill" in text:
+        causes.append("Ray's out-of-memory killer ended replicas (each builds an engine with its KV pool): lower "
+                      "kv.memory_gb or replicas, or set replica.memory_gb")
+    short = [f"{k} {need[k]:g} needed, the cluster has {cluster.get(k, 0):g}" for k in sorted(need)
+             if need[k] > cluster.get(k, 0)]
+    if short:
+        causes.append("not enough Ray resources: " + "; ".join(short))
+    if status_message:
+        causes.append(f"Ray Serve says: {status_message.strip()[:2000]}")
+    return "; ".join(causes) if causes else "Ray Serve reported no cause (see the Ray logs, /tmp/ray/session_latest)"
+
+
+def replica_kv_memory_gb(kv: KVConfig, replica_memory_bytes: float | None, fraction: float) -> float:
+    """The KV pool of each replica: kv.memory_gb as set; left at its default, at most `fraction` of the memory Ray
+    gives each replica (the default pool of every replica together once filled more than a small machine has)."""
+    if kv.num_blocks is not None or kv.memory_gb != KVConfig.memory_gb or not replica_memory_bytes:
+        return kv.memory_gb
+    return max(1 / 64, min(kv.memory_gb, fraction * replica_memory_bytes / 2**30))
+
+
 # -- the front's backend ---------------------------------------------------------------------------------------------
 class ReplicaMetrics:
     """/metrics of a replicated deployment: every replica's series, labelled replica="<id>"."""
@@ -193,15 +248,51 @@ class ReplicaSet:
             local = rep.ray_address is None and not os.environ.get("RAY_ADDRESS")
             ray.init(address=rep.ray_address, namespace=NAMESPACE, include_dashboard=False,
                      log_to_driver=False, **({"num_cpus": num_cpus} if local else {}))
-        serve.start(proxy_location="Disabled")      # the HTTP front is fastgen's own app
-        self.board = ReplicaBoard.options(name=board_name(cfg), namespace=NAMESPACE, get_if_exists=True).remote()
-        deployment = serve.deployment(EngineReplica, name="engine").options(
-            num_replicas=cfg.replicas, max_ongoing_requests=rep.max_ongoing_requests,
-            ray_actor_options={"num_cpus": rep.num_cpus, "num_gpus": rep.num_gpus},
-            request_router_config=RequestRouterConfig(request_router_class=FastgenRequestRouter,
-                                                      request_router_kwargs={"router": _plain(cfg.router)}),
-            health_check_period_s=2.0, health_check_timeout_s=30.0)
-        self.handle = serve.run(deployment.bind(cfg), name=rep.name, route_prefix=None)
+        # The memory each replica gets: what it reserves, else an even split of Ray's memory resource; the default
+        # KV pool is sized to it (two default 2 GB pools on a 4 GB machine were OOM-killed over and over).
+        actor_options = {"num_cpus": rep.num_cpus, "num_gpus": rep.num_gpus}
+        if rep.memory_gb is not None:
+            actor_options["memory"] = replica_memory = rep.memory_gb * 2**30
+        else:
+            replica_memory = ray.available_resources().get("memory", 0) / cfg.replicas
+        kv_gb = replica_kv_memory_gb(cfg.kv, replica_memory, rep.kv_memory_fraction)
+        if kv_gb != cfg.kv.memory_gb:
+            log.info("each replica's KV pool: kv.memory_gb=%.2f (of %.2f GiB Ray gives each replica)", kv_gb,
+                     replica_memory / 2**30)
+            cfg = replace(cfg, kv=replace(cfg.kv, memory_gb=kv_gb))
+            self.cfg = cfg
+        need = {"CPU": cfg.replicas * rep.num_cpus, "GPU": cfg.replicas * rep.num_gpus,
+                "memory": cfg.replicas * actor_options.get("memory", 0)}
+        need = {k: v for k, v in need.items() if v}
+
+        def diagnose() -> str:
+            try:
+                app = serve.status().applications.get(rep.name)
+                messages = [app.message] if app and app.message else []
+                for d in (app.deployments.values() if app else ()):
+                    messages += [d.message] if d.message else []
+                cluster = ray.cluster_resources()
+            except Exception as e:       # Ray itself is in trouble: say so
+                return f"Ray Serve's status could not be read ({type(e).__name__}: {e})"
+            return explain(" | ".join(messages), need, cluster)
+
+        try:
+            serve.start(proxy_location="Disabled")      # the HTTP front is fastgen's own app
+            self.board = ReplicaBoard.options(name=board_name(cfg), namespace=NAMESPACE,
+                                              get_if_exists=True).remote()
+            deployment = serve.deployment(EngineReplica, name="engine").options(
+                num_replicas=cfg.replicas, max_ongoing_requests=rep.max_ongoing_requests,
+                ray_actor_options=actor_options,
+                request_router_config=RequestRouterConfig(request_router_class=FastgenRequestRouter,
+                                                          request_router_kwargs={"router": _plain(cfg.router)}),
+                health_check_period_s=2.0, health_check_timeout_s=30.0)
+            self.handle = start_within(lambda: serve.run(deployment.bind(cfg), name=rep.name, route_prefix=None),
+                                       rep.start_timeout_s, diagnose)
+        except BaseException:
+            self._stopped = False
+            self._tasks = {}
+            self.stop()
+            raise
         info = self.handle.describe.remote().result()
         self.tokenizer, self.max_model_len, self.vocab_size = info["tokenizer"], info["max_model_len"], \
             info["vocab_size"]
@@ -239,7 +330,8 @@ class ReplicaSet:
             serve.shutdown()
         else:
             serve.delete(self.cfg.replica.name)
-            ray.kill(self.board)
+            if getattr(self, "board", None) is not None:
+                ray.kill(self.board)
 
     @property
     def alive(self) -> bool:
@@ -317,16 +409,17 @@ class ReplicaSet:
                     cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                     if streaming or attempt == self.cfg.replica.retries:
                         log.warning("request %s lost its replica (%s)", request.request_id, cause)
-                        group.deliver(request.request_id, Update(error=ReplicaUnavailable(
-                            f"the engine replica serving it died ({cause})"
+                        group.deliver(request.request_id, Update(error=ReplicaUnavailable(     # the cause: logged
+                            "the engine replica serving it died"
                             + (" after its first token" if streaming else f"; tried {attempt + 1} replicas"))))
                         return
                     log.warning("request %s: its replica died before its first token (%s); sending it again",
                                 request.request_id, cause)
         except asyncio.CancelledError:
             raise
-        except Exception as e:      # anything else from Ray: this request's failure alone
-            group.deliver(request.request_id, Update(error=ReplicaUnavailable(f"{type(e).__name__}: {e}")))
+        except Exception as e:      # anything else from Ray: this request's failure alone (the text: logged)
+            log.warning("request %s failed in Ray", request.request_id, exc_info=e)
+            group.deliver(request.request_id, Update(error=ReplicaUnavailable("the request failed in Ray Serve")))
         finally:
             if self._tasks.get(request.request_id) is asyncio.current_task():
                 del self._tasks[request.request_id]
