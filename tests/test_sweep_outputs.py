@@ -201,3 +201,17 @@ def test_console_script_runs_from_any_folder(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "metrics.json").is_file() and (tmp_path / "out" / "run.log").is_file()
     assert "workload     short (closed loop, 2 clients" in proc.stdout
+
+
+def test_tp_summary_names_ranks_and_threads_per_rank(tmp_path):
+    from omegaconf import OmegaConf
+
+    from fastgen.bench import run_summary, spread_lines
+    from fastgen.compose import compose_config
+    cfg = OmegaConf.to_container(OmegaConf.structured(compose_config(["executor=tp", "hardware.tensor_parallel=2"])))
+    metrics = {"config": cfg, "num_requests": 4, "num_warmups": 0, "time_origin": {"clock": "wall"},
+               "machine": {"threads": 2, "ranks": 2}}
+    assert ", 2 ranks x 1 thread each" in run_summary(metrics, tmp_path)
+    runs = [{"request_throughput": v} for v in (0.076, 0.121, 0.1)]
+    lines = spread_lines({"runs": runs})
+    assert lines[0] == "repeats      spread over 3 runs:" and "range 0.076-0.121, n=3" in lines[1]
