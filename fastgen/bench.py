@@ -24,9 +24,11 @@ from fastgen.compose import build_engine
 from fastgen.driver import EngineTarget, HttpTarget, ReplicaCluster, RunResult, run_workload
 from fastgen.executors import EXECUTORS
 from fastgen.machine import Machine
-from fastgen.metrics import format_table, summarize
+from fastgen.metrics import (SLAConfig, format_table, g_suffix, is_completed, meets_ema_sla, meets_ttft_sla,
+                             summarize)
 from fastgen.models import load_config, load_model, resolve_dtype
 from fastgen.routers import make_router
+from fastgen.redact import redact, redact_files, redact_override, secret_values
 from fastgen.run_config import RunConfig
 from fastgen.sim.clocks import CPUClock, VirtualClock
 from fastgen.workloads import Workload, build_workload
@@ -86,6 +88,7 @@ def run_benchmark(cfg: RunConfig, out_dir: str | os.PathLike, model=None, tokeni
                             end_time=result.end_time)
         metrics["workload_clipped"], metrics["workload_skipped"] = workload.clipped, workload.skipped
         metrics["num_warmups"] = len(workload.requests) - len(workload.measured)
+        metrics |= workload_sent(workload, result)
         metrics["time_origin"] = {"clock": result.clock_name, "clock_start": result.start_time,
                                   "unix_time": result.start_unix_time}
         if workload.clipped or workload.skipped:
@@ -96,13 +99,16 @@ def run_benchmark(cfg: RunConfig, out_dir: str | os.PathLike, model=None, tokeni
     metrics = mean_metrics(runs)
     if cfg.repeats > 1:
         metrics["runs"] = runs
-    metrics["config"] = OmegaConf.to_container(OmegaConf.structured(cfg))
-    metrics["machine"] = machine.finish(threads).asdict()
+    config = OmegaConf.to_container(OmegaConf.structured(cfg))
+    metrics["config"] = redact(config)                 # no api_key or token in any written config
+    ranks = cfg.hardware.tensor_parallel if cfg.executor.name == "tp" and threads is not None else None
+    metrics["machine"] = machine.finish(threads, ranks).asdict()
     metrics["model_load"] = load
-    write_results(out, metrics, results)
+    write_results(out, metrics, results, cfg.sla)
     if cfg.logger.name == "wandb":
         log_wandb(cfg, metrics, results[0], out)
     log.info(format_table(metrics) + "\n\n" + run_summary(metrics, out))
+    redact_run_dir(out, secret_values(config))
     if metrics["machine"]["noise_warning"]:
         log.warning("warning: " + metrics["machine"]["noise_warning"])
     return metrics
@@ -134,7 +140,34 @@ def run_once(cfg: RunConfig, workload_cfg, model, tokenizer, clock) -> tuple[Run
         result.clock_name = "virtual"
     elif isinstance(engine.clock, CPUClock):
         result.clock_name = "cpu"
-    return result, workload, None if result.clock_name == "virtual" else torch.get_num_threads()
+    if result.clock_name == "virtual":
+        return result, workload, None
+    if cfg.executor.name == "tp":
+        from fastgen.executors.tensor_parallel import group_options
+        options = group_options(cfg)
+        if options.threads is not None:             # CPU ranks: options.threads torch threads each
+            return result, workload, options.threads * options.size
+    return result, workload, torch.get_num_threads()
+
+
+def workload_sent(workload: Workload, result: RunResult) -> dict:
+    """The workload as sent (measured requests): mean prompt and output lengths asked for, and the offered rate,
+    requests/s from their arrival times ((n - 1) / (last arrival - first), None for fewer than 2 requests)."""
+    measured = workload.measured
+    arrivals = sorted(t.arrival_time for t in result.traces)
+    span = arrivals[-1] - arrivals[0] if len(arrivals) > 1 else 0
+    return {"workload_prompt_mean": sum(len(r.prompt_token_ids) for r in measured) / len(measured) if measured
+            else None,
+            "workload_output_mean": sum(r.max_new_tokens for r in measured) / len(measured) if measured else None,
+            "offered_rate": (len(arrivals) - 1) / span if span > 0 else None}
+
+
+def redact_run_dir(out: Path, secrets: list[str]) -> None:
+    """Hydra wrote the run's config and overrides (.hydra/, and a sweep's multirun.yaml one folder up) before the
+    run began: rewritten without secrets, as is run.log."""
+    redact_files(out, secrets)
+    if (out.parent / "multirun.yaml").is_file():
+        redact_files(out.parent, secrets)
 
 
 def mean_metrics(runs: list[dict]) -> dict:
@@ -156,7 +189,10 @@ def run_summary(metrics: dict, out: Path) -> str:
     measured, warmups = metrics["num_requests"], metrics["num_warmups"]
     repeats = cfg.get("repeats", 1)
     machine = metrics["machine"]
-    threads = f", {machine['threads']} threads" if machine["threads"] else ""
+    threads = "" if not machine["threads"] else \
+        f", {machine['ranks']} ranks x {machine['threads'] // machine['ranks']} thread" \
+        f"{'s' * (machine['threads'] // machine['ranks'] != 1)} each" if machine.get("ranks") else \
+        f", {machine['threads']} thread{'s' * (machine['threads'] != 1)}"
     return "\n".join([
         f"scheduler    {d['scheduler']}; kv {d['kv']}",
         f"workload     {d['workload']}; {measured:g} measured requests (ids 0..{int(measured) - 1})"
@@ -167,7 +203,26 @@ def run_summary(metrics: dict, out: Path) -> str:
         + (" (a cost model on a virtual clock: times are predicted, no model runs)"
            if metrics["time_origin"]["clock"] == "virtual" else ""),
         f"SLA          {d['sla'].removeprefix('SLA ')}",
+        *spread_lines(metrics),
         f"output       {out.resolve()}"])
+
+
+SPREAD_KEYS = ("request_throughput", "total_token_throughput", "e2e_s_mean", "ttft_s_p50")
+
+
+def spread_lines(metrics: dict) -> list[str]:
+    """repeats=N: each headline metric's mean +- standard deviation and range over the runs."""
+    runs = metrics.get("runs") or []
+    if len(runs) < 2:
+        return []
+    import numpy as np
+    lines = []
+    for key in SPREAD_KEYS:
+        values = np.array([r[key] for r in runs if r.get(key) is not None], dtype=float)
+        if len(values) > 1:
+            lines.append(f"  {key:<24} {values.mean():.4g} +- {values.std(ddof=1):.2g} (std; range "
+                         f"{values.min():.4g}-{values.max():.4g}, n={len(values)})")
+    return [f"repeats      spread over {len(runs)} runs:"] + lines if lines else []
 
 
 def _relative(value, origin: float):
@@ -176,9 +231,16 @@ def _relative(value, origin: float):
     return None if value is None else value - origin
 
 
-def write_results(out: Path, metrics: dict, results: list[RunResult]) -> None:
+def sla_met(trace, sla: SLAConfig) -> dict[str, bool]:
+    """Did this request meet the SLA (TTFT part and the EMA generation part) at each g? Keys g2, g4, ..."""
+    done = is_completed(trace)
+    ttft_ok = done and meets_ttft_sla(trace, sla.prompt_tokens_per_s)
+    return {g_suffix(g): bool(ttft_ok and meets_ema_sla(trace, g, sla.ema_span)) for g in sla.gen_tokens_per_s}
+
+
+def write_results(out: Path, metrics: dict, results: list[RunResult], sla: Optional[SLAConfig] = None) -> None:
     """metrics.json; requests.jsonl and steps.jsonl with times in seconds since each run's start (`repeat`: which
-    run, when there are several)."""
+    run, when there are several; `sla_met`: per g, whether the request met the SLA)."""
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     several = len(results) > 1
     with open(out / "requests.jsonl", "w") as f:
@@ -186,6 +248,8 @@ def write_results(out: Path, metrics: dict, results: list[RunResult]) -> None:
             for t in result.traces:
                 row = {key: _relative(v, result.start_time) if key in TRACE_TIMES else v
                        for key, v in vars(t).items()}       # flat records: vars() spares asdict's deep copies
+                if sla is not None:
+                    row["sla_met"] = sla_met(t, sla)
                 f.write(json.dumps({**row, "repeat": k} if several else row) + "\n")
     with open(out / "steps.jsonl", "w") as f:
         for k, result in enumerate(results):
@@ -199,11 +263,18 @@ TRACE_TIMES = ("arrival_time", "token_times", "first_scheduled_time", "finish_ti
 
 def log_wandb(cfg: RunConfig, metrics: dict, result: RunResult, out: Path) -> None:
     """The summary metrics and the first run's steps."""
+    import sys
+
     import wandb
 
-    run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode,
-                     tags=list(cfg.logger.tags), dir=str(out), config=metrics["config"],
-                     name=f"{cfg.scheduler.name}-{cfg.workload.arrival}-c{cfg.workload.clients}")
+    argv = sys.argv
+    sys.argv = [redact_override(a) for a in argv]       # wandb records the command line in its metadata
+    try:
+        run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode,
+                         tags=list(cfg.logger.tags), dir=str(out), config=redact(metrics["config"]),
+                         name=f"{cfg.scheduler.name}-{cfg.workload.arrival}-c{cfg.workload.clients}")
+    finally:
+        sys.argv = argv
     for s in result.steps:
         wandb.log({"step/time_s": s.start - result.start_time, "step/duration_s": s.duration_s,
                    "step/forward_s": s.forward_s, "step/num_tokens": s.num_tokens, "step/num_seqs": s.num_seqs,

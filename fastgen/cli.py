@@ -19,12 +19,14 @@ def run_hydra(main: Callable[[], None], config_name: str = "config") -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    overrides = [a for a in sys.argv[1:] if not a.startswith("-")]
+    overrides = [a for a in sys.argv[1:] if not a.startswith("-") and "=" in a]     # not `--cfg job`'s `job`
     local = os.path.join(os.getcwd(), "conf")
     if os.path.isdir(local) and os.path.realpath(local) != os.path.realpath(CONF_DIR) \
             and not any(o.startswith("hydra.searchpath=") for o in overrides):
-        sys.argv.append(f"hydra.searchpath=[file://{local}]")      # a user's own conf/ beside fastgen's
-        overrides.append(sys.argv[-1])
+        overrides.append(f"hydra.searchpath=[file://{local}]")     # a user's own conf/ beside fastgen's
+    # Hydra's parser takes the overrides as one run of positional arguments (`a=1 --cfg job b=2` is refused): the
+    # flags first, then every override, in the order given, whatever order they were typed in
+    sys.argv = [sys.argv[0], *(a for a in sys.argv[1:] if a not in overrides), *overrides]
     os.environ["HYDRA_FULL_ERROR"] = "1"     # errors reach us (below) instead of Hydra's printer
     try:
         import_plugins(overrides, [CONF_DIR], _defaults(config_name))
@@ -62,4 +64,11 @@ def _config_error(e: Exception) -> str:
         keys = ", ".join(f.name for f in dataclasses.fields(object_type))
         message = message.split(" To append")[0] + f" {str(cause).splitlines()[0]}" \
             f" (valid keys of {object_type.__name__}: {keys})"
+        return message
+    # a typo in a YAML file (a plugin's knob): Hydra raises while composing, the key error only its context
+    context = e.__context__
+    object_type = getattr(context, "object_type", None)
+    if "not in" in str(context) and dataclasses.is_dataclass(object_type):
+        keys = ", ".join(f.name for f in dataclasses.fields(object_type))
+        message = message.split(" full_key:")[0] + f" (valid keys of {object_type.__name__}: {keys})"
     return message

@@ -68,6 +68,7 @@ class Machine:
     cpu_flags: str                               # /proc/cpuinfo's flags, space-separated (empty off Linux)
     cpus: int
     threads: Optional[int] = None                # threads the measured work ran on (None: timed on a virtual clock)
+    ranks: Optional[int] = None                  # executor=tp on CPU: processes, threads // ranks threads each
     load_average_start: list[float] = field(default_factory=list)
     load_average_end: list[float] = field(default_factory=list)
     cpu_wait_frac: Optional[float] = None        # share of its runnable time this process waited for a CPU
@@ -78,8 +79,8 @@ class Machine:
         return cls(cpu_model(), cpu_flags(), available_cpus(), load_average_start=load_average(),
                    _scheduler_start=scheduler_seconds())
 
-    def finish(self, threads: Optional[int]) -> "Machine":
-        self.threads, self.load_average_end = threads, load_average()
+    def finish(self, threads: Optional[int], ranks: Optional[int] = None) -> "Machine":
+        self.threads, self.ranks, self.load_average_end = threads, ranks, load_average()
         end = scheduler_seconds()
         if self._scheduler_start and end:
             ran, waited = end[0] - self._scheduler_start[0], end[1] - self._scheduler_start[1]

@@ -266,7 +266,7 @@ def format_table(metrics: Mapping[str, Any]) -> str:
         f"requests     {metrics.get('num_completed')}/{metrics.get('num_requests')} completed"
         f" in {num('duration_s', ' s')} (window {num('window_s', ' s')})",
         f"throughput   {num('request_throughput', ' req/s')}  {num('output_token_throughput', ' out tok/s')}"
-        f"  {num('total_token_throughput', ' tok/s')}",
+        f"  {num('total_token_throughput', ' tok/s prompt+output')}",
         "",
         f"{'latency (s)':<14}" + "".join(f"{s:>10}" for s in LATENCY_STATS),
     ]

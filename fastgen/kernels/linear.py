@@ -45,14 +45,28 @@ def resolve_linear(name: str, device: str | torch.device, dtype: torch.dtype) ->
     return "plain" if name == "auto" and not cpu_fp32 else name
 
 
+def available_memory() -> int:
+    """Bytes that can be allocated without swapping: /proc/meminfo's MemAvailable (free memory plus the page cache
+    and reclaimable memory the kernel would give back), else free pages where there is no /proc/meminfo.
+    (SC_AVPHYS_PAGES alone is MemFree: on a machine with a warm page cache it reads a fraction of what is there.)"""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def affordable(mode: str, nbytes: int) -> str:
     """`mode`, except that auto falls back to plain when the reordered copy (`nbytes`) would take more than half of
     the memory available now: the speed-up is not worth swapping or running out of memory for a large model."""
     if mode != "auto":
         return mode
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    available = available_memory()
     if nbytes > available // 2:
-        log.info("hardware.linear=auto: the reordered weights (%.1f GB) would take over half of the %.1f GB "
+        log.warning("hardware.linear=auto: the reordered weights (%.1f GB) would take over half of the %.1f GB "
                  "available; using F.linear on the plain weights", nbytes / 1e9, available / 1e9)
         return "plain"
     return mode
