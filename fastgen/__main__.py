@@ -25,7 +25,7 @@ def _run() -> None:
 
     from fastgen.bench import run_benchmark
     from fastgen.cli import run_hydra
-    from fastgen.compose import CONF_DIR
+    from fastgen.conf import CONF_DIR
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
     def main(cfg: DictConfig) -> None:

@@ -130,7 +130,7 @@ def test_noise_is_marked_in_the_figures_note():
 
 @pytest.mark.parametrize("workload", ["shared-prefix", "multi-turn", "short"])
 def test_every_workload_is_named(workload):
-    from fastgen.compose import compose_config
+    from fastgen.conf import compose_config
     assert compose_config([f"workload={workload}"]).workload.name == workload
     names = {p.stem: p.read_text() for p in (ROOT / "conf" / "workload").glob("*.yaml")}
     assert all(f"\nname: {stem}\n" in "\n" + text for stem, text in names.items()), "a workload without its name"
@@ -139,7 +139,7 @@ def test_every_workload_is_named(workload):
 def test_simulated_summary_does_not_claim_kv_memory_gb():
     from omegaconf import OmegaConf
 
-    from fastgen.compose import compose_config
+    from fastgen.conf import compose_config
     cfg = OmegaConf.to_container(OmegaConf.structured(compose_config(["executor=simulated", "hardware=a100-80gb"])))
     kv = describe(cfg)["kv"]
     assert "memory_gb" not in kv and "pool sized from device memory" in kv
@@ -207,7 +207,7 @@ def test_tp_summary_names_ranks_and_threads_per_rank(tmp_path):
     from omegaconf import OmegaConf
 
     from fastgen.bench import run_summary, spread_lines
-    from fastgen.compose import compose_config
+    from fastgen.conf import compose_config
     cfg = OmegaConf.to_container(OmegaConf.structured(compose_config(["executor=tp", "hardware.tensor_parallel=2"])))
     metrics = {"config": cfg, "num_requests": 4, "num_warmups": 0, "time_origin": {"clock": "wall"},
                "machine": {"threads": 2, "ranks": 2}}

@@ -35,7 +35,7 @@ from starlette.requests import ClientDisconnect
 
 from fastgen.engine import LLMEngine
 from fastgen.sampling import ParameterError, SamplingParams, TokenLogprob
-from fastgen.serve.admission import TenantLedger, Ticket
+from fastgen.serve.admission import TenantLedger
 from fastgen.serve.config import ServeConfig
 from fastgen.serve.edge import RequestIdMiddleware, request_id
 from fastgen.serve.engine_loop import (EngineLoop, ReplicaUnavailable, RequestFailed, RequestGroup, SequenceRequest,
