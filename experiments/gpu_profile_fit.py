@@ -3,7 +3,7 @@
     python experiments/gpu_profile_fit.py            # -> experiments/results/gpu_profile_fit/fidelity.md
 
 Uses the shipped profiles (fastgen/sim/profiles/{a100,h100}-80gb.json, made by `python -m fastgen.calibration.measured`)
-and the shipped rows (fastgen/sim/data/vidur/): every row compared here was held out of the fit. Errors are
+and the shipped rows (fastgen/calibration/data/vidur/): every row compared here was held out of the fit. Errors are
 |predicted / measured - 1| per row. Also: how a model whose GEMM shapes were not measured fares (the roofline
 efficiencies fitted on one model, evaluated on the other), the all-reduce fit by GPU count, and the share of a
 layer's time the elementwise kernels take.
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
              "Predicted vs measured per-layer operator times on rows **held out of the fit** (every second token "
              "count of each series, 1..4096 tokens; the fit saw the others). Cells: median / P95 / worst "
              "|predicted / measured - 1| in %. Source: Vidur's A100-80GB / H100-80GB profiling (microsoft/vidur "
-             "commit 7d47513363ec, MIT), thinned in `fastgen/sim/data/vidur/`. Profiles: "
+             "commit 7d47513363ec, MIT), thinned in `fastgen/calibration/data/vidur/`. Profiles: "
              "`fastgen/sim/profiles/{a100,h100}-80gb.json` (`python -m fastgen.calibration.measured a100-80gb h100-80gb`). "
              "Reproduce this file: `python experiments/gpu_profile_fit.py`.", ""]
     summary_rows, detail_rows, allreduce_rows, fallback_rows, share_rows, worst, forms = [], [], [], [], [], [], []

@@ -1,6 +1,6 @@
 """GPU profiles fitted to published operator measurements instead of live steps: Vidur's per-layer operator times
 of Llama-2-7B and 70B on one A100-80GB / H100-80GB (every token count 1..4096, tensor parallel 1/2/4/8) and its
-all-reduce times inside a DGX node, shipped (thinned) in fastgen/sim/data/vidur/.
+all-reduce times inside a DGX node, shipped (thinned) in fastgen/calibration/data/vidur/.
 
     python -m fastgen.calibration.measured a100-80gb h100-80gb       # fit; write fastgen/sim/profiles/<gpu>.json
     python -m fastgen.calibration.measured --extract /path/to/vidur/data    # re-make the shipped rows from Vidur's files
@@ -45,7 +45,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data" / "vidur"
 OPERATORS_PATH, ALLREDUCE_PATH = DATA_DIR / "operators.csv.gz", DATA_DIR / "all_reduce.csv.gz"
 SOURCE = ("Vidur (github.com/microsoft/vidur, commit 7d47513363ec, MIT licence): "
           "data/profiling/compute/{gpu}/meta-llama/Llama-2-{{7b,70b}}-hf/mlp.csv and "
-          "data/profiling/network/{gpu}_dgx/all_reduce.csv, thinned into fastgen/sim/data/vidur/")
+          "data/profiling/network/{gpu}_dgx/all_reduce.csv, thinned into fastgen/calibration/data/vidur/")
 GPUS = {"a100-80gb": "a100", "h100-80gb": "h100"}          # fastgen hardware / profile name -> Vidur's name
 MODELS = {"llama-2-7b": "Llama-2-7b-hf", "llama-2-70b": "Llama-2-70b-hf"}
 GEMM_OPS = {"attn_pre_proj": "qkv", "attn_post_proj": "o", "mlp_up_proj": "gate_up", "mlp_down_proj": "down"}
