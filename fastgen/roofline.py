@@ -175,7 +175,8 @@ def probe_rooflines(limit: dict, spec: ModelSpec, ceilings: Ceilings) -> dict:
     """The engine's limit probes (experiments/peers.py's measure_limit) held to the roofline: the prompt pass against the GEMM rate, each decode step."""
     n = limit["token_budget"]
     prefill = step_work(spec, [n], [n])
-    out = {"prefill": {"tokens": n, "measured_s": limit["prefill_pass_s"], "roofline_s": roofline_s(prefill, ceilings),
+    out = {"prefill": {"tokens": n, "measured_s": limit["prefill_pass_s"],
+                       "roofline_s": roofline_s(prefill, ceilings),
                        "achieved_flops": prefill.prefill_flops / limit["prefill_pass_s"]}}
     out["prefill"]["efficiency"] = out["prefill"]["roofline_s"] / limit["prefill_pass_s"]
     out["loadavg"] = limit.get("loadavg")

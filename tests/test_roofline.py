@@ -66,7 +66,7 @@ def test_measured_ceilings_are_positive_and_take_the_best_gemm_rate():
 
 
 LLAMA_SMALL = model_spec(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+                                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
 
 
 def test_roofline_summary_per_step_kind():
@@ -92,7 +92,8 @@ def test_the_best_of_two_ceiling_measurements_is_the_ceiling():
 
 def test_limit_probes_held_to_the_roofline():
     c = Ceilings(gemm_flops=1e9, bandwidth=1e8)
-    limit = {"token_budget": 32, "prefill_pass_s": 0.01, "decode_context": 40, "decode_step_s": {"1": 0.002, "8": 0.004}}
+    limit = {"token_budget": 32, "prefill_pass_s": 0.01, "decode_context": 40,
+             "decode_step_s": {"1": 0.002, "8": 0.004}}
     p = probe_rooflines(limit, LLAMA_SMALL, c)
     assert p["prefill"]["efficiency"] == pytest.approx(roofline_s(step_work(LLAMA_SMALL, [32], [32]), c) / 0.01)
     assert p["decode"]["8"]["roofline_s"] == pytest.approx(roofline_s(step_work(LLAMA_SMALL, [1] * 8, [40] * 8), c))
