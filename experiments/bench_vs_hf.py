@@ -63,36 +63,25 @@ from __future__ import annotations
 
 import cProfile
 import io
-import math
 import pstats
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
-from peers import (FastgenConfig, HFGenerateConfig, LimitConfig, Req, agreement, build_fastgen, check, checkpoint,
-                   compose, fastgen_run, fastgen_timed, fmt, hf_generate_rows, hydra_main, load_hf, log, machine_line,
-                   machine_record, make_requests, measure_limit, row, shrink, start_run, summary, warmup_requests,
-                   write_results)
+from peers import (FastgenConfig, HFGenerateConfig, check, checkpoint, compose, fmt, hf_generate_rows, hydra_main, log,
+                   row, shrink, start_run, write_results)
 
 from fastgen.analysis import markdown_table
-from fastgen.machine import Machine
+from fastgen.machine import Machine, machine_line, machine_record
 from fastgen.models import load_model
+from fastgen.peers.hf import GenerateBatchSetting, hf_generate_batch, load_hf
+from fastgen.peers.offline import (LimitConfig, Req, agreement, build_fastgen, fastgen_run, fastgen_timed,
+                                   make_requests, measure_limit, summary, warmup_requests)
 from fastgen.workloads import WorkloadConfig
 
 SYSTEMS = ("hf-generate", "hf-generate-batch", "fastgen")
-
-
-@dataclass
-class GenerateBatchSetting:
-    name: str = "default"
-    page_size: int = 64
-    num_blocks: Optional[int] = None     # None: enough pages for every request of the workload at once
-    max_batch_tokens: int = 512
-    scheduler: str = "fifo"              # fifo | prefill_first
-    attn_implementation: str = "sdpa"    # sdpa | paged|eager (the CPU-capable continuous-batching attentions)
 
 
 @dataclass
@@ -134,61 +123,6 @@ def validate(cfg: BenchConfig) -> None:
     check(cfg, SYSTEMS, cfg.run)
     if any(b < 1 for b in cfg.hf_generate.batch_sizes):
         raise ValueError("hf_generate.batch_sizes must be >= 1")
-
-
-def cb_num_blocks(reqs: list[Req], page_size: int) -> int:
-    """Pages for every request at once, plus headroom: the fifo scheduler stops admitting prompts when fewer than
-    its safety margin (15%) of the pages are free, so a cache sized exactly to the workload would serialize it."""
-    need = sum(math.ceil((len(r.prompt) + r.max_new_tokens) / page_size) for r in reqs)
-    return math.ceil(need / 0.8) + 4
-
-
-def hf_generate_batch(hf, reqs: list[Req], setting: GenerateBatchSetting, warm: list[Req]) \
-        -> tuple[float, list[list[int]], dict]:
-    """transformers continuous batching, the manager generate_batch uses, with per-request output lengths."""
-    from transformers import GenerationConfig
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
-
-    num_blocks = setting.num_blocks or cb_num_blocks(reqs, setting.page_size)
-    gen = GenerationConfig(do_sample=False, max_new_tokens=max(r.max_new_tokens for r in reqs), eos_token_id=-1,
-                           pad_token_id=0)
-    cb = ContinuousBatchingConfig(page_size=setting.page_size, num_blocks=num_blocks,
-                                  max_batch_tokens=setting.max_batch_tokens, scheduler_type=setting.scheduler,
-                                  allow_block_sharing=False, auto_switch_to_flash=False,
-                                  max_requests_per_batch=max(len(reqs), 1))
-    if hf.config._attn_implementation != setting.attn_implementation:   # the manager validates it
-        hf.set_attn_implementation(setting.attn_implementation)
-
-    def drain(manager, ids: list[str]) -> dict[str, Any]:
-        results: dict[str, Any] = {}
-        while len(results) < len(ids):
-            r = manager.get_result(timeout=1)
-            if r is None:
-                if not manager.is_running():
-                    raise RuntimeError("transformers' continuous batching thread stopped before finishing")
-                continue
-            if r.is_finished():
-                if r.error is not None:
-                    raise RuntimeError(f"generate_batch request {r.request_id} failed: {r.error}")
-                results[r.request_id] = r
-        return results
-
-    with hf.continuous_batching_context_manager(generation_config=gen, continuous_batching_config=cb, block=True,
-                                                timeout=10, warmup=False) as manager:
-        drain(manager, [manager.add_request(r.prompt, request_id=f"warm{i}", max_new_tokens=r.max_new_tokens,
-                                            eos_token_id=-1) for i, r in enumerate(warm)])
-        start = time.perf_counter()
-        ids = [manager.add_request(r.prompt, request_id=f"r{i}", max_new_tokens=r.max_new_tokens, eos_token_id=-1)
-               for i, r in enumerate(reqs)]
-        results = drain(manager, ids)
-        wall = time.perf_counter() - start
-        resolved = getattr(manager, "continuous_batching_config", None)
-    info = {"page_size": setting.page_size, "num_blocks": num_blocks, "max_batch_tokens": setting.max_batch_tokens,
-            "scheduler": setting.scheduler, "attn_implementation": setting.attn_implementation}
-    if resolved is not None:
-        info["resolved"] = {k: getattr(resolved, k, None) for k in
-                            ("num_blocks", "max_batch_tokens", "max_requests_per_batch", "use_cuda_graph")}
-    return wall, [list(results[i].generated_tokens) for i in ids], info
 
 
 def decode_seqs(step: dict) -> int:

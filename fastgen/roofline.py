@@ -172,7 +172,8 @@ def roofline_summary(records: list[tuple[list[int], list[int], float]], step_s: 
 
 
 def probe_rooflines(limit: dict, spec: ModelSpec, ceilings: Ceilings) -> dict:
-    """The engine's limit probes (experiments/peers.py's measure_limit) held to the roofline: the prompt pass against the GEMM rate, each decode step."""
+    """The engine's limit probes (fastgen.peers.offline.measure_limit) held to the roofline: the prompt pass at
+    the GEMM rate, each decode step."""
     n = limit["token_budget"]
     prefill = step_work(spec, [n], [n])
     out = {"prefill": {"tokens": n, "measured_s": limit["prefill_pass_s"],

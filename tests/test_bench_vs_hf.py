@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from fastgen.peers.offline import agreement
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,7 +51,7 @@ def test_decode_interpolation_efficiency_and_agreement(bench):
     assert e["predicted_forward_s"] == pytest.approx(predicted)
     assert e["engine_efficiency"] == pytest.approx(predicted / 1.2)
     assert e["limit_tok_s"] == pytest.approx(1008 / predicted) and e["max_decode_batch"] == 4
-    a = bench.agreement([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 0, 6]])
+    a = agreement([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 0, 6]])
     assert a["identical_frac"] == 0.5 and a["positionwise_frac"] == pytest.approx(5 / 6)
     assert a["mean_identical_prefix_frac"] == pytest.approx((1 + 1 / 3) / 2)
 

