@@ -26,27 +26,12 @@ total-token = (prompt + output tokens of all requests) / wall; output-token = ou
 divided by the best transformers row (best of generate and generate_batch); fastgen splitfuse is also divided by
 the best generate row and by the best generate_batch row.
 
-**The limit** (per workload, fastgen, the main dtype):
-
-- prefill throughput P: the model forward of one fresh request of ``scheduler.token_budget`` prompt tokens (no
-  past context), median of ``limit.repeats`` passes, in tokens/s;
-- decode step time D(b): the model forward of a decode step of b sequences at context ``limit.decode_context``
-  (default: the workload's mean prompt + output/2), median of ``limit.decode_repeats`` steps, at b on a grid of
-  powers of two up to the largest decode batch any fastgen row reached (and that batch itself); D is linearly
-  interpolated between grid points;
-- predicted pure-forward time of a step with p prompt tokens and d decoding sequences: p / P + D(d) (D(0) = 0);
-- **engine efficiency** = sum over the run's steps of the predicted time / measured wall time, which equals the
-  achieved total tokens/s divided by the forward-pass throughput at the scheduled token counts (tokens / sum of
-  predicted times). It splits into forward efficiency (predicted / measured time inside the model's forward) times
-  the in-forward fraction of wall time. Caveats: P is measured at zero past context, so chunks of long prompts
-  (which attend to earlier chunks) run slower than predicted, which lowers the efficiency; a fused step pays the
-  weight read of both terms, which raises it slightly.
-- **time outside the forward**: the steps' forward time and executor time (prepare + forward) come from the
-  engine's typed step stats; 1 - in-model time / wall is the fraction spent scheduling, building the ragged
-  batch, sampling and bookkeeping ("outside model"), and 1 - executor time / wall
-  the same without batch building ("outside executor"). With ``profile_requests`` > 0, a separate, smaller
-  splitfuse run is cProfiled and the top functions (the forward included, for reference) go to
-  ``profile_<workload>.txt``.
+**The limit** (per workload, fastgen, the main dtype; fastgen/peers/offline.py says how it is measured and what
+engine efficiency means): a budget-sized prompt pass (``limit.repeats``) and decode steps at ``limit.decode_context``
+(default: the workload's mean prompt + output/2; ``limit.decode_repeats``) up to the largest decode batch any fastgen
+row reached. **Time outside the forward**: 1 - in-model time / wall ("outside model") and 1 - executor time / wall
+("outside executor"), from the engine's step stats. With ``profile_requests`` > 0, a separate, smaller splitfuse
+run is cProfiled and the top functions go to ``profile_<workload>.txt``.
 
 Correctness: with greedy decoding, fastgen's tokens for the requests timed at bs=1 (no padding) must equal
 transformers generate's (transformers dequantizes the GGUF to float32); every other row's agreement with fastgen
@@ -61,9 +46,6 @@ Timings on a shared machine are noisy; the run's `machine` record (fastgen.machi
 """
 from __future__ import annotations
 
-import cProfile
-import io
-import pstats
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,8 +59,9 @@ from fastgen.analysis import markdown_table
 from fastgen.machine import Machine, machine_line, machine_record
 from fastgen.models import load_model
 from fastgen.peers.hf import GenerateBatchSetting, hf_generate_batch, load_hf
-from fastgen.peers.offline import (LimitConfig, Req, agreement, build_fastgen, fastgen_run, fastgen_timed,
-                                   make_requests, measure_limit, summary, warmup_requests)
+from fastgen.peers.offline import (LimitConfig, Req, agreement, build_fastgen, decode_seqs, efficiency, fastgen_run,
+                                   fastgen_timed, make_requests, measure_limit, profile_engine, summary,
+                                   warmup_requests)
 from fastgen.workloads import WorkloadConfig
 
 SYSTEMS = ("hf-generate", "hf-generate-batch", "fastgen")
@@ -123,52 +106,6 @@ def validate(cfg: BenchConfig) -> None:
     check(cfg, SYSTEMS, cfg.run)
     if any(b < 1 for b in cfg.hf_generate.batch_sizes):
         raise ValueError("hf_generate.batch_sizes must be >= 1")
-
-
-def decode_seqs(step: dict) -> int:
-    """Sequences in a step that are decoding (one token each); the rest of the tokens are prompt tokens."""
-    return step["num_tokens"] - step["num_prefill_tokens"]
-
-
-def interp_decode(decode_s: dict[int, float], d: int) -> float:
-    if d <= 0:
-        return 0.0
-    xs = sorted(decode_s)
-    if d <= xs[0]:
-        return decode_s[xs[0]] * d / xs[0] if d < xs[0] else decode_s[xs[0]]
-    for lo, hi in zip(xs, xs[1:]):
-        if lo <= d <= hi:
-            return decode_s[lo] + (decode_s[hi] - decode_s[lo]) * (d - lo) / (hi - lo)
-    hi, lo = xs[-1], xs[-2] if len(xs) > 1 else None         # beyond the grid: extrapolate the last segment
-    if lo is None:
-        return decode_s[hi] * d / hi
-    return decode_s[hi] + (decode_s[hi] - decode_s[lo]) * (d - hi) / (hi - lo)
-
-
-def efficiency(steps: list[dict], wall: float, in_model: float, limit: dict) -> dict:
-    decode = {int(b): t for b, t in limit["decode_step_s"].items()}
-    predicted = sum(s["num_prefill_tokens"] / limit["prefill_tok_s"] + interp_decode(decode, decode_seqs(s))
-                    for s in steps)
-    tokens = sum(s["num_tokens"] for s in steps)
-    return {"predicted_forward_s": predicted, "limit_tok_s": tokens / predicted if predicted else None,
-            "engine_efficiency": predicted / wall, "forward_efficiency": predicted / in_model if in_model else None,
-            "mean_decode_batch": statistics.fmean([decode_seqs(s) for s in steps if decode_seqs(s)] or [0]),
-            "max_decode_batch": max((decode_seqs(s) for s in steps), default=0),
-            "mean_step_tokens": statistics.fmean([s["num_tokens"] for s in steps] or [0])}
-
-
-def profile_engine(fg, reqs: list[Req], out: Path, top: int = 30) -> dict:
-    prof = cProfile.Profile()
-    prof.enable()
-    wall, _, _ = fastgen_run(fg, reqs)
-    prof.disable()
-    s = io.StringIO()
-    stats = pstats.Stats(prof, stream=s)
-    stats.sort_stats("tottime").print_stats(top)
-    s.write("\n\n--- by cumulative time ---\n")
-    stats.sort_stats("cumulative").print_stats(top)
-    out.write_text(s.getvalue())
-    return {"file": out.name, "requests": len(reqs), "wall_s_under_cprofile": wall}
 
 
 def bench_workload(name: str, cfg: BenchConfig, reqs: list[Req], hf, tok, fg_models: dict, out: Path) -> dict:

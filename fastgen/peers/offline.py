@@ -1,14 +1,31 @@
 """The requests every system gets and fastgen's side of a comparison: its engine timed through the library's
-offline pipeline (all requests at t=0, greedy, EOS ignored), and the engine's limit (a budget-sized prompt pass,
-decode steps by batch size) that fastgen.roofline holds to the machine's ceilings."""
+offline pipeline (all requests at t=0, greedy, EOS ignored), and the engine's limit that fastgen.roofline holds to
+the machine's ceilings and `efficiency` holds a run to:
+
+- prefill throughput P: the model forward of one fresh request of the token budget's prompt tokens (no past
+  context), median of `repeats` passes, in tokens/s;
+- decode step time D(b): the model forward of a decode step of b sequences at a given context, median of
+  `decode_repeats` steps, at b on a grid of powers of two up to a largest batch (and that batch itself); D is
+  linearly interpolated between grid points;
+- predicted pure-forward time of a step with p prompt tokens and d decoding sequences: p / P + D(d) (D(0) = 0);
+- engine efficiency = sum over a run's steps of the predicted time / measured wall time: the achieved total
+  tokens/s over the forward-pass throughput at the scheduled token counts. It splits into forward efficiency
+  (predicted / measured time inside the model's forward) times the in-forward fraction of wall time. P is measured
+  at zero past context, so chunks of long prompts (which attend to earlier chunks) run slower than predicted,
+  which lowers the efficiency; a fused step pays the weight read of both terms, which raises it slightly.
+"""
 from __future__ import annotations
 
+import cProfile
 import dataclasses
+import io
 import math
+import pstats
 import random
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from fastgen.compose import build_engine
@@ -155,3 +172,52 @@ def measure_limit(model, tokenizer, dtype: str, overrides: list[str], lcfg: Limi
     return {"token_budget": budget, "prefill_pass_s": prefill_s, "prefill_tok_s": budget / prefill_s,
             "decode_context": context, "decode_step_s": {str(b): t for b, t in sorted(decode_s.items())},
             "decode_tok_s": {str(b): b / t for b, t in sorted(decode_s.items())}}
+
+
+def decode_seqs(step: dict) -> int:
+    """Sequences in a step that are decoding (one token each); the rest of the tokens are prompt tokens."""
+    return step["num_tokens"] - step["num_prefill_tokens"]
+
+
+def interp_decode(decode_s: dict[int, float], d: int) -> float:
+    """D(d) from the probed grid: linear between grid points, the last segment extended beyond it."""
+    if d <= 0:
+        return 0.0
+    xs = sorted(decode_s)
+    if d <= xs[0]:
+        return decode_s[xs[0]] * d / xs[0] if d < xs[0] else decode_s[xs[0]]
+    for lo, hi in zip(xs, xs[1:]):
+        if lo <= d <= hi:
+            return decode_s[lo] + (decode_s[hi] - decode_s[lo]) * (d - lo) / (hi - lo)
+    hi, lo = xs[-1], xs[-2] if len(xs) > 1 else None         # beyond the grid: extrapolate the last segment
+    if lo is None:
+        return decode_s[hi] * d / hi
+    return decode_s[hi] + (decode_s[hi] - decode_s[lo]) * (d - hi) / (hi - lo)
+
+
+def efficiency(steps: list[dict], wall: float, in_model: float, limit: dict) -> dict:
+    """A run's steps (fastgen.metrics.step_rows) against the engine's limit (see the module docstring)."""
+    decode = {int(b): t for b, t in limit["decode_step_s"].items()}
+    predicted = sum(s["num_prefill_tokens"] / limit["prefill_tok_s"] + interp_decode(decode, decode_seqs(s))
+                    for s in steps)
+    tokens = sum(s["num_tokens"] for s in steps)
+    return {"predicted_forward_s": predicted, "limit_tok_s": tokens / predicted if predicted else None,
+            "engine_efficiency": predicted / wall, "forward_efficiency": predicted / in_model if in_model else None,
+            "mean_decode_batch": statistics.fmean([decode_seqs(s) for s in steps if decode_seqs(s)] or [0]),
+            "max_decode_batch": max((decode_seqs(s) for s in steps), default=0),
+            "mean_step_tokens": statistics.fmean([s["num_tokens"] for s in steps] or [0])}
+
+
+def profile_engine(fg: Fastgen, reqs: list[Req], out: Path, top: int = 30) -> dict:
+    """cProfile of a run: the `top` functions by own and by cumulative time, written to `out`."""
+    prof = cProfile.Profile()
+    prof.enable()
+    wall, _, _ = fastgen_run(fg, reqs)
+    prof.disable()
+    s = io.StringIO()
+    stats = pstats.Stats(prof, stream=s)
+    stats.sort_stats("tottime").print_stats(top)
+    s.write("\n\n--- by cumulative time ---\n")
+    stats.sort_stats("cumulative").print_stats(top)
+    out.write_text(s.getvalue())
+    return {"file": out.name, "requests": len(reqs), "wall_s_under_cprofile": wall}
