@@ -17,9 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from peers import ROOT, run_py, start_server, stop
+from peers import ROOT, run_py, start_server
 
 from fastgen.machine import available_cpus, cpu_model
+from fastgen.peers.servers import stop
 
 OUT = ROOT / "experiments" / "results" / "ray_replica_scaling"
 
