@@ -52,10 +52,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
-from peers import (FastgenConfig, HFGenerateConfig, check, checkpoint, compose, fmt, hf_generate_rows, hydra_main, log,
-                   row, shrink, start_run, write_results)
+from peers import (FastgenConfig, HFGenerateConfig, check, checkpoint, fmt, hf_generate_rows, log, row, shrink,
+                   start_run, write_results)
 
 from fastgen.analysis import markdown_table
+from fastgen.cli import hydra_script
+from fastgen.conf import compose_schema
 from fastgen.machine import Machine, machine_line, machine_record
 from fastgen.models import load_model
 from fastgen.peers.hf import GenerateBatchSetting, hf_generate_batch, load_hf
@@ -88,7 +90,7 @@ class BenchConfig:
 
 
 def compose_bench_config(overrides: list[str] | tuple[str, ...] = ()) -> BenchConfig:
-    return compose("bench_vs_hf", BenchConfig, overrides)
+    return compose_schema("bench_vs_hf", BenchConfig, overrides)
 
 
 def apply_quick(cfg: BenchConfig) -> None:
@@ -297,7 +299,7 @@ def run_bench(cfg: BenchConfig, out_dir: str | Path) -> dict:
 
 
 def main() -> None:
-    hydra_main("bench_vs_hf", BenchConfig, run_bench)
+    hydra_script("bench_vs_hf", BenchConfig, run_bench)
 
 
 if __name__ == "__main__":

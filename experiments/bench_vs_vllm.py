@@ -43,9 +43,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
-from peers import (ROOT, FastgenConfig, HFGenerateConfig, check, compose, fmt, hf_generate_rows, hydra_main, log,
+from peers import (ROOT, FastgenConfig, HFGenerateConfig, check, fmt, hf_generate_rows, log,
                    row, run_py, shrink, start_run, start_server, write_results)
 
+from fastgen.cli import hydra_script
+from fastgen.conf import compose_schema
 from fastgen.machine import Machine, load_average, machine_line, machine_record
 from fastgen.model_spec import ModelSpec
 from fastgen.models import load_model
@@ -98,7 +100,7 @@ class BenchConfig:
 
 
 def compose_bench_config(overrides: list[str] | tuple[str, ...] = ()) -> BenchConfig:
-    return compose("bench_vs_vllm", BenchConfig, overrides)
+    return compose_schema("bench_vs_vllm", BenchConfig, overrides)
 
 
 QUICK_HTTP = ["workload.num_requests=6", "workload.clients=2", "workload.prompt.mean=48", "workload.prompt.max=160",
@@ -390,7 +392,7 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    hydra_main("bench_vs_vllm", BenchConfig, run_bench)
+    hydra_script("bench_vs_vllm", BenchConfig, run_bench)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """What the experiments that measure fastgen beside its peers share (bench_vs_hf.py, bench_vs_vllm.py,
-ray_replica_scaling.py, serve_neighbour_gap.py) beyond fastgen.peers: their Hydra entry, quick sizes, the rows of
+ray_replica_scaling.py, serve_neighbour_gap.py) beyond fastgen.peers: quick sizes, validation, the rows of
 transformers `generate`, run.py target=http, and the results files. A script imports it by name (its own directory
 is on sys.path).
 """
@@ -12,16 +12,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))          # run from a checkout without installing fastgen
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
-from fastgen.conf import CONF_DIR, compose_config  # noqa: E402
 from fastgen.machine import load_average  # noqa: E402
 from fastgen.peers import servers  # noqa: E402
 from fastgen.peers.hf import hf_generate  # noqa: E402
@@ -41,38 +39,6 @@ class HFGenerateConfig:
 class FastgenConfig:
     schedulers: list[str] = field(default_factory=lambda: ["splitfuse", "continuous", "orca", "static"])
     overrides: list[str] = field(default_factory=list)
-
-
-def _register(config_name: str, schema: type) -> None:
-    from hydra.core.config_store import ConfigStore
-    ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
-
-
-def compose(config_name: str, schema: type, overrides: list[str] | tuple[str, ...] = ()):
-    """conf/<config_name>.yaml with Hydra overrides applied, as a typed `schema` object (tests, notebooks)."""
-    _register(config_name, schema)
-    return compose_config(overrides, config_name=config_name)
-
-
-def hydra_main(config_name: str, schema: type, run: Callable[[Any, str], Any]) -> None:
-    """A script's entry point: conf/<config_name>.yaml with the command line's overrides through fastgen.cli's
-    run_hydra (a bad value ends with one `error:` line), run into `out_dir` or Hydra's run directory."""
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-
-    from fastgen.cli import run_hydra
-
-    _register(config_name, schema)
-
-    def app(cfg) -> None:
-        bench = OmegaConf.to_object(cfg)
-        try:
-            run(bench, bench.out_dir or HydraConfig.get().runtime.output_dir)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-
-    app.__module__ = "__main__"            # Hydra names the job (and its --help) after the script, not this module
-    run_hydra(hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=None)(app), config_name)
 
 
 def shrink(cfg) -> None:
