@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import os
 import platform
+import subprocess
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -44,6 +45,11 @@ def load_average() -> list[float]:
         return [round(x, 2) for x in os.getloadavg()]
     except (AttributeError, OSError):
         return []
+
+
+def uptime() -> str:
+    """`uptime`'s line (time up, users, load averages), as the experiments' results quote it before and after."""
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 def scheduler_seconds() -> Optional[tuple[float, float]]:

@@ -1,7 +1,9 @@
-"""fastgen.result_cache: a simulated run's metrics are found again by its config; real runs are never kept."""
+"""fastgen.result_cache: a simulated run's metrics are found again by its config; real runs are never kept. And
+fastgen.bench.run_or_reuse: a run directory's metrics.json is reused when asked."""
 import json
 
 from fastgen.analysis import interpolate, spread
+from fastgen.bench import run_or_reuse
 from fastgen.result_cache import cache_path, run_cached
 
 
@@ -19,3 +21,8 @@ def test_interpolate_and_spread():
     assert interpolate([3, 1, 2], [30, 10, 20], 2.5) == 25.0 and interpolate([1, 2], [1, 2], 3) is None
     runs = [{"runs": [{"x": 1.0}, {"x": 3.0}]}, {"x": 5.0}]
     assert spread(runs, "x") == [2 ** 0.5, 0.0]
+
+
+def test_run_or_reuse_reads_a_kept_run(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({"request_throughput": 2.0}))
+    assert run_or_reuse(["no-such-override=1"], tmp_path, reuse=True) == {"request_throughput": 2.0}
