@@ -57,7 +57,7 @@ from fastgen.peers.offline import (LimitConfig, agreement, build_fastgen, fastge
 from fastgen.peers.servers import free_port, stop
 from fastgen.peers.vllm import VLLMConfig, ensure_venv, export_hf_dir, serve_args, vllm_env, vllm_offline
 from fastgen.roofline import (PREFILL, Ceilings, StepShapes, best_ceilings, measure_ceilings, probe_rooflines,
-                              roofline_summary)
+                              probes_table, roofline_summary, summary_table)
 from fastgen.sim.shapes import model_spec
 from fastgen.workloads import WorkloadConfig
 
@@ -358,21 +358,14 @@ def markdown(results: dict) -> str:
                                       for k in ("schedule_s", "prepare_s", "forward_s", "sample_s")) + ".", ""]
             if r.get("roofline"):
                 lines += [f"Roofline of fastgen {r['setting']}'s steps:", "",
-                          markdown_table(["step kind", "steps", "mean seqs", "roofline s", "forward s", "step s",
-                                          "roofline / forward", "roofline / step"],
-                                         [[k, v["steps"], f"{v['mean_seqs']:.1f}", f"{v['roofline_s']:.2f}",
-                                           f"{v['forward_s']:.2f}", f"{v['step_s']:.2f}",
-                                           fmt(v["efficiency_forward"], ".1%"), fmt(v["efficiency_step"], ".1%")]
-                                          for k, v in r["roofline"].items()]), ""]
+                          markdown_table(*summary_table(r["roofline"])), ""]
     p = results.get("probes")
     if p:
         pre = p["prefill"]
         lines += [f"## Probes (load {p['loadavg']})", "",
                   f"Prompt pass of {pre['tokens']} tokens: {pre['measured_s'] * 1e3:.0f} ms, "
                   f"{pre['achieved_flops'] / 1e9:.1f} GFLOP/s = **{pre['efficiency']:.1%}** of the GEMM rate.", "",
-                  markdown_table(["decode batch", "measured ms", "roofline ms", "roofline / measured"],
-                                 [[b, f"{d['measured_s'] * 1e3:.1f}", f"{d['roofline_s'] * 1e3:.1f}",
-                                   f"{d['efficiency']:.1%}"] for b, d in p["decode"].items()]), ""]
+                  markdown_table(*probes_table(p)), ""]
     if results.get("http"):
         lines += ["## HTTP: run.py target=http against each server", "",
                   markdown_table(["workload", "server", "completed", "total tok/s", "TTFT p50 s", "TTFT p99 s",

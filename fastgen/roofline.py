@@ -197,3 +197,23 @@ def best_ceilings(*measured: Ceilings) -> Ceilings:
     return Ceilings(max(c.gemm_flops for c in measured), max(c.bandwidth for c in measured), linear,
                     {**measured[0].meta, "square_gemm_flops": square, "when": "best of start and end",
                      "measurements": [dict(c.meta, gemm_flops=c.gemm_flops, bandwidth=c.bandwidth) for c in measured]})
+
+
+def _pct(x) -> str:
+    return "" if x is None else f"{x:.1%}"
+
+
+def summary_table(summary: dict[str, dict]) -> tuple[list[str], list[list]]:
+    """roofline_summary as a table's header and rows (for fastgen.analysis.markdown_table)."""
+    return (["step kind", "steps", "mean seqs", "roofline s", "forward s", "step s", "roofline / forward",
+             "roofline / step"],
+            [[k, v["steps"], f"{v['mean_seqs']:.1f}", f"{v['roofline_s']:.2f}", f"{v['forward_s']:.2f}",
+              f"{v['step_s']:.2f}", _pct(v["efficiency_forward"]), _pct(v["efficiency_step"])]
+             for k, v in summary.items()])
+
+
+def probes_table(probes: dict) -> tuple[list[str], list[list]]:
+    """probe_rooflines' decode steps as a table's header and rows, one row per batch size."""
+    return (["decode batch", "measured ms", "roofline ms", "roofline / measured"],
+            [[b, f"{d['measured_s'] * 1e3:.1f}", f"{d['roofline_s'] * 1e3:.1f}", _pct(d["efficiency"])]
+             for b, d in probes["decode"].items()])

@@ -4,7 +4,8 @@ import pytest
 from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
 from fastgen.roofline import (DECODE, MIXED, PREFILL, Ceilings, StepShapes, best_ceilings, measure_ceilings,
-                              probe_rooflines, roofline_summary, roofline_s, step_work)
+                              probe_rooflines, probes_table, roofline_summary, roofline_s, step_work,
+                              summary_table)
 from fastgen.sim.shapes import model_spec
 
 CFG = dict(vocab_size=100, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
@@ -80,6 +81,8 @@ def test_roofline_summary_per_step_kind():
     assert s["decode >= 8 seqs"]["efficiency_forward"] == pytest.approx(eight / 0.2)
     assert s["decode >= 8 seqs"]["efficiency_step"] == pytest.approx(eight / 0.25)
     assert s["prefill"]["roofline_s"] == pytest.approx(roofline_s(step_work(LLAMA_SMALL, [20], [20]), c))
+    header, rows = summary_table(s)
+    assert len(header) == len(rows[0]) == 8 and [r[0] for r in rows] == list(s) and rows[0][1] == 1
 
 
 def test_the_best_of_two_ceiling_measurements_is_the_ceiling():
@@ -98,6 +101,7 @@ def test_limit_probes_held_to_the_roofline():
     assert p["prefill"]["efficiency"] == pytest.approx(roofline_s(step_work(LLAMA_SMALL, [32], [32]), c) / 0.01)
     assert p["decode"]["8"]["roofline_s"] == pytest.approx(roofline_s(step_work(LLAMA_SMALL, [1] * 8, [40] * 8), c))
     assert p["decode"]["1"]["efficiency"] == pytest.approx(p["decode"]["1"]["roofline_s"] / 0.002)
+    assert [r[0] for r in probes_table(p)[1]] == ["1", "8"] and probes_table(p)[1][0][1] == "2.0"
 
 
 def test_step_shapes_records_each_step_then_runs_it():
