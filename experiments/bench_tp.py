@@ -22,7 +22,6 @@ import argparse
 import datetime
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ from fastgen.compose import EngineConfig  # noqa: E402
 from fastgen.distributed import COMM  # noqa: E402
 from fastgen.executors import EXECUTORS, make_executor  # noqa: E402
 from fastgen.kv import KV_MANAGERS  # noqa: E402
+from fastgen.machine import uptime  # noqa: E402
 from fastgen.calibration.calibrate import fit_allreduce, step_chunks, time_allreduces  # noqa: E402
 from fastgen.sim.work import BatchShape  # noqa: E402
 
@@ -74,10 +74,6 @@ def measure(executor, batch: BatchShape, repeats: int) -> tuple[float, float, fl
         times.append(elapsed)
         shares.append(COMM.seconds / elapsed)
     return statistics.median(times), statistics.median(shares), COMM.calls
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 def main(argv: list[str] | None = None) -> None:

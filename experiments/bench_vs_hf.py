@@ -26,27 +26,12 @@ total-token = (prompt + output tokens of all requests) / wall; output-token = ou
 divided by the best transformers row (best of generate and generate_batch); fastgen splitfuse is also divided by
 the best generate row and by the best generate_batch row.
 
-**The limit** (per workload, fastgen, the main dtype):
-
-- prefill throughput P: the model forward of one fresh request of ``scheduler.token_budget`` prompt tokens (no
-  past context), median of ``limit.repeats`` passes, in tokens/s;
-- decode step time D(b): the model forward of a decode step of b sequences at context ``limit.decode_context``
-  (default: the workload's mean prompt + output/2), median of ``limit.decode_repeats`` steps, at b on a grid of
-  powers of two up to the largest decode batch any fastgen row reached (and that batch itself); D is linearly
-  interpolated between grid points;
-- predicted pure-forward time of a step with p prompt tokens and d decoding sequences: p / P + D(d) (D(0) = 0);
-- **engine efficiency** = sum over the run's steps of the predicted time / measured wall time, which equals the
-  achieved total tokens/s divided by the forward-pass throughput at the scheduled token counts (tokens / sum of
-  predicted times). It splits into forward efficiency (predicted / measured time inside the model's forward) times
-  the in-forward fraction of wall time. Caveats: P is measured at zero past context, so chunks of long prompts
-  (which attend to earlier chunks) run slower than predicted, which lowers the efficiency; a fused step pays the
-  weight read of both terms, which raises it slightly.
-- **time outside the forward**: the steps' forward time and executor time (prepare + forward) come from the
-  engine's typed step stats; 1 - in-model time / wall is the fraction spent scheduling, building the ragged
-  batch, sampling and bookkeeping ("outside model"), and 1 - executor time / wall
-  the same without batch building ("outside executor"). With ``profile_requests`` > 0, a separate, smaller
-  splitfuse run is cProfiled and the top functions (the forward included, for reference) go to
-  ``profile_<workload>.txt``.
+**The limit** (per workload, fastgen, the main dtype; fastgen/peers/offline.py says how it is measured and what
+engine efficiency means): a budget-sized prompt pass (``limit.repeats``) and decode steps at ``limit.decode_context``
+(default: the workload's mean prompt + output/2; ``limit.decode_repeats``) up to the largest decode batch any fastgen
+row reached. **Time outside the forward**: 1 - in-model time / wall ("outside model") and 1 - executor time / wall
+("outside executor"), from the engine's step stats. With ``profile_requests`` > 0, a separate, smaller splitfuse
+run is cProfiled and the top functions go to ``profile_<workload>.txt``.
 
 Correctness: with greedy decoding, fastgen's tokens for the requests timed at bs=1 (no padding) must equal
 transformers generate's (transformers dequantizes the GGUF to float32); every other row's agreement with fastgen
@@ -61,38 +46,27 @@ Timings on a shared machine are noisy; the run's `machine` record (fastgen.machi
 """
 from __future__ import annotations
 
-import cProfile
-import io
-import math
-import pstats
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
-from peers import (FastgenConfig, HFGenerateConfig, LimitConfig, Req, agreement, build_fastgen, check, checkpoint,
-                   compose, fastgen_run, fastgen_timed, fmt, hf_generate_rows, hydra_main, load_hf, log, machine_line,
-                   machine_record, make_requests, measure_limit, row, shrink, start_run, summary, warmup_requests,
-                   write_results)
+from peers import (FastgenConfig, HFGenerateConfig, check, checkpoint, fmt, hf_generate_rows, log, row, shrink,
+                   start_run, write_results)
 
 from fastgen.analysis import markdown_table
-from fastgen.machine import Machine
+from fastgen.cli import hydra_script
+from fastgen.conf import compose_schema
+from fastgen.machine import Machine, machine_line, machine_record
 from fastgen.models import load_model
+from fastgen.peers.hf import GenerateBatchSetting, hf_generate_batch, load_hf
+from fastgen.peers.offline import (LimitConfig, Req, agreement, build_fastgen, decode_seqs, efficiency, fastgen_run,
+                                   fastgen_timed, make_requests, measure_limit, profile_engine, summary,
+                                   warmup_requests)
 from fastgen.workloads import WorkloadConfig
 
 SYSTEMS = ("hf-generate", "hf-generate-batch", "fastgen")
-
-
-@dataclass
-class GenerateBatchSetting:
-    name: str = "default"
-    page_size: int = 64
-    num_blocks: Optional[int] = None     # None: enough pages for every request of the workload at once
-    max_batch_tokens: int = 512
-    scheduler: str = "fifo"              # fifo | prefill_first
-    attn_implementation: str = "sdpa"    # sdpa | paged|eager (the CPU-capable continuous-batching attentions)
 
 
 @dataclass
@@ -116,7 +90,7 @@ class BenchConfig:
 
 
 def compose_bench_config(overrides: list[str] | tuple[str, ...] = ()) -> BenchConfig:
-    return compose("bench_vs_hf", BenchConfig, overrides)
+    return compose_schema("bench_vs_hf", BenchConfig, overrides)
 
 
 def apply_quick(cfg: BenchConfig) -> None:
@@ -134,107 +108,6 @@ def validate(cfg: BenchConfig) -> None:
     check(cfg, SYSTEMS, cfg.run)
     if any(b < 1 for b in cfg.hf_generate.batch_sizes):
         raise ValueError("hf_generate.batch_sizes must be >= 1")
-
-
-def cb_num_blocks(reqs: list[Req], page_size: int) -> int:
-    """Pages for every request at once, plus headroom: the fifo scheduler stops admitting prompts when fewer than
-    its safety margin (15%) of the pages are free, so a cache sized exactly to the workload would serialize it."""
-    need = sum(math.ceil((len(r.prompt) + r.max_new_tokens) / page_size) for r in reqs)
-    return math.ceil(need / 0.8) + 4
-
-
-def hf_generate_batch(hf, reqs: list[Req], setting: GenerateBatchSetting, warm: list[Req]) \
-        -> tuple[float, list[list[int]], dict]:
-    """transformers continuous batching, the manager generate_batch uses, with per-request output lengths."""
-    from transformers import GenerationConfig
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
-
-    num_blocks = setting.num_blocks or cb_num_blocks(reqs, setting.page_size)
-    gen = GenerationConfig(do_sample=False, max_new_tokens=max(r.max_new_tokens for r in reqs), eos_token_id=-1,
-                           pad_token_id=0)
-    cb = ContinuousBatchingConfig(page_size=setting.page_size, num_blocks=num_blocks,
-                                  max_batch_tokens=setting.max_batch_tokens, scheduler_type=setting.scheduler,
-                                  allow_block_sharing=False, auto_switch_to_flash=False,
-                                  max_requests_per_batch=max(len(reqs), 1))
-    if hf.config._attn_implementation != setting.attn_implementation:   # the manager validates it
-        hf.set_attn_implementation(setting.attn_implementation)
-
-    def drain(manager, ids: list[str]) -> dict[str, Any]:
-        results: dict[str, Any] = {}
-        while len(results) < len(ids):
-            r = manager.get_result(timeout=1)
-            if r is None:
-                if not manager.is_running():
-                    raise RuntimeError("transformers' continuous batching thread stopped before finishing")
-                continue
-            if r.is_finished():
-                if r.error is not None:
-                    raise RuntimeError(f"generate_batch request {r.request_id} failed: {r.error}")
-                results[r.request_id] = r
-        return results
-
-    with hf.continuous_batching_context_manager(generation_config=gen, continuous_batching_config=cb, block=True,
-                                                timeout=10, warmup=False) as manager:
-        drain(manager, [manager.add_request(r.prompt, request_id=f"warm{i}", max_new_tokens=r.max_new_tokens,
-                                            eos_token_id=-1) for i, r in enumerate(warm)])
-        start = time.perf_counter()
-        ids = [manager.add_request(r.prompt, request_id=f"r{i}", max_new_tokens=r.max_new_tokens, eos_token_id=-1)
-               for i, r in enumerate(reqs)]
-        results = drain(manager, ids)
-        wall = time.perf_counter() - start
-        resolved = getattr(manager, "continuous_batching_config", None)
-    info = {"page_size": setting.page_size, "num_blocks": num_blocks, "max_batch_tokens": setting.max_batch_tokens,
-            "scheduler": setting.scheduler, "attn_implementation": setting.attn_implementation}
-    if resolved is not None:
-        info["resolved"] = {k: getattr(resolved, k, None) for k in
-                            ("num_blocks", "max_batch_tokens", "max_requests_per_batch", "use_cuda_graph")}
-    return wall, [list(results[i].generated_tokens) for i in ids], info
-
-
-def decode_seqs(step: dict) -> int:
-    """Sequences in a step that are decoding (one token each); the rest of the tokens are prompt tokens."""
-    return step["num_tokens"] - step["num_prefill_tokens"]
-
-
-def interp_decode(decode_s: dict[int, float], d: int) -> float:
-    if d <= 0:
-        return 0.0
-    xs = sorted(decode_s)
-    if d <= xs[0]:
-        return decode_s[xs[0]] * d / xs[0] if d < xs[0] else decode_s[xs[0]]
-    for lo, hi in zip(xs, xs[1:]):
-        if lo <= d <= hi:
-            return decode_s[lo] + (decode_s[hi] - decode_s[lo]) * (d - lo) / (hi - lo)
-    hi, lo = xs[-1], xs[-2] if len(xs) > 1 else None         # beyond the grid: extrapolate the last segment
-    if lo is None:
-        return decode_s[hi] * d / hi
-    return decode_s[hi] + (decode_s[hi] - decode_s[lo]) * (d - hi) / (hi - lo)
-
-
-def efficiency(steps: list[dict], wall: float, in_model: float, limit: dict) -> dict:
-    decode = {int(b): t for b, t in limit["decode_step_s"].items()}
-    predicted = sum(s["num_prefill_tokens"] / limit["prefill_tok_s"] + interp_decode(decode, decode_seqs(s))
-                    for s in steps)
-    tokens = sum(s["num_tokens"] for s in steps)
-    return {"predicted_forward_s": predicted, "limit_tok_s": tokens / predicted if predicted else None,
-            "engine_efficiency": predicted / wall, "forward_efficiency": predicted / in_model if in_model else None,
-            "mean_decode_batch": statistics.fmean([decode_seqs(s) for s in steps if decode_seqs(s)] or [0]),
-            "max_decode_batch": max((decode_seqs(s) for s in steps), default=0),
-            "mean_step_tokens": statistics.fmean([s["num_tokens"] for s in steps] or [0])}
-
-
-def profile_engine(fg, reqs: list[Req], out: Path, top: int = 30) -> dict:
-    prof = cProfile.Profile()
-    prof.enable()
-    wall, _, _ = fastgen_run(fg, reqs)
-    prof.disable()
-    s = io.StringIO()
-    stats = pstats.Stats(prof, stream=s)
-    stats.sort_stats("tottime").print_stats(top)
-    s.write("\n\n--- by cumulative time ---\n")
-    stats.sort_stats("cumulative").print_stats(top)
-    out.write_text(s.getvalue())
-    return {"file": out.name, "requests": len(reqs), "wall_s_under_cprofile": wall}
 
 
 def bench_workload(name: str, cfg: BenchConfig, reqs: list[Req], hf, tok, fg_models: dict, out: Path) -> dict:
@@ -426,7 +299,7 @@ def run_bench(cfg: BenchConfig, out_dir: str | Path) -> dict:
 
 
 def main() -> None:
-    hydra_main("bench_vs_hf", BenchConfig, run_bench)
+    hydra_script("bench_vs_hf", BenchConfig, run_bench)
 
 
 if __name__ == "__main__":

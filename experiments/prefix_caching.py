@@ -13,9 +13,7 @@ other jobs on a shared machine then do not slow them. `uptime` before and after 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))          # run from a checkout without installing fastgen
 
 from fastgen.analysis import markdown_table  # noqa: E402
-from fastgen.bench import run_benchmark  # noqa: E402
+from fastgen.bench import run_or_reuse  # noqa: E402
 from fastgen.conf import compose_config  # noqa: E402
+from fastgen.machine import uptime  # noqa: E402
 from fastgen.sim.clocks import CPUClock  # noqa: E402
 
 SCHEDULERS = ["splitfuse", "sarathi", "continuous", "orca", "static"]
@@ -37,17 +36,6 @@ REAL = ["workload=shared-prefix", "workload.num_requests=16", "workload.clients=
 SIM = ["workload=shared-prefix", "executor=simulated", "hardware=a100-80gb", "hardware.tensor_parallel=4",
        "model.source=llama-2-70b", "workload.num_requests=512", "workload.clients=16", "workload.prompt.mean=2600",
        "workload.prompt.std_frac=0.3", "workload.prompt.max=3840", "workload.output.mean=60", "workload.output.max=256"]
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-
-
-def run_case(overrides: list[str], out: Path, reuse: bool, model=None, tokenizer=None, clock=None) -> dict:
-    if reuse and (out / "metrics.json").exists():
-        return json.loads((out / "metrics.json").read_text())
-    return run_benchmark(compose_config(["progress=false", *overrides]), out, model=model, tokenizer=tokenizer,
-                         clock=clock)
 
 
 def table(rows: list[tuple[str, str, dict, dict]]) -> str:
@@ -74,9 +62,10 @@ def sweep(part: str, base: list[str], cases: dict[str, list[str]], schedulers: l
     rows = []
     for case, extra in cases.items():
         for scheduler in schedulers:
-            results = [run_case([*base, *extra, f"scheduler={scheduler}", f"kv.prefix_caching={on}"],
-                                out / "runs" / part / f"{scheduler}-{case}-{'on' if on else 'off'}", reuse, model,
-                                tokenizer, clock() if clock else None) for on in (False, True)]
+            results = [run_or_reuse(["progress=false", *base, *extra, f"scheduler={scheduler}",
+                                     f"kv.prefix_caching={on}"],
+                                    out / "runs" / part / f"{scheduler}-{case}-{'on' if on else 'off'}", reuse, model,
+                                    tokenizer, clock() if clock else None) for on in (False, True)]
             rows.append((scheduler, case, *results))
             print(table(rows[-1:]), flush=True)
     return rows

@@ -17,15 +17,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from peers import ROOT, run_py, start_server, stop
+from peers import ROOT, run_py, start_server
 
-from fastgen.machine import available_cpus, cpu_model
+from fastgen.machine import available_cpus, cpu_model, uptime
+from fastgen.peers.servers import stop
 
 OUT = ROOT / "experiments" / "results" / "ray_replica_scaling"
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 def serve(n: int, port: int, log: Path) -> subprocess.Popen:

@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 import httpx
-from peers import ROOT, free_port, start_server, stop
+from peers import ROOT, start_server
 
+from fastgen.peers.servers import free_port, stop
 from fastgen.sampling import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 
 KEY = "neighbour-gap"

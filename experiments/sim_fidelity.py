@@ -15,7 +15,6 @@ process CPU seconds (fastgen.sim.CPUClock), against a profile calibrated the sam
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))          # run from a checkout without installing fastgen
 
 from fastgen.analysis import markdown_table  # noqa: E402
-from fastgen.bench import run_benchmark  # noqa: E402
+from fastgen.bench import run_or_reuse  # noqa: E402
 from fastgen.conf import compose_config  # noqa: E402
 from fastgen.sim.clocks import CPUClock  # noqa: E402
 
@@ -36,12 +35,6 @@ WORKLOADS = {
 }
 SCHEDULERS = ["splitfuse", "continuous", "sarathi"]
 METRICS = {"request_throughput": "throughput", "ttft_s_p50": "P50 TTFT", "itl_s_p50": "P50 ITL"}
-
-
-def run_case(overrides: list[str], out: Path, reuse: bool, model=None, tokenizer=None, clock=None) -> dict:
-    if reuse and (out / "metrics.json").exists():
-        return json.loads((out / "metrics.json").read_text())
-    return run_benchmark(compose_config(overrides), out, model=model, tokenizer=tokenizer, clock=clock)
 
 
 def compare(real: dict, sim: dict) -> dict[str, float]:
@@ -90,10 +83,10 @@ def main(argv: list[str] | None = None) -> str:
                 from fastgen.models import load_model   # once, shared by every real run
                 cfg = compose_config(case)
                 model, tokenizer = load_model(cfg.model.source, cfg.hardware.dtype, cfg.hardware.device)
-            real = run_case([*case, "executor=real"], real_dir, args.reuse, model, tokenizer,
+            real = run_or_reuse([*case, "executor=real"], real_dir, args.reuse, model, tokenizer,
                             CPUClock() if args.timer == "cpu" else None)
             profile = [f"hardware.sim.profile={args.profile}"] if args.profile else []
-            sim = run_case([*case, "executor=simulated", *profile], args.out / "runs" / "sim" / name, False, model)
+            sim = run_or_reuse([*case, "executor=simulated", *profile], args.out / "runs" / "sim" / name, False, model)
             rows.append((scheduler, workload, real, sim))
     text = table(rows)
     (args.out / "fidelity.md").write_text(text)

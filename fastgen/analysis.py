@@ -415,6 +415,28 @@ def noise_note(runs: Sequence[Mapping]) -> str:
     return f"hollow: {len(noisy)} of {len(runs)} runs noisy (other processes competed for the CPUs{worst})"
 
 
+def interpolate(xs, ys, at: float) -> float | None:
+    """y at x = `at` along the curve (x sorted ascending), None outside the measured range."""
+    order = np.argsort(xs)
+    xs, ys = np.asarray(xs, dtype=float)[order], np.asarray(ys, dtype=float)[order]
+    if not len(xs) or at < xs[0] or at > xs[-1]:
+        return None
+    return float(np.interp(at, xs, ys))
+
+
+def spread(runs: list[dict], key: str) -> list[float]:
+    """The standard deviation of `key` over each point's repeats (0 for a single run): bar charts' error bars."""
+    return [float(np.std([r[key] for r in samples(m)], ddof=1)) if len(samples(m)) > 1 else 0.0 for m in runs]
+
+
+def subplots(n: int, **kw):
+    """A row of n axes of the figures' size, drawn off-screen (Agg)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False, **kw)
+
+
 def plot(runs: Sequence[Mapping], out: Path, latency: str = "e2e_s_mean", g: Optional[float] = None) -> list[Path]:
     """throughput_latency.png and effective_throughput.png in `out`; `g`: the SLA generation rate of the second
     (default: the middle one of the first run's SLA)."""

@@ -114,6 +114,15 @@ def run_benchmark(cfg: RunConfig, out_dir: str | os.PathLike, model=None, tokeni
     return metrics
 
 
+def run_or_reuse(overrides: list[str], out: Path, reuse: bool, model=None, tokenizer=None, clock=None) -> dict:
+    """run.py's benchmark of `overrides` into `out`, or, with `reuse`, the metrics.json a run left there (slow real
+    runs are kept between invocations of a sweep)."""
+    if reuse and (Path(out) / "metrics.json").exists():
+        return json.loads((Path(out) / "metrics.json").read_text())
+    from fastgen.conf import compose_config
+    return run_benchmark(compose_config(overrides), out, model=model, tokenizer=tokenizer, clock=clock)
+
+
 def run_once(cfg: RunConfig, workload_cfg, model, tokenizer, clock) -> tuple[RunResult, Workload, Optional[int]]:
     """One pass of the workload; the threads it computed on (None: timed on a virtual clock)."""
     if cfg.target.name == "http":

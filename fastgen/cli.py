@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 from omegaconf import OmegaConf
 
@@ -72,3 +72,24 @@ def _config_error(e: Exception) -> str:
         keys = ", ".join(f.name for f in dataclasses.fields(object_type))
         message = message.split(" full_key:")[0] + f" (valid keys of {object_type.__name__}: {keys})"
     return message
+
+
+def hydra_script(config_name: str, schema: type, run: Callable[[Any, str], Any]) -> None:
+    """A script's entry point over its own config (see fastgen.conf.compose_schema): conf/<config_name>.yaml with
+    the command line's overrides through run_hydra (a bad value ends with one `error:` line), `run(cfg, out_dir)`
+    into the config's `out_dir` or Hydra's run directory."""
+    import hydra
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.hydra_config import HydraConfig
+
+    ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
+
+    def app(cfg) -> None:
+        typed = OmegaConf.to_object(cfg)
+        try:
+            run(typed, typed.out_dir or HydraConfig.get().runtime.output_dir)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+
+    app.__module__ = "__main__"            # Hydra names the job (and its --help) after the script, not this module
+    run_hydra(hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=None)(app), config_name)

@@ -63,3 +63,10 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "config"):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose(config_name, overrides=list(overrides))
     return OmegaConf.to_object(cfg)
+
+
+def compose_schema(config_name: str, schema: type, overrides: Sequence[str] = ()):
+    """conf/<config_name>.yaml, whose first default is `<config_name>_schema`, as a typed `schema` object (a
+    script's own config: experiments/bench_vs_hf.py's, in its tests and notebooks too)."""
+    ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
+    return compose_config(overrides, config_name=config_name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import os
 import platform
+import subprocess
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -44,6 +45,11 @@ def load_average() -> list[float]:
         return [round(x, 2) for x in os.getloadavg()]
     except (AttributeError, OSError):
         return []
+
+
+def uptime() -> str:
+    """`uptime`'s line (time up, users, load averages), as the experiments' results quote it before and after."""
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 def scheduler_seconds() -> Optional[tuple[float, float]]:
@@ -110,3 +116,20 @@ class Machine:
     def asdict(self) -> dict:
         fields = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
         return fields | {"noise_warning": self.noise_warning()}
+
+
+def machine_record(machine: Machine) -> dict:
+    """The machine's record (CPU, flags, load, CPU wait, noise warning) as of now, with the library versions: what
+    a results file needs to say where its timings came from."""
+    import torch
+    import transformers
+    return machine.finish(torch.get_num_threads()).asdict() | {
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def machine_line(m: dict) -> str:
+    """A results page's line about the machine record: CPU, the SIMD/matrix flags that pick kernels, load, noise."""
+    flags = " ".join(f for f in m["cpu_flags"].split() if f.startswith(("avx", "amx", "fma", "f16c")))
+    return (f"Machine: {m['cpu_model']}, {m['cpus']} CPUs, flags {flags}; torch {m['torch']} ({m['threads']} "
+            f"threads), transformers {m['transformers']}; load average at start {m['load_average_start']}, at end "
+            f"{m['load_average_end']}" + (f"; **{m['noise_warning']}**" if m["noise_warning"] else "") + ".")

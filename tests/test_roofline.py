@@ -3,7 +3,9 @@ measurements (on tiny sizes, so the test stays fast)."""
 import pytest
 from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-from fastgen.roofline import (DECODE, MIXED, PREFILL, Ceilings, measure_ceilings, roofline_s, step_work)
+from fastgen.roofline import (DECODE, MIXED, PREFILL, Ceilings, StepShapes, best_ceilings, measure_ceilings,
+                              probe_rooflines, probes_table, roofline_summary, roofline_s, step_work,
+                              summary_table)
 from fastgen.sim.shapes import model_spec
 
 CFG = dict(vocab_size=100, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
@@ -62,3 +64,58 @@ def test_measured_ceilings_are_positive_and_take_the_best_gemm_rate():
     c = measure_ceilings(SHAPE, tokens=(1, 4), gemm_n=64, bandwidth_bytes=2**20, repeats=1)
     assert c.bandwidth > 0 and set(c.linear_flops) == {1, 4} and all(v > 0 for v in c.linear_flops.values())
     assert c.gemm_flops == max(c.meta["square_gemm_flops"], *c.linear_flops.values())
+
+
+LLAMA_SMALL = model_spec(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+
+
+def test_roofline_summary_per_step_kind():
+    c = Ceilings(gemm_flops=1e9, bandwidth=1e8)
+    records = [([20], [20], 0.5), ([1] * 8, [30] * 8, 0.2), ([1, 1], [5, 9], 0.1), ([10, 1], [10, 7], 0.3)]
+    walls = [0.6, 0.25, 0.12, 0.35]
+    s = roofline_summary(records, walls, LLAMA_SMALL, c)
+    assert list(s) == ["prefill", "decode", "mixed", "decode >= 8 seqs"]
+    assert s["decode"]["steps"] == 2 and s["decode >= 8 seqs"]["steps"] == 1 and s["decode"]["mean_seqs"] == 5
+    eight = roofline_s(step_work(LLAMA_SMALL, [1] * 8, [30] * 8), c)
+    assert s["decode >= 8 seqs"]["efficiency_forward"] == pytest.approx(eight / 0.2)
+    assert s["decode >= 8 seqs"]["efficiency_step"] == pytest.approx(eight / 0.25)
+    assert s["prefill"]["roofline_s"] == pytest.approx(roofline_s(step_work(LLAMA_SMALL, [20], [20]), c))
+    header, rows = summary_table(s)
+    assert len(header) == len(rows[0]) == 8 and [r[0] for r in rows] == list(s) and rows[0][1] == 1
+
+
+def test_the_best_of_two_ceiling_measurements_is_the_ceiling():
+    a = Ceilings(100.0, 10.0, {1: 5.0, 8: 40.0}, {"square_gemm_flops": 100.0, "loadavg": [3.0]})
+    b = Ceilings(150.0, 8.0, {1: 6.0, 8: 30.0}, {"square_gemm_flops": 150.0, "loadavg": [0.5]})
+    c = best_ceilings(a, b)
+    assert (c.gemm_flops, c.bandwidth, c.linear_flops) == (150.0, 10.0, {1: 6.0, 8: 40.0})
+    assert len(c.meta["measurements"]) == 2 and c.meta["square_gemm_flops"] == 150.0
+
+
+def test_limit_probes_held_to_the_roofline():
+    c = Ceilings(gemm_flops=1e9, bandwidth=1e8)
+    limit = {"token_budget": 32, "prefill_pass_s": 0.01, "decode_context": 40,
+             "decode_step_s": {"1": 0.002, "8": 0.004}}
+    p = probe_rooflines(limit, LLAMA_SMALL, c)
+    assert p["prefill"]["efficiency"] == pytest.approx(roofline_s(step_work(LLAMA_SMALL, [32], [32]), c) / 0.01)
+    assert p["decode"]["8"]["roofline_s"] == pytest.approx(roofline_s(step_work(LLAMA_SMALL, [1] * 8, [40] * 8), c))
+    assert p["decode"]["1"]["efficiency"] == pytest.approx(p["decode"]["1"]["roofline_s"] / 0.002)
+    assert [r[0] for r in probes_table(p)[1]] == ["1", "8"] and probes_table(p)[1][0][1] == "2.0"
+
+
+def test_step_shapes_records_each_step_then_runs_it():
+    class Chunk:
+        def __init__(self, start, n):
+            self.start, self.token_ids = start, [0] * n
+
+    class Executor:
+        spec = "the executor's"
+
+        def execute(self, chunks, copies=()):
+            return len(chunks)
+
+    shapes = StepShapes()
+    wrapped = shapes(Executor())
+    assert wrapped.execute([Chunk(0, 5), Chunk(9, 1)]) == 2 and wrapped.spec == "the executor's"
+    assert shapes.shapes == [([5, 1], [5, 10])]

@@ -14,27 +14,21 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import copy
 import functools
-import hashlib
-import io
-import json
 import multiprocessing
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from omegaconf import OmegaConf
-
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))          # run from a checkout without installing fastgen
 
-from fastgen.analysis import axis_label, describe, draw_curve, error_bar_note, markdown_table, samples  # noqa: E402
-from fastgen.bench import run_benchmark  # noqa: E402
+from fastgen.analysis import (axis_label, describe, draw_curve, error_bar_note, interpolate,  # noqa: E402,F401
+                              markdown_table, spread, subplots)
 from fastgen.conf import compose_config  # noqa: E402
+from fastgen.result_cache import run_cached  # noqa: E402
 from fastgen.sim.shapes import model_spec  # noqa: E402
 from fastgen.workloads import LengthSpec  # noqa: E402
 
@@ -158,15 +152,8 @@ class Point:
 
 
 def run_point(args, point: Point) -> dict:
-    """One benchmark run (run.py's run_benchmark, its files under --out/runs/), returning its metrics."""
-    cfg = point_config(args, point)
-    cached = cache_path(args, cfg)
-    if cached is not None and cached.exists():
-        return json.loads(cached.read_text())
-    with contextlib.redirect_stdout(io.StringIO()):     # run_benchmark prints a table per run
-        metrics = run_benchmark(cfg, args.out / "runs" / point.name)
-    remember(args, metrics)
-    return metrics
+    """One benchmark run (run.py's run_benchmark, its files under --out/runs/, its metrics kept in --cache)."""
+    return run_cached(point_config(args, point), args.out / "runs" / point.name, args.cache)
 
 
 def point_config(args, point: Point):
@@ -182,34 +169,6 @@ def point_config(args, point: Point):
     set_workload(cfg, point.prompt, point.gen, point.clients, requests, model_spec(dep.model).max_positions)
     cfg.repeats = args.repeats
     return cfg
-
-
-@functools.lru_cache(maxsize=None)
-def source_hash() -> str:
-    """What a simulated point's numbers depend on besides its config: fastgen's code, data and conf/."""
-    digest = hashlib.sha256()
-    for path in sorted([*(ROOT / "fastgen").rglob("*"), *(ROOT / "conf").rglob("*")]):
-        if path.is_file() and "__pycache__" not in path.parts:
-            digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
-
-
-def cache_path(args, cfg_or_config) -> Path | None:
-    """Where a simulated point's metrics are kept, by its whole config (as metrics.json records it) and
-    fastgen's source; None for real runs (their numbers are measurements, never reused) or without a cache."""
-    config = cfg_or_config if isinstance(cfg_or_config, dict) else \
-        OmegaConf.to_container(OmegaConf.structured(cfg_or_config))
-    if not args.cache or config["executor"]["name"] != "simulated":
-        return None
-    key = hashlib.sha256((json.dumps(config, sort_keys=True, default=str) + source_hash()).encode()).hexdigest()
-    return Path(args.cache) / f"{key[:32]}.json"
-
-
-def remember(args, metrics: dict) -> None:
-    path = cache_path(args, metrics["config"])
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(metrics))
 
 
 def _init_worker() -> None:
@@ -234,15 +193,6 @@ def run_points(args, points: list[Point]) -> list[dict]:
             i = futures[future]
             results[i] = report(points[i], future.result())
     return results
-
-
-def interpolate(xs, ys, at: float) -> float | None:
-    """y at x = `at` along the curve (x sorted ascending), None outside the measured range."""
-    order = np.argsort(xs)
-    xs, ys = np.asarray(xs, dtype=float)[order], np.asarray(ys, dtype=float)[order]
-    if not len(xs) or at < xs[0] or at > xs[-1]:
-        return None
-    return float(np.interp(at, xs, ys))
 
 
 def fmt(value, spec: str = ".2f") -> str:
@@ -282,18 +232,6 @@ def curve(ax, runs: list[dict], x: str, y: str, label: str) -> None:
     unless x is the client count, error bars where repeated; axes with names and units."""
     draw_curve(ax, runs, x, y, label, annotate=x != "clients")
     ax.set(xlabel=axis_label(x), ylabel=axis_label(y))
-
-
-def spread(runs: list[dict], key: str) -> list[float]:
-    """The standard deviation of `key` over each point's repeats (0 for a single run): bar charts' error bars."""
-    return [float(np.std([r[key] for r in samples(m)], ddof=1)) if len(samples(m)) > 1 else 0.0 for m in runs]
-
-
-def subplots(n: int, **kw):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False, **kw)
 
 
 def mode_note(args, runs: list[dict]) -> str:

