@@ -41,10 +41,6 @@ class CausalLM(nn.Module):
         self.config = config
         self.spec = self.describe(config)
         self.parallel = current()     # the rank this model's shard belongs to (size 1: the whole model)
-        if self.parallel.size > 1 and not self.supports_tensor_parallel():
-            able = ", ".join(t for cls in families() if cls.supports_tensor_parallel() for t in cls.model_types)
-            raise ValueError(f"{type(self).__name__} ({config.model_type}) cannot be split over "
-                             f"hardware.tensor_parallel={self.parallel.size} ranks; families that can: {able}")
 
     @classmethod
     def describe(cls, config) -> ModelSpec:
@@ -177,14 +173,3 @@ class CausalLM(nn.Module):
             return f"expert {expert}" + (f" part {index + 1}/{parts}" if parts > 1 else "")
         return f"shard {part}"
 
-
-def families() -> list[type[CausalLM]]:
-    """Every model family defined so far (fastgen.models.loader imports them all): the subclasses of CausalLM that
-    name the model types they load."""
-    found, todo = [], list(CausalLM.__subclasses__())
-    while todo:
-        cls = todo.pop(0)
-        todo += cls.__subclasses__()
-        if cls.__dict__.get("model_types"):
-            found.append(cls)
-    return found

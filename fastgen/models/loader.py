@@ -92,11 +92,22 @@ def model_class(config) -> type[CausalLM]:
     return ARCHITECTURES[model_type]
 
 
+def splittable_class(config, size: int) -> type[CausalLM]:
+    """The family of `config`, refused (naming the families that can) if it cannot be split over `size` > 1 ranks."""
+    cls = model_class(config)
+    if size > 1 and not cls.supports_tensor_parallel():
+        able = ", ".join(t for c in FAMILIES if c.supports_tensor_parallel() for t in c.model_types)
+        raise ValueError(f"{cls.__name__} ({config.model_type}) cannot be split over hardware.tensor_parallel={size} "
+                         f"ranks; families that can: {able}")
+    return cls
+
+
 def check_tensor_parallel(config, size: int) -> None:
     """Refuses (ValueError naming the fix) a model that cannot be split over `size` ranks: a family without
     tensor-parallel layers, or head counts / MLP widths the ranks do not divide. Builds only shapes (meta)."""
+    cls = splittable_class(config, size)
     with building(TensorParallel(0, size)), torch.device("meta"):
-        model_class(config)(config)
+        cls(config)
 
 
 def build_model(config, weights: WeightSource | Mapping[str, torch.Tensor], dtype: torch.dtype, device, source: str,
@@ -104,7 +115,7 @@ def build_model(config, weights: WeightSource | Mapping[str, torch.Tensor], dtyp
     """The fastgen model of `config` with `weights` (a transformers-named state dict or a WeightSource); with
     `tensor_parallel`, only that rank's shard (checked before any weight is read: the family must support it and
     its head counts and MLP width divide)."""
-    cls = model_class(config)
+    cls = splittable_class(config, tensor_parallel.size)
     with building(tensor_parallel), torch.device("meta"):
         model = cls(config)
     model = model.to_empty(device="cpu").requires_grad_(False)
