@@ -107,3 +107,23 @@ def test_a_failing_wandb_never_loses_the_run_files(tmp_path, monkeypatch, caplog
     assert metrics["num_completed"] == 4
     assert {"metrics.json", "requests.jsonl", "steps.jsonl"} <= {p.name for p in tmp_path.iterdir()}
     assert "wandb logging" in caplog.text and "files are complete" in caplog.text
+
+
+def test_an_ablation_is_one_group_with_its_factor_table(tmp_path):
+    out = tmp_path / "ablation"
+    run(*SIM, "repeats=2", "logger=wandb", "factors=[scheduler=continuous,[kv.block_size=16,workload.clients=2]]",
+        "ladder=true", "metrics=[request_throughput,e2e_s_mean]", f"out={out}", module="fastgen.ablate")
+    table = (out / "ablation.md").read_text()
+    assert "| base | base | 2 |" in table and "± " in table and "effect on e2e_s_mean" in table
+    runs = find_runs(out)
+    assert {r.group for r in runs} == {f"ablation_{out.name}"}
+    jobs = [r for r in runs if r.job_type != "summary"]
+    # base, 2 factors, the ladder's second step (its first is the first factor): 4 runs x 2 seeds
+    assert len(jobs) == 8 and {r.job_type for r in jobs} == {"base", "factor", "ladder"}
+    diffs = {r.name.rsplit("-seed", 1)[0]: r.config["diff"] for r in jobs}
+    assert diffs["scheduler=continuous"] == {"scheduler": "continuous"} and diffs["base"] == {}
+    assert diffs["+ kv.block_size=16 workload.clients=2"] == {"scheduler": "continuous", "kv.block_size": "16",
+                                                              "workload.clients": "2"}
+    summary = [r for r in runs if r.job_type == "summary"]
+    assert len(summary) == 1 and len(summary[0].table("table")) == 5
+    assert {"request_throughput_effect", "e2e_s_mean_std"} <= set(summary[0].table("table")[0])
