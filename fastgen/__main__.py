@@ -5,6 +5,7 @@ folder:
     fastgen serve [key=value ...]         # = python -m fastgen.serve: an OpenAI-compatible server
     fastgen capacity [key=value ...]      # = python -m fastgen.capacity: the highest rate that meets an SLO
     fastgen analyze SWEEP_DIR [...]       # = python -m fastgen.analysis: a sweep's table and figures
+    fastgen ablate factors='[...]' [...]  # = python -m fastgen.ablate: the base and each one-factor change
 
 Each reads fastgen's conf/ and, as run.py does, a conf/ in the current folder (plugins' YAML files).
 """
@@ -15,7 +16,8 @@ import sys
 COMMANDS = {"run": "benchmark a scheduler on a workload (python run.py)",
             "serve": "serve a model over OpenAI-compatible HTTP (python -m fastgen.serve)",
             "capacity": "search the highest request rate that meets an SLO (python -m fastgen.capacity)",
-            "analyze": "a sweep directory's table and figures (python -m fastgen.analysis)"}
+            "analyze": "a sweep directory's table and figures (python -m fastgen.analysis)",
+            "ablate": "the base and each one-factor change, a factor table (python -m fastgen.ablate)"}
 
 
 def _run() -> None:
@@ -53,6 +55,9 @@ def main(argv: list[str] | None = None) -> None:
         from fastgen.capacity import main as capacity
         from fastgen.cli import run_hydra
         run_hydra(capacity, config_name="capacity")
+    elif command == "ablate":
+        from fastgen.ablate import main as ablate
+        ablate(rest)
     else:
         from fastgen.analysis import main as analyze
         analyze(rest)

@@ -4,6 +4,7 @@ count for closed-loop workloads, and the offered load (requests/s, measured from
 and trace workloads, whose points are the swept rates and time scales.
 
     python -m fastgen.analysis multirun/2026-11-24/21-00-00 [--latency e2e_s_p50] [--g 4]
+    python -m fastgen.analysis multirun/2026-11-24/21-00-00 --wandb [--group G]  # the table from wandb's runs
 
 `python run.py -m ...` does this itself when the sweep ends (SweepSummary, a Hydra callback in conf/config.yaml).
 Figures are titled with what the runs share (model, workload, hardware, executor); lines are labelled with what
@@ -31,6 +32,7 @@ from hydra.experimental.callback import Callback
 
 from fastgen.metrics import SLAConfig, g_suffix
 from fastgen.redact import REDACTED, is_secret, redact_files
+from fastgen.tracking import log_summary, sweep_group
 
 WORKLOAD_COLUMNS = ["workload", "arrival", "prompt_mean", "output_mean", "clients", "offered_rate"]
 METRIC_COLUMNS = ["num_completed", "request_throughput", "total_token_throughput", "e2e_s_mean", "e2e_s_p50",
@@ -114,6 +116,25 @@ def gather(sweep_dir: str | Path) -> list[dict]:
     return sorted(runs, key=lambda m: (m["config"]["scheduler"]["name"], m["config"]["kv"]["name"], _clients(m)))
 
 
+def gather_wandb(root: str | Path, group: Optional[str] = None) -> list[dict]:
+    """The runs logged to wandb under `root` (offline run directories, read without an account or the network;
+    `group`: only that group's), as gather's metrics: each run's summary and its config (the summary runs left
+    out). Repeats come back as runs of their own, told apart by their seed."""
+    from fastgen.wandb_offline import find_runs
+
+    runs = []
+    for r in find_runs(root):
+        if r.job_type == "summary" or (group and r.group != group):
+            continue
+        metrics = {k: v for k, v in r.summary.items() if not k.startswith("_") and not isinstance(v, dict)}
+        runs.append({**metrics, "config": {k: v for k, v in r.config.items() if k != "diff"},
+                     "overrides": r.config.get("diff"), "machine": r.summary.get("machine"),
+                     "wandb_group": r.group, "wandb_name": r.name})
+    if not runs:
+        raise FileNotFoundError(f"no wandb run{f' of group {group}' if group else ''} under {root}")
+    return sorted(runs, key=lambda m: (m["config"]["scheduler"]["name"], m["config"]["kv"]["name"], _clients(m)))
+
+
 def _clients(metrics: Mapping) -> int:
     return metrics["config"]["workload"]["clients"]
 
@@ -124,13 +145,21 @@ def is_open_loop(metrics: Mapping) -> bool:
 
 def overrides(metrics: Mapping) -> Optional[dict[str, str]]:
     """The job's command-line overrides (Hydra's .hydra/overrides.yaml beside its metrics.json), key -> value
-    (`scheduler=splitfuse` -> {"scheduler": "splitfuse"}); None where the run has none (not run by run.py)."""
+    (`scheduler=splitfuse` -> {"scheduler": "splitfuse"}), or for a run read back from wandb the `diff` it logged;
+    None where the run has none (not run by run.py)."""
+    if metrics.get("overrides") is not None:
+        return metrics["overrides"]
     path = Path(metrics.get("run_dir") or "") / ".hydra" / "overrides.yaml"
     if not metrics.get("run_dir") or not path.is_file():
         return None
     from omegaconf import OmegaConf
+    return override_dict(OmegaConf.to_container(OmegaConf.load(path)) or [])
+
+
+def override_dict(items: Sequence[str]) -> dict[str, str]:
+    """Overrides as key -> value: `+`/`~` dropped, Hydra's own left out, secrets REDACTED."""
     out = {}
-    for item in OmegaConf.to_container(OmegaConf.load(path)) or []:
+    for item in items:
         key, _, value = str(item).partition("=")
         key = key.lstrip("+~")
         if not key.startswith("hydra"):
@@ -138,13 +167,36 @@ def overrides(metrics: Mapping) -> Optional[dict[str, str]]:
     return out
 
 
+def differing(jobs: Sequence[Mapping[str, str]]) -> list[str]:
+    """The keys whose value differs between the jobs' overrides (or is missing from some), in command-line order."""
+    keys = list(dict.fromkeys(k for o in jobs for k in o))
+    return [k for k in keys if len({o.get(k) for o in jobs}) > 1]
+
+
+def sweep_jobs(sweep_dir: str | Path) -> Optional[list[dict[str, str]]]:
+    """Every job's overrides of a `run.py -m` sweep, expanded from the sweep's overrides in its multirun.yaml (which
+    Hydra writes before the first job, so a job knows what its sweep varies before the later jobs have run); None
+    outside a sweep."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.is_file():
+        return None
+    task = OmegaConf.to_container(OmegaConf.load(path).hydra.overrides.task) or []
+    choices = [[f"{o.key_or_group}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+               else [o.input_line] for o in OverridesParser.create().parse_overrides(task)]
+    return [override_dict(job) for job in itertools.product(*choices)]
+
+
 def swept_keys(runs: Sequence[Mapping]) -> list[str]:
     """The keys that differ between the runs, in command-line order: each override whose value differs between
     the jobs (or is missing from some); without Hydra's overrides, each config value that differs."""
     found = [overrides(m) for m in runs]
     if all(o is not None for o in found):
-        keys = list(dict.fromkeys(k for o in found for k in o))
-        return [k for k in keys if len({o.get(k) for o in found}) > 1]
+        return differing(found)
     flats = [flatten(m["config"]) for m in runs]
     keys = list(dict.fromkeys(k for f in flats for k in f))
     return [k for k in keys if len({str(f.get(k)) for f in flats}) > 1 and not k.endswith(".seed")]
@@ -503,9 +555,16 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         redact_files(config.hydra.sweep.dir)
         try:
-            summarize_sweep(config.hydra.sweep.dir)
+            written = summarize_sweep(config.hydra.sweep.dir)
         except FileNotFoundError as e:      # every job failed: Hydra has reported why
             print(f"no sweep table: {e}")
+            return
+        logger = config.get("logger")
+        if logger is not None and logger.get("name") == "wandb":     # the sweep's summary run, in its group
+            sweep_dir = Path(config.hydra.sweep.dir)
+            log_summary(logger, logger.get("group") or sweep_group(sweep_dir), sweep_dir, sweep_dir / "table.csv",
+                        [p for p in written if p.suffix == ".png"],
+                        config={"sweep_dir": str(sweep_dir.resolve()), "diff": swept_keys(gather(sweep_dir))})
 
 
 def main(argv=None) -> None:
@@ -514,7 +573,18 @@ def main(argv=None) -> None:
     parser.add_argument("--latency", default="e2e_s_mean", help="latency metric on the y axis")
     parser.add_argument("--g", type=float, help="SLA generation rate (tok/s) of the effective-throughput figure; "
                                                 "default: the middle one of the runs' SLA")
+    parser.add_argument("--wandb", action="store_true",
+                        help="rebuild the table from the wandb runs logged under SWEEP_DIR (offline run directories; "
+                             "no account or network) into SWEEP_DIR/wandb_table/")
+    parser.add_argument("--group", help="--wandb: only this group's runs")
     args = parser.parse_args(argv)
+    if args.wandb:
+        out = Path(args.sweep_dir) / "wandb_table"
+        out.mkdir(exist_ok=True)
+        table = write_table(gather_wandb(args.sweep_dir, args.group), out)
+        print(table.read_text())
+        print(f"wrote {table} and table.csv from the wandb runs under {Path(args.sweep_dir).resolve()}")
+        return
     summarize_sweep(args.sweep_dir, args.latency, args.g)
 
 

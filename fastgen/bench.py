@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 from omegaconf import OmegaConf
 
-from fastgen.analysis import describe
+from fastgen.analysis import describe, overrides, sweep_jobs, differing
 from fastgen.compose import build_engine
 from fastgen.driver import EngineTarget, HttpTarget, ReplicaCluster, RunResult, run_workload
 from fastgen.executors import EXECUTORS
@@ -28,9 +28,10 @@ from fastgen.metrics import (SLAConfig, format_table, g_suffix, is_completed, me
                              summarize)
 from fastgen.models import load_config, load_model, resolve_dtype
 from fastgen.routers import make_router
-from fastgen.redact import redact, redact_files, redact_override, secret_values
+from fastgen.redact import redact, redact_files, secret_values
 from fastgen.run_config import RunConfig
 from fastgen.sim.clocks import CPUClock, VirtualClock
+from fastgen.tracking import WandbRun, log_run, run_name, sweep_group
 from fastgen.workloads import Workload, build_workload
 from fastgen.workloads.replay import resolve_trace_path
 
@@ -66,10 +67,12 @@ def shared_model(cfg: RunConfig) -> tuple[Any, Any, dict]:
     return model, tokenizer, {"load_s": _loaded.load_s, "reused": False}
 
 
-def run_benchmark(cfg: RunConfig, out_dir: str | os.PathLike, model=None, tokenizer=None, clock=None) -> dict:
+def run_benchmark(cfg: RunConfig, out_dir: str | os.PathLike, model=None, tokenizer=None, clock=None,
+                  wandb_run: Optional[WandbRun] = None) -> dict:
     """Runs cfg's workload `cfg.repeats` times (workload seeds seed, seed+1, ...) and writes the files; returns the
     metrics (means over the repeats, each repeat's under `runs`). `clock`: the real engine's clock (default: the
-    wall clock, or process CPU time with timer=cpu)."""
+    wall clock, or process CPU time with timer=cpu). `wandb_run`: where logger=wandb puts it (default: a sweep's
+    group when out_dir is a job of a `run.py -m` sweep, see wandb_identity)."""
     cfg.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +109,7 @@ def run_benchmark(cfg: RunConfig, out_dir: str | os.PathLike, model=None, tokeni
     metrics["model_load"] = load
     write_results(out, metrics, results, cfg.sla)
     if cfg.logger.name == "wandb":
-        log_wandb(cfg, metrics, results[0], out)
+        log_run(cfg.logger, wandb_run or wandb_identity(cfg, out), out)
     log.info(format_table(metrics) + "\n\n" + run_summary(metrics, out))
     redact_run_dir(out, secret_values(config))
     if metrics["machine"]["noise_warning"]:
@@ -270,23 +273,18 @@ def write_results(out: Path, metrics: dict, results: list[RunResult], sla: Optio
 TRACE_TIMES = ("arrival_time", "token_times", "first_scheduled_time", "finish_time")
 
 
-def log_wandb(cfg: RunConfig, metrics: dict, result: RunResult, out: Path) -> None:
-    """The summary metrics and the first run's steps."""
-    import sys
-
-    import wandb
-
-    argv = sys.argv
-    sys.argv = [redact_override(a) for a in argv]       # wandb records the command line in its metadata
-    try:
-        run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode,
-                         tags=list(cfg.logger.tags), dir=str(out), config=redact(metrics["config"]),
-                         name=f"{cfg.scheduler.name}-{cfg.workload.arrival}-c{cfg.workload.clients}")
-    finally:
-        sys.argv = argv
-    for s in result.steps:
-        wandb.log({"step/time_s": s.start - result.start_time, "step/duration_s": s.duration_s,
-                   "step/forward_s": s.forward_s, "step/num_tokens": s.num_tokens, "step/num_seqs": s.num_seqs,
-                   "step/kv_used_tokens": s.kv_used_tokens}, step=s.index)
-    run.summary.update({k: v for k, v in metrics.items() if not isinstance(v, (dict, list)) and v is not None})
-    run.finish()
+def wandb_identity(cfg: RunConfig, out: Path) -> WandbRun:
+    """A run's place in wandb: a job of a `run.py -m` sweep goes to the sweep's group (logger.group, else named
+    after the sweep directory), named by its values of the keys the sweep varies (its `diff`), job type its
+    scheduler (or, when the scheduler is not swept, the first swept key); a single run to logger.group, if any,
+    named <scheduler>-<arrival>-c<clients>."""
+    log_cfg = cfg.logger
+    jobs = sweep_jobs(out.parent)
+    mine = overrides({"run_dir": str(out)}) if jobs else None
+    if not jobs or mine is None:
+        name = f"{cfg.scheduler.name}-{cfg.workload.arrival}-c{cfg.workload.clients}"
+        return WandbRun(group=log_cfg.group, name=log_cfg.run_name or name, job_type=log_cfg.job_type or "run")
+    diff = {k: mine.get(k) for k in differing(jobs)}
+    job_type = cfg.scheduler.name if "scheduler" in diff or not diff else run_name(dict([next(iter(diff.items()))]))
+    return WandbRun(group=log_cfg.group or sweep_group(out.parent), name=log_cfg.run_name or run_name(diff) or "job",
+                    job_type=log_cfg.job_type or job_type, diff=diff, tags=["sweep"])

@@ -22,6 +22,9 @@ class LoggerConfig:
     entity: Optional[str] = None
     mode: str = "offline"                # wandb mode: offline unless the user asks for online
     tags: list[str] = field(default_factory=list)
+    group: Optional[str] = None          # wandb group; default: a sweep's directory (fastgen.tracking.sweep_group)
+    job_type: Optional[str] = None       # default: the scheduler (a sweep: or the first swept key)
+    run_name: Optional[str] = None       # default: the swept keys' values (splitfuse-clients8)
 
 
 @dataclass
