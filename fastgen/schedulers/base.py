@@ -69,6 +69,7 @@ class SchedulerOutput:
 
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    dropped: list[tuple[Request, str]] = field(default_factory=list)   # (request, finish reason) the policy ended
     step_chunks: list[SeqChunk] = field(default_factory=list)
     copies: list[BlockCopy] = field(default_factory=list)
 
@@ -181,6 +182,12 @@ class Scheduler:
             self.waiting.remove(req)
         self.kv.free(req)
         req.status = RequestStatus.FINISHED
+
+    def drop(self, req: Request, reason: str, out: SchedulerOutput) -> None:
+        """The policy ends a request itself (e.g. one that can no longer meet its deadline): it leaves and frees its
+        KV now, and the engine ends it with finish_reason `reason` when it reads the plan."""
+        self.finish(req)
+        out.dropped.append((req, reason))
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
