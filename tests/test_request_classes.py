@@ -127,3 +127,42 @@ def test_server_takes_vllms_priority_and_openais_user_and_refuses_bad_values():
             response = s.post("/v1/completions", body | bad)
             assert response.status_code == 400, response.text
             assert response.json()["error"]["param"] == param
+
+
+def trace(rid, arrival, scheduled, tokens, *, cls=None, tenant="default", slo=None, reason="length", prompt=4):
+    from fastgen.request_trace import RequestTrace
+    return RequestTrace(rid, prompt, arrival, list(tokens), scheduled, tokens[-1] if tokens else None, reason,
+                        request_class=cls, tenant=tenant, slo=slo)
+
+
+def test_slo_attainment_and_goodput_overall_and_per_class():
+    from fastgen.metrics import summarize
+    slo = SLO(ttft_s=1.0, tpot_s=0.5)
+    traces = [trace("0", 0.0, 0.1, [0.5, 0.9, 1.3], cls="chat", slo=slo),      # meets both
+              trace("1", 0.0, 0.1, [1.5, 1.6], cls="chat", slo=slo),           # TTFT 1.5 > 1.0
+              trace("2", 0.0, 0.1, [0.5, 2.5], cls="batch", slo=slo),          # TPOT 2.0 > 0.5
+              trace("3", 0.0, 0.1, [0.2], cls="batch", slo=slo, reason="deadline"),   # dropped: a miss
+              trace("4", 0.0, 0.1, [0.2, 0.3], cls="free")]                    # no SLO: not counted
+    m = summarize(traces)
+    window = 2.5
+    assert m["slo_attainment"] == 0.25 and m["goodput"] == pytest.approx(1 / window)
+    assert m["slo_attainment_chat"] == 0.5 and m["goodput_chat"] == pytest.approx(1 / window)
+    assert m["slo_attainment_batch"] == 0.0 and m["goodput_batch"] == 0.0
+    assert "slo_attainment_free" not in m and m["num_completed"] == 4
+    assert m["fairness_jain"] is None and m["service_gap_max"] is None       # one tenant
+    assert summarize(traces[4:])["slo_attainment"] is None
+
+
+def test_fairness_jain_and_service_gap_over_tenants():
+    from fastgen.metrics import summarize
+    # a and b both wait from 0 to 1 and from 0 to 2; a is served 4 + 2 x 2 by t=1, b nothing until t=2
+    traces = [trace("a0", 0.0, 0.5, [0.6, 0.7], tenant="a"), trace("a1", 0.0, 1.0, [1.5], tenant="a"),
+              trace("b0", 0.0, 2.0, [2.1], tenant="b")]
+    m = summarize(traces)
+    served = {"a": 4 + 4 + 4 + 2, "b": 4 + 2}
+    total = sum(served.values())
+    assert m["fairness_jain"] == pytest.approx(total ** 2 / (2 * sum(v * v for v in served.values())))
+    # both backlogged over (0, 1]: a gets 4 (a0's prompt) + 2 + 2 (its tokens) + 4 (a1's prompt at 1.0)
+    assert m["service_gap_max"] == pytest.approx(12.0)
+    assert summarize([trace("x", 0, 0.1, [0.2], tenant="a"), trace("y", 0, 0.1, [0.2], tenant="b")])[
+        "fairness_jain"] == pytest.approx(1.0)
