@@ -259,7 +259,8 @@ def write_results(out: Path, metrics: dict, results: list[RunResult], sla: Optio
         for k, result in enumerate(results):
             for t in result.traces:
                 row = {key: _relative(v, result.start_time) if key in TRACE_TIMES else v
-                       for key, v in vars(t).items()}       # flat records: vars() spares asdict's deep copies
+                       for key, v in vars(t).items() if key != "slo"}   # flat records: vars() spares asdict's copies
+                row["slo_ttft_s"], row["slo_tpot_s"] = (t.slo.ttft_s, t.slo.tpot_s) if t.slo else (None, None)
                 if sla is not None:
                     row["sla_met"] = sla_met(t, sla)
                 f.write(json.dumps({**row, "repeat": k} if several else row) + "\n")

@@ -33,6 +33,7 @@ from fastgen.executors.base import Executor
 from fastgen.model_spec import eos_ids
 from fastgen.ragged import SeqChunk
 from fastgen.request import Request
+from fastgen.request_trace import DEFAULT_TENANT, SLO, check_class
 from fastgen.sampling import ParameterError, Sampler, SamplingParams, SamplingRow, TokenLogprob, token_logprobs
 from fastgen.schedulers.base import Scheduler, SchedulerOutput
 from fastgen.step_stats import EngineSnapshot, StepStats
@@ -84,8 +85,15 @@ class LLMEngine:
 
     # -- requests ------------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], sampling: SamplingParams | None = None,
-                    request_id: str | None = None, arrival_time: float | None = None) -> str:
+                    request_id: str | None = None, arrival_time: float | None = None, *, priority: int = 0,
+                    tenant: str = DEFAULT_TENANT, slo: SLO | None = None, request_class: str | None = None) -> str:
+        """Queues a request; `priority` (lower is more urgent), `tenant` and `slo` are its class, which
+        class-aware schedulers (priority, edf, vtc) act on and the metrics group by."""
         sampling = sampling or SamplingParams()
+        try:
+            check_class(priority, tenant, slo)
+        except ValueError as e:
+            raise ParameterError(str(e).split(" ", 1)[0], str(e)) from None
         token_ids = self._tokenize(prompt)
         sampling.check_vocab(self.vocab_size)
         if sampling.stop and self.tokenizer is None:
@@ -101,7 +109,8 @@ class LLMEngine:
                                            f"({sampling.max_new_tokens}) = {total} exceeds the model's context limit "
                                            f"max_model_len={self.max_model_len}")
         req = Request(request_id, token_ids, sampling, self.clock() if arrival_time is None else arrival_time,
-                      eos_token_ids=self.eos_token_ids)
+                      eos_token_ids=self.eos_token_ids, priority=priority, tenant=tenant, slo=slo,
+                      request_class=request_class)
         self._scheduler.check_fits(req)
         self._detokenize(req)
         self._requests[request_id] = [req]
@@ -190,11 +199,12 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         start = self.clock()
         plan = self._scheduler.plan_step()
+        dropped = self._dropped(plan, start)
         if not plan:
-            if self.has_unfinished():
+            if self.has_unfinished() and not dropped:
                 raise RuntimeError(f"scheduler {self._scheduler.name!r} scheduled nothing while "
                                    f"{self._scheduler.num_requests()} (running, waiting) requests are unfinished")
-            return []
+            return dropped
         for c in plan.chunks:
             if c.request.trace.first_scheduled_time is None:
                 c.request.trace.first_scheduled_time = start
@@ -204,7 +214,7 @@ class LLMEngine:
         except Exception as e:      # noqa: BLE001  (the model failed: this step's requests end, the engine lives on)
             log.exception("the forward pass failed; ending its %d requests", len(plan.chunks))
             error = f"the model's forward pass failed: {type(e).__name__}: {e}"
-            outputs = [self._fail(c.request, error) for c in plan.chunks]
+            outputs = dropped + [self._fail(c.request, error) for c in plan.chunks]
             for c in plan.chunks:
                 self._scheduler.finish(c.request)
             prepare_s = forward_s = 0.0
@@ -212,7 +222,7 @@ class LLMEngine:
         else:
             executed = self.clock()
             prepare_s, forward_s = result.prepare_s, result.forward_s
-            outputs = self._commit(plan, result.logits)
+            outputs = dropped + self._commit(plan, result.logits)
         now = self.clock()
         self._report(StepStats(
             index=self._num_steps, start=start, duration_s=now - start, schedule_s=scheduled - start,
@@ -221,6 +231,21 @@ class LLMEngine:
             num_prefill_tokens=sum(c.num_tokens for c in plan.chunks if c.num_tokens > 1),
             num_preempted=len(plan.preempted), num_block_copies=len(plan.copies),
             num_pad_tokens=plan.num_pad_tokens, **self._scheduler.step_counts()))
+        return outputs
+
+    def _dropped(self, plan: SchedulerOutput, now: float) -> list[RequestOutput]:
+        """Sequences the policy ended itself (`SchedulerOutput.dropped`, e.g. edf's late requests with
+        late=drop): the scheduler has already let them go and freed their KV; here they end on the engine's side
+        with the policy's finish reason, as an abort would."""
+        outputs = []
+        for req, reason in plan.dropped:
+            if req.request_id not in self._requests or req not in self._requests[req.request_id]:
+                continue
+            self._finish(req, reason, now)
+            if req.request_id in self._best_of:
+                outputs += self._best_of_outputs(req, reason)
+            else:
+                outputs.append(RequestOutput(req.request_id, [], req.trace, True, reason, "", req, index=req.index))
         return outputs
 
     def _commit(self, plan: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:

@@ -16,6 +16,15 @@ Definitions follow the paper's published benchmark scripts (DeepSpeedExamples, b
   Effective throughput = request throughput x fraction of completed requests meeting the SLA
   (i.e. SLA-meeting requests per second of the window).
 - Percentiles use numpy's default linear interpolation, as the scripts do.
+
+Request classes (requests with a priority, tenant and SLO; `class_metrics`): a request *meets its SLO* when it
+completed with TTFT <= slo.ttft_s and TPOT <= slo.tpot_s (each where set; a single token meets any TPOT); one
+that failed, was aborted or dropped as late misses it. `slo_attainment` is the fraction of the requests that have
+an SLO meeting it, `goodput` those per second of the throughput window, and `_<class>` each per workload class.
+Fairness over tenants uses VTC's service (Sheng et al., arXiv 2401.00588): w_input (1) per prompt token when the
+request is first scheduled and w_output (2) per output token when it arrives. `fairness_jain` is Jain's index of
+the tenants' services over the run; `service_gap_max` is the largest difference between two tenants' services
+over any interval in which both are backlogged (have a request waiting to be scheduled), VTC's fairness measure.
 """
 from __future__ import annotations
 
@@ -67,7 +76,9 @@ def g_suffix(g: float) -> str:
 
 
 def is_completed(trace: RequestTrace) -> bool:
-    return trace.finish_time is not None and bool(trace.token_times) and trace.finish_reason != "abort"
+    """Finished with its tokens: not failed, aborted or dropped (finish_reason "deadline")."""
+    return trace.finish_time is not None and bool(trace.token_times) and trace.finish_reason not in ("abort",
+                                                                                                  "deadline")
 
 
 # ---------------------------------------------------------------------------- per-request quantities
@@ -248,10 +259,103 @@ def summarize(traces: Sequence[RequestTrace], steps: Sequence[Any] = (),
             fraction = out[f"sla_{kind}frac_{g_suffix(g)}"]
             out[f"effective_{kind}throughput_{g_suffix(g)}"] = (
                 None if throughput is None or fraction is None else throughput * fraction)
+    out |= class_metrics(traces, window)
     out |= step_metrics(steps)
     busy = sum(s["duration_s"] for s in steps)
     out["busy_frac"] = busy / duration if steps and duration else None
     return out
+
+
+# ---------------------------------------------------------------------------- request classes
+
+def meets_slo(trace: RequestTrace) -> bool:
+    slo = trace.slo
+    if not is_completed(trace):
+        return False
+    if slo.ttft_s is not None and ttft(trace) > slo.ttft_s:
+        return False
+    per_token = tpot(trace)
+    return slo.tpot_s is None or per_token is None or per_token <= slo.tpot_s
+
+
+def _key_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in name)
+
+
+def class_metrics(traces: Sequence[RequestTrace], window: Optional[float], w_input: float = 1.0,
+                  w_output: float = 2.0) -> Metrics:
+    """SLO attainment and goodput, overall and per class, and fairness over tenants (see the module's doc)."""
+    out: Metrics = {}
+    with_slo = [t for t in traces if t.slo is not None and t.slo.active]
+    groups = {"": with_slo}
+    for t in with_slo:
+        if t.request_class is not None:
+            groups.setdefault("_" + _key_name(t.request_class), []).append(t)
+    for suffix, group in groups.items():
+        met = sum(map(meets_slo, group))
+        out[f"slo_attainment{suffix}"] = met / len(group) if group else None
+        out[f"goodput{suffix}"] = met / window if window and group else None
+    tenants = sorted({t.tenant for t in traces})
+    served = {tenant: sum(_service(t, w_input, w_output)[1] for t in traces if t.tenant == tenant)
+              for tenant in tenants}
+    values = np.array(list(served.values()), dtype=float)
+    many = len(tenants) > 1 and values.sum() > 0
+    out["fairness_jain"] = float(values.sum() ** 2 / (len(values) * (values ** 2).sum())) if many else None
+    out["service_gap_max"] = service_gap_max(traces, w_input, w_output) if len(tenants) > 1 else None
+    return out
+
+
+def _service(trace: RequestTrace, w_input: float, w_output: float) -> tuple[list[tuple[float, float]], float]:
+    """(time, weighted tokens) of what the request was served, and their sum."""
+    events = []
+    start = trace.first_scheduled_time if trace.first_scheduled_time is not None else (
+        trace.token_times[0] if trace.token_times else None)
+    if start is not None:
+        events.append((start, w_input * trace.prompt_tokens))
+    events += [(t, w_output) for t in trace.token_times]
+    return events, sum(w for _, w in events)
+
+
+def _backlogged(traces: Sequence[RequestTrace]) -> list[tuple[float, float]]:
+    """The union of the intervals in which the requests wait to be scheduled (arrival to first scheduling)."""
+    spans = []
+    for t in traces:
+        start = t.first_scheduled_time if t.first_scheduled_time is not None else (
+            t.token_times[0] if t.token_times else t.finish_time)
+        if start is not None and start > t.arrival_time:
+            spans.append((t.arrival_time, start))
+    merged: list[tuple[float, float]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def service_gap_max(traces: Sequence[RequestTrace], w_input: float = 1.0, w_output: float = 2.0) -> Optional[float]:
+    """The largest |W_f(t1, t2) - W_g(t1, t2)| over tenant pairs f, g and intervals [t1, t2] in which both are
+    backlogged (W: weighted service in the interval); None if no two tenants are ever backlogged together."""
+    tenants = sorted({t.tenant for t in traces})
+    backlog = {x: _backlogged([t for t in traces if t.tenant == x]) for x in tenants}
+    events = {x: sorted(e for t in traces if t.tenant == x for e in _service(t, w_input, w_output)[0])
+              for x in tenants}
+    best = None
+    for i, f in enumerate(tenants):
+        for g in tenants[i + 1:]:
+            merged = sorted([(t, w) for t, w in events[f]] + [(t, -w) for t, w in events[g]])
+            for a1, b1 in backlog[f]:
+                for a2, b2 in backlog[g]:
+                    lo, hi = max(a1, a2), min(b1, b2)
+                    if lo >= hi:
+                        continue
+                    gap, low, high = 0.0, 0.0, 0.0
+                    for t, w in merged:
+                        if lo < t <= hi:
+                            gap += w
+                            low, high = min(low, gap), max(high, gap)
+                    best = max(best or 0.0, high - low)
+    return best
 
 
 # ---------------------------------------------------------------------------- rendering

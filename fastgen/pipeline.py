@@ -14,6 +14,7 @@ from typing import Sequence
 from fastgen.compose import build_engine
 from fastgen.conf import compose_config
 from fastgen.engine import LLMEngine
+from fastgen.request_trace import DEFAULT_TENANT, SLO
 from fastgen.sampling import SamplingParams, TokenLogprob
 
 
@@ -33,12 +34,15 @@ class Pipeline:
         self.engine = engine
 
     def __call__(self, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 64,
-                 **sampling) -> list[Output]:
+                 *, priority: int | Sequence[int] = 0, tenant: str | Sequence[str] = DEFAULT_TENANT,
+                 slo: SLO | None | Sequence[SLO | None] = None, **sampling) -> list[Output]:
+        """`priority` (lower is more urgent), `tenant` and `slo`: one for all prompts or one per prompt (the
+        request classes that class-aware schedulers act on)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        news = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
-        if len(news) != len(prompts):
-            raise ValueError(f"max_new_tokens has {len(news)} entries for {len(prompts)} prompts")
+        news = _per_prompt("max_new_tokens", max_new_tokens, len(prompts))
+        classes = list(zip(_per_prompt("priority", priority, len(prompts)),
+                           _per_prompt("tenant", tenant, len(prompts)), _per_prompt("slo", slo, len(prompts))))
         known = {f.name for f in fields(SamplingParams)}
         unknown = set(sampling) - known
         if unknown:
@@ -46,7 +50,8 @@ class Pipeline:
         if sampling.get("n", 1) != 1 or sampling.get("best_of") not in (None, 1):
             raise ValueError("the pipeline returns one output per prompt: for n > 1 or best_of use the engine "
                              "(LLMEngine.add_request; each output carries its choice index)")
-        ids = [self.engine.add_request(p, SamplingParams(max_new_tokens=n, **sampling)) for p, n in zip(prompts, news)]
+        ids = [self.engine.add_request(p, SamplingParams(max_new_tokens=n, **sampling), priority=pr, tenant=t, slo=o)
+               for p, n, (pr, t, o) in zip(prompts, news, classes)]
         finished = {}
         while self.engine.has_unfinished():
             finished.update((out.request_id, out) for out in self.engine.step() if out.finished)
@@ -68,6 +73,13 @@ class Pipeline:
         return Output(text, list(req.output_token_ids), req.finish_reason, len(req.prompt_token_ids),
                       req.logprobs if req.sampling.logprobs is not None else None,
                       req.prompt_logprobs if req.sampling.prompt_logprobs is not None else None, out.error)
+
+
+def _per_prompt(name: str, value, n: int) -> list:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries for {n} prompts")
+    return values
 
 
 def pipeline(model="smollm2-135m", scheduler: str = "splitfuse", kv: str = "blocked", hardware: str = "cpu",

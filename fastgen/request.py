@@ -18,7 +18,7 @@ import torch
 
 from fastgen.detokenizer import IncrementalDetokenizer
 from fastgen.sampling import SamplingParams, TokenLogprob
-from fastgen.request_trace import RequestTrace
+from fastgen.request_trace import DEFAULT_TENANT, SLO, RequestTrace
 
 
 _SEQ_IDS = itertools.count()
@@ -52,10 +52,16 @@ class Request:
     cumulative_logprob: float = 0.0             # sum of its tokens' log-probabilities (kept when best_of > n)
     seq_id: int = field(default_factory=lambda: next(_SEQ_IDS))   # unique per sequence: the KV manager's key
     block_hashes: list = field(default_factory=list, repr=False)  # the KV manager's keys of its full blocks
+    priority: int = 0                           # lower is more urgent (vLLM's convention)
+    tenant: str = DEFAULT_TENANT                # who sent it (fairness policies share service between tenants)
+    slo: SLO | None = None                      # its TTFT / TPOT targets (deadline-aware policies, metrics)
+    request_class: str | None = None            # the workload class it belongs to (metrics per class)
 
     def __post_init__(self):
         if self.trace is None:
-            self.trace = RequestTrace(self.request_id, len(self.prompt_token_ids), self.arrival_time)
+            self.trace = RequestTrace(self.request_id, len(self.prompt_token_ids), self.arrival_time,
+                                      request_class=self.request_class, tenant=self.tenant, priority=self.priority,
+                                      slo=self.slo)
         if self.sampling.seed is not None:
             self.generator = torch.Generator().manual_seed(self.sampling.seed)
 

@@ -22,7 +22,9 @@ class EngineTarget:
 
     def send(self, index: int, request_id: str, request: WorkloadRequest, send_time: float) -> None:
         sampling = SamplingParams(max_new_tokens=request.max_new_tokens, ignore_eos=True, detokenize=False)
-        self._index[self.engine.add_request(request.prompt_token_ids, sampling, request_id, send_time)] = index
+        self._index[self.engine.add_request(request.prompt_token_ids, sampling, request_id, send_time,
+                                            priority=request.priority, tenant=request.tenant, slo=request.slo,
+                                            request_class=request.request_class)] = index
 
     def wait(self, until: float | None) -> list[tuple[int, RequestTrace]]:
         if not self.engine.has_unfinished():

@@ -18,7 +18,7 @@ import time
 
 import httpx
 
-from fastgen.request_trace import RequestTrace
+from fastgen.request_trace import DEFAULT_TENANT, RequestTrace
 from fastgen.workloads import WorkloadRequest
 
 
@@ -91,10 +91,12 @@ class HttpTarget:
     async def _one(self, index: int, request_id: str, request: WorkloadRequest) -> None:
         try:
             trace = await _stream_completion(self._client, self.model, request_id, request.prompt_token_ids,
-                                             request.max_new_tokens, self.clock)
+                                             request.max_new_tokens, self.clock, _class_fields(request))
         except BaseException as e:   # noqa: BLE001  (whatever happens, the driver must hear this request ended)
             trace = RequestTrace(request_id, len(request.prompt_token_ids), self.clock(),
                                  finish_reason=f"error: {type(e).__name__}: {e}")
+        trace.request_class, trace.tenant, trace.priority, trace.slo = (
+            request.request_class, request.tenant, request.priority, request.slo)
         self._done.put((index, trace))
 
     def _call(self, coroutine):
@@ -107,13 +109,25 @@ async def _first_model(client: httpx.AsyncClient) -> str:
     return response.json()["data"][0]["id"]
 
 
+def _class_fields(request: WorkloadRequest) -> dict:
+    """The request's class as the server takes it: vLLM's `priority` (sent only when not 0, as servers without
+    priority scheduling refuse it) and OpenAI's `user` as the tenant (sent only for a tenant other than the
+    default)."""
+    fields: dict = {}
+    if request.priority:
+        fields["priority"] = request.priority
+    if request.tenant != DEFAULT_TENANT:
+        fields["user"] = request.tenant
+    return fields
+
+
 async def _stream_completion(client: httpx.AsyncClient, model: str, request_id: str, prompt: list[int],
-                             max_new_tokens: int, clock) -> RequestTrace:
+                             max_new_tokens: int, clock, extra: dict | None = None) -> RequestTrace:
     """One streamed request. A chunk whose choice carries a token (`carries_token`) is counted as one token; when
     the server reports usage, its completion_tokens count wins (a server that packs several tokens into one chunk
     gets them all at that chunk's time, and a chunk that only carries finish_reason does not count)."""
     payload = {"model": model, "prompt": prompt, "max_tokens": max_new_tokens, "temperature": 0.0, "stream": True,
-               "ignore_eos": True, "stream_options": {"include_usage": True}}
+               "ignore_eos": True, "stream_options": {"include_usage": True}, **(extra or {})}
     trace = RequestTrace(request_id, len(prompt), clock())
     completion_tokens = None
     try:

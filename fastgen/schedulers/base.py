@@ -69,6 +69,7 @@ class SchedulerOutput:
 
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    dropped: list[tuple[Request, str]] = field(default_factory=list)   # (request, finish reason) the policy ended
     step_chunks: list[SeqChunk] = field(default_factory=list)
     copies: list[BlockCopy] = field(default_factory=list)
 
@@ -182,6 +183,12 @@ class Scheduler:
         self.kv.free(req)
         req.status = RequestStatus.FINISHED
 
+    def drop(self, req: Request, reason: str, out: SchedulerOutput) -> None:
+        """The policy ends a request itself (e.g. one that can no longer meet its deadline): it leaves and frees its
+        KV now, and the engine ends it with finish_reason `reason` when it reads the plan."""
+        self.finish(req)
+        out.dropped.append((req, reason))
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -248,6 +255,51 @@ class Scheduler:
             if victim is None:
                 return out
             self.preempt(victim, out)
+
+    # -- class-aware ordering, shared by priority, edf and vtc ----------------------------------------------------
+    def worst_running(self, out: SchedulerOutput, key: Callable[[Request], tuple],
+                      worse_than: tuple | None = None) -> Request | None:
+        """The running request with the largest `key` (the least urgent) not already scheduled in this step, and
+        only one whose key is larger than `worse_than` when that is given."""
+        scheduled = {id(c.request) for c in out.chunks}
+        candidates = [r for r in self.running if id(r) not in scheduled and (worse_than is None or key(r) > worse_than)]
+        return max(candidates, key=key, default=None)
+
+    def reserve_before(self, req: Request, n: int, out: SchedulerOutput, key: Callable[[Request], tuple]) -> bool:
+        """KV for n more tokens of req (a waiting request: room for all its pending tokens, as SplitFuse starts a
+        prompt), preempting, while the pool is short, the least urgent running request that is less urgent than
+        req (by `key`); on success adds the chunk."""
+        rank = key(req)
+        need = req.num_pending_tokens if req.status is RequestStatus.WAITING else n
+        while not (self.kv.can_allocate(req, need) and self.kv.try_allocate(req, n)):
+            victim = self.worst_running(out, key, rank)
+            if victim is None:
+                return False
+            self.preempt(victim, out)
+        out.chunks.append(ScheduledChunk(req, n))
+        if req.status is RequestStatus.WAITING:
+            self.admit(req)
+        return True
+
+    def schedule_by_key(self, out: SchedulerOutput, budget: int, key: Callable[[Request], tuple]) -> int:
+        """Running and waiting requests in order of `key` (smallest, the most urgent, first), each a decode token
+        or as many prompt tokens as the budget leaves (SplitFuse's budget); a more urgent request takes budget
+        first and, when the pool is short, the KV of the least urgent running ones (preempted by recompute). A
+        waiting request that cannot start even so stops the queue (head-of-line, as vLLM's priority policy does);
+        a decode that cannot get a block waits a step. Returns the budget left."""
+        scheduled = {id(c.request) for c in out.chunks}
+        for req in sorted(self.running + list(self.waiting), key=key):
+            if budget < 1 or len(out.chunks) >= self.config.max_seqs:
+                break
+            if id(req) in scheduled or req.status is RequestStatus.FINISHED:
+                continue
+            decode = req.status is RequestStatus.RUNNING and req.is_decode
+            n = 1 if decode else min(req.num_pending_tokens, budget)
+            if self.reserve_before(req, n, out, key):
+                budget -= n
+            elif req.status is RequestStatus.WAITING:
+                break
+        return budget
 
     def prefill_candidates(self) -> list[Request]:
         """Running requests part-way through their prompt, then the waiting queue in order."""

@@ -463,14 +463,14 @@ async def _generate(request: Request, body: GenerationBody, prompts: list[list[i
                        param="best_of" if per_prompt > body.n else "n" if per_prompt > 1 else "prompt")
     responder = Responder(chat, server.model_name, server.token_text, body.sampled_logprobs, body.include_usage,
                           body.continuous_usage)
+    tenant = TenantLedger.tenant_of(body.user, request.client.host if request.client else None)
     sequences, choices = [], []
     for i, prompt in enumerate(prompts):
         sampling = _sampling(body, chat, _max_tokens(server, body, len(prompt), chat))
-        sequences.append(SequenceRequest(f"{responder.id}-{i}", prompt, sampling))
+        sequences.append(SequenceRequest(f"{responder.id}-{i}", prompt, sampling, body.priority, tenant))
         choices += [ChoiceState(index=i * body.n + j, prompt_index=i, echo_text=echoes[i] if echoes else "")
                     for j in range(body.n)]
     prompt_tokens = sum(map(len, prompts))
-    tenant = TenantLedger.tenant_of(body.user, request.client.host if request.client else None)
     ticket = server.ledger.admit(tenant, total, sum(len(s.prompt_token_ids) + s.sampling.max_new_tokens
                                                     for s in sequences) * per_prompt, server.loop.num_active)
     try:

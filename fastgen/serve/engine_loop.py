@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from fastgen.engine import LLMEngine, RequestOutput
+from fastgen.request_trace import DEFAULT_TENANT
 from fastgen.sampling import SamplingParams, TokenLogprob
 from fastgen.serve.prometheus import ServerMetrics
 
@@ -69,6 +70,8 @@ class SequenceRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
+    priority: int = 0                      # lower is more urgent
+    tenant: str = DEFAULT_TENANT
 
 
 _WAKE = object()      # put in a group's queue when its deadline moves
@@ -284,7 +287,8 @@ class EngineLoop:
             return []
         r = command.request
         try:
-            self.engine.add_request(r.prompt_token_ids, r.sampling, r.request_id, command.arrival_time)
+            self.engine.add_request(r.prompt_token_ids, r.sampling, r.request_id, command.arrival_time,
+                                    priority=r.priority, tenant=r.tenant)
         except Exception as e:      # any refusal belongs to that request alone
             return [(r.request_id, Update(error=e))]
         self._in_engine[r.request_id] = r.sampling.n

@@ -75,7 +75,8 @@ class GenerationBody(_Body):
     include_stop_str_in_output: bool = False  # extension
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None                   # accepted, unused
+    user: str | None = None                   # the tenant (admission shares; fairness policies such as vtc)
+    priority: int = Field(0, ge=-2**31, le=2**31 - 1)   # extension (vLLM's): lower is more urgent (scheduler=priority)
     store: bool | None = None                 # accepted; nothing is stored
     metadata: dict[str, str] | None = None    # accepted with store, unused
 

@@ -6,8 +6,8 @@ from fastgen.workloads.corpus import CORPUS_PATH, CorpusPrompts, random_prompt
 from fastgen.workloads.lengths import LengthSpec, sample_lengths
 from fastgen.workloads.replay import TraceRecord, load_trace
 from fastgen.workloads.shared_prefix import ConversationArrivals, SharedPrefixSpec
-from fastgen.workloads.workload import (ARRIVALS, EXAMPLE_TRACE_PATH, PROMPT_SOURCES, Workload, WorkloadConfig,
-                                        WorkloadRequest, build_workload)
+from fastgen.workloads.workload import (ARRIVALS, EXAMPLE_TRACE_PATH, PROMPT_SOURCES, RequestClassSpec, Workload,
+                                        WorkloadConfig, WorkloadRequest, build_workload)
 
 __all__ = [
     "ARRIVALS", "CORPUS_PATH", "EXAMPLE_TRACE_PATH", "PROMPT_SOURCES", "ArrivalProcess",

@@ -33,6 +33,12 @@ Trace files are JSONL (one object per line) or CSV (header row; chosen by the `.
   ``prompt_tokens`` (an int length; tokens are made by `prompt_source` like synthetic prompts);
 - ``output_tokens``: the request's max_new_tokens (int >= 1).
 
+Request classes (`workload.classes`): a list of classes, each with its `share` of the requests, its own prompt and
+output length distributions (None: the workload's), `priority` (lower is more urgent), `tenant` (None: the class's
+name) and `slo` (ttft_s, tpot_s; None: no target). Each request draws its class by share from its own stream, so
+the requests' lengths and times stay those of the classless workload where a class does not set lengths. Class
+lengths apply to synthetic prompts; a trace brings its own lengths (its rows then only draw a class).
+
 In CSV an empty cell means the column is absent for that row; `.gz` files are read compressed. A `trace_path`
 that does not exist relative to the working directory may name a file shipped in `data/`:
 `example_trace.jsonl` (a 20-row example) and the real traces `azure_conv.csv.gz`, `azure_code.csv.gz`,
@@ -56,6 +62,7 @@ from typing import Optional
 
 import numpy as np
 
+from fastgen.request_trace import DEFAULT_TENANT, SLO, check_class
 from fastgen.workloads.arrivals import ArrivalProcess, ClosedLoopArrivals, OpenLoopArrivals, gamma_arrivals
 from fastgen.workloads.corpus import CorpusPrompts, Tokenizer, random_prompt
 from fastgen.workloads.lengths import LengthSpec, sample_lengths
@@ -66,6 +73,38 @@ EXAMPLE_TRACE_PATH = Path(__file__).parent / "data" / "example_trace.jsonl"
 ARRIVALS = ("closed_loop", "poisson", "gamma", "trace")
 TOO_LONG = ("error", "clip", "skip")
 PROMPT_SOURCES = ("random", "corpus")
+
+
+@dataclass
+class RequestClassSpec:
+    """One class of requests (`workload.classes`): its share, lengths, priority, tenant and SLO."""
+
+    name: str = "default"
+    share: float = 1.0                   # relative share of the requests (normalised over the classes)
+    prompt: Optional[LengthSpec] = None  # None: the workload's prompt lengths
+    output: Optional[LengthSpec] = None  # None: the workload's output lengths
+    priority: int = 0                    # lower is more urgent
+    tenant: Optional[str] = None         # None: the class's name
+    slo: SLO = field(default_factory=SLO)
+
+    @property
+    def tenant_name(self) -> str:
+        return self.tenant or self.name
+
+    def validate(self, where: str) -> None:
+        if not self.name or not isinstance(self.name, str):
+            raise ValueError(f"{where}.name must be a non-empty string, got {self.name!r}")
+        if not self.share > 0:
+            raise ValueError(f"{where}.share must be > 0, got {self.share}")
+        if self.prompt is not None:
+            self.prompt.validate(f"{where}.prompt")
+        if self.output is not None:
+            self.output.validate(f"{where}.output")
+        self.slo.validate(f"{where}.slo")
+        try:
+            check_class(self.priority, self.tenant_name, None)
+        except ValueError as e:
+            raise ValueError(f"{where}.{e}") from None
 
 
 @dataclass
@@ -90,6 +129,7 @@ class WorkloadConfig:
     random_token_low: int = 0            # random prompts draw ids from [random_token_low, vocab_size)
     max_prompt_len: Optional[int] = None
     prefix: SharedPrefixSpec = field(default_factory=SharedPrefixSpec)   # shared system prompts, multi-turn
+    classes: list[RequestClassSpec] = field(default_factory=list)        # request classes (see above)
     seed: int = 0
 
     def validate(self) -> None:
@@ -126,6 +166,14 @@ class WorkloadConfig:
         self.prompt.validate("prompt")
         self.output.validate("output")
         self.prefix.validate(self.num_requests)
+        names = [c.name for c in self.classes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"workload.classes need distinct names, got {names}")
+        for i, c in enumerate(self.classes):
+            c.validate(f"workload.classes[{i}]")
+            if self.trace_path and (c.prompt is not None or c.output is not None):
+                raise ValueError(f"workload.classes[{i}] ({c.name}) sets lengths but a trace brings its own: "
+                                 "leave its prompt and output unset")
         if self.prefix.active and self.trace_path:
             raise ValueError("workload.prefix shapes synthetic prompts; a trace brings its own: leave "
                              "workload.prefix at its defaults or trace_path unset")
@@ -137,6 +185,10 @@ class WorkloadRequest:
     prompt_token_ids: list[int]
     max_new_tokens: int
     warmup: bool = False             # closed-loop warm-up: send it, but leave it out of metrics
+    request_class: Optional[str] = None   # its class's name (workload.classes), None without classes
+    priority: int = 0
+    tenant: str = DEFAULT_TENANT
+    slo: Optional[SLO] = None
 
 
 @dataclass
@@ -158,6 +210,7 @@ def build_workload(cfg: WorkloadConfig, vocab_size: int, tokenizer: Optional[Tok
     cfg.validate()
     sequence = np.random.SeedSequence(cfg.seed if seed is None else seed)
     prompt_rng, output_rng, token_rng, arrival_rng = (np.random.default_rng(s) for s in sequence.spawn(4))
+    class_rng = np.random.default_rng(sequence.spawn(1)[0])     # spawned after the others: they stay as they were
     make_prompt = _prompt_source(cfg, vocab_size, tokenizer, token_rng)
     context = _ContextPolicy(max_model_len, cfg.too_long)
 
@@ -192,6 +245,15 @@ def build_workload(cfg: WorkloadConfig, vocab_size: int, tokenizer: Optional[Tok
             arrivals = _synthetic_arrivals(cfg, arrival_rng)
         lengths = sample_lengths(cfg.prompt, arrivals.total, prompt_rng, "prompt")
         outputs = sample_lengths(cfg.output, arrivals.total, output_rng, "output").tolist()
+        classes = _draw_classes(cfg.classes, arrivals.total, class_rng)
+        for k, c in enumerate(cfg.classes):
+            mine = np.flatnonzero(classes == k)
+            if c.prompt is not None:
+                lengths[mine] = sample_lengths(c.prompt, arrivals.total, class_rng, f"classes[{k}].prompt")[mine]
+            if c.output is not None:
+                drawn = sample_lengths(c.output, arrivals.total, class_rng, f"classes[{k}].output")
+                for i in mine:
+                    outputs[i] = int(drawn[i])
         if cfg.prefix.active:
             made = conversation_prompts(cfg.prefix, cfg.prompt, lengths, outputs, make_prompt, prompt_rng)
         else:
@@ -204,8 +266,15 @@ def build_workload(cfg: WorkloadConfig, vocab_size: int, tokenizer: Optional[Tok
     if top >= vocab_size:
         raise ValueError(f"prompt token id {top} is outside the vocabulary (vocab_size={vocab_size}); "
                          "check the trace's prompt_token_ids or that the tokenizer matches the model")
+    if cfg.trace_path:
+        classes = _draw_classes(cfg.classes, len(prompts), class_rng)
     requests = [WorkloadRequest(i, p, int(o), warmup=i in arrivals.warmup_indices)
                 for i, (p, o) in enumerate(zip(prompts, outputs))]
+    if cfg.classes:
+        for r, k in zip(requests, classes):
+            c = cfg.classes[k]
+            r.request_class, r.priority, r.tenant = c.name, c.priority, c.tenant_name
+            r.slo = SLO(c.slo.ttft_s, c.slo.tpot_s) if c.slo.active else None
     return Workload(requests=requests, arrivals=arrivals, clipped=context.clipped, skipped=context.skipped)
 
 
@@ -232,6 +301,14 @@ class _ContextPolicy:
             return prompt[: limit - output], output
         raise ValueError(f"{where}: prompt ({len(prompt)} tokens) + output ({output}) exceeds the model's context "
                          f"({limit}); set workload.too_long=clip or skip, or a model with a longer context")
+
+
+def _draw_classes(classes: list[RequestClassSpec], n: int, rng: np.random.Generator) -> np.ndarray:
+    """Each request's class index, drawn by share (all zeros without classes; nothing drawn then)."""
+    if not classes:
+        return np.zeros(n, dtype=np.int64)
+    shares = np.array([c.share for c in classes], dtype=float)
+    return rng.choice(len(classes), size=n, p=shares / shares.sum())
 
 
 def _synthetic_arrivals(cfg: WorkloadConfig, rng: np.random.Generator) -> ArrivalProcess:

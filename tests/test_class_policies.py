@@ -1,0 +1,233 @@
+"""The class-aware policies (priority, edf, vtc): exact against transformers whatever order they choose, every
+request finishing once with no KV leak under preemption, VTC's fairness bound, priority preemption, edf's late
+requests."""
+import functools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastgen.kv import KV_MANAGERS, make_kv_manager
+from fastgen.request import Request
+from fastgen.request_trace import SLO
+from fastgen.sampling import SamplingParams
+from fastgen.schedulers import make_scheduler
+from tiny import compose_engine, drain, fastgen_from_hf, reference_greedy, scheduler_config, tiny_hf_model
+
+POLICIES = [("priority", {}), ("edf", {}), ("edf", {"late": "drop"}), ("vtc", {})]
+TENANTS = ["a", "b", "c"]
+
+
+@functools.lru_cache(maxsize=None)
+def tiny(family):
+    hf = tiny_hf_model(family, seed=0)
+    return hf, fastgen_from_hf(hf)
+
+
+@functools.lru_cache(maxsize=None)
+def workload(family, lens=(5, 40, 17, 90, 3, 60, 1), news=(12, 7, 20, 5, 30, 9, 6)):
+    hf, _ = tiny(family)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 211, (n,), generator=g).tolist() for n in lens]
+    return prompts, news, [reference_greedy(hf, p, n) for p, n in zip(prompts, news)]
+
+
+def add_classed(eng, prompts, news):
+    """Requests of mixed classes: priorities 2, 1, 0, ..., three tenants, loose SLOs on some (never late)."""
+    return [eng.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True), priority=(2 - i) % 3,
+                            tenant=TENANTS[i % 3], slo=SLO(ttft_s=1000.0 + i, tpot_s=100.0) if i % 2 else None)
+            for i, (p, n) in enumerate(zip(prompts, news))]
+
+
+@pytest.mark.parametrize("policy", ["priority", "edf", "vtc"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("num_blocks", [64, 9])
+def test_greedy_equals_transformers_for_each_class_policy(family, policy, num_blocks):
+    """Order (and, with 9 blocks of 16, preemption) changes; outputs do not."""
+    prompts, news, ref = workload(family)
+    eng = compose_engine(tiny(family)[1], policy, "blocked", num_blocks, 16, token_budget=32).engine
+    ids = add_classed(eng, prompts, news)
+    finished = drain(eng)
+    assert [finished[i].output_token_ids for i in ids] == ref
+    assert eng.snapshot().kv_blocks_free == num_blocks
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.large_base_example, HealthCheck.data_too_large])
+@given(data=st.data(), policy=st.sampled_from(POLICIES))
+def test_property_every_request_finishes_once_with_its_tokens_and_kv_drains(data, policy):
+    name, knobs = policy
+    _, model = tiny("llama")
+    block_size = data.draw(st.sampled_from([4, 8, 16]))
+    lens = data.draw(st.lists(st.tuples(st.integers(1, 40), st.integers(1, 12)), min_size=1, max_size=8))
+    need = max(-(-(p + n - 1) // block_size) for p, n in lens)
+    num_blocks = data.draw(st.integers(need, need + 6))
+    budget = data.draw(st.integers(1, 64))
+    eng, _, manager = compose_engine(model, name, "blocked", num_blocks, block_size, token_budget=budget, **knobs)
+    pending = list(enumerate(lens))
+    ids, aborted, events, finished = {}, set(), [], {}
+    while pending or eng.has_unfinished():
+        if pending and data.draw(st.booleans()):
+            i, (p, n) = pending.pop(0)
+            slo = data.draw(st.sampled_from([None, SLO(ttft_s=1e-4), SLO(ttft_s=100.0, tpot_s=1e-4),
+                                             SLO(ttft_s=100.0, tpot_s=100.0)]))
+            ids[i] = eng.add_request([(i * 7 + j) % 200 for j in range(p)],
+                                     SamplingParams(max_new_tokens=n, ignore_eos=True),
+                                     priority=data.draw(st.integers(-2, 2)), tenant=data.draw(st.sampled_from(TENANTS)),
+                                     slo=slo)
+        if ids and data.draw(st.integers(0, 9)) == 0:
+            victim = data.draw(st.sampled_from(sorted(ids.values())))
+            if eng.abort(victim) is not None:
+                aborted.add(victim)
+                events.append(victim)
+        if not eng.has_unfinished():
+            continue
+        outs = eng.step()
+        owners = {}
+        for rid, blocks in manager.tables.items():
+            for b in blocks:
+                assert owners.setdefault(b, rid) == rid, "a KV block is shared by two live sequences"
+        events += [o.request_id for o in outs if o.finished]
+        finished.update((o.request_id, o.request) for o in outs if o.finished)
+    assert sorted(events) == sorted(ids.values()), "every request finishes exactly once"
+    for i, (p, n) in enumerate(lens):
+        if ids[i] not in aborted:
+            req = finished[ids[i]]
+            if req.finish_reason == "deadline":
+                assert knobs.get("late") == "drop" and len(req.output_token_ids) < n
+            else:
+                assert len(req.output_token_ids) == n and req.finish_reason == "length"
+    assert eng.snapshot().kv_blocks_free == num_blocks and not manager.tables
+
+
+# -- policy shapes, on the scheduler alone (each step's sampled token is faked: no model) ------------------------------
+def bare(policy, num_blocks=64, block_size=16, **knobs):
+    sched = make_scheduler(scheduler_config(policy, **knobs),
+                           make_kv_manager(KV_MANAGERS.config("blocked", block_size=block_size, num_blocks=num_blocks),
+                                           num_blocks))
+    now = [0.0]
+    sched.attach(4096, lambda: now[0])
+    return sched, now
+
+
+def request(rid, prompt, new, t=0.0, **cls):
+    return Request(str(rid), [1] * prompt, SamplingParams(max_new_tokens=new, ignore_eos=True), t, **cls)
+
+
+def step(sched):
+    """One step as the engine takes it: the chunks that reach their request's end sample a token; requests that
+    have all their tokens finish. Returns the plan."""
+    out = sched.plan_step()
+    ended, out.sampled = [], []
+    for c in out.chunks:
+        req = c.request
+        if c.num_tokens == req.num_pending_tokens:
+            out.sampled.append(req)
+            req.output_token_ids.append(1)
+            req.trace.token_times.append(sched.clock())
+            if len(req.output_token_ids) >= req.sampling.max_new_tokens:
+                ended.append(req)
+    sched.update_from_output(out, (), ended)
+    return out
+
+
+def test_priority_an_urgent_arrival_into_a_full_engine_preempts_the_least_urgent_running_one():
+    sched, _ = bare("priority", num_blocks=8, block_size=16, token_budget=256)
+    low = [request(i, 30, 50, t=i, priority=5 + (i == 1)) for i in range(4)]      # each takes 2 of the 8 blocks
+    for r in low:
+        sched.add_request(r)
+    step(sched)
+    assert len(sched.running) == 4 and sched.kv.num_free_blocks == 0
+    urgent = request("u", 20, 5, t=10, priority=0)
+    sched.add_request(urgent)
+    out = step(sched)
+    assert out.preempted == [low[1]]            # priority 6: the least urgent (the others are 5)
+    assert out.chunks[0].request is urgent and urgent in sched.running
+    assert low[1] in sched.waiting and low[1].num_preemptions == 1
+
+
+def test_priority_order_is_priority_then_arrival():
+    sched, _ = bare("priority", token_budget=8)
+    reqs = [request(0, 8, 2, t=0, priority=1), request(1, 8, 2, t=1, priority=0), request(2, 8, 2, t=2, priority=0)]
+    for r in reqs:
+        sched.add_request(r)
+    assert [c.request for c in step(sched).chunks] == [reqs[1]]
+    assert [c.request for c in step(sched).chunks] == [reqs[1], reqs[2]]
+
+
+def test_edf_serves_the_earliest_deadline_first_and_drops_late_requests():
+    sched, now = bare("edf", token_budget=9, late="drop")
+    loose = request("loose", 8, 3, t=0.0, slo=SLO(ttft_s=5.0))
+    tight = request("tight", 8, 3, t=0.5, slo=SLO(ttft_s=1.0))
+    none = request("none", 8, 3, t=0.0)
+    for r in (none, loose, tight):
+        sched.add_request(r)
+    now[0] = 0.6
+    assert [c.request for c in step(sched).chunks][0] is tight
+    now[0] = 6.0                                 # loose's first token can no longer come by 5.0
+    out = step(sched)
+    assert out.dropped == [(loose, "deadline")] and loose not in sched.waiting
+    assert {c.request.request_id for c in out.chunks} == {"tight", "none"}   # no TPOT target: by arrival
+
+
+def test_edf_serve_last_runs_late_requests_after_those_on_time():
+    sched, now = bare("edf", token_budget=8)
+    late = request("late", 8, 2, t=0.0, slo=SLO(ttft_s=1.0))
+    ontime = request("ontime", 8, 2, t=0.0, slo=SLO(ttft_s=50.0))
+    for r in (late, ontime):
+        sched.add_request(r)
+    now[0] = 2.0
+    assert [c.request for c in step(sched).chunks] == [ontime]
+
+
+def test_vtc_lifts_a_newly_backlogged_tenant_to_the_smallest_backlogged_counter():
+    sched, _ = bare("vtc", token_budget=40)
+    sched.add_request(request(0, 40, 4, tenant="a"))
+    sched.add_request(request(1, 40, 4, tenant="a"))
+    step(sched)                                   # a's first prompt: 40 x 1 + its first token x 2
+    assert sched.counters["a"] == 42
+    sched.add_request(request(2, 8, 4, tenant="b"))
+    assert sched.counters["b"] == 42             # lifted to a's (a still has a waiting request)
+    step(sched)                 # a's decode (+2); a and b tie at 42, a first by name: its second prompt (+40)
+    assert sched.counters == {"a": 84, "b": 42} and [r.tenant for r in sched.waiting] == ["b"]
+    step(sched)                                   # b, the smallest counter, leaves the queue last (+8, +2)
+    assert not sched.waiting and sched.counters["b"] == 52
+    sched.add_request(request(3, 8, 4, tenant="c"))
+    assert sched.counters["c"] == 52             # queue empty: lifted to the tenant that left it last
+
+
+def test_vtc_bound_holds_for_two_continuously_backlogged_tenants():
+    """Tenant a sends short requests, b long ones; both always have requests waiting. Over any interval of the
+    run their weighted services (w_input per prompt token at admission, w_output per output token) differ by at
+    most 2 x max(w_input x L_input, w_output x M), the paper's bound (M: tokens the KV pool holds)."""
+    num_blocks, block_size, w_in, w_out = 32, 16, 1.0, 2.0
+    shapes = {"a": (16, 8), "b": (120, 40)}
+    sched, _ = bare("vtc", num_blocks=num_blocks, block_size=block_size, token_budget=64, w_input=w_in,
+                    w_output=w_out)
+    fcfs, _ = bare("splitfuse", num_blocks=num_blocks, block_size=block_size, token_budget=64)
+    bound = 2 * max(w_in * max(p for p, _ in shapes.values()), w_out * num_blocks * block_size)
+    for policy in (sched, fcfs):
+        count = {"a": 0, "b": 0}
+
+        def refill():
+            for t, (p, n) in shapes.items():
+                while sum(r.tenant == t for r in policy.waiting) < 3:
+                    policy.add_request(request(f"{t}{count[t]}", p, n, tenant=t))
+                    count[t] += 1
+        served, gaps, admitted = {"a": 0.0, "b": 0.0}, [], set()
+        for _ in range(1500):
+            refill()
+            out = step(policy)
+            for req in (c.request for c in out.chunks if c.request.seq_id not in admitted):
+                admitted.add(req.seq_id)
+                served[req.tenant] += w_in * len(req.prompt_token_ids)
+            for req in out.sampled:
+                served[req.tenant] += w_out
+            gaps.append(served["a"] - served["b"])
+        spread = max(gaps) - min(gaps)
+        if policy is sched:
+            assert spread <= bound, (spread, bound)
+            assert min(served.values()) > 5 * bound         # a long run: the bound is not met by running little
+        else:
+            assert spread > bound                           # FCFS splits by request, not by service
