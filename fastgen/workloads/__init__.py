@@ -12,7 +12,7 @@ from fastgen.workloads.workload import (ARRIVALS, EXAMPLE_TRACE_PATH, PROMPT_SOU
 __all__ = [
     "ARRIVALS", "CORPUS_PATH", "EXAMPLE_TRACE_PATH", "PROMPT_SOURCES", "ArrivalProcess",
     "ClosedLoopArrivals", "ConversationArrivals", "CorpusPrompts", "LengthSpec", "OpenLoopArrivals",
-    "SharedPrefixSpec", "TraceRecord",
+    "RequestClassSpec", "SharedPrefixSpec", "TraceRecord",
     "Workload", "WorkloadConfig", "WorkloadRequest", "build_workload", "gamma_arrivals",
     "load_trace", "poisson_arrivals", "random_prompt", "sample_lengths",
 ]
