@@ -48,3 +48,19 @@ def test_implied_host_time_interpolates_between_measured_rates_and_bounds_outsid
     assert implied_host_ms(known, 0.5) == "> 20 ms"
     assert implied_host_ms(known, 3.0) == "< 0 ms"
     assert implied_host_ms([], 1.0) == "-"
+
+
+def test_ablation_variants_are_fastgen_ablate_factors_and_ladder_of_vllm_02():
+    """The paper ablation's rows come from fastgen.ablate (the base, each factor alone, the ladder accumulated with
+    its combine rule), and are the configurations the hand-written lists had."""
+    ablation = importlib.import_module("ablation")
+    assert [(v.scheduler, v.extra) for v in ablation.ONE_AT_A_TIME] == [
+        ("splitfuse", ("scheduler.token_budget=4096", "kv.block_size=16")),
+        ("vllm-0.2", ("scheduler.pad_prompts=false",)), ("vllm-0.2", ("scheduler.max_paddings=1000000",)),
+        ("vllm-0.2", ("scheduler.token_budget=768",)), ("vllm-0.2", ("kv.block_size=64",)),
+        ("vllm-0.2", ("executor.cuda_graphs=true",))]
+    assert [(v.scheduler, v.extra) for v in ablation.LADDER] == [
+        ("vllm-0.2", ()), ("vllm-0.2", ("scheduler.pad_prompts=false",)),
+        ("vllm-0.2", ("scheduler.pad_prompts=false", "kv.block_size=64")),
+        ("vllm-0.2", ("scheduler.pad_prompts=false", "kv.block_size=64", "scheduler.token_budget=768")),
+        ("splitfuse", ("kv.block_size=64",))]      # FastGen: a group pick drops the scheduler's knobs of the base

@@ -1,7 +1,7 @@
 """Ablation: how much of the gap between FastGen (splitfuse) and the paper's vLLM 0.2 baseline each of the
 baseline's differences explains (Llama-2 70B on 4xA100, simulated).
 
-    python experiments/paper/ablation.py [--quick]
+    python experiments/paper/ablation.py [--quick] [--wandb]
 
 vllm-0.2 differs from FastGen's configuration in six ways: its steps are all prefill or all decode with whole
 prompts (FastGen: mixed steps, prompts split to fill a 768-token budget); its prompts are padded to the longest of
@@ -27,6 +27,7 @@ measurements, and nothing else uses them.
 """
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -34,6 +35,8 @@ import numpy as np
 from common import (LLAMA_70B_4XA100, QUICK_CLIENTS, WORKLOADS, Point, base_config, fmt, interpolate,
                     markdown, mode_note, parser, ratio, run_points, save, subplots)
 
+from fastgen.ablate import combine
+from fastgen.ablate import variants as ablation_variants
 from fastgen.sim import Profile
 
 LATENCY_S, TOKEN_CLIENTS, QUICK_TOKEN_CLIENTS = 9.0, 16, 4
@@ -48,24 +51,34 @@ class Variant:
 
 
 FASTGEN = Variant("FastGen: splitfuse, budget 768, block 64", "splitfuse")
+BASE = ("scheduler=vllm-0.2",)
 VLLM = Variant("vllm-0.2 as the paper ran it (budget 4096, block 16, pads <= 256, eager)", "vllm-0.2")
-ONE_AT_A_TIME = [
-    Variant("mixed steps, prompts split (splitfuse at vLLM's budget 4096, block 16)", "splitfuse",
-            ("scheduler.token_budget=4096", "kv.block_size=16")),
-    Variant("no padding (flattened prompts, as vLLM 0.2.0-0.2.1)", "vllm-0.2", ("scheduler.pad_prompts=false",)),
-    Variant("max_paddings unlimited", "vllm-0.2", ("scheduler.max_paddings=1000000",)),
-    Variant("budget 768 (FastGen's)", "vllm-0.2", ("scheduler.token_budget=768",)),
-    Variant("KV block 64 (FastGen's)", "vllm-0.2", ("kv.block_size=64",)),
-    Variant("CUDA graphs on (vLLM 0.2.7)", "vllm-0.2", ("executor.cuda_graphs=true",)),
-]
-LADDER = [
-    VLLM,
-    Variant("+ no padding", "vllm-0.2", ("scheduler.pad_prompts=false",)),
-    Variant("+ KV block 64", "vllm-0.2", ("scheduler.pad_prompts=false", "kv.block_size=64")),
-    Variant("+ budget 768", "vllm-0.2", ("scheduler.pad_prompts=false", "kv.block_size=64",
-                                         "scheduler.token_budget=768")),
-    Variant("+ mixed steps, prompts split = FastGen", "splitfuse"),
-]
+# Each of vllm-0.2's differences turned to FastGen's side, as fastgen.ablate's factors of the base.
+FACTORS = {"mixed steps, prompts split (splitfuse at vLLM's budget 4096, block 16)":
+           ("scheduler=splitfuse", "scheduler.token_budget=4096", "kv.block_size=16"),
+           "no padding (flattened prompts, as vLLM 0.2.0-0.2.1)": ("scheduler.pad_prompts=false",),
+           "max_paddings unlimited": ("scheduler.max_paddings=1000000",),
+           "budget 768 (FastGen's)": ("scheduler.token_budget=768",),
+           "KV block 64 (FastGen's)": ("kv.block_size=64",),
+           "CUDA graphs on (vLLM 0.2.7)": ("executor.cuda_graphs=true",)}
+# The ladder: these turned over one after the other (fastgen.ablate's ladder) until vllm-0.2 has become FastGen.
+LADDER_FACTORS = {"+ no padding": ("scheduler.pad_prompts=false",), "+ KV block 64": ("kv.block_size=64",),
+                  "+ budget 768": ("scheduler.token_budget=768",),
+                  "+ mixed steps, prompts split = FastGen": ("scheduler=splitfuse",)}
+
+
+def as_variant(label: str, change: list[str]) -> Variant:
+    """The base with `change` applied (fastgen.ablate.combine) as this script's (scheduler, further overrides)."""
+    overrides = combine(BASE, change)
+    scheduler = next(o.partition("=")[2] for o in overrides if o.startswith("scheduler="))
+    return Variant(label, scheduler, tuple(o for o in overrides if not o.startswith("scheduler=")))
+
+
+ONE_AT_A_TIME = [as_variant(label, v.overrides)
+                 for label, v in zip(FACTORS, ablation_variants(list(FACTORS.values()))[1:])]
+LADDER = [VLLM, *(as_variant(label, v.overrides) for label, v in
+                  zip(LADDER_FACTORS, [v for v in ablation_variants(list(LADDER_FACTORS.values()), ladder=True)
+                                       if v.kind == "ladder"]))]
 CONTINUOUS = Variant("continuous (prefill-first on fastgen's engine, budget 8192, block 64)", "continuous")
 EXTRA_STEP_MS, QUICK_EXTRA_STEP_MS = (0, 10, 20, 30, 40), (0, 40)
 IMPLIED_CLIENTS = (1, 2, *CLIENTS)
@@ -78,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__, "ablation")
     p.add_argument("--skip", nargs="*", choices=("ladder", "implied"), default=[],
                    help="leave these sections out (and their points)")
+    p.add_argument("--wandb", action="store_true", help="also log the table (ablation.csv) and the figure to wandb "
+                                                        "as one group (logger=wandb: offline unless WANDB_MODE says)")
     args = p.parse_args(argv)
     ladder_variants = [] if "ladder" in args.skip else LADDER
     clients = QUICK_CLIENTS if args.quick else CLIENTS
@@ -158,6 +173,15 @@ def main(argv: list[str] | None = None) -> None:
         ax.axvline(0, color="k", lw=0.5)
         ax.grid(alpha=0.3)
     save(args, "ablation", table, {"ablation": fig})
+    with open(args.out / "ablation.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header, *one[:-1], *ladder])
+    if args.wandb:
+        from fastgen.conf import compose_config
+        from fastgen.tracking import log_summary
+        log_summary(compose_config(["logger=wandb"]).logger, f"ablation_{args.out.resolve().name}", args.out,
+                    args.out / "ablation.csv", [args.out / "ablation.png"], name="ablation",
+                    config={"base": list(BASE), "factors": {k: list(v) for k, v in FACTORS.items()},
+                            "ladder": {k: list(v) for k, v in LADDER_FACTORS.items()}})
 
 
 def implied_host_ms(known: list[tuple[int, float]], paper: float) -> str:
