@@ -78,8 +78,8 @@ def test_bfloat16_runs_and_agrees_on_top1(family):
     assert agree >= 0.8 * 32
 
 
-@pytest.mark.parametrize("flags, expected", [({"avx512f", "avx512_bf16"}, torch.float32),
-                                              ({"avx512_bf16", "amx_tile", "amx_bf16"}, torch.bfloat16)])
+@pytest.mark.parametrize("flags, expected", [("avx512f avx512_bf16", torch.float32),
+                                              ("avx512_bf16 amx_tile amx_bf16", torch.bfloat16)])
 def test_auto_dtype_picks_bfloat16_only_with_bf16_matrix_units(monkeypatch, flags, expected):
     from fastgen.models import loader
     monkeypatch.setattr(loader, "cpu_flags", lambda: flags)

@@ -15,6 +15,7 @@ from typing import Mapping
 import torch
 
 from fastgen.distributed import TensorParallel, building
+from fastgen.machine import cpu_flags
 from fastgen.models.base import CausalLM
 from fastgen.models.layers import RotaryEmbedding
 from fastgen.models.falcon import FalconForCausalLM
@@ -63,14 +64,7 @@ def has_bf16_matrix_units(device: str | torch.device = "cpu") -> bool:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return "amx_bf16" in cpu_flags()
-
-
-def cpu_flags() -> set[str]:
-    try:
-        return set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:                                 # not Linux: no cheap way to tell, stay with float32
-        return set()
+    return "amx_bf16" in cpu_flags().split()
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
