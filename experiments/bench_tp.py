@@ -12,8 +12,8 @@ same cores: TP=1 with --threads torch threads, TP=1 with one thread, TP=2 with -
 time is the executor's execute() (what the engine times as prepare + forward), median of --repeats after a
 warm-up; "in all-reduce" is the time rank 0's layers spent in all-reduce and the LM head's gather, waiting for the
 other rank included. The isolated all-reduce times are the same message sizes timed on their own after a barrier.
-With --calibrate, `python -m fastgen.calibration.calibrate executor=tp hardware.tensor_parallel=2` runs on the same model
-and writes fastgen/sim/profiles/<name>.json, whose all-reduce term is fitted to the calibration steps' all-reduces
+With --calibrate, `python -m fastgen.calibration.calibrate executor=tp hardware.tensor_parallel=2` runs on the
+same model and writes fastgen/sim/profiles/<name>.json, whose all-reduce term is fitted to the calibration steps' all-reduces
 (`executor=simulated hardware=cpu hardware.tensor_parallel=2 hardware.sim.profile=<name>` then simulates it).
 """
 from __future__ import annotations
@@ -137,7 +137,8 @@ def write(out: Path, args, configs, rows, in_steps, alone, profile, load_before:
         ratio = rows[configs[-1][0], name][0] / rows[base, name][0]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {ratio:.2f} |")
     lines += ["", "## The simulator's all-reduce term", "",
-              "Fitted (`fastgen.calibration.calibrate.fit_allreduce`: latency + 2 (n-1)/n x bytes / bus bandwidth, relative "
+              "Fitted (`fastgen.calibration.calibrate.fit_allreduce`: latency + 2 (n-1)/n x bytes / bus bandwidth, "
+              "relative "
               "errors, median per message size):", "",
               "| all-reduces | latency | bus bandwidth | median error | max error |", "| --- | ---: | ---: | ---: | ---: |"]
     fits = [("inside the TP=2 steps above (rank 0, waits included)", in_steps), ("alone, after a barrier", alone)]

@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
              "count of each series, 1..4096 tokens; the fit saw the others). Cells: median / P95 / worst "
              "|predicted / measured - 1| in %. Source: Vidur's A100-80GB / H100-80GB profiling (microsoft/vidur "
              "commit 7d47513363ec, MIT), thinned in `fastgen/calibration/data/vidur/`. Profiles: "
-             "`fastgen/sim/profiles/{a100,h100}-80gb.json` (`python -m fastgen.calibration.measured a100-80gb h100-80gb`). "
+             "`fastgen/sim/profiles/{a100,h100}-80gb.json` "
+             "(`python -m fastgen.calibration.measured a100-80gb h100-80gb`). "
              "Reproduce this file: `python experiments/gpu_profile_fit.py`.", ""]
     summary_rows, detail_rows, allreduce_rows, fallback_rows, share_rows, worst, forms = [], [], [], [], [], [], []
     all_predictions = []

@@ -13,7 +13,8 @@ from fastgen.request import Request
 from fastgen.request_trace import SLO
 from fastgen.sampling import SamplingParams
 from fastgen.schedulers import make_scheduler
-from tiny import compose_engine, drain, fastgen_from_hf, reference_greedy, scheduler_config, tiny_hf_model
+from tiny import (assert_no_block_shared_by_live_sequences, compose_engine, drain, fastgen_from_hf, reference_greedy,
+                  scheduler_config, tiny_hf_model)
 
 POLICIES = [("priority", {}), ("edf", {}), ("edf", {"late": "drop"}), ("vtc", {})]
 TENANTS = ["a", "b", "c"]
@@ -84,10 +85,7 @@ def test_property_every_request_finishes_once_with_its_tokens_and_kv_drains(data
         if not eng.has_unfinished():
             continue
         outs = eng.step()
-        owners = {}
-        for rid, blocks in manager.tables.items():
-            for b in blocks:
-                assert owners.setdefault(b, rid) == rid, "a KV block is shared by two live sequences"
+        assert_no_block_shared_by_live_sequences(manager)
         events += [o.request_id for o in outs if o.finished]
         finished.update((o.request_id, o.request) for o in outs if o.finished)
     assert sorted(events) == sorted(ids.values()), "every request finishes exactly once"

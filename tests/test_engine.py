@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from fastgen.sampling import SamplingParams
 from fastgen.schedulers import SCHEDULERS
-from tiny import compose_engine, drain, fastgen_from_hf, reference_greedy, tiny_hf_model
+from tiny import (assert_no_block_shared_by_live_sequences, compose_engine, drain, fastgen_from_hf, reference_greedy,
+                  tiny_hf_model)
 
 SCHEDULER_NAMES = ["splitfuse", "continuous", "orca", "sarathi", "static", "vllm-0.2"]
 
@@ -348,12 +349,9 @@ def test_property_every_request_finishes_once_and_kv_drains(data, scheduler, kv)
                 finished_events.append(victim)
         if not eng.has_unfinished():
             continue
-        plan_owners = {}
         outs = eng.step()
         assert steps[-1].num_tokens <= (budget if scheduler in ("splitfuse", "sarathi") else 10**9)
-        for rid, blocks in manager.tables.items():
-            for b in blocks:
-                assert plan_owners.setdefault(b, rid) == rid, "a KV block is shared by two live sequences"
+        assert_no_block_shared_by_live_sequences(manager)
         finished_events += [o.request_id for o in outs if o.finished]
         finished.update((o.request_id, o.request) for o in outs if o.finished)
     assert sorted(finished_events) == sorted(ids.values()), "every request finishes exactly once"

@@ -181,3 +181,11 @@ def drain(eng: LLMEngine) -> dict:
     while eng.has_unfinished():
         finished.update((o.request_id, o.request) for o in eng.step() if o.finished)
     return finished
+
+
+def assert_no_block_shared_by_live_sequences(manager) -> None:
+    """Without forks or prefix caching, each KV block belongs to one live sequence at most."""
+    owners = {}
+    for rid, blocks in manager.tables.items():
+        for b in blocks:
+            assert owners.setdefault(b, rid) == rid, "a KV block is shared by two live sequences"
