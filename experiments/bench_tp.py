@@ -13,8 +13,9 @@ time is the executor's execute() (what the engine times as prepare + forward), m
 warm-up; "in all-reduce" is the time rank 0's layers spent in all-reduce and the LM head's gather, waiting for the
 other rank included. The isolated all-reduce times are the same message sizes timed on their own after a barrier.
 With --calibrate, `python -m fastgen.calibration.calibrate executor=tp hardware.tensor_parallel=2` runs on the same
-model and writes fastgen/sim/profiles/<name>.json, whose all-reduce term is fitted to the calibration steps' all-
-reduces (`executor=simulated hardware=cpu hardware.tensor_parallel=2 hardware.sim.profile=<name>` then simulates it).
+model and writes fastgen/sim/profiles/<name>.json, whose all-reduce term is fitted to the calibration steps'
+all-reduces (`executor=simulated hardware=cpu hardware.tensor_parallel=2 hardware.sim.profile=<name>` then simulates
+it).
 """
 from __future__ import annotations
 
