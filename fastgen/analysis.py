@@ -22,6 +22,7 @@ import argparse
 import csv
 import json
 import re
+import textwrap
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -501,7 +502,7 @@ def plot(runs: Sequence[Mapping], out: Path, latency: str = "e2e_s_mean", g: Opt
     g = rates[len(rates) // 2] if g is None else g
     effective = f"effective_throughput_{g_suffix(g)}"
     slas = {SLAConfig(**m["config"]["sla"]).describe() for m in runs}
-    notes = [n for n in (error_bar_note(runs), noise_note(runs)) if n]
+    notes = [textwrap.fill(n, 100) for n in (error_bar_note(runs), noise_note(runs)) if n]   # within the width
     load = x_axis(runs)
     point_labels = "point labels: clients" if load == "clients" else "point labels: offered load (requests/s)"
     figures = []
