@@ -8,8 +8,8 @@ What it lacks is added here:
   2 s, re-opened when closed) took every slot;
 - connections that have not yet sent a whole request head, or a whole body, bounded apart (`ConnectionGuard`): at
   most `max_pending_connections` and `max_pending_bodies`, and `max_pending_per_client` of each per client address,
-  the oldest (if older than MIN_AGE_S) closed beyond; a head or body arriving slower than `min_data_rate_bytes_s`
-  on average (after `min_rate_grace_s`) is closed;
+  the oldest (once in that phase for longer than `min_rate_grace_s`) closed beyond; a head or body arriving slower
+  than `min_data_rate_bytes_s` on average (after `min_rate_grace_s`) is closed;
 - a shutdown that gives running requests `shutdown_grace_s` and then ends their streams with a clear final event
   (`GracefulServer`);
 - every answer carries `x-request-id`, and an unhandled exception is logged once under it and answered with a
@@ -171,13 +171,14 @@ class ConnectionGuard:
 
     SWEEP_S = 0.25
     REPORT_S = 10.0
-    MIN_AGE_S = 0.5     # a connection this young is never closed for a bound: a burst of clients that connect at
-                        # once (accepted in one batch, before any has sent its head) must not close one another
 
     def __init__(self, cfg: ServeConfig):
         self.caps = {"head": cfg.max_pending_connections, "body": cfg.max_pending_bodies}
         self.per_client = cfg.max_pending_per_client
         self.min_rate = cfg.min_data_rate_bytes_s
+        # A connection is never closed for a bound before the grace a slow one gets: a burst of clients that connect
+        # at once (64 streams from one benchmark client) must not close one another while a busy server has not yet
+        # read their heads. The bounds still hold the excess for at most that long; no new connection is refused.
         self.grace_s = cfg.min_rate_grace_s
         self.phases: dict[str, dict] = {"head": {}, "body": {}}
         self.clients: dict[str, dict[str, dict]] = {"head": {}, "body": {}}
@@ -221,7 +222,7 @@ class ConnectionGuard:
 
     def _close_oldest(self, group: dict, why: str) -> None:
         oldest = next(iter(group))
-        if time.monotonic() - oldest._phase_start >= self.MIN_AGE_S:
+        if time.monotonic() - oldest._phase_start >= self.grace_s:
             self._close(oldest, why)
 
     def _close(self, conn: "GuardedH11Protocol", why: str) -> None:
