@@ -13,8 +13,8 @@ from fastgen.request import Request
 from fastgen.request_trace import SLO
 from fastgen.sampling import SamplingParams
 from fastgen.schedulers import make_scheduler
-from tiny import (assert_no_block_shared_by_live_sequences, compose_engine, drain, fastgen_from_hf, reference_greedy,
-                  scheduler_config, tiny_hf_model)
+from tiny import (compose_engine, drain, drive_with_aborts, fastgen_from_hf, reference_greedy, scheduler_config,
+                  tiny_hf_model)
 
 POLICIES = [("priority", {}), ("edf", {}), ("edf", {"late": "drop"}), ("vtc", {})]
 TENANTS = ["a", "b", "c"]
@@ -66,29 +66,12 @@ def test_property_every_request_finishes_once_with_its_tokens_and_kv_drains(data
     num_blocks = data.draw(st.integers(need, need + 6))
     budget = data.draw(st.integers(1, 64))
     eng, _, manager = compose_engine(model, name, "blocked", num_blocks, block_size, token_budget=budget, **knobs)
-    pending = list(enumerate(lens))
-    ids, aborted, events, finished = {}, set(), [], {}
-    while pending or eng.has_unfinished():
-        if pending and data.draw(st.booleans()):
-            i, (p, n) = pending.pop(0)
-            slo = data.draw(st.sampled_from([None, SLO(ttft_s=1e-4), SLO(ttft_s=100.0, tpot_s=1e-4),
-                                             SLO(ttft_s=100.0, tpot_s=100.0)]))
-            ids[i] = eng.add_request([(i * 7 + j) % 200 for j in range(p)],
-                                     SamplingParams(max_new_tokens=n, ignore_eos=True),
-                                     priority=data.draw(st.integers(-2, 2)), tenant=data.draw(st.sampled_from(TENANTS)),
-                                     slo=slo)
-        if ids and data.draw(st.integers(0, 9)) == 0:
-            victim = data.draw(st.sampled_from(sorted(ids.values())))
-            if eng.abort(victim) is not None:
-                aborted.add(victim)
-                events.append(victim)
-        if not eng.has_unfinished():
-            continue
-        outs = eng.step()
-        assert_no_block_shared_by_live_sequences(manager)
-        events += [o.request_id for o in outs if o.finished]
-        finished.update((o.request_id, o.request) for o in outs if o.finished)
-    assert sorted(events) == sorted(ids.values()), "every request finishes exactly once"
+
+    def request_class():
+        slo = data.draw(st.sampled_from([None, SLO(ttft_s=1e-4), SLO(ttft_s=100.0, tpot_s=1e-4),
+                                         SLO(ttft_s=100.0, tpot_s=100.0)]))
+        return {"slo": slo, "priority": data.draw(st.integers(-2, 2)), "tenant": data.draw(st.sampled_from(TENANTS))}
+    ids, aborted, finished = drive_with_aborts(eng, manager, lens, data, request_kwargs=request_class)
     for i, (p, n) in enumerate(lens):
         if ids[i] not in aborted:
             req = finished[ids[i]]

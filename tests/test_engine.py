@@ -8,8 +8,7 @@ from hypothesis import strategies as st
 
 from fastgen.sampling import SamplingParams
 from fastgen.schedulers import SCHEDULERS
-from tiny import (assert_no_block_shared_by_live_sequences, compose_engine, drain, fastgen_from_hf, reference_greedy,
-                  tiny_hf_model)
+from tiny import compose_engine, drain, drive_with_aborts, fastgen_from_hf, reference_greedy, tiny_hf_model
 
 SCHEDULER_NAMES = ["splitfuse", "continuous", "orca", "sarathi", "static", "vllm-0.2"]
 
@@ -335,26 +334,10 @@ def test_property_every_request_finishes_once_and_kv_drains(data, scheduler, kv)
                             chunk_size=data.draw(st.integers(1, 32)), batch_size=data.draw(st.integers(1, 6)))
     steps = []
     eng.add_step_observer(steps.append)
-    pending = list(enumerate(lens))
-    ids, aborted, finished_events, finished = {}, set(), [], {}
-    while pending or eng.has_unfinished():
-        if pending and data.draw(st.booleans()):
-            i, (p, n) = pending.pop(0)
-            ids[i] = eng.add_request([(i * 7 + j) % 200 for j in range(p)],
-                                     SamplingParams(max_new_tokens=n, ignore_eos=True))
-        if ids and data.draw(st.integers(0, 9)) == 0:
-            victim = data.draw(st.sampled_from(sorted(ids.values())))
-            if eng.abort(victim) is not None:
-                aborted.add(victim)
-                finished_events.append(victim)
-        if not eng.has_unfinished():
-            continue
-        outs = eng.step()
+
+    def step_within_budget():
         assert steps[-1].num_tokens <= (budget if scheduler in ("splitfuse", "sarathi") else 10**9)
-        assert_no_block_shared_by_live_sequences(manager)
-        finished_events += [o.request_id for o in outs if o.finished]
-        finished.update((o.request_id, o.request) for o in outs if o.finished)
-    assert sorted(finished_events) == sorted(ids.values()), "every request finishes exactly once"
+    ids, aborted, finished = drive_with_aborts(eng, manager, lens, data, after_step=step_within_budget)
     for i, (p, n) in enumerate(lens):
         if ids[i] not in aborted:
             req = finished[ids[i]]

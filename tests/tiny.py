@@ -183,9 +183,35 @@ def drain(eng: LLMEngine) -> dict:
     return finished
 
 
-def assert_no_block_shared_by_live_sequences(manager) -> None:
-    """Without forks or prefix caching, each KV block belongs to one live sequence at most."""
-    owners = {}
-    for rid, blocks in manager.tables.items():
-        for b in blocks:
-            assert owners.setdefault(b, rid) == rid, "a KV block is shared by two live sequences"
+def drive_with_aborts(eng, manager, lens, data, request_kwargs=dict, after_step=lambda: None):
+    """The property tests' run: requests of (prompt, output) lengths `lens` arrive at steps hypothesis (`data`)
+    picks, with `request_kwargs()` (their class), and some are aborted; after every step no KV block is held by
+    two live sequences. Checks that every request finishes exactly once; returns (ids, aborted ids, finished
+    requests by id)."""
+    from hypothesis import strategies as st
+
+    from fastgen.sampling import SamplingParams
+    pending = list(enumerate(lens))
+    ids, aborted, events, finished = {}, set(), [], {}
+    while pending or eng.has_unfinished():
+        if pending and data.draw(st.booleans()):
+            i, (p, n) = pending.pop(0)
+            ids[i] = eng.add_request([(i * 7 + j) % 200 for j in range(p)],
+                                     SamplingParams(max_new_tokens=n, ignore_eos=True), **request_kwargs())
+        if ids and data.draw(st.integers(0, 9)) == 0:
+            victim = data.draw(st.sampled_from(sorted(ids.values())))
+            if eng.abort(victim) is not None:
+                aborted.add(victim)
+                events.append(victim)
+        if not eng.has_unfinished():
+            continue
+        outs = eng.step()
+        after_step()
+        owners = {}
+        for rid, blocks in manager.tables.items():
+            for b in blocks:
+                assert owners.setdefault(b, rid) == rid, "a KV block is shared by two live sequences"
+        events += [o.request_id for o in outs if o.finished]
+        finished.update((o.request_id, o.request) for o in outs if o.finished)
+    assert sorted(events) == sorted(ids.values()), "every request finishes exactly once"
+    return ids, aborted, finished
