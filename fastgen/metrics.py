@@ -25,6 +25,9 @@ Fairness over tenants uses VTC's service (Sheng et al., arXiv 2401.00588): w_inp
 request is first scheduled and w_output (2) per output token when it arrives. `fairness_jain` is Jain's index of
 the tenants' services over the run; `service_gap_max` is the largest difference between two tenants' services
 over any interval in which both are backlogged (have a request waiting to be scheduled), VTC's fairness measure.
+`qoe_mean` (and `qoe_mean_<class>`) is the mean of Andes' QoE (fastgen.qoe: the area under the tokens read on the
+expected timeline over the area under that timeline, from the per-token times; the expectation is each request's
+SLO, else fastgen.qoe's defaults) over the requests that were not aborted; one dropped as late or failed scores 0.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from fastgen.qoe import Expectation, qoe
 from fastgen.request_trace import RequestTrace
 
 LATENCY_STATS = ("mean", "p50", "p90", "p95", "p99")
@@ -282,19 +286,26 @@ def _key_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "_-" else "_" for c in name)
 
 
+def by_class(traces: Sequence[RequestTrace]) -> dict[str, list[RequestTrace]]:
+    """The traces under key suffix "" (all) and "_<class>" (each workload class's)."""
+    groups = {"": list(traces)}
+    for t in traces:
+        if t.request_class is not None:
+            groups.setdefault("_" + _key_name(t.request_class), []).append(t)
+    return groups
+
+
 def class_metrics(traces: Sequence[RequestTrace], window: Optional[float], w_input: float = 1.0,
                   w_output: float = 2.0) -> Metrics:
     """SLO attainment and goodput, overall and per class, and fairness over tenants (see the module's doc)."""
     out: Metrics = {}
-    with_slo = [t for t in traces if t.slo is not None and t.slo.active]
-    groups = {"": with_slo}
-    for t in with_slo:
-        if t.request_class is not None:
-            groups.setdefault("_" + _key_name(t.request_class), []).append(t)
-    for suffix, group in groups.items():
+    for suffix, group in by_class([t for t in traces if t.slo is not None and t.slo.active]).items():
         met = sum(map(meets_slo, group))
         out[f"slo_attainment{suffix}"] = met / len(group) if group else None
         out[f"goodput{suffix}"] = met / window if window and group else None
+    judged = [t for t in traces if t.finish_time is not None and t.finish_reason != "abort"]
+    for suffix, group in by_class(judged).items():
+        out[f"qoe_mean{suffix}"] = float(np.mean([request_qoe(t) for t in group])) if group else None
     tenants = sorted({t.tenant for t in traces})
     served = {tenant: sum(_service(t, w_input, w_output)[1] for t in traces if t.tenant == tenant)
               for tenant in tenants}
@@ -303,6 +314,13 @@ def class_metrics(traces: Sequence[RequestTrace], window: Optional[float], w_inp
     out["fairness_jain"] = float(values.sum() ** 2 / (len(values) * (values ** 2).sum())) if many else None
     out["service_gap_max"] = service_gap_max(traces, w_input, w_output) if len(tenants) > 1 else None
     return out
+
+
+def request_qoe(trace: RequestTrace) -> float:
+    """Andes' QoE of a finished request against its SLO's expectation (0 if it ended without its tokens)."""
+    if not is_completed(trace):
+        return 0.0
+    return qoe(trace.arrival_time, trace.token_times, Expectation.of(trace.slo))
 
 
 def _service(trace: RequestTrace, w_input: float, w_output: float) -> tuple[list[tuple[float, float]], float]:
@@ -391,6 +409,9 @@ def format_table(metrics: Mapping[str, Any]) -> str:
               f" p95 {num('step_time_s_p95', ' s')}  busy {num('busy_frac')}",
               f"KV used      of reserved {num('kv_used_frac_of_reserved_mean')}"
               f"  of capacity mean {num('kv_used_frac_of_capacity_mean')} max {num('kv_used_frac_of_capacity_max')}",
+              f"classes      SLO met {num('slo_attainment')}  goodput {num('goodput', ' req/s')}"
+              f"  QoE mean {num('qoe_mean')}  fairness Jain {num('fairness_jain')}"
+              f"  service gap max {num('service_gap_max')}",
               f"prefix cache hit rate tokens {num('prefix_hit_rate_tokens')} blocks {num('prefix_hit_rate_blocks')}"
               f"  evictions {metrics.get('kv_evictions', 0)}  block copies {metrics.get('kv_block_copies', 0)}"]
     return "\n".join(lines)

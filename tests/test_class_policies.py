@@ -16,7 +16,7 @@ from fastgen.schedulers import make_scheduler
 from tiny import (compose_engine, drain, drive_with_aborts, fastgen_from_hf, reference_greedy, scheduler_config,
                   tiny_hf_model)
 
-POLICIES = [("priority", {}), ("edf", {}), ("edf", {"late": "drop"}), ("vtc", {})]
+POLICIES = [("priority", {}), ("edf", {}), ("edf", {"late": "drop"}), ("vtc", {}), ("andes", {"max_preemptions": 1})]
 TENANTS = ["a", "b", "c"]
 
 
@@ -41,7 +41,7 @@ def add_classed(eng, prompts, news):
             for i, (p, n) in enumerate(zip(prompts, news))]
 
 
-@pytest.mark.parametrize("policy", ["priority", "edf", "vtc"])
+@pytest.mark.parametrize("policy", ["priority", "edf", "vtc", "andes"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("num_blocks", [64, 9])
 def test_greedy_equals_transformers_for_each_class_policy(family, policy, num_blocks):
@@ -212,3 +212,39 @@ def test_vtc_bound_holds_for_two_continuously_backlogged_tenants():
             assert min(served.values()) > 5 * bound         # a long run: the bound is not met by running little
         else:
             assert spread > bound                           # FCFS splits by request, not by service
+
+
+def test_andes_serves_a_request_whose_first_token_is_due_before_one_ahead_of_its_timeline():
+    sched, now = bare("andes", token_budget=8, horizon_s=1.0, expected_ttft_s=1.0, expected_tds=5.0)
+    ahead = request("ahead", 4, 50, t=0.0)
+    sched.add_request(ahead)
+    for _ in range(3):
+        step(sched)                              # at t=0 it has 3 tokens: its reader expects none before 1 s
+    due = request("due", 8, 4, t=0.0)
+    sched.add_request(due)
+    assert [c.request for c in step(sched).chunks] == [due]        # the whole budget: ahead pauses, loses nothing
+    assert [c.request for c in step(sched).chunks] == [ahead, due]  # both on schedule: by arrival
+
+
+def test_andes_preempts_only_for_a_request_that_would_lose_qoe_and_at_most_max_preemptions_a_step():
+    sched, now = bare("andes", num_blocks=8, block_size=16, token_budget=256, max_preemptions=1)
+    running = [request(i, 30, 50, t=0.0) for i in range(4)]          # each takes 2 of the 8 blocks
+    for r in running:
+        sched.add_request(r)
+    step(sched)
+    assert sched.kv.num_free_blocks == 0
+    late = request("late", 20, 4, t=0.0, slo=SLO(ttft_s=5.0))
+    sched.add_request(late)
+    assert not step(sched).preempted and late in sched.waiting    # first token due at 5 s: waiting costs nothing
+    now[0] = 4.5            # due within the horizon: a short response loses more QoE per token than the long ones
+    out = step(sched)
+    assert out.preempted == [running[-1]] and late in sched.running    # the least dense: the newest of equals
+
+
+def test_qoe_is_the_area_ratio_of_the_read_timeline_to_the_expected_one():
+    from fastgen.qoe import Expectation, qoe
+    expect = Expectation.of(SLO(ttft_s=1.0, tpot_s=1.0))
+    assert qoe(0.0, [1.0, 2.0, 3.0], expect) == pytest.approx(1.0)        # on schedule
+    assert qoe(0.0, [0.5, 0.6, 0.7], expect) == pytest.approx(1.0)        # early: buffered, read at 1 tok/s
+    assert qoe(0.0, [2.0, 3.0, 4.0], expect) == pytest.approx(6 / 9)      # 1 s late: areas 3+2+1 over 4+3+2
+    assert qoe(0.0, [1.0, 4.0, 4.0], expect) == pytest.approx(4 / 6)      # a 2 s stall mid-stream: 3+1+0 over 3+2+1

@@ -270,7 +270,7 @@ def test_bad_requests_are_refused_with_the_limit_named():
         eng.add_request("hello")
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
-    with pytest.raises(ValueError, match="unknown scheduler 'nope'; available: continuous, edf, orca"):
+    with pytest.raises(ValueError, match="unknown scheduler 'nope'; available: andes, continuous, edf, orca"):
         SCHEDULERS.config("nope")
     assert not eng.has_unfinished()
 

@@ -149,6 +149,8 @@ def test_slo_attainment_and_goodput_overall_and_per_class():
     assert m["slo_attainment_chat"] == 0.5 and m["goodput_chat"] == pytest.approx(1 / window)
     assert m["slo_attainment_batch"] == 0.0 and m["goodput_batch"] == 0.0
     assert "slo_attainment_free" not in m and m["num_completed"] == 4
+    # Andes' QoE: "0" is early (1), "1" 0.5 s late with a reader at 2 tok/s (areas 1.5 over 2.5), "3" dropped (0)
+    assert m["qoe_mean_chat"] == pytest.approx(0.8) and m["qoe_mean_batch"] < 1 and m["qoe_mean_free"] == 1.0
     assert m["fairness_jain"] is None and m["service_gap_max"] is None       # one tenant
     assert summarize(traces[4:])["slo_attainment"] is None
 
