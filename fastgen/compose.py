@@ -49,6 +49,6 @@ def build_engine(cfg: EngineConfig, model=None, tokenizer=None, clock: Callable[
         executor.clock = clock               # the step's prepare / forward split on the engine's clock
     if instrument is not None:
         executor = instrument(executor)
-    kv = make_kv_manager(cfg.kv, executor.num_kv_blocks)
+    kv = make_kv_manager(cfg.kv, executor.num_kv_blocks, executor.num_host_kv_blocks)
     return LLMEngine(executor, make_scheduler(cfg.scheduler, kv), seed=cfg.seed,
                      max_model_len=cfg.model.max_model_len, clock=clock)

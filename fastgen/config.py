@@ -40,6 +40,7 @@ class DeviceSheet:
     memory_bandwidth_gbs: Optional[float] = None
     link_bandwidth_gbs: float = 0.0            # per-device all-reduce bus bandwidth between devices (NVLink)
     link_latency_us: float = 0.0               # latency of one all-reduce step
+    host_link_bandwidth_gbs: float = 0.0       # device <-> host memory bandwidth (PCIe): swapped KV blocks
     profile: Optional[str] = None
 
     def validate(self, hardware: HardwareConfig, profile=None) -> None:
@@ -104,6 +105,8 @@ class SchedulerConfig:
     name: str = MISSING
     max_seqs: int = 512                  # sequences per forward pass (max_ragged_sequence_count)
     preemption: str = "newest"           # victim order: newest | oldest
+    preemption_mode: str = "recompute"   # recompute (free the victim's KV) | swap (move it to the host pool,
+    #                                      kv.swap_space_gb; recompute when the pool is full or the KV is shared)
     module: Optional[str] = None         # import this module or file first (a policy defined outside fastgen)
 
     def step_tokens(self, max_model_len: int) -> int:
@@ -115,6 +118,8 @@ class SchedulerConfig:
         check_positive("scheduler", max_seqs=self.max_seqs)
         if self.preemption not in ("newest", "oldest"):
             raise ValueError(f"scheduler.preemption must be 'newest' or 'oldest', got {self.preemption!r}")
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ValueError(f"scheduler.preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
 
 
 @dataclass
@@ -125,10 +130,19 @@ class KVConfig:
     block_size: int = 64
     num_blocks: Optional[int] = None     # None: as many as the executor's memory for KV holds
     memory_gb: float = 2.0               # real executor: memory for the KV pool (per device / rank with TP)
+    swap_space_gb: float = 0.0           # host memory for swapped-out KV blocks (per device; vLLM's swap_space)
+    swap_blocks: Optional[int] = None    # ... or that many blocks; None: as many as swap_space_gb holds
     module: Optional[str] = None         # import this module or file first (a manager defined outside fastgen)
+
+    def host_blocks(self, bytes_per_block: int) -> int:
+        """Blocks of the host pool swapped-out KV goes to: swap_blocks, else what swap_space_gb holds."""
+        return self.swap_blocks if self.swap_blocks is not None else int(self.swap_space_gb * 2**30 // bytes_per_block)
 
     def validate(self) -> None:
         check_positive("kv", block_size=self.block_size, num_blocks=self.num_blocks)
+        if self.swap_space_gb < 0 or (self.swap_blocks is not None and self.swap_blocks < 0):
+            raise ValueError(f"kv.swap_space_gb and kv.swap_blocks must be >= 0, got {self.swap_space_gb}, "
+                             f"{self.swap_blocks}")
         if self.num_blocks is None and not self.memory_gb > 0:
             raise ValueError(f"kv.memory_gb must be > 0, got {self.memory_gb}")
 

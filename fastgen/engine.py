@@ -210,7 +210,8 @@ class LLMEngine:
                 c.request.trace.first_scheduled_time = start
         scheduled = self.clock()
         try:
-            result = self._executor.execute(plan.step_chunks, plan.copies)
+            swaps = (plan.swap_out, plan.swap_in) if plan.swap_out or plan.swap_in else ()
+            result = self._executor.execute(plan.step_chunks, plan.copies, *swaps)
         except Exception as e:      # noqa: BLE001  (the model failed: this step's requests end, the engine lives on)
             log.exception("the forward pass failed; ending its %d requests", len(plan.chunks))
             error = f"the model's forward pass failed: {type(e).__name__}: {e}"
@@ -230,6 +231,7 @@ class LLMEngine:
             num_tokens=plan.num_tokens, num_seqs=len(plan.chunks),
             num_prefill_tokens=sum(c.num_tokens for c in plan.chunks if c.num_tokens > 1),
             num_preempted=len(plan.preempted), num_block_copies=len(plan.copies),
+            num_swapped_blocks=len(plan.swap_out) + len(plan.swap_in),
             num_pad_tokens=plan.num_pad_tokens, **self._scheduler.step_counts()))
         return outputs
 

@@ -45,6 +45,15 @@ class BlockCopy(NamedTuple):
     dst: int
 
 
+class BlockSwap(NamedTuple):
+    """Move a KV block (every layer) between the device pool and the host pool: out of device block `device` into
+    host block `host` (a preempted request's KV swapped out), or back (swapped in). A step makes its swap-outs
+    first, then its block copies, then its swap-ins, then its forward."""
+
+    device: int
+    host: int
+
+
 @dataclass
 class RaggedBatch:
     input_ids: torch.Tensor        # [T] int64

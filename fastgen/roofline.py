@@ -136,10 +136,10 @@ class StepShapes:
             raise AttributeError(name)
         return getattr(self.executor, name)
 
-    def execute(self, chunks, copies=()):
+    def execute(self, chunks, copies=(), *swaps):
         q = [len(c.token_ids) for c in chunks]
         self.shapes.append((q, [c.start + n for c, n in zip(chunks, q)]))
-        return self.executor.execute(chunks, copies)
+        return self.executor.execute(chunks, copies, *swaps)
 
 
 def kind_of(work: StepWork) -> list[str]:

@@ -25,6 +25,7 @@ class StepStats:
     kv_capacity_tokens: int
     kv_cached_blocks: int = 0    # blocks nobody references, kept as a prefix cache until evicted (after the step)
     num_block_copies: int = 0    # copy-on-write block copies made before the forward
+    num_swapped_blocks: int = 0  # KV blocks moved to or from the host pool (swap preemption) before the forward
     # prefix caching, over the requests admitted in this step (fastgen.kv.manager.PrefixCacheCounters)
     prefix_query_tokens: int = 0
     prefix_hit_tokens: int = 0

@@ -41,23 +41,34 @@ def add_classed(eng, prompts, news):
             for i, (p, n) in enumerate(zip(prompts, news))]
 
 
-@pytest.mark.parametrize("policy", ["priority", "edf", "vtc", "andes"])
+@pytest.mark.parametrize("policy, num_blocks, mode", [
+    *((p, n, "recompute") for p in ("priority", "edf", "vtc", "andes") for n in (64, 9)),
+    ("priority", 9, "swap"), ("andes", 9, "swap")])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("num_blocks", [64, 9])
-def test_greedy_equals_transformers_for_each_class_policy(family, policy, num_blocks):
-    """Order (and, with 9 blocks of 16, preemption) changes; outputs do not."""
+def test_greedy_equals_transformers_for_each_class_policy(family, policy, num_blocks, mode):
+    """Order (and, with 9 blocks of 16, preemption, by recompute or by swapping KV to host memory and back)
+    changes; outputs do not."""
     prompts, news, ref = workload(family)
-    eng = compose_engine(tiny(family)[1], policy, "blocked", num_blocks, 16, token_budget=32).engine
+    eng, _, manager = compose_engine(tiny(family)[1], policy, "blocked", num_blocks, 16, token_budget=32,
+                                     preemption_mode=mode, swap_blocks=12)
+    steps = []
+    eng.add_step_observer(steps.append)
     ids = add_classed(eng, prompts, news)
     finished = drain(eng)
     assert [finished[i].output_token_ids for i in ids] == ref
-    assert eng.snapshot().kv_blocks_free == num_blocks
+    assert eng.snapshot().kv_blocks_free == num_blocks and manager.num_free_host_blocks == 12
+    # the host pool always has room here: in swap mode every preemption swaps (and is swapped back in)
+    assert all(bool(s.num_swapped_blocks) == (mode == "swap") for s in steps if s.num_preempted)
+    if policy == "priority" and num_blocks == 9:
+        assert any(s.num_preempted for s in steps)
 
 
 @settings(max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.large_base_example, HealthCheck.data_too_large])
-@given(data=st.data(), policy=st.sampled_from(POLICIES))
-def test_property_every_request_finishes_once_with_its_tokens_and_kv_drains(data, policy):
+@given(data=st.data(), policy=st.sampled_from(POLICIES + [("splitfuse", {})]),
+       mode=st.sampled_from(["recompute", "swap"]))
+def test_property_every_request_finishes_once_with_its_tokens_and_kv_drains(data, policy, mode):
+    """Recompute and swap preemption (a host pool of 0 to 8 blocks: when it is full, preemption recomputes)."""
     name, knobs = policy
     _, model = tiny("llama")
     block_size = data.draw(st.sampled_from([4, 8, 16]))
@@ -65,7 +76,9 @@ def test_property_every_request_finishes_once_with_its_tokens_and_kv_drains(data
     need = max(-(-(p + n - 1) // block_size) for p, n in lens)
     num_blocks = data.draw(st.integers(need, need + 6))
     budget = data.draw(st.integers(1, 64))
-    eng, _, manager = compose_engine(model, name, "blocked", num_blocks, block_size, token_budget=budget, **knobs)
+    host = data.draw(st.integers(0, 8))
+    eng, _, manager = compose_engine(model, name, "blocked", num_blocks, block_size, token_budget=budget,
+                                     preemption_mode=mode, swap_blocks=host, **knobs)
 
     def request_class():
         slo = data.draw(st.sampled_from([None, SLO(ttft_s=1e-4), SLO(ttft_s=100.0, tpot_s=1e-4),
@@ -80,13 +93,14 @@ def test_property_every_request_finishes_once_with_its_tokens_and_kv_drains(data
             else:
                 assert len(req.output_token_ids) == n and req.finish_reason == "length"
     assert eng.snapshot().kv_blocks_free == num_blocks and not manager.tables
+    assert manager.num_free_host_blocks == host and not manager.swapped
 
 
 # -- policy shapes, on the scheduler alone (each step's sampled token is faked: no model) ------------------------------
-def bare(policy, num_blocks=64, block_size=16, **knobs):
+def bare(policy, num_blocks=64, block_size=16, host_blocks=0, **knobs):
     sched = make_scheduler(scheduler_config(policy, **knobs),
                            make_kv_manager(KV_MANAGERS.config("blocked", block_size=block_size, num_blocks=num_blocks),
-                                           num_blocks))
+                                           num_blocks, host_blocks))
     now = [0.0]
     sched.attach(4096, lambda: now[0])
     return sched, now
@@ -126,6 +140,26 @@ def test_priority_an_urgent_arrival_into_a_full_engine_preempts_the_least_urgent
     assert out.preempted == [low[1]]            # priority 6: the least urgent (the others are 5)
     assert out.chunks[0].request is urgent and urgent in sched.running
     assert low[1] in sched.waiting and low[1].num_preemptions == 1
+
+
+def test_swap_preemption_moves_the_victims_blocks_to_the_host_pool_and_recomputes_when_it_is_full():
+    sched, _ = bare("priority", num_blocks=8, block_size=16, host_blocks=3, token_budget=256, preemption_mode="swap")
+    low = [request(i, 30, 50, t=i, priority=5) for i in range(4)]                 # each takes 2 of the 8 blocks
+    for r in low:
+        sched.add_request(r)
+    step(sched)
+    held = list(sched.kv.tables[low[3].seq_id])
+    sched.add_request(request("u1", 20, 5, t=10, priority=0))
+    out = step(sched)
+    assert out.preempted == [low[3]] and [s.device for s in out.swap_out] == held and not out.swap_in
+    assert sched.kv.is_swapped(low[3]) and low[3].num_computed_tokens == 30      # its KV kept, on the host
+    sched.add_request(request("u2", 20, 5, t=11, priority=0))
+    out = step(sched)                             # the host pool has 1 block left: low[2] is recomputed
+    assert out.preempted == [low[2]] and not out.swap_out and low[2].num_computed_tokens == 0
+    while low[3] not in sched.running:
+        out = step(sched)
+    assert [s.host for s in out.swap_in] == [0, 1] and low[3].num_computed_tokens == 31
+    assert sched.kv.num_free_host_blocks == 3     # once the step that read them is planned
 
 
 def test_priority_order_is_priority_then_arrival():

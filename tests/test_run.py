@@ -14,7 +14,8 @@ from tiny import tiny_hf_model
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ["request_throughput", "output_token_throughput", "total_token_throughput", "ttft_s_p50", "ttft_s_p95",
         "ttft_s_p99", "tpot_s_p50", "tpot_s_p95", "itl_s_p50", "itl_s_p95", "itl_s_p99", "e2e_s_p50", "e2e_s_p95",
-        "num_requests", "num_completed", "duration_s", "config", "time_origin", "machine", "model_load"]
+        "num_requests", "num_completed", "duration_s", "config", "time_origin", "machine", "model_load",
+        "qoe_mean", "fairness_jain"]
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +147,7 @@ def test_readme_plugin_examples_run_verbatim_from_a_folder_of_ones_own(tiny_dir,
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     config = metrics["config"]
     assert config["scheduler"] == {"name": "prompt-order", "max_seqs": 512, "preemption": "newest",
+                                   "preemption_mode": "recompute",
                                    "module": "my_policies.prompt_order", "token_budget": 32, "longest_first": True}
     assert config["kv"]["name"] == "watermark" and config["kv"]["watermark_blocks"] == 4
     assert config["executor"]["name"] == "recording"

@@ -16,7 +16,7 @@ from fastgen.driver import EngineTarget, run_workload
 from fastgen.executors.simulated import SimulatedExecutor, kv_pool_blocks
 from fastgen.kv.manager import KV_MANAGERS, make_kv_manager
 from fastgen.engine import LLMEngine
-from fastgen.ragged import SeqChunk
+from fastgen.ragged import BlockSwap, SeqChunk
 from fastgen.schedulers import SCHEDULERS, make_scheduler
 from fastgen.sim import BatchShape, CostModel, CPUClock, Profile, model_spec
 from fastgen.calibration.calibrate import fit, grid
@@ -233,3 +233,23 @@ def _fidelity_case(tmp_path):
                         tmp_path / "sim")
     for key in ("request_throughput", "ttft_s_p50", "itl_s_p50"):
         assert sim[key] == pytest.approx(real[key], rel=0.2), key
+
+
+def test_simulated_swap_preemption_completes_and_is_charged_by_the_host_link():
+    """priority-mix in a tight pool with preemption_mode=swap: urgent requests preempt batch ones by swapping their
+    KV to the host pool; every request completes, and a swap costs its bytes over hardware.sim's host link."""
+    cfg = compose_config(["model.source=llama-2-7b", "hardware=a100-80gb", "scheduler=priority",
+                          "workload=priority-mix", "scheduler.preemption_mode=swap", "kv.num_blocks=40", "kv.swap_space_gb=4",
+                          "workload.num_requests=24", "workload.rate=50", *SIM])
+    executor = SimulatedExecutor(cfg)
+    manager = make_kv_manager(cfg.kv, executor.num_kv_blocks, executor.num_host_kv_blocks)
+    engine = LLMEngine(executor, make_scheduler(cfg.scheduler, manager))
+    result = run_workload(EngineTarget(engine), build_workload(cfg.workload, engine.vocab_size), progress=False)
+    assert all(t.finish_reason == "length" for t in result.traces) and len(result.traces) == 24
+    assert sum(s.num_swapped_blocks for s in result.steps) > 0
+    assert manager.num_free_host_blocks == executor.num_host_kv_blocks > 0
+    chunk = [SeqChunk([1], 10, [0])]
+    plain = executor.execute(chunk).forward_s
+    swapped = executor.execute(chunk, (), [BlockSwap(1, 1)] * 8).forward_s
+    block_bytes = 64 * executor.spec.kv_bytes_per_token(2)
+    assert swapped - plain == pytest.approx(8 * block_bytes / 25e9)

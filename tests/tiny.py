@@ -165,12 +165,13 @@ class Built(NamedTuple):
 
 def compose_engine(model, scheduler: str = "splitfuse", kv: str = "blocked", num_blocks: int = 64,
                    block_size: int = 16, kernels: str = "auto", linear: str = "auto", **knobs) -> Built:
+    kv_knobs = {k: knobs.pop(k) for k in ("swap_blocks",) if k in knobs}
     cfg = EngineConfig(scheduler=scheduler_config(scheduler, **knobs),
-                       kv=KV_MANAGERS.config(kv, block_size=block_size, num_blocks=num_blocks))
+                       kv=KV_MANAGERS.config(kv, block_size=block_size, num_blocks=num_blocks, **kv_knobs))
     cfg.hardware.kernels, cfg.hardware.linear = kernels, linear
     cfg.validate()
     executor = make_executor(cfg, model)
-    manager = make_kv_manager(cfg.kv, executor.num_kv_blocks)
+    manager = make_kv_manager(cfg.kv, executor.num_kv_blocks, executor.num_host_kv_blocks)
     policy = make_scheduler(cfg.scheduler, manager)
     return Built(LLMEngine(executor, policy), policy, manager)
 

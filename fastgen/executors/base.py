@@ -10,7 +10,7 @@ import torch
 
 from fastgen.config import EngineSettings, ExecutorConfig
 from fastgen.model_spec import ModelSpec
-from fastgen.ragged import BlockCopy, SeqChunk
+from fastgen.ragged import BlockCopy, BlockSwap, SeqChunk
 from fastgen.registry import Registry
 
 
@@ -34,13 +34,17 @@ class Executor(ABC):
     spec: ModelSpec
     tokenizer: Any
     num_kv_blocks: int
+    num_host_kv_blocks: int = 0          # its host pool for swapped-out KV (kv.swap_space_gb); 0: it cannot swap
     block_size: int
     clock: Callable[[], float] = time.perf_counter
 
     @abstractmethod
-    def execute(self, chunks: Sequence[SeqChunk], copies: Sequence[BlockCopy] = ()) -> StepResult:
-        """Runs one ragged step: first the block copies (each block's KV in every layer into another block), then
-        each chunk's tokens, their KV written into its blocks."""
+    def execute(self, chunks: Sequence[SeqChunk], copies: Sequence[BlockCopy] = (),
+                swap_out: Sequence[BlockSwap] = (), swap_in: Sequence[BlockSwap] = ()) -> StepResult:
+        """Runs one ragged step: first the swap-outs (device blocks' KV into host blocks), the block copies (each
+        block's KV in every layer into another block) and the swap-ins (host blocks back into device blocks), then
+        each chunk's tokens, their KV written into its blocks. Only an executor with num_host_kv_blocks > 0 is
+        given swaps."""
 
     def close(self) -> None:
         """Releases what the executor holds beyond memory (worker processes, devices)."""

@@ -15,7 +15,7 @@ from fastgen.kernels import load_backend
 from fastgen.kernels.linear import resolve_linear
 from fastgen.kv.cache import KVCache
 from fastgen.models import CausalLM, load_model
-from fastgen.ragged import BlockCopy, RaggedBatch, SeqChunk
+from fastgen.ragged import BlockCopy, BlockSwap, RaggedBatch, SeqChunk
 
 
 @dataclass
@@ -49,7 +49,10 @@ class RealExecutor(Executor):
             cfg.kv.memory_gb * 2**30, self.block_size, self.dtype.itemsize, shards))
         # one block more than the pool: the scratch block pad tokens write their KV to (SeqChunk.num_pad)
         self.pad_block = self.num_kv_blocks
-        self.cache = KVCache(self.spec, self.num_kv_blocks + 1, self.block_size, self.dtype, self.device, shards)
+        self.num_host_kv_blocks = cfg.kv.host_blocks(
+            self.block_size * self.spec.kv_bytes_per_token(self.dtype.itemsize, shards))
+        self.cache = KVCache(self.spec, self.num_kv_blocks + 1, self.block_size, self.dtype, self.device, shards,
+                             host_blocks=self.num_host_kv_blocks)
         self.windows = set(self.spec.windows)
         self._sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
 
@@ -63,10 +66,15 @@ class RealExecutor(Executor):
     def forward(self, batch: RaggedBatch) -> torch.Tensor:
         return self.model(batch, self.cache)
 
-    def execute(self, chunks: Sequence[SeqChunk], copies: Sequence[BlockCopy] = ()) -> StepResult:
+    def execute(self, chunks: Sequence[SeqChunk], copies: Sequence[BlockCopy] = (),
+                swap_out: Sequence[BlockSwap] = (), swap_in: Sequence[BlockSwap] = ()) -> StepResult:
         start = self.clock()
+        if swap_out:
+            self.cache.swap(swap_out, to_host=True)
         if copies:
             self.cache.copy_blocks(copies)
+        if swap_in:
+            self.cache.swap(swap_in, to_host=False)
         batch = self.prepare(chunks)
         prepared = self.clock()
         logits = self.forward(batch)

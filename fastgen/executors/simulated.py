@@ -16,7 +16,7 @@ import torch
 from fastgen.config import EngineSettings, ExecutorConfig
 from fastgen.executors.base import Executor, StepResult, register_executor
 from fastgen.model_spec import ModelSpec
-from fastgen.ragged import BlockCopy, SeqChunk
+from fastgen.ragged import BlockCopy, BlockSwap, SeqChunk
 from fastgen.sim.clocks import VirtualClock
 from fastgen.sim.cost_model import DTYPE_BYTES, CostModel, Profile
 from fastgen.sim.shapes import model_spec
@@ -75,10 +75,16 @@ class SimulatedExecutor(Executor):
         self.clock = VirtualClock()
         self.block_size = cfg.kv.block_size
         self.num_kv_blocks = kv_pool_blocks(self.spec, cfg)
+        self.num_host_kv_blocks = cfg.kv.host_blocks(self.cost.block_bytes(self.block_size))
+        if self.num_host_kv_blocks and not sheet.host_link_bandwidth_gbs > 0:
+            raise ValueError("kv.swap_space_gb / kv.swap_blocks with executor=simulated needs the device's host link "
+                             f"bandwidth: set hardware.sim.host_link_bandwidth_gbs in conf/hardware/"
+                             f"{cfg.hardware.name or '<name>'}.yaml")
         self.cuda_graphs = cfg.executor.cuda_graphs
         self._logits = torch.zeros(0, 1)
 
-    def execute(self, chunks: Sequence[SeqChunk], copies: Sequence[BlockCopy] = ()) -> StepResult:
+    def execute(self, chunks: Sequence[SeqChunk], copies: Sequence[BlockCopy] = (),
+                swap_out: Sequence[BlockSwap] = (), swap_in: Sequence[BlockSwap] = ()) -> StepResult:
         """Advances the clock by the step's predicted time; placeholder logits [rows, 1] (no distribution: a
         request's logprobs and logit processors are meaningless here). A chunk costs its new tokens only: tokens
         before its `start` (computed earlier, or found in the prefix cache) are context. Pad tokens
@@ -95,7 +101,8 @@ class SimulatedExecutor(Executor):
             size = int(CUDA_GRAPH_BATCH_SIZES[np.searchsorted(CUDA_GRAPH_BATCH_SIZES, n)])
             q, ctx = np.concatenate([q, np.ones(size - n)]), np.concatenate([ctx, np.ones(size - n)])
         seconds = self.cost.step_time(BatchShape(q, ctx, num_logits=rows, cuda_graph=graph)) + \
-            self.cost.block_copy_seconds(len(copies), self.block_size)
+            self.cost.block_copy_seconds(len(copies), self.block_size) + \
+            self.cost.swap_seconds(len(swap_out) + len(swap_in), self.block_size)
         self.clock.sleep(seconds)
         if self._logits.shape[0] < rows:
             self._logits = torch.zeros(rows, 1)

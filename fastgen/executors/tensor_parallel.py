@@ -36,7 +36,7 @@ from fastgen.models import CausalLM, build_model, resolve_dtype
 from fastgen.models.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from fastgen.models.loader import check_tensor_parallel, load_config, open_weights
 from fastgen.models.weights import BroadcastWeights, SafetensorsWeights
-from fastgen.ragged import BlockCopy, SeqChunk
+from fastgen.ragged import BlockCopy, BlockSwap, SeqChunk
 
 DIST_BACKENDS = ("auto", "gloo", "nccl")
 
@@ -104,8 +104,9 @@ def load_shard(state: RankState, load: ShardLoad) -> None:
     state.runner = RealExecutor(dataclasses.replace(load.cfg, hardware=hardware), model)
 
 
-def run_step(state: RankState, chunks: Sequence[SeqChunk], copies: Sequence[BlockCopy]) -> StepResult:
-    return state.runner.execute(chunks, copies)
+def run_step(state: RankState, chunks: Sequence[SeqChunk], copies: Sequence[BlockCopy],
+             swap_out: Sequence[BlockSwap] = (), swap_in: Sequence[BlockSwap] = ()) -> StepResult:
+    return state.runner.execute(chunks, copies, swap_out, swap_in)
 
 
 def rank_memory(state: RankState) -> dict[str, int]:
@@ -148,16 +149,18 @@ class TensorParallelExecutor(Executor):
         runner: RealExecutor = self.workers.state.runner
         self.spec, self.tokenizer = runner.spec, tokenizer
         self.block_size, self.num_kv_blocks = runner.block_size, runner.num_kv_blocks
+        self.num_host_kv_blocks = runner.num_host_kv_blocks
 
     @property
     def size(self) -> int:
         return self.workers.size
 
-    def execute(self, chunks: Sequence[SeqChunk], copies: Sequence[BlockCopy] = ()) -> StepResult:
+    def execute(self, chunks: Sequence[SeqChunk], copies: Sequence[BlockCopy] = (),
+                swap_out: Sequence[BlockSwap] = (), swap_in: Sequence[BlockSwap] = ()) -> StepResult:
         """Broadcasts the step data, runs rank 0's shard (its collectives pace the others; every rank copies the
         blocks of its own KV heads) and returns the logits rank 0 gathered; prepare_s includes the broadcast."""
         start = self.clock()
-        result = self.workers.run(run_step, chunks, list(copies))
+        result = self.workers.run(run_step, chunks, list(copies), list(swap_out), list(swap_in))
         return StepResult(result.logits, self.clock() - start - result.forward_s, result.forward_s)
 
     def run_on_ranks(self, fn, *args) -> list:

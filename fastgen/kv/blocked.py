@@ -11,16 +11,23 @@ longest cached prefix instead of computing them, and its num_computed_tokens sta
 its last token, which must run to give a logit: when the whole request is cached, its last block is copied and
 that one token recomputed). Blocks nobody references stay cached until an allocation finds no empty block and
 evicts them, least recently released first. Partly filled blocks are never registered.
+
+Swapping (a host pool of `num_host_blocks`, kv.swap_space_gb): a preempted request whose blocks it alone holds
+can have them moved to host blocks (swap_out) and freed on the device; it keeps its computed tokens, and its next
+allocation takes device blocks for them first and moves them back (swap-in). The moves are plain BlockSwap lists
+for the executor (take_swaps); a host block a swap-in reads is free again only after that step's plan is taken,
+so that a swap-out in the same step (made first) cannot overwrite it.
 """
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 from fastgen.config import KVConfig
 from fastgen.kv.allocator import BlockAllocator
 from fastgen.kv.manager import KVManager, register_kv_manager
-from fastgen.ragged import BlockCopy
+from fastgen.ragged import BlockCopy, BlockSwap
 from fastgen.request import Request
 
 
@@ -49,6 +56,11 @@ class BlockedKVManager(KVManager):
         self._registered: dict[int, int] = {}    # per sequence: leading blocks of its table already registered
         self._copies: list[BlockCopy] = []
         self._evictions_reported = 0
+        self.swapped: dict[int, list[int]] = {}   # per swapped-out sequence: its host blocks, in table order
+        self._free_host: deque[int] = deque()
+        self._host_read: list[int] = []            # host blocks this step's swap-ins read: free after the step
+        self._outs: list[BlockSwap] = []   # this step's swap-outs and swap-ins
+        self._ins: list[BlockSwap] = []
 
     @property
     def caches_prefixes(self) -> bool:
@@ -58,6 +70,9 @@ class BlockedKVManager(KVManager):
     def _plan(self, req: Request, num_new_tokens: int) -> _Plan | None:
         """None when the cached prefix the request was planned from has been evicted since."""
         computed, table = req.num_computed_tokens, self.tables.get(req.seq_id)
+        if req.seq_id in self.swapped:       # every block it had comes back from the host pool
+            new = self.blocks_for(computed + num_new_tokens)
+            return _Plan([], False, new, new)
         hits = []
         if table is None and computed:
             hits = self._match(req, self.blocks_for(computed))
@@ -94,7 +109,9 @@ class BlockedKVManager(KVManager):
         if plan.taken > self.allocator.num_free:
             return False
         seq, computed = req.seq_id, req.num_computed_tokens
-        if seq not in self.tables:
+        if seq in self.swapped:
+            self._swap_in(req)
+        elif seq not in self.tables:
             self._admit(req, plan.hits)
         table = self.tables[seq]
         if plan.copy_on_write:
@@ -104,7 +121,7 @@ class BlockedKVManager(KVManager):
             self.allocator.free([table[i]])
             table[i] = copy
             self._registered[seq] = min(self._registered[seq], i)
-        table.extend(self.allocator.allocate(plan.new - plan.copy_on_write))
+        table.extend(self.allocator.allocate(max(0, self.blocks_for(computed + num_new_tokens) - len(table))))
         self.tokens[seq] = computed + num_new_tokens
         return True
 
@@ -123,6 +140,48 @@ class BlockedKVManager(KVManager):
         self.allocator.free(reversed(self.tables.pop(req.seq_id, [])))
         self.tokens.pop(req.seq_id, None)
         self._registered.pop(req.seq_id, None)
+        self._free_host.extend(self.swapped.pop(req.seq_id, []))
+
+    # -- swapping ------------------------------------------------------------------------------------------------
+    def use_host_pool(self, num_blocks: int) -> None:
+        super().use_host_pool(num_blocks)
+        self._free_host = deque(range(num_blocks))
+
+    def can_swap_out(self, req: Request) -> bool:
+        table = self.tables.get(req.seq_id)
+        return (table is not None and len(table) <= len(self._free_host)
+                and all(self.allocator.refs[b] == 1 for b in table))
+
+    def swap_out(self, req: Request) -> None:
+        table = self.tables.pop(req.seq_id)
+        host = [self._free_host.popleft() for _ in table]
+        self._outs += map(BlockSwap, table, host)
+        self.allocator.free(reversed(table))
+        self.swapped[req.seq_id] = host
+        self.tokens.pop(req.seq_id, None)
+        self._registered.pop(req.seq_id, None)
+
+    def _swap_in(self, req: Request) -> None:
+        host = self.swapped.pop(req.seq_id)
+        table = self.allocator.allocate(len(host))
+        self._ins += map(BlockSwap, table, host)
+        self._host_read += host
+        self.tables[req.seq_id] = table
+        self._registered[req.seq_id] = 0
+
+    def is_swapped(self, req: Request) -> bool:
+        return req.seq_id in self.swapped
+
+    @property
+    def num_free_host_blocks(self) -> int:
+        return len(self._free_host) + len(self._host_read)
+
+    def take_swaps(self) -> tuple[list[BlockSwap], list[BlockSwap]]:
+        swaps = self._outs, self._ins
+        self._outs, self._ins = [], []
+        self._free_host.extend(self._host_read)
+        self._host_read = []
+        return swaps
 
     @property
     def num_free_blocks(self) -> int:

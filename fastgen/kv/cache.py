@@ -18,7 +18,9 @@ from fastgen.model_spec import ModelSpec
 
 class KVCache:
     def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", tensor_parallel: int = 1):
+                 device: torch.device | str = "cpu", tensor_parallel: int = 1, host_blocks: int = 0):
+        """`host_blocks`: the host pool preempted requests' blocks are swapped to (pinned when the device is a GPU,
+        so that the copies can overlap)."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"KV cache needs num_blocks >= 1 and block_size >= 1, got {num_blocks} and {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -26,6 +28,10 @@ class KVCache:
         # Zero-filled: attention reads whole blocks and masks the slots past a context, which must stay finite.
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        host = (*shape[:2], host_blocks, *shape[3:])
+        pin = self.k.device.type == "cuda"
+        self.host_k = torch.zeros(host, dtype=dtype, device="cpu", pin_memory=pin)
+        self.host_v = torch.zeros(host, dtype=dtype, device="cpu", pin_memory=pin)
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i].permute(1, 2, 0, 3), self.v[i].permute(1, 2, 0, 3)
@@ -35,3 +41,14 @@ class KVCache:
         src, dst = (torch.tensor(ids, dtype=torch.int64, device=self.k.device) for ids in zip(*copies))
         self.k[:, :, dst] = self.k[:, :, src]
         self.v[:, :, dst] = self.v[:, :, src]
+
+    def swap(self, moves: Sequence[tuple[int, int]], to_host: bool) -> None:
+        """Moves each (device block, host block)'s keys and values in every layer to the host pool (to_host) or
+        back to the device."""
+        device, host = (torch.tensor(ids, dtype=torch.int64) for ids in zip(*moves))
+        on_device = device.to(self.k.device)
+        for pool, host_pool in ((self.k, self.host_k), (self.v, self.host_v)):
+            if to_host:
+                host_pool[:, :, host] = pool[:, :, on_device].cpu()
+            else:
+                pool[:, :, on_device] = host_pool[:, :, host].to(pool.device, non_blocking=True)

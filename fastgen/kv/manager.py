@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 from fastgen.config import KVConfig
-from fastgen.ragged import BlockCopy
+from fastgen.ragged import BlockCopy, BlockSwap
 from fastgen.registry import Registry
 from fastgen.request import Request
 
@@ -21,9 +21,12 @@ KV_MANAGERS: Registry["KVManager"] = Registry("kv", "fastgen.kv", KVConfig)
 register_kv_manager = KV_MANAGERS.register
 
 
-def make_kv_manager(config: KVConfig, num_blocks: int) -> "KVManager":
-    """The manager `config` names, over a pool of `num_blocks` blocks (the executor's)."""
-    return KV_MANAGERS.resolve(config)(config, num_blocks)
+def make_kv_manager(config: KVConfig, num_blocks: int, num_host_blocks: int = 0) -> "KVManager":
+    """The manager `config` names, over a pool of `num_blocks` blocks (the executor's) and a host pool of
+    `num_host_blocks` that preempted requests' blocks can be swapped to (the executor's; 0: no swapping)."""
+    manager = KV_MANAGERS.resolve(config)(config, num_blocks)
+    manager.use_host_pool(num_host_blocks)
+    return manager
 
 
 @dataclass
@@ -48,6 +51,7 @@ class KVManager(ABC):
                              f"{config.block_size}")
         self.config = config
         self.num_blocks, self.block_size = num_blocks, config.block_size
+        self.num_host_blocks = 0
         self.tables: dict[int, list[int]] = {}     # by Request.seq_id
         self.tokens: dict[int, int] = {}           # KV slots in use (computed + scheduled) per sequence
         self.counters = PrefixCacheCounters()
@@ -110,6 +114,32 @@ class KVManager(ABC):
     def take_copies(self) -> list[BlockCopy]:
         """Block copies the next step must make before its forward (copy-on-write), once."""
         return []
+
+    # -- swapping to host memory: a manager without it keeps these defaults (preemption then recomputes) ----------
+    def use_host_pool(self, num_blocks: int) -> None:
+        """A host pool of num_blocks blocks (the executor's) to swap preempted requests' blocks to."""
+        self.num_host_blocks = num_blocks
+
+    def can_swap_out(self, req: Request) -> bool:
+        """Can the request's blocks move to the host pool (room there, and blocks it alone holds)?"""
+        return False
+
+    def swap_out(self, req: Request) -> None:
+        """Moves the request's blocks to the host pool and frees them on the device; it keeps its computed tokens
+        and its next allocation swaps them back in first."""
+        raise NotImplementedError(f"kv={self.name} cannot swap")
+
+    def is_swapped(self, req: Request) -> bool:
+        return False
+
+    @property
+    def num_free_host_blocks(self) -> int:
+        return self.num_host_blocks
+
+    def take_swaps(self) -> tuple[list[BlockSwap], list[BlockSwap]]:
+        """The block moves the next step must make, once: (swap-outs, made first; swap-ins, made after the
+        block copies)."""
+        return [], []
 
     def take_counters(self) -> dict[str, int]:
         """The prefix-cache counters since the last call (a step's), reset."""

@@ -21,7 +21,7 @@ from typing import Callable, ClassVar, Sequence
 
 from fastgen.config import SchedulerConfig, check_positive
 from fastgen.kv.manager import KVManager
-from fastgen.ragged import BlockCopy, SeqChunk
+from fastgen.ragged import BlockCopy, BlockSwap, SeqChunk
 from fastgen.registry import Registry
 from fastgen.request import Request, RequestStatus
 
@@ -72,6 +72,8 @@ class SchedulerOutput:
     dropped: list[tuple[Request, str]] = field(default_factory=list)   # (request, finish reason) the policy ended
     step_chunks: list[SeqChunk] = field(default_factory=list)
     copies: list[BlockCopy] = field(default_factory=list)
+    swap_out: list[BlockSwap] = field(default_factory=list)    # device -> host, before the copies
+    swap_in: list[BlockSwap] = field(default_factory=list)     # host -> device, after the copies
 
     @property
     def num_tokens(self) -> int:
@@ -121,7 +123,8 @@ class Scheduler:
         executor must make first."""
         if self.kv.caches_prefixes:
             for req in self.waiting:
-                req.num_computed_tokens = self.kv.cached_prefix(req)
+                if not self.kv.is_swapped(req):
+                    req.num_computed_tokens = self.kv.cached_prefix(req)
         out = self.schedule()
         for c in out.chunks:
             req, start = c.request, c.request.num_computed_tokens
@@ -129,6 +132,7 @@ class Scheduler:
                 req.token_slice(start, c.num_tokens), start, self.kv.block_table(req),
                 all_logits=req.needs_prompt_logits and start < len(req.prompt_token_ids) - 1, num_pad=c.num_pad))
         out.copies = self.kv.take_copies()
+        out.swap_out, out.swap_in = self.kv.take_swaps()
         return out
 
     def update_from_output(self, out: SchedulerOutput, forks: Sequence[tuple[Request, Request]] = (),
@@ -202,12 +206,17 @@ class Scheduler:
         self.running.append(req)
 
     def preempt(self, req: Request, out: SchedulerOutput) -> None:
-        """Recompute preemption: free the victim's KV and put it back at the front of the queue; its generated
-        tokens become part of what it must recompute, so nothing it produced is lost (and what stays cached of
-        its blocks is not computed again)."""
+        """Puts the victim back at the front of the queue. Recompute preemption frees its KV: its generated
+        tokens become part of what it must recompute, so nothing it produced is lost (and what stays cached of its
+        blocks is not computed again). Swap preemption (preemption_mode=swap, when the KV manager has room in its
+        host pool) moves its blocks to host memory instead: it keeps its computed tokens and its next allocation
+        brings them back."""
         self.running.remove(req)
-        self.kv.free(req)
-        req.num_computed_tokens = self.kv.cached_prefix(req)
+        if self.config.preemption_mode == "swap" and self.kv.can_swap_out(req):
+            self.kv.swap_out(req)
+        else:
+            self.kv.free(req)
+            req.num_computed_tokens = self.kv.cached_prefix(req)
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)

@@ -193,9 +193,18 @@ class CostModel(WorkModel):
     def step_time(self, batch: BatchShape) -> float:
         return self.breakdown(batch)["total"]
 
+    def block_bytes(self, block_size: int) -> int:
+        """One KV block's keys and values in every layer, on one device."""
+        return block_size * self.spec.kv_bytes_per_token(self.dtype_bytes, self.tp)
+
+    def swap_seconds(self, num_blocks: int, block_size: int) -> float:
+        """KV blocks moved between device and host memory over the host link (PCIe), one direction at a time."""
+        return num_blocks * self.block_bytes(block_size) / (self.device.host_link_bandwidth_gbs * 1e9) if num_blocks \
+            else 0.0
+
     def block_copy_seconds(self, num_copies: int, block_size: int) -> float:
         """Copy-on-write of KV blocks: each block's keys and values in every layer read once and written once."""
         if not num_copies:
             return 0.0
-        nbytes = 2 * num_copies * block_size * self.spec.kv_bytes_per_token(self.dtype_bytes, self.tp)
+        nbytes = 2 * num_copies * self.block_bytes(block_size)
         return nbytes / (self.device.memory_bandwidth_gbs * 1e9 * self.profile.bandwidth_efficiency)
