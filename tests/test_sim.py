@@ -239,7 +239,8 @@ def test_simulated_swap_preemption_completes_and_is_charged_by_the_host_link():
     """priority-mix in a tight pool with preemption_mode=swap: urgent requests preempt batch ones by swapping their
     KV to the host pool; every request completes, and a swap costs its bytes over hardware.sim's host link."""
     cfg = compose_config(["model.source=llama-2-7b", "hardware=a100-80gb", "scheduler=priority",
-                          "workload=priority-mix", "scheduler.preemption_mode=swap", "kv.num_blocks=40", "kv.swap_space_gb=4",
+                          "workload=priority-mix", "scheduler.preemption_mode=swap", "kv.num_blocks=40",
+                          "kv.swap_space_gb=4",
                           "workload.num_requests=24", "workload.rate=50", *SIM])
     executor = SimulatedExecutor(cfg)
     manager = make_kv_manager(cfg.kv, executor.num_kv_blocks, executor.num_host_kv_blocks)
