@@ -65,8 +65,8 @@ def describe(config: Mapping[str, Any], clients: bool = True) -> dict[str, str]:
     arrival = {"closed_loop": "closed loop" + (f", {w['clients']} client{'s' * (w['clients'] != 1)}" if clients else ""),
                "poisson": f"Poisson arrivals{rate}",
                "gamma": f"gamma arrivals{rate} (burstiness {w['burstiness']:g})",
-               "trace": "trace arrival times" + (f" x{w['time_scale']:g}" if w["time_scale"] != 1 and clients else "")
-               }[w["arrival"]]
+               "trace": "trace arrival times" + (f" x{w['time_scale']:g}" if w["time_scale"] != 1 and clients else ""),
+               "classes": "each class's own arrivals"}[w["arrival"]]
     lengths = (f"lengths from {Path(w['trace_path']).name}" if w.get("trace_path") else
                f"prompt ~{w['prompt']['mean']:g} / output ~{w['output']['mean']:g} tokens")
     tp = hw.get("tensor_parallel", 1)

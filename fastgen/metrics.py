@@ -45,6 +45,7 @@ STEP_STATS = ("mean", "p50", "p95")
 TOKEN_LATENCY_PERCENTILES = (50, 90, 95)
 
 Metrics = dict[str, Optional[float]]
+W_INPUT, W_OUTPUT = 1.0, 2.0        # VTC's cost of a prompt token and of an output token (its defaults)
 
 
 @dataclass
@@ -295,8 +296,15 @@ def by_class(traces: Sequence[RequestTrace]) -> dict[str, list[RequestTrace]]:
     return groups
 
 
-def class_metrics(traces: Sequence[RequestTrace], window: Optional[float], w_input: float = 1.0,
-                  w_output: float = 2.0) -> Metrics:
+def jain(values: Sequence[float]) -> Optional[float]:
+    """Jain's fairness index (sum x)^2 / (n sum x^2): 1 when all are equal, 1/n when one has everything; None for
+    fewer than two values or none served."""
+    v = np.asarray(values, dtype=float)
+    return float(v.sum() ** 2 / (len(v) * (v ** 2).sum())) if len(v) > 1 and v.sum() > 0 else None
+
+
+def class_metrics(traces: Sequence[RequestTrace], window: Optional[float], w_input: float = W_INPUT,
+                  w_output: float = W_OUTPUT) -> Metrics:
     """SLO attainment and goodput, overall and per class, and fairness over tenants (see the module's doc)."""
     out: Metrics = {}
     for suffix, group in by_class([t for t in traces if t.slo is not None and t.slo.active]).items():
@@ -309,9 +317,7 @@ def class_metrics(traces: Sequence[RequestTrace], window: Optional[float], w_inp
     tenants = sorted({t.tenant for t in traces})
     served = {tenant: sum(_service(t, w_input, w_output)[1] for t in traces if t.tenant == tenant)
               for tenant in tenants}
-    values = np.array(list(served.values()), dtype=float)
-    many = len(tenants) > 1 and values.sum() > 0
-    out["fairness_jain"] = float(values.sum() ** 2 / (len(values) * (values ** 2).sum())) if many else None
+    out["fairness_jain"] = jain(list(served.values()))
     out["service_gap_max"] = service_gap_max(traces, w_input, w_output) if len(tenants) > 1 else None
     return out
 
@@ -351,7 +357,8 @@ def _backlogged(traces: Sequence[RequestTrace]) -> list[tuple[float, float]]:
     return merged
 
 
-def service_gap_max(traces: Sequence[RequestTrace], w_input: float = 1.0, w_output: float = 2.0) -> Optional[float]:
+def service_gap_max(traces: Sequence[RequestTrace], w_input: float = W_INPUT,
+                    w_output: float = W_OUTPUT) -> Optional[float]:
     """The largest |W_f(t1, t2) - W_g(t1, t2)| over tenant pairs f, g and intervals [t1, t2] in which both are
     backlogged (W: weighted service in the interval); None if no two tenants are ever backlogged together."""
     tenants = sorted({t.tenant for t in traces})

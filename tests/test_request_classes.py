@@ -1,5 +1,6 @@
 """Request classes end to end: a request's priority, tenant and SLO from the workload (workload.classes) through
 the driver, the engine API, the pipeline and the server to the request the scheduler sees and its trace."""
+import numpy as np
 import pytest
 
 from fastgen.conf import compose_config
@@ -50,10 +51,36 @@ def test_bad_classes_are_refused_naming_the_field(spec, match):
 
 
 def test_shipped_class_workloads_compose():
-    for name, tenants in [("priority-mix", {"chat", "batch"}), ("two-tenant", {"small", "large"})]:
-        cfg = compose_config([f"workload={name}"]).workload
-        w = build_workload(cfg, VOCAB)
+    for name, tenants in [("priority-mix", {"chat", "batch"}), ("two-tenant", {"steady", "flood"}),
+                          ("azure-two-tenant", {"conv", "code"})]:
+        cfg = compose_config([f"workload={name}", "workload.num_requests=64"]).workload
+        w = build_workload(cfg, VOCAB, max_model_len=4096)
         assert {r.tenant for r in w.requests} == tenants and all(r.slo is not None for r in w.requests)
+
+
+def gaps_by_tenant(w):
+    times = [t for _, t in sorted(w.arrivals.initial_requests())]
+    out = {}
+    for r, t in zip(w.requests, times):
+        out.setdefault(r.tenant, []).append(t)
+    return out
+
+
+def test_each_class_has_its_own_arrival_process():
+    """two-tenant: a steady Poisson tenant and a bursty one (Gamma shape 0.1: CV^2 about 10) that floods;
+    azure-two-tenant: each tenant's requests arrive at its own trace's times, merged."""
+    from fastgen.workloads.replay import load_trace
+    w = build_workload(compose_config(["workload=two-tenant", "workload.num_requests=400"]).workload, VOCAB)
+    cv2 = {t: np.var(np.diff(x)) / np.mean(np.diff(x)) ** 2 for t, x in gaps_by_tenant(w).items()}
+    assert cv2["steady"] < 2 and cv2["flood"] > 4, cv2
+    w = build_workload(compose_config(["workload=azure-two-tenant", "workload.num_requests=100"]).workload, VOCAB,
+                       max_model_len=4096)
+    times = gaps_by_tenant(w)
+    for tenant, path in [("conv", "azure_conv.csv.gz"), ("code", "azure_code.csv.gz")]:
+        assert times[tenant] == [r.arrival_time for r in load_trace(path)[:len(times[tenant])]]
+    assert max(times["code"] + times["conv"]) <= load_trace("azure_conv.csv.gz")[len(times["conv"])].arrival_time
+    with pytest.raises(ValueError, match="arrival=classes"):
+        build_workload(WorkloadConfig(arrival="classes", classes=[RequestClassSpec("x")]), VOCAB)
 
 
 def test_engine_takes_the_class_and_refuses_bad_values():
@@ -127,6 +154,32 @@ def test_server_takes_vllms_priority_and_openais_user_and_refuses_bad_values():
             response = s.post("/v1/completions", body | bad)
             assert response.status_code == 400, response.text
             assert response.json()["error"]["param"] == param
+
+
+def test_server_tenant_header_and_class_metrics():
+    """tenant_header names the tenant before `user` (400 on a bad value); /metrics counts each tenant's and
+    priority's finished requests, those meeting the server's SLO, their QoE and the fairness over tenants."""
+    from serving import MODEL, serve_config, served
+    with served(serve_config(tenant_header="X-Tenant", slo=SLO(ttft_s=60.0))) as s:
+        seen = []
+        add = s.engine.add_request
+        s.engine.add_request = lambda *a, **k: seen.append(k) or add(*a, **k)
+        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+        assert s.post("/v1/completions", body | {"user": "bob"}, headers={"X-Tenant": "acme"}).status_code == 200
+        assert s.post("/v1/completions", body | {"user": "bob", "priority": 3}).status_code == 200
+        assert [(k["tenant"], k["slo"]) for k in seen] == [("tenant:acme", SLO(60.0)), ("user:bob", SLO(60.0))]
+        for bad in ("", "x" * 129):
+            response = s.post("/v1/completions", body, headers={"X-Tenant": bad})
+            assert response.status_code == 400 and response.json()["error"]["param"] == "X-Tenant", bad
+        assert s.idle()
+        text = s.get("/metrics").text
+    for line in ('fastgen_class_requests_finished_total{priority="0",tenant="tenant:acme"} 1.0',
+                 'fastgen_class_requests_slo_met_total{priority="3",tenant="user:bob"} 1.0',
+                 'fastgen_class_request_qoe_count{priority="3",tenant="user:bob"} 1.0',
+                 'fastgen_tenant_service_tokens_total{tenant="tenant:acme"}'):
+        assert line in text, line
+    jain = float(next(x for x in text.splitlines() if x.startswith("fastgen_fairness_jain ")).split()[1])
+    assert 0.5 < jain <= 1.0
 
 
 def trace(rid, arrival, scheduled, tokens, *, cls=None, tenant="default", slo=None, reason="length", prompt=4):

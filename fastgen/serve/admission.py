@@ -2,8 +2,9 @@
 (`max_concurrent_requests`, counted in sequences) or of its queued tokens (`max_queued_tokens`, counted as each
 sequence's prompt + max_tokens), so one client's burst leaves room for everyone else's requests.
 
-The tenant is the request's OpenAI `user` field if it sends one, else its client address (all holders of the one
-API key are one tenant only per address). A tenant with nothing in flight is always admitted while the server as a
+The tenant is the value of the server's `tenant_header` (e.g. X-Tenant) if configured and sent, else the request's
+OpenAI `user` field if it sends one, else its client address (all holders of the one API key are one tenant only
+per address). A tenant with nothing in flight is always admitted while the server as a
 whole has room (a single request larger than the share is not refused forever); beyond its share it gets a 429
 naming `tenant_share`.
 """
@@ -39,7 +40,14 @@ class TenantLedger:
         self.total_tokens = 0
 
     @staticmethod
-    def tenant_of(user: str | None, client_host: str | None) -> str:
+    def tenant_of(user: str | None, client_host: str | None, header: tuple[str, str | None] = ("", None)) -> str:
+        """`header`: (the tenant header's name, its value in the request, None if not sent)."""
+        name, value = header
+        if value is not None:
+            if not value.strip() or len(value) > MAX_TENANT_CHARS or not value.isprintable():
+                raise APIError(400, f"the {name} header names the request's tenant: 1 to {MAX_TENANT_CHARS} "
+                                    f"printable characters, got {value[:MAX_TENANT_CHARS + 8]!r}", param=name)
+            return "tenant:" + value.strip()
         if user:
             return "user:" + user[:MAX_TENANT_CHARS]
         return "addr:" + (client_host or "unknown")

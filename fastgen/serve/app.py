@@ -463,11 +463,13 @@ async def _generate(request: Request, body: GenerationBody, prompts: list[list[i
                        param="best_of" if per_prompt > body.n else "n" if per_prompt > 1 else "prompt")
     responder = Responder(chat, server.model_name, server.token_text, body.sampled_logprobs, body.include_usage,
                           body.continuous_usage)
-    tenant = TenantLedger.tenant_of(body.user, request.client.host if request.client else None)
+    header = (cfg.tenant_header, request.headers.get(cfg.tenant_header)) if cfg.tenant_header else ("", None)
+    tenant = TenantLedger.tenant_of(body.user, request.client.host if request.client else None, header)
     sequences, choices = [], []
     for i, prompt in enumerate(prompts):
         sampling = _sampling(body, chat, _max_tokens(server, body, len(prompt), chat))
-        sequences.append(SequenceRequest(f"{responder.id}-{i}", prompt, sampling, body.priority, tenant))
+        sequences.append(SequenceRequest(f"{responder.id}-{i}", prompt, sampling, body.priority, tenant,
+                                         cfg.slo if cfg.slo.active else None))
         choices += [ChoiceState(index=i * body.n + j, prompt_index=i, echo_text=echoes[i] if echoes else "")
                     for j in range(body.n)]
     prompt_tokens = sum(map(len, prompts))

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from fastgen.compose import EngineConfig
+from fastgen.request_trace import SLO
 from fastgen.routers import ROUTERS, RouterConfig
 
 
@@ -61,6 +62,10 @@ class ServeConfig(EngineConfig):
     max_queued_tokens: int = 1 << 20         # tokens in flight (each sequence's prompt + max_tokens; 429 beyond)
     tenant_share: float = 0.5                # one tenant (`user`, else client address) may hold at most this share
                                              # of max_concurrent_requests and of max_queued_tokens (429 beyond)
+    tenant_header: Optional[str] = None      # e.g. X-Tenant: a request's tenant is this header's value when sent
+                                             # (before `user`); 1-128 printable characters (400 otherwise)
+    slo: SLO = field(default_factory=SLO)    # the TTFT / TPOT targets requests are judged by in /metrics (SLO
+                                             # attainment, goodput; QoE's expectation) and deadline-aware policies
     max_body_bytes: int = 1 << 20            # largest request body (413 beyond)
     max_prompt_chars: int = 131072           # longest text prompt (chat: all messages), checked before tokenizing
     max_sequences_per_request: int = 64      # prompts x best_of (or n) in one request (400 beyond)
@@ -111,6 +116,9 @@ class ServeConfig(EngineConfig):
         for name, value in limits.items():
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
+        self.slo.validate("slo")
+        if self.tenant_header is not None and not (self.tenant_header.strip() and self.tenant_header.isascii()):
+            raise ValueError(f"tenant_header must be an HTTP header name, got {self.tenant_header!r}")
         if not 0 < self.tenant_share <= 1:
             raise ValueError(f"tenant_share must be in (0, 1], got {self.tenant_share}")
         if self.api_key is not None and not self.api_key.strip():

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from fastgen.engine import LLMEngine, RequestOutput
-from fastgen.request_trace import DEFAULT_TENANT
+from fastgen.request_trace import DEFAULT_TENANT, SLO
 from fastgen.sampling import SamplingParams, TokenLogprob
 from fastgen.serve.prometheus import ServerMetrics
 
@@ -72,6 +72,7 @@ class SequenceRequest:
     sampling: SamplingParams
     priority: int = 0                      # lower is more urgent
     tenant: str = DEFAULT_TENANT
+    slo: SLO | None = None                 # the server's (ServeConfig.slo)
 
 
 _WAKE = object()      # put in a group's queue when its deadline moves
@@ -288,7 +289,7 @@ class EngineLoop:
         r = command.request
         try:
             self.engine.add_request(r.prompt_token_ids, r.sampling, r.request_id, command.arrival_time,
-                                    priority=r.priority, tenant=r.tenant)
+                                    priority=r.priority, tenant=r.tenant, slo=r.slo)
         except Exception as e:      # any refusal belongs to that request alone
             return [(r.request_id, Update(error=e))]
         self._in_engine[r.request_id] = r.sampling.n

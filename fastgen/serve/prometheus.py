@@ -1,13 +1,22 @@
 """Prometheus metrics of one server. Each app gets its own CollectorRegistry, so several apps in one process (tests,
 notebooks) never collide on metric names. The engine thread writes them (prometheus-client is thread-safe); the
-/metrics endpoint reads them."""
+/metrics endpoint reads them.
+
+Request classes, by `tenant` and `priority` label, counted when a request finishes (fastgen.metrics' definitions):
+finished requests and those meeting the server's SLO (serve `slo`; SLO attainment = met / finished, goodput =
+rate(met)), Andes' QoE (a summary: its _sum / _count is qoe_mean), each tenant's VTC-weighted service (w_input=1
+per prompt token, w_output=2 per output token) and Jain's index of those services (fairness_jain). VTC's
+service_gap_max needs every tenant's backlog over time and is an offline metric (metrics.json) only."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Summary,
+                               generate_latest)
 
 from fastgen.engine import RequestOutput
+from fastgen.metrics import W_INPUT, W_OUTPUT, jain, meets_slo, request_qoe
+from fastgen.request_trace import RequestTrace
 from fastgen.step_stats import EngineSnapshot, StepStats
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -41,6 +50,18 @@ class ServerMetrics:
                                      "in the prefix cache, since the start", ["unit"], registry=r)
         self.kv_evictions = Counter("fastgen_kv_evictions", "Cached KV blocks evicted", registry=r)
         self._prefix = {"tokens": [0, 0], "blocks": [0, 0]}     # unit -> [hits, queries]
+        by_class = ["tenant", "priority"]
+        self.finished = Counter("fastgen_class_requests_finished", "Requests finished (not aborted)", by_class,
+                                registry=r)
+        self.slo_met = Counter("fastgen_class_requests_slo_met", "Finished requests that met the server's SLO "
+                               "(serve slo): attainment = this / finished, goodput = rate(this)", by_class, registry=r)
+        self.qoe = Summary("fastgen_class_request_qoe", "Andes' QoE of finished requests (fastgen.qoe; the "
+                           "expectation is serve slo, else its defaults)", by_class, registry=r)
+        self.service = Counter("fastgen_tenant_service_tokens", "Weighted tokens served per tenant (VTC: 1 per "
+                               "prompt token, 2 per output token)", ["tenant"], registry=r)
+        self.fairness = Gauge("fastgen_fairness_jain", "Jain's index of the tenants' weighted services",
+                              registry=r)
+        self._served: dict[str, float] = {}
 
     def observe_engine(self, snapshot: EngineSnapshot) -> None:
         """Sets the gauges from the engine's state."""
@@ -75,6 +96,23 @@ class ServerMetrics:
                 self.ttft.observe(times[0] - out.trace.arrival_time)
             for i in range(max(len(times) - new, 1), len(times)):
                 self.itl.observe(times[i] - times[i - 1])
+        for out in outputs:
+            if out.finished and out.finish_reason != "abort":
+                self.observe_class(out.trace)
+
+    def observe_class(self, trace: RequestTrace) -> None:
+        """A finished request's class metrics."""
+        labels = trace.tenant, str(trace.priority)
+        self.finished.labels(*labels).inc()
+        if trace.slo is not None and meets_slo(trace):
+            self.slo_met.labels(*labels).inc()
+        self.qoe.labels(*labels).observe(request_qoe(trace))
+        served = W_INPUT * trace.prompt_tokens + W_OUTPUT * trace.output_tokens
+        self.service.labels(trace.tenant).inc(served)
+        self._served[trace.tenant] = self._served.get(trace.tenant, 0.0) + served
+        fairness = jain(list(self._served.values()))
+        if fairness is not None:
+            self.fairness.set(fairness)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

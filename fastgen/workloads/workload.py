@@ -13,7 +13,9 @@ Arrival processes (`WorkloadConfig.arrival`):
 - ``poisson``: open loop at `rate` requests/s;
 - ``gamma``: open loop at `rate` requests/s with Gamma gaps of shape `burstiness` (= 1/CV^2);
 - ``trace``: replay `trace_path`, at most `num_requests` rows, at the file's arrival offsets times
-  `time_scale` (0.5 replays twice as fast).
+  `time_scale` (0.5 replays twice as fast);
+- ``classes``: each request class has its own arrival process (below): the first `num_requests` arrivals of the
+  classes' streams merged by time, times `time_scale`.
 
 Shared prefixes (`workload.prefix`, fastgen.workloads.shared_prefix): a system prompt of `prefix.share` of the
 mean prompt length that requests start with (one of `prefix.num_prefixes`), and conversations of `prefix.turns`
@@ -38,6 +40,10 @@ output length distributions (None: the workload's), `priority` (lower is more ur
 name) and `slo` (ttft_s, tpot_s; None: no target). Each request draws its class by share from its own stream, so
 the requests' lengths and times stay those of the classless workload where a class does not set lengths. Class
 lengths apply to synthetic prompts; a trace brings its own lengths (its rows then only draw a class).
+With arrival=classes each class is its own stream instead, and `share` is unused (the streams' rates decide how
+many of the requests are each class's): Gamma arrivals at the class's `rate` with shape `burstiness` (1: Poisson;
+0.1: CV^2 = 10, a tenant that floods in bursts), lengths from its own distributions; or the rows of its own
+`trace_path` at their real arrival times (two traces recorded over the same hour merge as they happened).
 
 In CSV an empty cell means the column is absent for that row; `.gz` files are read compressed. A `trace_path`
 that does not exist relative to the working directory may name a file shipped in `data/`:
@@ -70,7 +76,7 @@ from fastgen.workloads.replay import TraceRecord, load_trace
 from fastgen.workloads.shared_prefix import ConversationArrivals, SharedPrefixSpec, conversation_prompts
 
 EXAMPLE_TRACE_PATH = Path(__file__).parent / "data" / "example_trace.jsonl"
-ARRIVALS = ("closed_loop", "poisson", "gamma", "trace")
+ARRIVALS = ("closed_loop", "poisson", "gamma", "trace", "classes")
 TOO_LONG = ("error", "clip", "skip")
 PROMPT_SOURCES = ("random", "corpus")
 
@@ -86,6 +92,9 @@ class RequestClassSpec:
     priority: int = 0                    # lower is more urgent
     tenant: Optional[str] = None         # None: the class's name
     slo: SLO = field(default_factory=SLO)
+    rate: Optional[float] = None         # arrival=classes: this class's requests/s (Gamma arrivals) ...
+    burstiness: float = 1.0              # ... of shape burstiness (1: Poisson, < 1: burstier)
+    trace_path: Optional[str] = None     # arrival=classes: ... or the rows of this trace at its arrival times
 
     @property
     def tenant_name(self) -> str:
@@ -101,6 +110,11 @@ class RequestClassSpec:
         if self.output is not None:
             self.output.validate(f"{where}.output")
         self.slo.validate(f"{where}.slo")
+        if self.rate is not None and not self.rate > 0 or not self.burstiness > 0:
+            raise ValueError(f"{where}.rate and burstiness must be > 0, got {self.rate}, {self.burstiness}")
+        if self.trace_path and (self.rate is not None or self.prompt is not None or self.output is not None):
+            raise ValueError(f"{where} replays {self.trace_path}, which brings its arrival times and lengths: leave "
+                             "its rate, prompt and output unset")
         try:
             check_class(self.priority, self.tenant_name, None)
         except ValueError as e:
@@ -146,7 +160,7 @@ class WorkloadConfig:
             raise ValueError(f"time_scale must be > 0 (arrival offsets are multiplied by it), got {self.time_scale}")
         if self.too_long not in TOO_LONG:
             raise ValueError(f"too_long must be one of {TOO_LONG}, got {self.too_long!r}")
-        if self.too_long == "skip" and not self.trace_path:
+        if self.too_long == "skip" and not self.trace_path and not any(c.trace_path for c in self.classes):
             raise ValueError("too_long='skip' leaves trace rows out; a synthetic workload draws its lengths: use "
                              "too_long='clip' or lower prompt.max / output.max")
         if self.max_prompt_len is not None and self.max_prompt_len < 1:
@@ -171,6 +185,13 @@ class WorkloadConfig:
             raise ValueError(f"workload.classes need distinct names, got {names}")
         for i, c in enumerate(self.classes):
             c.validate(f"workload.classes[{i}]")
+            if (self.arrival == "classes") != (c.rate is not None or bool(c.trace_path)):
+                raise ValueError(f"workload.classes[{i}] ({c.name}): with arrival=classes every class sets its own "
+                                 "rate or trace_path, and only then: set workload.arrival=classes and each class's "
+                                 "rate (or trace_path), or neither")
+        if self.arrival == "classes" and (not self.classes or self.trace_path or self.prefix.active):
+            raise ValueError("arrival=classes needs workload.classes, each with its own arrivals, and no workload "
+                             "trace_path or prefix")
             if self.trace_path and (c.prompt is not None or c.output is not None):
                 raise ValueError(f"workload.classes[{i}] ({c.name}) sets lengths but a trace brings its own: "
                                  "leave its prompt and output unset")
@@ -214,7 +235,10 @@ def build_workload(cfg: WorkloadConfig, vocab_size: int, tokenizer: Optional[Tok
     make_prompt = _prompt_source(cfg, vocab_size, tokenizer, token_rng)
     context = _ContextPolicy(max_model_len, cfg.too_long)
 
-    if cfg.trace_path:
+    if cfg.arrival == "classes":
+        prompts, outputs, times, classes = _class_streams(cfg, make_prompt, tokenizer, context, class_rng)
+        arrivals = OpenLoopArrivals(times)
+    elif cfg.trace_path:
         records = load_trace(cfg.trace_path, require_arrival_time=cfg.arrival == "trace")
         arrivals = None if cfg.arrival == "trace" else _synthetic_arrivals(cfg, arrival_rng)
         needed = cfg.num_requests if arrivals is None else arrivals.total
@@ -301,6 +325,40 @@ class _ContextPolicy:
             return prompt[: limit - output], output
         raise ValueError(f"{where}: prompt ({len(prompt)} tokens) + output ({output}) exceeds the model's context "
                          f"({limit}); set workload.too_long=clip or skip, or a model with a longer context")
+
+
+def _class_streams(cfg: WorkloadConfig, make_prompt: Callable[[int], list[int]], tokenizer: Optional[Tokenizer],
+                   context: _ContextPolicy, rng: np.random.Generator):
+    """arrival=classes: each class's own stream (Gamma arrivals with its lengths, or its trace's rows), merged by
+    time; the first num_requests that fit the context. Returns (prompts, outputs, times, class indices)."""
+    n, sources, events = cfg.num_requests, [], []
+    for k, c in enumerate(cfg.classes):
+        own = np.random.default_rng(rng.integers(2**63))
+        if c.trace_path:
+            records = load_trace(c.trace_path)
+            sources.append([(r, r.output_tokens, f"{c.trace_path} row {i + 1}") for i, r in enumerate(records)])
+            events += [(r.arrival_time, k, i) for i, r in enumerate(records)]
+            continue
+        lengths = sample_lengths(c.prompt or cfg.prompt, n, own, f"classes[{k}].prompt")
+        outs = sample_lengths(c.output or cfg.output, n, own, f"classes[{k}].output")
+        sources.append([(int(p), int(o), f"class {c.name} request {i}") for i, (p, o) in enumerate(zip(lengths, outs))])
+        events += [(t, k, i) for i, t in enumerate(gamma_arrivals(n, c.rate, c.burstiness, own))]
+    prompts, outputs, times, classes = [], [], [], []
+    for t, k, i in sorted(events):
+        if len(prompts) == n:
+            break
+        source, output, where = sources[k][i]
+        prompt = make_prompt(source) if isinstance(source, int) else _trace_prompt(source, make_prompt, tokenizer)
+        fitted = context.fit(prompt[: cfg.max_prompt_len], output, where)
+        if fitted is not None:
+            prompts.append(fitted[0])
+            outputs.append(fitted[1])
+            times.append(t * cfg.time_scale)
+            classes.append(k)
+    if len(prompts) < n:
+        raise ValueError(f"the classes' streams have {len(prompts)} requests that fit the model's context but the "
+                         f"workload needs {n}; lower workload.num_requests")
+    return prompts, outputs, times, np.array(classes)
 
 
 def _draw_classes(classes: list[RequestClassSpec], n: int, rng: np.random.Generator) -> np.ndarray:
