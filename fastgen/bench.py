@@ -20,6 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from fastgen.analysis import describe, overrides, sweep_jobs, differing
+from fastgen.class_figures import class_figures, has_classes
 from fastgen.compose import build_engine
 from fastgen.driver import EngineTarget, HttpTarget, ReplicaCluster, RunResult, run_workload
 from fastgen.executors import EXECUTORS
@@ -108,6 +109,9 @@ def run_benchmark(cfg: RunConfig, out_dir: str | os.PathLike, model=None, tokeni
     metrics["machine"] = machine.finish(threads, ranks).asdict()
     metrics["model_load"] = load
     write_results(out, metrics, results, cfg.sla)
+    if has_classes(results[0].traces):
+        described = describe(metrics["config"])
+        class_figures(results[0].traces, out, f"{described['workload']}\n{described['scheduler']}")
     if cfg.logger.name == "wandb":
         log_run(cfg.logger, wandb_run or wandb_identity(cfg, out), out)
     log.info(format_table(metrics) + "\n\n" + run_summary(metrics, out))

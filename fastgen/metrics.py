@@ -315,7 +315,7 @@ def class_metrics(traces: Sequence[RequestTrace], window: Optional[float], w_inp
     for suffix, group in by_class(judged).items():
         out[f"qoe_mean{suffix}"] = float(np.mean([request_qoe(t) for t in group])) if group else None
     tenants = sorted({t.tenant for t in traces})
-    served = {tenant: sum(_service(t, w_input, w_output)[1] for t in traces if t.tenant == tenant)
+    served = {tenant: sum(w for t in traces if t.tenant == tenant for _, w in service_events(t, w_input, w_output))
               for tenant in tenants}
     out["fairness_jain"] = jain(list(served.values()))
     out["service_gap_max"] = service_gap_max(traces, w_input, w_output) if len(tenants) > 1 else None
@@ -329,15 +329,16 @@ def request_qoe(trace: RequestTrace) -> float:
     return qoe(trace.arrival_time, trace.token_times, Expectation.of(trace.slo))
 
 
-def _service(trace: RequestTrace, w_input: float, w_output: float) -> tuple[list[tuple[float, float]], float]:
-    """(time, weighted tokens) of what the request was served, and their sum."""
+def service_events(trace: RequestTrace, w_input: float = W_INPUT,
+                   w_output: float = W_OUTPUT) -> list[tuple[float, float]]:
+    """(time, weighted tokens) of what the request was served: its prompt when first scheduled, each output token
+    when it arrived."""
     events = []
     start = trace.first_scheduled_time if trace.first_scheduled_time is not None else (
         trace.token_times[0] if trace.token_times else None)
     if start is not None:
         events.append((start, w_input * trace.prompt_tokens))
-    events += [(t, w_output) for t in trace.token_times]
-    return events, sum(w for _, w in events)
+    return events + [(t, w_output) for t in trace.token_times]
 
 
 def _backlogged(traces: Sequence[RequestTrace]) -> list[tuple[float, float]]:
@@ -363,7 +364,7 @@ def service_gap_max(traces: Sequence[RequestTrace], w_input: float = W_INPUT,
     backlogged (W: weighted service in the interval); None if no two tenants are ever backlogged together."""
     tenants = sorted({t.tenant for t in traces})
     backlog = {x: _backlogged([t for t in traces if t.tenant == x]) for x in tenants}
-    events = {x: sorted(e for t in traces if t.tenant == x for e in _service(t, w_input, w_output)[0])
+    events = {x: sorted(e for t in traces if t.tenant == x for e in service_events(t, w_input, w_output))
               for x in tenants}
     best = None
     for i, f in enumerate(tenants):

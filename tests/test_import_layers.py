@@ -13,7 +13,7 @@ FASTGEN = Path(__file__).resolve().parent.parent / "fastgen"
 UPPER = ("fastgen.engine", "fastgen.compose", "fastgen.conf", "fastgen.cli", "fastgen.plugins", "fastgen.bench",
          "fastgen.capacity", "fastgen.serve", "fastgen.driver", "fastgen.calibration", "fastgen.pipeline",
          "fastgen.run_config", "fastgen.analysis", "fastgen.peers", "fastgen.result_cache", "fastgen.tracking",
-         "fastgen.wandb_offline", "fastgen.ablate")
+         "fastgen.wandb_offline", "fastgen.ablate", "fastgen.class_figures")
 # The engine's parts and what they stand on: they never import a floor above them.
 LOWER = ("fastgen.kernels", "fastgen.models", "fastgen.sim", "fastgen.kv", "fastgen.schedulers", "fastgen.executors",
          "fastgen.routers", "fastgen.workloads", "fastgen.config", "fastgen.request", "fastgen.ragged",

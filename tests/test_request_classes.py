@@ -221,3 +221,14 @@ def test_fairness_jain_and_service_gap_over_tenants():
     assert m["service_gap_max"] == pytest.approx(12.0)
     assert summarize([trace("x", 0, 0.1, [0.2], tenant="a"), trace("y", 0, 0.1, [0.2], tenant="b")])[
         "fairness_jain"] == pytest.approx(1.0)
+
+
+def test_class_figures_are_drawn_for_classes_and_tenants(tmp_path):
+    from fastgen.class_figures import class_figures, has_classes
+    slo = SLO(ttft_s=1.0, tpot_s=0.5)
+    traces = [trace("0", 0.0, 0.1, [0.5, 0.9], cls="chat", tenant="a", slo=slo),
+              trace("1", 0.0, 0.2, [1.5, 1.6, 1.8], cls="batch", tenant="b")]
+    assert has_classes(traces) and not has_classes(traces[:1])
+    paths = class_figures(traces, tmp_path, "title")
+    assert [p.name for p in paths] == ["class_latency_cdf.png", "tenant_service.png"]
+    assert all(p.stat().st_size > 10_000 for p in paths)
