@@ -12,6 +12,7 @@ rambles cannot fill its output with blanks.
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +24,6 @@ import torch
 KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
 MAX_CONSTRAINT_CHARS = 65536     # a schema, regex or grammar longer than this is refused (compilation cost)
 MAX_CHOICES = 256
-JSON_OPTIONS = {"any_whitespace": False}     # compact JSON (see above)
 
 
 class ConstraintError(ValueError):
@@ -90,18 +90,33 @@ class StructuredOutput:
         return cls("choice", json.dumps(choices))
 
     def source(self) -> tuple[str, str]:
-        """(the xgrammar converter that reads it: json_schema, regex or ebnf; its input)."""
-        if self.kind == "json_object":
-            return "json_schema", '{"type": "object"}'
+        """(the xgrammar converter that reads it: regex or ebnf; its input). JSON schemas are converted to EBNF
+        here (see json_ebnf)."""
+        if self.kind in ("json_schema", "json_object"):
+            return "ebnf", json_ebnf(self.spec if self.kind == "json_schema" else '{"type": "object"}')
         if self.kind == "choice":
             return "ebnf", "root ::= " + " | ".join(map(json.dumps, json.loads(self.spec)))
-        return {"json_schema": "json_schema", "regex": "regex", "grammar": "ebnf"}[self.kind], self.spec
+        return {"regex": "regex", "grammar": "ebnf"}[self.kind], self.spec
+
+
+# xgrammar 0.2.9 writes the characters of a string with minLength/maxLength as [^"\\\r\n], which lets raw control
+# characters (U+0000-U+001F) into the string: not JSON. Its plain strings exclude them; so do these, here.
+_LENGTH_STRING_CHARS = r'[^\"\\\r\n]'
+_JSON_STRING_CHARS = r'[^\0-\x1f\"\\\r\n]'
+
+
+@functools.lru_cache(maxsize=1024)
+def json_ebnf(schema: str) -> str:
+    """The EBNF grammar of a JSON schema (compact JSON), with JSON's string characters (see above)."""
+    import xgrammar as xgr
+    grammar = _converted("json_schema", xgr.Grammar.from_json_schema, schema, any_whitespace=False)
+    return str(grammar).replace(_LENGTH_STRING_CHARS, _JSON_STRING_CHARS)
 
 
 def _converted(kind: str, convert, *args, **kwargs):
     try:
         return convert(*args, **kwargs)
-    except RuntimeError as e:       # xgrammar's errors read "[time] file.cc:line: what"
+    except (RuntimeError, ValueError, TypeError) as e:    # xgrammar's errors read "[time] file.cc:line: what"
         raise ConstraintError(f"invalid {kind}: {str(e).strip().split(': ', 1)[-1]}") from None
 
 
@@ -109,9 +124,8 @@ def check(constraint: StructuredOutput) -> None:
     """Raises ConstraintError if `constraint` does not convert into a grammar (cheap: no tokenizer, no mask)."""
     import xgrammar as xgr
     converter, text = constraint.source()
-    convert = {"json_schema": xgr.Grammar.from_json_schema, "regex": xgr.Grammar.from_regex,
-               "ebnf": xgr.Grammar.from_ebnf}[converter]
-    _converted(constraint.kind, convert, text, **JSON_OPTIONS if converter == "json_schema" else {})
+    convert = {"regex": xgr.Grammar.from_regex, "ebnf": xgr.Grammar.from_ebnf}[converter]
+    _converted(constraint.kind, convert, text)
 
 
 class GrammarCompiler:
@@ -130,10 +144,8 @@ class GrammarCompiler:
         """A new matcher (GrammarMatcher) for `constraint`; ConstraintError if it is invalid."""
         import xgrammar as xgr
         converter, text = constraint.source()
-        compile_ = {"json_schema": self._compiler.compile_json_schema, "regex": self._compiler.compile_regex,
-                    "ebnf": self._compiler.compile_grammar}[converter]
-        return xgr.GrammarMatcher(_converted(constraint.kind, compile_, text,
-                                             **JSON_OPTIONS if converter == "json_schema" else {}))
+        compile_ = {"regex": self._compiler.compile_regex, "ebnf": self._compiler.compile_grammar}[converter]
+        return xgr.GrammarMatcher(_converted(constraint.kind, compile_, text))
 
     def submit(self, constraint: StructuredOutput) -> Future:
         """compile() in the worker thread."""
