@@ -13,8 +13,8 @@ import httpx
 import jsonschema
 import pytest
 
-from serving import MODEL, new_engine, serve_config, served as serving, tokenizer
-from fastgen.serve.tools import HermesParser
+from serving import AUTH, MODEL, new_engine, serve_config, served as serving, tokenizer
+from fastgen.serve.tools import HermesParser, template_messages
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
@@ -140,10 +140,34 @@ def test_auto_tool_choice_renders_tools_and_round_trips_tool_and_developer_messa
     assert tok.status_code == 200
     out = chat(served, messages=messages, tools=[WEATHER], max_tokens=8)["choices"][0]
     assert out["finish_reason"] in ("stop", "length") and isinstance(out["message"]["content"], str)
-    from fastgen.serve.tools import template_messages
     rendered = tokenizer().apply_chat_template(template_messages(messages, [WEATHER], False), tokenize=False)
     assert "<tools>" in rendered and '"get_weather"' in rendered and "<tool_response>\nSunny" in rendered
     assert "<|im_start|>system\nBe brief." in rendered and '<tool_call>\n{"name": "get_weather"' in rendered
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_tool_choice_parses_hermes_calls_in_the_output(served, stream):
+    """The model's output is made a Hermes call (a regex constraint beside tool_choice auto): the server returns
+    it as tool_calls, with the text before it as content."""
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}\n</tool_call>'
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER],
+            "max_tokens": 80, "structured_outputs": {"regex": re.escape("Checking." + call)}, "stream": stream}
+    if not stream:
+        out = served.post("/v1/chat/completions", body).json()["choices"][0]
+        message, finish = out["message"], out["finish_reason"]
+        calls = message["tool_calls"]
+    else:
+        with httpx.stream("POST", f"{served.url}/v1/chat/completions", json=body, headers=AUTH,
+                          timeout=60) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        deltas = [c["choices"][0]["delta"] for c in chunks]
+        message = {"content": "".join(d.get("content") or "" for d in deltas)}
+        calls = [c for d in deltas for c in d.get("tool_calls") or []]
+        finish = chunks[-1]["choices"][0]["finish_reason"]
+        assert calls[0]["index"] == 0
+    assert finish == "tool_calls" and message["content"] == "Checking."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Oslo", "days": 2})]
 
 
 def test_completions_top_logprobs_hold_the_chosen_token_and_echo_scores_the_prompt(served):
