@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -37,6 +38,7 @@ from fastgen.request_trace import DEFAULT_TENANT, SLO, check_class
 from fastgen.sampling import ParameterError, Sampler, SamplingParams, SamplingRow, TokenLogprob, token_logprobs
 from fastgen.schedulers.base import Scheduler, SchedulerOutput
 from fastgen.step_stats import EngineSnapshot, StepStats
+from fastgen.structured import GrammarCompiler
 from fastgen.request_trace import RequestTrace
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,9 @@ class LLMEngine:
         self._observers: list[StepObserver] = []
         self._ids = itertools.count()
         self._num_steps = 0
+        self._grammars: GrammarCompiler | None = None    # made at the first structured output
+        self._compiling: list[tuple[Request, Future]] = []   # waiting for their grammar, in arrival order
+        self._mask_s = 0.0                                 # this step's grammar-mask seconds
         scheduler.attach(self.max_model_len, self.clock)
 
     # -- requests ------------------------------------------------------------------------------------------------
@@ -100,6 +105,8 @@ class LLMEngine:
             raise ParameterError("stop", "stop strings need a tokenizer; pass stop_token_ids instead")
         if sampling.stop and not sampling.detokenize:
             raise ParameterError("stop", "stop strings are matched on the text: they need detokenize=True")
+        if sampling.structured is not None and self._executor.real_logits and self.tokenizer is None:
+            raise ParameterError("structured", "a structured output needs the model's tokenizer")
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -116,8 +123,31 @@ class LLMEngine:
         self._requests[request_id] = [req]
         if sampling.num_sequences > sampling.n:
             self._best_of[request_id] = []
-        self._scheduler.add_request(req)
+        if sampling.structured is not None and self._executor.real_logits:
+            self._compiling.append((req, self._grammar_compiler().submit(sampling.structured)))
+        else:
+            self._scheduler.add_request(req)
         return request_id
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        return self._grammars
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Requests whose grammar has compiled join the scheduler (in arrival order); one whose constraint failed
+        to compile ends with the reason. Never waits."""
+        outputs, still = [], []
+        for req, future in self._compiling:
+            if not future.done():
+                still.append((req, future))
+            elif future.exception() is not None:
+                outputs.append(self._fail(req, f"its structured output does not compile: {future.exception()}"))
+            else:
+                req.grammar = future.result()
+                self._scheduler.add_request(req)
+        self._compiling = still
+        return outputs
 
     def _detokenize(self, req: Request) -> None:
         sampling = req.sampling
@@ -150,6 +180,7 @@ class LLMEngine:
         if seqs is None:
             return None
         first, now = seqs[0], self.clock()
+        self._compiling = [(r, f) for r, f in self._compiling if r is not first]
         for req in list(seqs):
             self._finish(req, "abort", now)
             self._scheduler.finish(req)
@@ -157,7 +188,7 @@ class LLMEngine:
         return first
 
     def has_unfinished(self) -> bool:
-        return self._scheduler.has_unfinished()
+        return self._scheduler.has_unfinished() or bool(self._compiling)
 
     def add_step_observer(self, observer: StepObserver) -> None:
         """`observer(stats)` is called after every step, on the engine's thread."""
@@ -165,10 +196,13 @@ class LLMEngine:
 
     def snapshot(self) -> EngineSnapshot:
         running, waiting = self._scheduler.num_requests()
-        return EngineSnapshot(running, waiting, *self._scheduler.kv_blocks(), self._num_steps)
+        return EngineSnapshot(running, waiting + len(self._compiling), *self._scheduler.kv_blocks(),
+                              self._num_steps)
 
     def close(self) -> None:
         self._executor.close()
+        if self._grammars is not None:
+            self._grammars.close()
 
     def _finish(self, req: Request, reason: str, now: float) -> None:
         """Ends a sequence on the engine's side; the caller tells the scheduler (which frees its blocks)."""
@@ -198,9 +232,13 @@ class LLMEngine:
     # -- the loop ------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         start = self.clock()
+        compiled = self._admit_compiled() if self._compiling else []
         plan = self._scheduler.plan_step()
-        dropped = self._dropped(plan, start)
+        dropped = compiled + self._dropped(plan, start)
         if not plan:
+            if self._compiling and not self._scheduler.has_unfinished():    # nothing to run until one compiles
+                wait([f for _, f in self._compiling], timeout=0.05, return_when=FIRST_COMPLETED)
+                return dropped
             if self.has_unfinished() and not dropped:
                 raise RuntimeError(f"scheduler {self._scheduler.name!r} scheduled nothing while "
                                    f"{self._scheduler.num_requests()} (running, waiting) requests are unfinished")
@@ -208,6 +246,7 @@ class LLMEngine:
         for c in plan.chunks:
             if c.request.trace.first_scheduled_time is None:
                 c.request.trace.first_scheduled_time = start
+        self._mask_s = 0.0
         scheduled = self.clock()
         try:
             swaps = (plan.swap_out, plan.swap_in) if plan.swap_out or plan.swap_in else ()
@@ -232,7 +271,8 @@ class LLMEngine:
             num_prefill_tokens=sum(c.num_tokens for c in plan.chunks if c.num_tokens > 1),
             num_preempted=len(plan.preempted), num_block_copies=len(plan.copies),
             num_swapped_blocks=len(plan.swap_out) + len(plan.swap_in),
-            num_pad_tokens=plan.num_pad_tokens, **self._scheduler.step_counts()))
+            num_pad_tokens=plan.num_pad_tokens, grammar_mask_s=self._mask_s,
+            num_constrained_seqs=sum(c.constrained for c in plan.step_chunks), **self._scheduler.step_counts()))
         return outputs
 
     def _dropped(self, plan: SchedulerOutput, now: float) -> list[RequestOutput]:
@@ -282,7 +322,8 @@ class LLMEngine:
         logits = logits[torch.as_tensor(rows, dtype=torch.int64)]
         results = self._sample(logits, [
             SamplingRow(r.sampling, r.generator, r.prompt_token_ids, r.output_token_ids,
-                        list(r.stop_ids) if len(r.output_token_ids) < r.sampling.min_new_tokens else ())
+                        list(r.stop_ids) if len(r.output_token_ids) < r.sampling.min_new_tokens and r.grammar is None
+                        else (), r.grammar)      # a grammar says itself when the output may end
             for r in reqs])
         self._score_best_of(logits, reqs, results)
         now = self.clock()
@@ -342,6 +383,7 @@ class LLMEngine:
         seeded = [(r.generator, r.generator.get_state()) for r in rows if r.generator is not None]
         try:
             out = self._sampler(logits, rows)
+            self._mask_s += out.mask_s
             return list(zip(out.token_ids, out.logprobs))
         except Exception:      # noqa: BLE001
             log.exception("batched sampling failed; sampling each of its %d requests alone", len(rows))
@@ -387,6 +429,8 @@ class LLMEngine:
         return []
 
     def _append(self, req: Request, token: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:
+        if req.grammar is not None and not req.grammar.accept_token(token):
+            raise RuntimeError(f"token {token} is not allowed by its grammar")
         req.output_token_ids.append(token)
         req.trace.token_times.append(now)
         if logprob is not None:
@@ -410,7 +454,8 @@ class LLMEngine:
         if req.detokenizer is not None:
             req.detokenizer.push([token], match_stop=past_min)
             stop_string = req.detokenizer.stop_at is not None
-        if past_min and (token in req.stop_ids or stop_string):
+        if past_min and (token in req.stop_ids or stop_string) or req.grammar is not None and \
+                req.grammar.is_terminated():
             return "stop"
         if n >= req.sampling.max_new_tokens or req.num_tokens >= self.max_model_len:
             return "length"

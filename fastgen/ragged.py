@@ -31,6 +31,7 @@ class SeqChunk:
     block_table: Sequence[int]
     all_logits: bool = False
     num_pad: int = 0
+    constrained: bool = False      # its token is sampled under a grammar (structured output) this step
 
     @property
     def num_logits(self) -> int:

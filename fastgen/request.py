@@ -56,6 +56,7 @@ class Request:
     tenant: str = DEFAULT_TENANT                # who sent it (fairness policies share service between tenants)
     slo: SLO | None = None                      # its TTFT / TPOT targets (deadline-aware policies, metrics)
     request_class: str | None = None            # the workload class it belongs to (metrics per class)
+    grammar: object = None                      # a structured output's matcher (xgrammar), once compiled
 
     def __post_init__(self):
         if self.trace is None:
@@ -108,7 +109,8 @@ class Request:
         child = dataclasses.replace(self, output_token_ids=list(self.output_token_ids), index=index,
                                     trace=dataclasses.replace(self.trace, token_times=list(self.trace.token_times)),
                                     detokenizer=None, seq_id=next(_SEQ_IDS), block_hashes=list(self.block_hashes),
-                                    logprobs=list(self.logprobs), prompt_logprobs=list(self.prompt_logprobs))
+                                    logprobs=list(self.logprobs), prompt_logprobs=list(self.prompt_logprobs),
+                                    grammar=self.grammar.fork() if self.grammar is not None else None)
         if self.sampling.seed is not None:
             child.generator = torch.Generator().manual_seed(fork_seed(self.sampling.seed, index))
         return child

@@ -18,6 +18,8 @@ from typing import Sequence
 
 import torch
 
+from fastgen.structured import ConstraintError, StructuredOutput, apply_masks
+
 GREEDY_BELOW = 1e-5          # temperatures below this are greedy (vLLM's _SAMPLING_EPS): their float32 logits / T
                              # would overflow or underflow and give NaN probabilities
 MAX_LOGPROBS = 20            # top alternatives per token (OpenAI's top_logprobs limit)
@@ -62,6 +64,8 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True   # passed to the tokenizer's decode (slow tokenizers use it)
     n: int = 1                        # sequences to return; they share the prompt's KV and fork at the first token
     best_of: int | None = None        # sequences to generate (>= n; None: n); the n of highest cumulative logprob
+    structured: StructuredOutput | None = None   # a grammar the output must match (fastgen.structured; a dict of
+                                                 # vLLM's shape is converted): ends when the grammar completes
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -108,6 +112,11 @@ class SamplingParams:
             self.best_of = _int("best_of", self.best_of, low=1)
             if self.best_of < self.n:
                 raise ParameterError("best_of", f"must be >= n={self.n} (or None, meaning n), got {self.best_of}")
+        if self.structured is not None:
+            try:
+                self.structured = StructuredOutput.of(self.structured)
+            except ConstraintError as e:
+                raise ParameterError("structured", str(e)) from None
 
     @property
     def greedy(self) -> bool:
@@ -199,12 +208,14 @@ class SamplingRow:
     prompt_ids: Sequence[int]
     output_ids: Sequence[int]
     banned: Sequence[int] = ()         # tokens it may not take now (its stop tokens before min_new_tokens)
+    grammar: object = None             # its xgrammar matcher (a structured output): only the tokens it allows
 
 
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]    # for the rows whose params ask for logprobs
+    mask_s: float = 0.0                    # seconds spent filling and applying grammar masks
 
 
 def token_logprobs(logits: torch.Tensor, targets: Sequence[int], ks: Sequence[int]) -> list[TokenLogprob]:
@@ -230,9 +241,15 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         logits = logits.float()
+        raw_ptr = logits.data_ptr()
         want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         raw = logits[want] if want else None                   # a copy: processing below does not change it
         logits = self.process(logits, rows)
+        constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
+        mask_s = 0.0
+        if constrained:
+            logits = logits.clone() if logits.data_ptr() == raw_ptr else logits
+            mask_s = apply_masks(logits, [rows[i].grammar for i in constrained], constrained)
         tokens = logits.argmax(-1)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if sampled:
@@ -244,7 +261,7 @@ class Sampler:
             found = token_logprobs(raw, [token_ids[i] for i in want], [rows[i].params.logprobs for i in want])
             for i, lp in zip(want, found):
                 logprobs[i] = lp
-        return SamplerOutput(token_ids, logprobs)
+        return SamplerOutput(token_ids, logprobs, mask_s)
 
     def process(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """The logits after logit_bias, bans and penalties (a new tensor where anything applies)."""

@@ -33,6 +33,8 @@ class StepStats:
     prefix_hit_blocks: int = 0
     kv_evictions: int = 0
     num_pad_tokens: int = 0      # pad tokens computed beside num_tokens (vLLM 0.2's padded prefill)
+    grammar_mask_s: float = 0.0  # of sample_s: filling and applying structured outputs' token masks
+    num_constrained_seqs: int = 0   # sequences sampled under a grammar this step
 
 
 @dataclass(frozen=True)

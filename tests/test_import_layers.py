@@ -18,7 +18,8 @@ UPPER = ("fastgen.engine", "fastgen.compose", "fastgen.conf", "fastgen.cli", "fa
 LOWER = ("fastgen.kernels", "fastgen.models", "fastgen.sim", "fastgen.kv", "fastgen.schedulers", "fastgen.executors",
          "fastgen.routers", "fastgen.workloads", "fastgen.config", "fastgen.request", "fastgen.ragged",
          "fastgen.model_spec", "fastgen.registry", "fastgen.sampling", "fastgen.detokenizer", "fastgen.metrics",
-         "fastgen.qoe", "fastgen.roofline", "fastgen.step_stats", "fastgen.request_trace", "fastgen.distributed")
+         "fastgen.qoe", "fastgen.roofline", "fastgen.step_stats", "fastgen.request_trace", "fastgen.distributed",
+         "fastgen.structured")
 
 
 def modules(package_dir: Path) -> dict[str, Path]:

@@ -339,15 +339,16 @@ FAULTS = [  # (path, body, status, words the message must contain)
     ("/v1/completions", completion(suffix="tail"), 400, "'suffix'"),
     ("/v1/completions", completion(stream_options={"include_usage": True}), 400, "stream=true"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                              "tools": [{"type": "function"}]}, 400, "'tools'"),
+                              "tools": [{"type": "function"}]}, 400, "tools.0.function"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                              "response_format": {"type": "json_object"}}, 400, "'response_format'"),
+                              "response_format": {"type": "json_schema"}}, 400, "json_schema.schema"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                               "top_logprobs": 2}, 400, "top_logprobs needs logprobs=true"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True,
                               "top_logprobs": 30}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400, "role"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "tool"}]}, 400, "needs content"),
 ]
 
 

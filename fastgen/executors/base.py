@@ -31,6 +31,7 @@ class Executor(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[ExecutorConfig]] = ExecutorConfig
     loads_weights: ClassVar[bool] = False    # True: takes a loaded model, which a benchmark may share between runs
+    real_logits: ClassVar[bool] = True       # False: placeholder logits (simulated): no grammar masks to apply
     spec: ModelSpec
     tokenizer: Any
     num_kv_blocks: int

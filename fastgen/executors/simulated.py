@@ -27,6 +27,9 @@ from fastgen.sim.work import BatchShape
 # up to 8192 tokens (max_context_len_to_capture); a smaller batch runs padded to the next size.
 CUDA_GRAPH_BATCH_SIZES = np.array([1, 2, 4, *range(8, 257, 8)])
 CUDA_GRAPH_MAX_CONTEXT = 8192
+# Host seconds to fill and apply one sequence's grammar mask (xgrammar, SmolLM2's 49k vocabulary, one CPU core):
+# measured by experiments/structured_outputs.py (experiments/results/structured_outputs/)
+GRAMMAR_MASK_S = 60e-6
 
 
 @dataclass
@@ -34,11 +37,15 @@ class SimulatedExecutorConfig(ExecutorConfig):
     name: str = "simulated"
     memory_utilization: float = 0.9      # the share of device memory the deployment may use
     cuda_graphs: bool = False            # decode steps replayed from CUDA graphs, as vLLM 0.2.7 (see execute)
+    grammar_mask_s: float = GRAMMAR_MASK_S   # host seconds per sequence sampled under a grammar (structured
+                                             # outputs), added to the step: the mask is built before sampling
                                          # (the device's datasheet is the machine's: hardware.sim)
 
     def validate(self) -> None:
         if not 0 < self.memory_utilization <= 1:
             raise ValueError(f"executor.memory_utilization must be in (0, 1], got {self.memory_utilization}")
+        if not self.grammar_mask_s >= 0:
+            raise ValueError(f"executor.grammar_mask_s must be >= 0, got {self.grammar_mask_s}")
 
 
 def kv_pool_blocks(spec: ModelSpec, cfg: EngineSettings) -> int:
@@ -64,6 +71,7 @@ def kv_pool_blocks(spec: ModelSpec, cfg: EngineSettings) -> int:
 
 @register_executor("simulated", config=SimulatedExecutorConfig)
 class SimulatedExecutor(Executor):
+    real_logits = False
     def __init__(self, cfg: EngineSettings, model=None, tokenizer=None):
         """`model` (optional) only gives the shape: a fastgen or transformers model, or a transformers config."""
         sheet = cfg.hardware.sim
@@ -81,6 +89,7 @@ class SimulatedExecutor(Executor):
                              f"bandwidth: set hardware.sim.host_link_bandwidth_gbs in conf/hardware/"
                              f"{cfg.hardware.name or '<name>'}.yaml")
         self.cuda_graphs = cfg.executor.cuda_graphs
+        self.grammar_mask_s = cfg.executor.grammar_mask_s
         self._logits = torch.zeros(0, 1)
 
     def execute(self, chunks: Sequence[SeqChunk], copies: Sequence[BlockCopy] = (),
@@ -90,7 +99,8 @@ class SimulatedExecutor(Executor):
         before its `start` (computed earlier, or found in the prefix cache) are context. Pad tokens
         (SeqChunk.num_pad) are charged like the chunk's own tokens. With `cuda_graphs`, a decode-only step of at most
         256 sequences runs as vLLM 0.2.7 runs it: padded to the next captured batch size (the pad rows read a
-        1-token context) and launched as one graph, so the host's per-layer launches are not charged."""
+        1-token context) and launched as one graph, so the host's per-layer launches are not charged. Each chunk
+        sampled under a grammar adds `grammar_mask_s` of host time (its token mask, built on the host)."""
         n = len(chunks)
         q = np.fromiter((len(c.token_ids) + c.num_pad for c in chunks), dtype=np.float64, count=n)
         ctx = np.fromiter((c.start for c in chunks), dtype=np.float64, count=n) + q
@@ -102,7 +112,8 @@ class SimulatedExecutor(Executor):
             q, ctx = np.concatenate([q, np.ones(size - n)]), np.concatenate([ctx, np.ones(size - n)])
         seconds = self.cost.step_time(BatchShape(q, ctx, num_logits=rows, cuda_graph=graph)) + \
             self.cost.block_copy_seconds(len(copies), self.block_size) + \
-            self.cost.swap_seconds(len(swap_out) + len(swap_in), self.block_size)
+            self.cost.swap_seconds(len(swap_out) + len(swap_in), self.block_size) + \
+            self.grammar_mask_s * sum(c.constrained for c in chunks)
         self.clock.sleep(seconds)
         if self._logits.shape[0] < rows:
             self._logits = torch.zeros(rows, 1)

@@ -130,7 +130,8 @@ class Scheduler:
             req, start = c.request, c.request.num_computed_tokens
             out.step_chunks.append(SeqChunk(
                 req.token_slice(start, c.num_tokens), start, self.kv.block_table(req),
-                all_logits=req.needs_prompt_logits and start < len(req.prompt_token_ids) - 1, num_pad=c.num_pad))
+                all_logits=req.needs_prompt_logits and start < len(req.prompt_token_ids) - 1, num_pad=c.num_pad,
+                constrained=req.sampling.structured is not None and c.num_tokens == req.num_pending_tokens))
         out.copies = self.kv.take_copies()
         out.swap_out, out.swap_in = self.kv.take_swaps()
         return out

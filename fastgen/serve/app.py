@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -35,21 +36,24 @@ from starlette.requests import ClientDisconnect
 
 from fastgen.engine import LLMEngine
 from fastgen.sampling import ParameterError, SamplingParams, TokenLogprob
+from fastgen.serve.tools import reader as tool_reader, template_messages
 from fastgen.serve.admission import TenantLedger
 from fastgen.serve.config import ServeConfig
 from fastgen.serve.edge import RequestIdMiddleware, request_id
 from fastgen.serve.engine_loop import (EngineLoop, ReplicaUnavailable, RequestFailed, RequestGroup, SequenceRequest,
-                                      ServerShuttingDown)
+                                      ServerShuttingDown, Update)
 from fastgen.serve.prometheus import ServerMetrics
 from fastgen.serve.protocol import (APIError, ChatCompletionRequest, ChatMessage, ChoiceState, CompletionRequest,
                                     DetokenizeRequest, GenerationBody, Responder, TokenizeRequest, usage,
                                     validation_error)
+from fastgen.structured import ConstraintError, StructuredOutput, check as check_constraint
 
 # max_tokens when a request leaves it out: OpenAI's 16 for /v1/completions; for chat, max_tokens_limit. Both are
 # capped by the room the prompt leaves in the context.
 DEFAULT_COMPLETION_TOKENS = 16
 # SamplingParams' names for the API's parameters, where they differ
-API_PARAMS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "prompt_logprobs": "logprobs"}
+API_PARAMS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "prompt_logprobs": "logprobs",
+              "structured": "structured_outputs"}
 
 Body = TypeVar("Body", bound=GenerationBody)
 log = logging.getLogger(__name__)
@@ -87,6 +91,7 @@ class Server:
         self.metrics = loop.metrics
         self.tokenizer = loop.tokenizer
         self.max_model_len = loop.max_model_len
+        self.max_tokens_limit = min(cfg.max_tokens_limit or self.max_model_len, self.max_model_len)
         self.vocab_size = loop.vocab_size
         self.model_name = cfg.model_name
         self.created = int(time.time())
@@ -120,13 +125,28 @@ class Server:
         """Runs in the pool."""
         return [self.tokenizer.encode(t, add_special_tokens=add_special_tokens) for t in texts]
 
-    def apply_template(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> str:
-        """Runs in the pool."""
+    def apply_template(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True,
+                       tools: list[dict] | None = None, continue_final_message: bool = False,
+                       template_kwargs: dict | None = None) -> str:
+        """Runs in the pool. A template that does not read `tools` gets them (and tool calls and results) as
+        Hermes text (fastgen.serve.tools)."""
+        knows_tools = "tools" in (self.tokenizer.chat_template or "")
+        conversation = template_messages([m.as_template_input() for m in messages], tools, knows_tools)
         try:
-            return self.tokenizer.apply_chat_template([m.as_template_input() for m in messages],
-                                                      add_generation_prompt=add_generation_prompt, tokenize=False)
-        except (ValueError, TemplateError) as e:
+            return self.tokenizer.apply_chat_template(
+                conversation, tools=tools if knows_tools else None, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, tokenize=False, **(template_kwargs or {}))
+        except (ValueError, TypeError, TemplateError) as e:
             raise APIError(400, f"cannot apply the model's chat template: {e}", param="messages") from e
+
+    async def check_constraint(self, constraint: StructuredOutput | None, param: str) -> None:
+        """A constraint that does not convert into a grammar is a 400 (converted in the pool: schemas can be
+        large)."""
+        if constraint is not None:
+            try:
+                await self.off_loop(check_constraint, constraint)
+            except ConstraintError as e:
+                raise APIError(400, f"{param}: {e}", param=param) from None
 
 
 def create_app(engine: LLMEngine | Backend, cfg: ServeConfig | None = None) -> FastAPI:
@@ -153,6 +173,9 @@ def create_app(engine: LLMEngine | Backend, cfg: ServeConfig | None = None) -> F
     app.add_exception_handler(StarletteHTTPException, _http_error_response)
     app.add_exception_handler(Exception, _internal_error_response)
     app.add_api_route("/health", health, methods=["GET"])
+    keyed = [] if cfg.open_metrics else [Depends(require_api_key)]    # vLLM serves /metrics and /ping open
+    app.add_api_route("/metrics", metrics, methods=["GET"], dependencies=keyed)
+    app.add_api_route("/ping", ping, methods=["GET", "POST"], dependencies=keyed)
     app.include_router(router)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=cfg.hosts)
     app.add_middleware(RequestIdMiddleware)        # outermost: every answer carries x-request-id
@@ -206,7 +229,8 @@ def require_json(request: Request) -> None:
                                 f"{media_type or 'none'!r})", param="content-type", code="unsupported_media_type")
 
 
-router = APIRouter(dependencies=[Depends(require_api_key), Depends(require_json)])     # every endpoint but /health
+# every endpoint but /health, /metrics and /ping (create_app adds those)
+router = APIRouter(dependencies=[Depends(require_api_key), Depends(require_json)])
 
 
 async def health(request: Request) -> JSONResponse:
@@ -241,10 +265,14 @@ async def version() -> JSONResponse:
     return JSONResponse({"version": importlib.metadata.version("fastgen")})
 
 
-@router.get("/metrics")
 async def metrics(request: Request) -> Response:
     server = _server(request)
     return Response(await server.loop.render_metrics(), media_type=server.metrics.content_type)
+
+
+async def ping(request: Request) -> Response:
+    """vLLM's (and SageMaker's) liveness probe: 200 while the engine runs."""
+    return Response(status_code=200 if _server(request).loop.alive else 503)
 
 
 # -- the tokenizer (vLLM's endpoints, which lm-eval's remote tokenizer reads) -------------------------------------
@@ -294,6 +322,7 @@ async def completions(request: Request) -> Response:
     server = _server(request)
     body = await _parse(request, CompletionRequest)
     _sampling(body, chat=False, max_tokens=None)            # parameters refused before any tokenizing
+    await server.check_constraint(body.structured(), _constraint_param(body))
     prompts = body.prompts
     for p in prompts:
         bad = [t for t in p if not 0 <= t < server.vocab_size] if isinstance(p, list) else None
@@ -320,11 +349,18 @@ async def chat_completions(request: Request) -> Response:
     body = await _parse(request, ChatCompletionRequest)
     server.need_tokenizer("messages")
     _sampling(body, chat=True, max_tokens=None)
-    server.check_chars([m.content for m in body.messages], "messages")
-    text = await server.off_loop(server.apply_template, body.messages)
+    await server.check_constraint(body.tool_constraint(), "tools")
+    await server.check_constraint(body.structured(), _constraint_param(body))
+    server.check_chars([m.content or "" for m in body.messages] + [json.dumps(body.tool_dicts or [])], "messages")
+    text = await server.off_loop(server.apply_template, body.messages, body.add_generation_prompt, body.tool_dicts,
+                                 body.continue_final_message, body.chat_template_kwargs)
     # The template writes the special tokens (BOS included) itself.
     prompt = (await server.off_loop(server.encode, [text], False))[0]
     return await _generate(request, body, [prompt], chat=True)
+
+
+def _constraint_param(body: GenerationBody) -> str:
+    return next((name for name, value in body._constraints().items() if value is not None), "structured_outputs")
 
 
 async def _parse(request: Request, schema: type[Body]) -> Body:
@@ -385,13 +421,16 @@ def _max_tokens(server: Server, body: GenerationBody, prompt_tokens: int, chat: 
     if not prompt_tokens:
         raise APIError(400, "the prompt is empty", param=param)
     room = server.max_model_len - prompt_tokens
+    limit = server.max_tokens_limit
     requested = body.requested_max_tokens
+    if requested == 0:          # echo only (checked by the body): one token is computed and not returned
+        requested = 1
     if requested is None:
-        default = cfg.max_tokens_limit if chat else min(DEFAULT_COMPLETION_TOKENS, cfg.max_tokens_limit)
+        default = limit if chat else min(DEFAULT_COMPLETION_TOKENS, limit)
         requested = max(1, min(default, room))
-    elif requested > cfg.max_tokens_limit:
-        raise APIError(400, f"max_tokens={requested} exceeds the server's limit max_tokens_limit="
-                            f"{cfg.max_tokens_limit}", param="max_tokens")
+    elif requested > limit:
+        raise APIError(400, f"max_tokens={requested} exceeds the server's limit max_tokens_limit={limit}",
+                       param="max_tokens")
     if requested > room:
         raise APIError(400, f"the prompt ({prompt_tokens} tokens) + max_tokens ({requested}) = "
                             f"{prompt_tokens + requested} tokens exceeds the model's context length "
@@ -404,7 +443,8 @@ def _sampling(body: GenerationBody, chat: bool, max_tokens: int | None) -> Sampl
     """The engine's parameters for one prompt and its n (best_of) choices, validated by SamplingParams. max_tokens
     None: validation only, before tokenizing."""
     logprobs = body.sampled_logprobs
-    echo_logprobs = body.logprobs if getattr(body, "echo", False) else None
+    asked = [body.logprobs if getattr(body, "echo", False) else None, body.prompt_logprobs]
+    prompt_logprobs = max((k for k in asked if k is not None), default=None)
     if max_tokens is None:
         max_tokens = max(body.requested_max_tokens or 1, body.min_tokens, 1)
     try:
@@ -414,10 +454,11 @@ def _sampling(body: GenerationBody, chat: bool, max_tokens: int | None) -> Sampl
             stop=body.stop, stop_token_ids=body.stop_token_ids or [], ignore_eos=body.ignore_eos,
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,
-            logit_bias=body.logit_bias or {}, logprobs=logprobs, prompt_logprobs=echo_logprobs,
+            logit_bias=body.logit_bias or {}, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             include_stop_str_in_output=body.include_stop_str_in_output,
             skip_special_tokens=body.skip_special_tokens,
-            spaces_between_special_tokens=body.spaces_between_special_tokens)
+            spaces_between_special_tokens=body.spaces_between_special_tokens,
+            structured=(body.tool_constraint() if chat else None) or body.structured())
     except ParameterError as e:
         raise _parameter_error(e, chat) from None
 
@@ -470,7 +511,8 @@ async def _generate(request: Request, body: GenerationBody, prompts: list[list[i
         sampling = _sampling(body, chat, _max_tokens(server, body, len(prompt), chat))
         sequences.append(SequenceRequest(f"{responder.id}-{i}", prompt, sampling, body.priority, tenant,
                                          cfg.slo if cfg.slo.active else None))
-        choices += [ChoiceState(index=i * body.n + j, prompt_index=i, echo_text=echoes[i] if echoes else "")
+        choices += [ChoiceState(index=i * body.n + j, prompt_index=i, echo_text=echoes[i] if echoes else "",
+                                tools=tool_reader(body.tool_dicts, body.tool_choice_value) if chat else None)
                     for j in range(body.n)]
     prompt_tokens = sum(map(len, prompts))
     ticket = server.ledger.admit(tenant, total, sum(len(s.prompt_token_ids) + s.sampling.max_new_tokens
@@ -491,12 +533,13 @@ async def _generate(request: Request, body: GenerationBody, prompts: list[list[i
         if isinstance(e, Exception):
             raise _as_api_error(e, cfg, chat, request.scope) from e
         raise
-    echo_logprobs = bool(echoes) and body.sampled_logprobs is not None
+    reading = Reading(body.sampled_logprobs if echoes else None, body.prompt_logprobs,
+                      getattr(body, "prompt_only", False))
     if body.stream:
-        return EventStream(_events(group, responder, choices, echo_logprobs, prompt_tokens, cfg, request.scope),
+        return EventStream(_events(group, responder, choices, reading, prompt_tokens, cfg, request.scope),
                            on_close=release)
     try:
-        done = await _unless_disconnected(request, _collect(group, choices, echo_logprobs))
+        done = await _unless_disconnected(request, _collect(group, choices, reading))
     except Exception as e:
         raise _as_api_error(e, cfg, chat, request.scope) from e
     finally:
@@ -507,17 +550,36 @@ async def _generate(request: Request, body: GenerationBody, prompts: list[list[i
     return JSONResponse(responder.response(choices, usage(prompt_tokens, completion_tokens)))
 
 
-def _echo_entries(group: RequestGroup, index: int, prompt_logprobs: Sequence[TokenLogprob]) -> list[TokenLogprob]:
-    """The echoed prompt's logprob entries: its first token has none."""
-    first = group.slot_request[index].prompt_token_ids[0]
-    return [TokenLogprob(first, None, None), *prompt_logprobs]
+@dataclass(frozen=True)
+class Reading:
+    """What a response takes from the engine's updates besides the generated tokens."""
+
+    echo_k: int | None          # echo with logprobs: the prompt's, top k each
+    prompt_k: int | None        # prompt_logprobs (vLLM's): top k each
+    prompt_only: bool           # echo with max_tokens=0: the one token computed is not returned
+
+    def take(self, group: RequestGroup, index: int, update: Update, choice: ChoiceState) -> Update:
+        """Records the update's prompt logprobs in `choice`; the update as the response shows it."""
+        if update.prompt_logprobs is not None:
+            if self.echo_k is not None:
+                first = group.slot_request[index].prompt_token_ids[0]      # it has no logprob
+                choice.echo_logprobs = [TokenLogprob(first, None, None), *_top(update.prompt_logprobs, self.echo_k)]
+            if self.prompt_k is not None:
+                choice.prompt_logprobs = _top(update.prompt_logprobs, self.prompt_k)
+        if self.prompt_only:
+            return Update(finish_reason=update.finish_reason and "length", index=update.index)
+        return update
 
 
-async def _collect(group: RequestGroup, choices: list[ChoiceState], echo_logprobs: bool) -> bool:
+def _top(entries: Sequence[TokenLogprob], k: int) -> list[TokenLogprob]:
+    """The entries with their k best alternatives (the engine computed the most any field asked for)."""
+    return [TokenLogprob(e.token_id, e.logprob, e.top[:k]) for e in entries]
+
+
+async def _collect(group: RequestGroup, choices: list[ChoiceState], reading: Reading) -> bool:
     async for index, update in group.updates():     # ends with every sequence's last update
         choice = choices[index]
-        if echo_logprobs and update.prompt_logprobs is not None:
-            choice.echo_logprobs = _echo_entries(group, index, update.prompt_logprobs)
+        update = reading.take(group, index, update, choice)
         choice.text.append(update.text)
         choice.num_tokens += len(update.token_ids)
         choice.logprobs += update.logprobs or ()
@@ -525,7 +587,7 @@ async def _collect(group: RequestGroup, choices: list[ChoiceState], echo_logprob
     return True
 
 
-async def _events(group: RequestGroup, responder: Responder, choices: list[ChoiceState], echo_logprobs: bool,
+async def _events(group: RequestGroup, responder: Responder, choices: list[ChoiceState], reading: Reading,
                   prompt_tokens: int, cfg: ServeConfig, scope) -> AsyncIterator[str]:
     """The OpenAI stream: one chunk per sequence per engine update, so per token, sent the step the token is
     sampled (nothing goes out before a choice's first token, not even chat's role), then usage if asked for, then
@@ -534,8 +596,7 @@ async def _events(group: RequestGroup, responder: Responder, choices: list[Choic
     try:
         async for index, update in group.updates():
             choice = choices[index]
-            if echo_logprobs and update.prompt_logprobs is not None:
-                choice.echo_logprobs = _echo_entries(group, index, update.prompt_logprobs)
+            update = reading.take(group, index, update, choice)
             completion_tokens += len(update.token_ids)
             choice.num_tokens += len(update.token_ids)
             yield _sse(responder.chunk(choice, update.text, update.logprobs or (), update.finish_reason,

@@ -57,7 +57,8 @@ class ServeConfig(EngineConfig):
     api_key: Optional[str] = None            # set: every endpoint but /health needs "Authorization: Bearer <key>"
     served_model_name: Optional[str] = None  # the `model` clients must send; None: model.source
     max_prompt_tokens: int = 4096            # longest prompt accepted (400 beyond)
-    max_tokens_limit: int = 2048             # largest max_tokens accepted (400 beyond)
+    max_tokens_limit: Optional[int] = None   # largest max_tokens accepted (400 beyond); None: the model's context
+                                             # length, the max_model_len /v1/models advertises (vLLM's)
     max_concurrent_requests: int = 256       # sequences in flight at once (429 beyond)
     max_queued_tokens: int = 1 << 20         # tokens in flight (each sequence's prompt + max_tokens; 429 beyond)
     tenant_share: float = 0.5                # one tenant (`user`, else client address) may hold at most this share
@@ -85,6 +86,7 @@ class ServeConfig(EngineConfig):
                                              # min_rate_grace_s) is closed: Apache mod_reqtimeout's MinRate
     min_rate_grace_s: float = 2.0
     health_details: bool = False             # /health without the key says only ok/degraded; True: details for all
+    open_metrics: bool = False               # True: /metrics and /ping need no API key (as vLLM serves them)
     shutdown_grace_s: float = 30.0           # on shutdown, requests still running after this end with an error event
     replicas: int = 1                        # engine replicas; > 1: Ray Serve deployment replicas behind `router`
     router: RouterConfig = field(default_factory=lambda: ROUTERS.config("round_robin"))
@@ -103,7 +105,7 @@ class ServeConfig(EngineConfig):
 
     def validate(self) -> None:
         super().validate()
-        limits = {"max_prompt_tokens": self.max_prompt_tokens, "max_tokens_limit": self.max_tokens_limit,
+        limits = {"max_prompt_tokens": self.max_prompt_tokens, "max_tokens_limit": 1 if self.max_tokens_limit is None else self.max_tokens_limit,
                   "max_concurrent_requests": self.max_concurrent_requests, "max_body_bytes": self.max_body_bytes,
                   "max_prompt_chars": self.max_prompt_chars, "request_timeout_s": self.request_timeout_s,
                   "max_sequences_per_request": self.max_sequences_per_request,

@@ -20,6 +20,7 @@ from fastgen.request_trace import RequestTrace
 from fastgen.step_stats import EngineSnapshot, StepStats
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -42,6 +43,10 @@ class ServerMetrics:
                               buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("fastgen_inter_token_latency_seconds", "Gap between consecutive tokens of a request",
                              buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("fastgen_e2e_request_latency_seconds", "Arrival to last token of finished requests",
+                             buckets=E2E_BUCKETS, registry=r)
+        self.queue_time = Histogram("fastgen_request_queue_time_seconds", "Arrival to first scheduled step",
+                                    buckets=TTFT_BUCKETS, registry=r)
         self.step_time = Histogram("fastgen_step_duration_seconds", "Duration of one engine step",
                                    buckets=ITL_BUCKETS, registry=r)
         self.kv_cached = Gauge("fastgen_kv_blocks_cached", "KV blocks kept only as prefix cache (evictable, "
@@ -92,8 +97,13 @@ class ServerMetrics:
             if not new:
                 continue
             self.generation_tokens.inc(new)
+            trace = out.trace
             if len(times) == new:
-                self.ttft.observe(times[0] - out.trace.arrival_time)
+                self.ttft.observe(times[0] - trace.arrival_time)
+                if trace.first_scheduled_time is not None:
+                    self.queue_time.observe(trace.first_scheduled_time - trace.arrival_time)
+            if out.finished and out.error is None and trace.finish_time is not None:
+                self.e2e.observe(trace.finish_time - trace.arrival_time)
             for i in range(max(len(times) - new, 1), len(times)):
                 self.itl.observe(times[i] - times[i - 1])
         for out in outputs:

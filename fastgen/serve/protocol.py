@@ -5,6 +5,7 @@ Types are checked here; ranges are checked once, where fastgen.sampling.Sampling
 the API's parameter in its 400)."""
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -14,14 +15,19 @@ from typing import Any, Callable, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fastgen.sampling import TokenLogprob
+from fastgen.serve.tools import ForcedCalls, HermesParser, constraint as tool_constraint
+from fastgen.structured import ConstraintError, StructuredOutput
 
 # OpenAI (and vLLM) parameters fastgen does not implement, with the values that ask for nothing: those (and null)
 # are accepted and ignored, anything else is refused by name.
 NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
-    "suffix": ("",), "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
-    "parallel_tool_calls": (False,), "response_format": ({"type": "text"},), "min_p": (0,),
-    "use_beam_search": (False,),
+    "suffix": ("",), "functions": ([],), "function_call": ("none",), "min_p": (0,), "use_beam_search": (False,),
 }
+# chat_template_kwargs may not set what the server sets itself
+RESERVED_TEMPLATE_KWARGS = {"conversation", "messages", "tools", "documents", "chat_template", "tokenize",
+                            "add_generation_prompt", "continue_final_message", "return_tensors", "return_dict",
+                            "return_assistant_tokens_mask", "tokenizer_kwargs", "padding", "truncation",
+                            "max_length"}
 
 
 class APIError(Exception):
@@ -52,6 +58,18 @@ class StreamOptions(_Body):
     continuous_usage_stats: bool = False      # vLLM's extension: usage in every chunk (with include_usage)
 
 
+class JsonSchemaFormat(_Body):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class GenerationBody(_Body):
     """Parameters shared by /v1/completions and /v1/chat/completions (OpenAI's, and vLLM's extensions)."""
 
@@ -79,12 +97,21 @@ class GenerationBody(_Body):
     priority: int = Field(0, ge=-2**31, le=2**31 - 1)   # extension (vLLM's): lower is more urgent (scheduler=priority)
     store: bool | None = None                 # accepted; nothing is stored
     metadata: dict[str, str] | None = None    # accepted with store, unused
+    response_format: ResponseFormat | None = None       # OpenAI's structured outputs: json_schema, json_object
+    structured_outputs: dict | None = None    # extension (vLLM's): one of json, json_object, regex, grammar, choice
+    guided_json: dict | str | None = None     # extension (vLLM's older names for the same)
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
+    guided_choice: list[str] | None = None
+    prompt_logprobs: int | None = None        # extension (vLLM's): the prompt tokens' logprobs, top k each
 
     @model_validator(mode="before")
     @classmethod
     def _drop_neutral(cls, data: Any) -> Any:
         if isinstance(data, dict):
             data = {k: v for k, v in data.items() if not (k in NEUTRAL_VALUES and _is_neutral(k, v))}
+            if data.get("response_format") == {"type": "text"}:
+                del data["response_format"]
         return data
 
     @field_validator("stop", mode="before")
@@ -99,6 +126,34 @@ class GenerationBody(_Body):
         """What depends on several parameters (a 400 naming the one to change)."""
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
+        self.structured()
+
+    def structured(self) -> StructuredOutput | None:
+        """The constraint the request asks for, by whichever name (at most one); 400 naming it if malformed."""
+        given = {name: value for name, value in self._constraints().items() if value is not None}
+        if len(given) > 1:
+            raise APIError(400, f"{' and '.join(given)} both constrain the output; send one", param=list(given)[1])
+        if not given:
+            return None
+        (name, value), = given.items()
+        try:
+            return StructuredOutput.of(value)
+        except ConstraintError as e:
+            raise APIError(400, f"{name}: {e}", param=name) from None
+
+    def _constraints(self) -> dict[str, dict | None]:
+        fmt, guided = self.response_format, {"guided_json": "json", "guided_regex": "regex",
+                                             "guided_grammar": "grammar", "guided_choice": "choice"}
+        out = {name: {key: getattr(self, name)} if getattr(self, name) is not None else None
+               for name, key in guided.items()}
+        out["structured_outputs"] = self.structured_outputs
+        if fmt is not None and fmt.type == "json_object":
+            out["response_format"] = {"json_object": True}
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format")
+            out["response_format"] = {"json": fmt.json_schema.schema_}
+        return out
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -125,6 +180,7 @@ class GenerationBody(_Body):
 
 class CompletionRequest(GenerationBody):
     prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)    # 0 with echo: score the prompt only (vLLM)
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = Field(None, ge=1)
@@ -149,7 +205,14 @@ class CompletionRequest(GenerationBody):
         if self.best_of is not None and self.best_of > self.n and self.stream:
             raise APIError(400, "best_of > n cannot be streamed (the best choices are known only at the end)",
                            param="best_of")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens=0 generates nothing: it is only allowed with echo=true (to score the "
+                                "prompt)", param="max_tokens")
 
+    @property
+    def prompt_only(self) -> bool:
+        """echo with max_tokens=0: the prompt (and its logprobs), nothing generated."""
+        return self.max_tokens == 0
     @property
     def prompts(self) -> list[str | list[int]]:
         """The batch: one prompt per entry."""
@@ -170,10 +233,29 @@ class CompletionRequest(GenerationBody):
         return self.best_of or self.n
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str                    # a JSON object, as text
+
+
+class MessageToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant"]
-    content: str                         # a string, or text parts joined by newlines
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | None = None        # a string, or text parts joined by newlines; None: an assistant's tool calls
     name: str | None = None           # accepted, unused
+    tool_calls: list[MessageToolCall] | None = None      # an assistant's calls
+    tool_call_id: str | None = None   # a tool message: the call it answers
+
+    @model_validator(mode="after")
+    def _content_needed(self) -> "ChatMessage":
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
     @field_validator("content", mode="before")
     @classmethod
@@ -185,8 +267,43 @@ class ChatMessage(_Body):
             raise ValueError(f"only text content parts ({{'type': 'text', 'text': ...}}) are supported, got {kinds}")
         return "\n".join(p["text"] for p in content)
 
-    def as_template_input(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
+    def as_template_input(self) -> dict:
+        """The message as chat templates read it (HF's convention: a tool call's arguments as an object)."""
+        out: dict = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class FunctionSpec(_Body):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class ToolSpec(_Body):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(GenerationBody):
@@ -194,11 +311,55 @@ class ChatCompletionRequest(GenerationBody):
     max_completion_tokens: int | None = Field(None, ge=1)   # OpenAI's newer name for max_tokens
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict | None = None     # extension (vLLM's): extra variables for the chat template
+    add_generation_prompt: bool = True           # extension
+    continue_final_message: bool = False         # extension: the last (assistant) message is continued
 
     def check(self) -> None:
         super().check()
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto") and not self.tools:
+            raise APIError(400, f"tool_choice {choice if isinstance(choice, str) else 'naming a function'} needs "
+                                "tools", param="tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in self.tool_names:
+            raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not one of the tools "
+                                f"{self.tool_names}", param="tool_choice")
+        if self.tool_constraint() is not None and self.structured() is not None:
+            raise APIError(400, "tool_choice required (or a named function) constrains the output already; drop "
+                                "the response format", param="tool_choice")
+        if self.continue_final_message and (self.add_generation_prompt or self.messages[-1].role != "assistant"):
+            raise APIError(400, "continue_final_message needs add_generation_prompt=false and a final assistant "
+                                "message", param="continue_final_message")
+        reserved = sorted(set(self.chat_template_kwargs or ()) & RESERVED_TEMPLATE_KWARGS)
+        if reserved:
+            raise APIError(400, f"chat_template_kwargs may not set {reserved}: use the request's own parameters",
+                           param="chat_template_kwargs")
+
+    @property
+    def tool_names(self) -> list[str]:
+        return [t.function.name for t in self.tools or ()]
+
+    @property
+    def tool_dicts(self) -> list[dict] | None:
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+    @property
+    def tool_choice_value(self) -> str | dict:
+        """auto when tools are given and no choice is (OpenAI's default), else the choice as sent."""
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return choice.model_dump()
+        return choice or ("auto" if self.tools else "none")
+
+    def tool_constraint(self) -> StructuredOutput | None:
+        if not self.tools:
+            return None
+        return tool_constraint(self.tool_dicts, self.tool_choice_value, self.parallel_tool_calls is not False)
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -287,14 +448,15 @@ TokenText = Callable[[int], str]
 
 
 def completion_logprobs(entries: Sequence[TokenLogprob], token_text: TokenText, offset: int) -> dict:
-    """The legacy completions shape: parallel lists. The echoed prompt's first token has no logprob (an entry
+    """The legacy completions shape: parallel lists; each position's top_logprobs holds the top k and the chosen
+    (sampled or echoed) token, as vLLM's and OpenAI's do. The echoed prompt's first token has no logprob (an entry
     with logprob None and top None). `offset`: the characters before the first token."""
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
     for e in entries:
         text = token_text(e.token_id)
         tokens.append(text)
         token_logprobs.append(e.logprob)
-        top_logprobs.append(None if e.top is None else {token_text(t): lp for t, lp in e.top})
+        top_logprobs.append(None if e.top is None else {token_text(t): lp for t, lp in e.top} | {text: e.logprob})
         text_offset.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
@@ -323,6 +485,9 @@ class ChoiceState:
     text_offset: int = 0            # characters sent so far (echo included), for completion logprobs
     started: bool = False
     finish_reason: str | None = None
+    tools: HermesParser | ForcedCalls | None = None   # chat with tools: finds the calls
+    num_calls: int = 0              # tool calls sent so far (a stream's tool_calls[].index)
+    prompt_logprobs: list[TokenLogprob] | None = None      # vLLM's prompt_logprobs, if asked for
 
 
 @dataclass
@@ -363,21 +528,48 @@ class Responder:
     def chunk(self, choice: ChoiceState, text: str, entries: Sequence[TokenLogprob],
               finish_reason: str | None, usage: dict | None = None) -> dict:
         """A stream chunk with one choice's news. For chat, a choice's first chunk also carries the assistant
-        role (with the first token's text: no chunk goes out before the first token)."""
+        role (with the first token's text: no chunk goes out before the first token); with tools, text that is
+        a tool call goes out as `tool_calls` deltas (each call whole, once it is complete)."""
         if not choice.started:
             text, entries = choice.echo_text + text, [*choice.echo_logprobs, *entries]
         logprobs = self._logprobs(entries, choice.text_offset)
         choice.text_offset += len(text)
         if self.chat:
+            calls = []
+            if choice.tools is not None:
+                text, calls = choice.tools.feed(text, final=finish_reason is not None)
             delta = {} if finish_reason is not None and not text and choice.started else {"content": text}
+            if calls:
+                delta = {"content": text or None, "tool_calls": [
+                    c.as_api(choice.num_calls + i) for i, c in enumerate(calls)]}
+                choice.num_calls += len(calls)
             if not choice.started:
                 delta = {"role": "assistant", **delta}
             body = {"index": choice.index, "delta": delta}
+            finish_reason = self._finish_reason(choice, finish_reason)
         else:
             body = {"index": choice.index, "text": text}
         choice.started = True
         body |= {"logprobs": logprobs, "finish_reason": finish_reason}
+        if choice.prompt_logprobs is not None and finish_reason is not None:
+            body["prompt_logprobs"] = self.prompt_logprobs(choice.prompt_logprobs)
         return self._envelope(True, [body], usage if self.continuous_usage else None)
+
+    @staticmethod
+    def _finish_reason(choice: ChoiceState, reason: str | None) -> str | None:
+        """A chat that ended by calling tools ends with `tool_calls` (OpenAI's)."""
+        return "tool_calls" if reason == "stop" and choice.tools is not None and choice.tools.calls else reason
+
+    def prompt_logprobs(self, entries: Sequence[TokenLogprob]) -> list[dict | None]:
+        """vLLM's shape: None for the first prompt token, then {token id: {logprob, rank, decoded_token}} with the
+        prompt's token and the top alternatives (rank: the position among them, None if it is not one)."""
+        out: list[dict | None] = [None]
+        for e in entries:
+            ranks = {t: r for r, (t, _) in enumerate(e.top or (), start=1)}
+            items = {e.token_id: e.logprob, **dict(e.top or ())}
+            out.append({str(t): {"logprob": lp, "rank": ranks.get(t), "decoded_token": self.token_text(t)}
+                        for t, lp in items.items()})
+        return out
 
     def usage_chunk(self, usage: dict) -> dict:
         return self._envelope(True, [], usage)
@@ -388,10 +580,20 @@ class Responder:
         for choice in choices:
             text = choice.echo_text + "".join(choice.text)
             logprobs = self._logprobs([*choice.echo_logprobs, *choice.logprobs], 0)
-            body = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+            body = {"message": self._message(choice, text)} if self.chat else {"text": text}
             bodies.append({"index": choice.index, **body, "logprobs": logprobs,
-                           "finish_reason": choice.finish_reason})
+                           "finish_reason": self._finish_reason(choice, choice.finish_reason)})
+            if choice.prompt_logprobs is not None:
+                bodies[-1]["prompt_logprobs"] = self.prompt_logprobs(choice.prompt_logprobs)
         return self._envelope(False, bodies, usage)
+
+    @staticmethod
+    def _message(choice: ChoiceState, text: str) -> dict:
+        if choice.tools is None:
+            return {"role": "assistant", "content": text}
+        content, calls = choice.tools.feed(text, final=True)
+        message = {"role": "assistant", "content": content or (None if calls else "")}
+        return message | ({"tool_calls": [c.as_api() for c in calls]} if calls else {})
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
