@@ -1,5 +1,6 @@
 """Speculative decoding: exact for greedy requests whatever the policy, the family, prefix caching or preemption;
 rollbacks leak no KV block; rejection sampling leaves sampled tokens distributed as the target's."""
+import dataclasses
 import functools
 
 import numpy as np
@@ -9,6 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
 
+from fastgen.bench import run_benchmark
+from fastgen.compose import build_engine
+from fastgen.conf import compose_config
 from fastgen.sampling import Sampler, SamplingParams, SamplingRow
 from fastgen.speculative import PROPOSERS
 from fastgen.speculative.ngram import lookup
@@ -170,3 +174,41 @@ def test_rejection_sampling_leaves_the_target_distribution_unchanged():
         assert counts.sum() == counts[support].sum(), "no token outside the target's support"
         expected = p[support].double().numpy()
         assert chisquare(counts[support], expected / expected.sum() * len(sample)).pvalue > 1e-3
+
+
+def test_composed_from_conf_and_refused_with_the_fix_named():
+    cfg = compose_config(["speculative=ngram", "speculative.num_speculative_tokens=3"])
+    assert cfg.speculative.name == "ngram" and cfg.speculative.num_speculative_tokens == 3
+    assert compose_config([]).speculative.name == "none"
+    with pytest.raises(ValueError, match="min_n"):
+        build_engine(compose_config(["speculative=ngram", "speculative.min_n=0"]))
+
+
+def test_simulated_speculation_charges_verify_chunks_and_draws_acceptance(tmp_path):
+    """executor=simulated with speculative=synthetic: proposals accepted at the configured rate; at one client a
+    70B model's decode is memory-bound, so verify chunks of k + 1 tokens cost about a decode and TPOT drops."""
+    base = ["executor=simulated", "progress=false", "hardware=a100-80gb", "hardware.tensor_parallel=4",
+            "model.source=llama-2-70b", "workload.num_requests=6", "workload.clients=1", "workload.prompt.mean=300",
+            "workload.output.mean=64", "workload.output.dist=fixed"]
+    off = run_benchmark(compose_config(base), tmp_path / "off")
+    on = run_benchmark(compose_config([*base, "speculative=synthetic", "speculative.alpha=8", "speculative.beta=2"]),
+                       tmp_path / "on")
+    assert off["spec_acceptance_rate"] is None and on["num_output_tokens"] == off["num_output_tokens"]
+    assert 0.5 < on["spec_acceptance_rate"] < 0.95 and on["spec_accepted_per_verify"] > 1
+    assert on["tpot_s_p50"] < 0.7 * off["tpot_s_p50"]
+
+
+@pytest.mark.slow      # a server and two engines over a 49k vocabulary: ~1 min on the shared 2-core machine
+def test_server_streams_speculative_runs_as_ordinary_tokens():
+    """Greedy text over HTTP equals the non-speculative pipeline's; a step's accepted run arrives as one chunk."""
+    from serving import ENGINE_CFG, MODEL, served, stream_text, tiny_model, tokenizer
+    cfg = dataclasses.replace(ENGINE_CFG, speculative=PROPOSERS.config("ngram", min_n=1))
+    with served(engine=build_engine(cfg, tiny_model(), tokenizer()), reference=True) as s:
+        prompt = "one two three four five " * 6
+        expected = s.reference(prompt, max_new_tokens=24, ignore_eos=True)[0]
+        text, choices, usage = stream_text(s.client().completions.create(
+            model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}), chat=False)
+        assert text == expected.text and usage.completion_tokens == 24
+        assert len(choices) < 24, "several tokens per chunk"
+        assert s.idle()
