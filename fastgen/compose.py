@@ -18,6 +18,7 @@ from fastgen.engine import LLMEngine
 from fastgen.executors import EXECUTORS, Executor, make_executor
 from fastgen.kv import KV_MANAGERS, make_kv_manager
 from fastgen.schedulers import SCHEDULERS, make_scheduler
+from fastgen.speculative import PROPOSERS, SpeculativeConfig, make_proposer
 
 
 @dataclass
@@ -27,13 +28,14 @@ class EngineConfig:
     kv: KVConfig = field(default_factory=lambda: KV_MANAGERS.config("blocked"))
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     executor: ExecutorConfig = field(default_factory=lambda: EXECUTORS.config("real"))
+    speculative: SpeculativeConfig = field(default_factory=lambda: PROPOSERS.config("none"))
     seed: int = 0
 
     def validate(self) -> None:
         """Cheap checks Hydra's types cannot express, before anything is loaded."""
         self.model.validate()
         self.hardware.validate()
-        for part in (self.scheduler, self.kv, self.executor):
+        for part in (self.scheduler, self.kv, self.executor, self.speculative):
             part.validate()
 
 
@@ -51,4 +53,4 @@ def build_engine(cfg: EngineConfig, model=None, tokenizer=None, clock: Callable[
         executor = instrument(executor)
     kv = make_kv_manager(cfg.kv, executor.num_kv_blocks, executor.num_host_kv_blocks)
     return LLMEngine(executor, make_scheduler(cfg.scheduler, kv), seed=cfg.seed,
-                     max_model_len=cfg.model.max_model_len, clock=clock)
+                     max_model_len=cfg.model.max_model_len, clock=clock, proposer=make_proposer(cfg.speculative))

@@ -18,6 +18,7 @@ from fastgen.plugins import REGISTRIES
 from fastgen.routers import RouterConfig
 from fastgen.run_config import CapacityRunConfig, RunConfig
 from fastgen.serve.config import ServeConfig
+from fastgen.speculative import SpeculativeConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # conf/config.yaml's `schema: run` (a choice, so conf/capacity.yaml, which extends it, can swap in its subclass with
@@ -28,7 +29,8 @@ SCHEMAS = {("schema", "run"): RunConfig, ("schema", "capacity"): CapacityRunConf
 def hydra_schema(config_class: type):
     """The node to store in Hydra's ConfigStore for a top-level config: its parts typed by their bases, so that
     whichever scheduler, KV manager, executor or router a config group picks can merge in with its own knobs."""
-    schema = config_class(scheduler=SchedulerConfig(), kv=KVConfig(), executor=ExecutorConfig())
+    schema = config_class(scheduler=SchedulerConfig(), kv=KVConfig(), executor=ExecutorConfig(),
+                          speculative=SpeculativeConfig())
     schema.router = RouterConfig()
     return schema
 

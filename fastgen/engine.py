@@ -11,6 +11,12 @@ best_of == n each sequence streams its outputs tagged with its choice `index`; w
 to their end and the n with the highest cumulative log-probability (under the model, before temperature) are
 returned, each as one output with all its tokens.
 
+Speculative decoding (a `proposer`): the scheduler grants some decodes proposal slots; the engine asks the proposer to
+fill them, for those sequences only, and each such sequence runs as one chunk of its last token and its proposals,
+whose logits verify them (Sampler.verify): it takes the accepted run and one token more, appended one by one (a
+stop, EOS or max_tokens inside the run ends it there) and sent as one output; the commit keeps the KV of accepted
+proposals only.
+
 The engine never decides what runs (the scheduler does) and never builds tensors (the executor does). It is put
 together from its parts by `fastgen.compose.build_engine(config)`.
 
@@ -36,7 +42,8 @@ from fastgen.ragged import SeqChunk
 from fastgen.request import Request
 from fastgen.request_trace import DEFAULT_TENANT, SLO, check_class
 from fastgen.sampling import ParameterError, Sampler, SamplingParams, SamplingRow, TokenLogprob, token_logprobs
-from fastgen.schedulers.base import Scheduler, SchedulerOutput
+from fastgen.schedulers.base import ScheduledChunk, Scheduler, SchedulerOutput
+from fastgen.speculative.base import Proposer
 from fastgen.step_stats import EngineSnapshot, StepStats
 from fastgen.structured import GrammarCompiler
 from fastgen.request_trace import RequestTrace
@@ -69,8 +76,9 @@ StepObserver = Callable[[StepStats], None]
 
 class LLMEngine:
     def __init__(self, executor: Executor, scheduler: Scheduler, *, seed: int = 0,
-                 max_model_len: int | None = None, clock: Callable[[], float] | None = None):
-        self._executor, self._scheduler = executor, scheduler
+                 max_model_len: int | None = None, clock: Callable[[], float] | None = None,
+                 proposer: Proposer | None = None):
+        self._executor, self._scheduler, self._proposer = executor, scheduler, proposer
         self.tokenizer = executor.tokenizer
         self.clock = clock or executor.clock
         self.spec = executor.spec
@@ -87,6 +95,8 @@ class LLMEngine:
         self._compiling: list[tuple[Request, Future]] = []   # waiting for their grammar, in arrival order
         self._mask_s = 0.0                                 # this step's grammar-mask seconds
         scheduler.attach(self.max_model_len, self.clock)
+        if proposer is not None:
+            scheduler.enable_speculation(proposer.k)
 
     # -- requests ------------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], sampling: SamplingParams | None = None,
@@ -213,6 +223,8 @@ class LLMEngine:
         self._forget(req)
 
     def _forget(self, req: Request) -> None:
+        if self._proposer is not None:
+            self._proposer.release(req)
         seqs = self._requests[req.request_id]
         seqs.remove(req)
         if not seqs:
@@ -247,6 +259,7 @@ class LLMEngine:
             if c.request.trace.first_scheduled_time is None:
                 c.request.trace.first_scheduled_time = start
         self._mask_s = 0.0
+        draft_s = self._propose(plan)
         scheduled = self.clock()
         try:
             swaps = (plan.swap_out, plan.swap_in) if plan.swap_out or plan.swap_in else ()
@@ -272,8 +285,31 @@ class LLMEngine:
             num_preempted=len(plan.preempted), num_block_copies=len(plan.copies),
             num_swapped_blocks=len(plan.swap_out) + len(plan.swap_in),
             num_pad_tokens=plan.num_pad_tokens, grammar_mask_s=self._mask_s,
-            num_constrained_seqs=sum(c.constrained for c in plan.step_chunks), **self._scheduler.step_counts()))
+            num_constrained_seqs=sum(c.constrained for c in plan.step_chunks), draft_s=draft_s,
+            num_verifies=sum(1 for c in plan.chunks if c.num_proposed),
+            num_proposed_tokens=sum(c.num_proposed for c in plan.chunks),
+            num_accepted_tokens=sum(c.num_accepted for c in plan.chunks), **self._scheduler.step_counts()))
         return outputs
+
+    def _propose(self, plan: SchedulerOutput) -> float:
+        """Fills the proposal slots the scheduler granted (each chunk's tokens get its proposals, and logits for
+        all of them); returns the seconds it took. A proposer that fails only costs this step its speculation."""
+        granted = [(c, chunk) for c, chunk in zip(plan.chunks, plan.step_chunks) if c.num_speculative]
+        if not granted:
+            return 0.0
+        start = self.clock()
+        try:
+            drafts = self._proposer.propose([c.request for c, _ in granted], [c.num_speculative for c, _ in granted])
+        except Exception:      # noqa: BLE001  (speculation is an optimisation: the step runs without it)
+            log.exception("the proposer failed; this step does not speculate")
+            return self.clock() - start
+        for (c, chunk), draft in zip(granted, drafts):
+            draft = [int(t) for t in draft[:c.num_speculative]]
+            if draft:
+                c.num_proposed = len(draft)
+                chunk.token_ids = list(chunk.token_ids) + draft
+                chunk.all_logits = True
+        return self.clock() - start
 
     def _dropped(self, plan: SchedulerOutput, now: float) -> list[RequestOutput]:
         """Sequences the policy ended itself (`SchedulerOutput.dropped`, e.g. edf's late requests with
@@ -302,6 +338,12 @@ class LLMEngine:
         failed = {out.request_id for out in outputs}
         sampled = [i for i, c in enumerate(plan.chunks)
                    if c.num_tokens == c.request.num_pending_tokens and c.request.request_id not in failed]
+        verified = [i for i in sampled if plan.chunks[i].num_proposed]
+        if verified:
+            outputs += self._verify([plan.chunks[i] for i in verified],
+                                    [list(chunks[i].token_ids[1:]) for i in verified],
+                                    [int(first_rows[i]) for i in verified], logits)
+            sampled = [i for i in sampled if not plan.chunks[i].num_proposed]
         reqs = [plan.chunks[i].request for i in sampled]
         rows = list(first_rows[1:][sampled] - 1)
         forks = []
@@ -320,11 +362,7 @@ class LLMEngine:
     def _sample_and_append(self, reqs: list[Request], rows: list[int], logits: torch.Tensor) -> list[RequestOutput]:
         outputs = []
         logits = logits[torch.as_tensor(rows, dtype=torch.int64)]
-        results = self._sample(logits, [
-            SamplingRow(r.sampling, r.generator, r.prompt_token_ids, r.output_token_ids,
-                        list(r.stop_ids) if len(r.output_token_ids) < r.sampling.min_new_tokens and r.grammar is None
-                        else (), r.grammar)      # a grammar says itself when the output may end
-            for r in reqs])
+        results = self._sample(logits, [self._sampling_row(r) for r in reqs])
         self._score_best_of(logits, reqs, results)
         now = self.clock()
         for req, result in zip(reqs, results):
@@ -338,6 +376,68 @@ class LLMEngine:
                 continue
             outputs += self._best_of_outputs(req, out.finish_reason) if req.request_id in self._best_of else [out]
         return outputs
+
+    @staticmethod
+    def _sampling_row(req: Request, ahead: Sequence[int] = ()) -> SamplingRow:
+        """What the sampler reads of `req` for its next token, or for the one after `ahead` (proposals)."""
+        output = req.output_token_ids + list(ahead) if ahead else req.output_token_ids
+        return SamplingRow(req.sampling, req.generator, req.prompt_token_ids, output,
+                           list(req.stop_ids) if len(output) < req.sampling.min_new_tokens and req.grammar is None
+                           else (), req.grammar)      # a grammar says itself when the output may end
+
+    def _verify(self, chunks: list[ScheduledChunk], drafts: list[list[int]], first_rows: list[int],
+                logits: torch.Tensor) -> list[RequestOutput]:
+        """The chunks that carried proposals: each keeps its accepted run and one token more (Sampler.verify), in
+        one batched pass (each alone, seeded generators rewound, if that fails: a failure is its request's own);
+        appended one by one, sent as one output. Each chunk notes how many proposals were kept (their KV stays)."""
+        rows = [[self._sampling_row(c.request, d[:j]) for j in range(len(d) + 1)] for c, d in zip(chunks, drafts)]
+        at = [list(range(first, first + len(d) + 1)) for first, d in zip(first_rows, drafts)]
+
+        def verify(which: list[int]) -> list:
+            return self._sampler.verify(logits[[i for k in which for i in at[k]]], [r for k in which for r in rows[k]],
+                                        [drafts[k] for k in which])
+        seeded = [(r.generator, r.generator.get_state()) for c in chunks if (r := c.request).generator is not None]
+        try:
+            results = verify(list(range(len(chunks))))
+        except Exception:      # noqa: BLE001
+            log.exception("batched verification failed; verifying each of its %d requests alone", len(chunks))
+            for generator, state in seeded:
+                generator.set_state(state)
+            results = []
+            for k in range(len(chunks)):
+                try:
+                    results += verify([k])
+                except Exception as e:      # noqa: BLE001
+                    results.append(e)
+        outputs, now = [], self.clock()
+        for c, draft, result in zip(chunks, drafts, results):
+            req = c.request
+            if isinstance(result, Exception):
+                outputs.append(self._fail(req, f"sampling failed: {type(result).__name__}: {result}"))
+                continue
+            tokens, logprobs = result
+            c.num_accepted = len(tokens) - 1
+            req.speculation.record(len(draft), c.num_accepted)
+            run = []
+            try:
+                for token, logprob in zip(tokens, logprobs):
+                    run.append(self._append(req, token, logprob, now))
+                    if run[-1].finished:
+                        break
+            except Exception as e:      # noqa: BLE001  (its detokenizer or stop check failed: only it ends)
+                outputs.append(self._fail(req, f"processing its output failed: {type(e).__name__}: {e}"))
+                continue
+            outputs.append(self._joined(run))
+        return outputs
+
+    @staticmethod
+    def _joined(run: list[RequestOutput]) -> RequestOutput:
+        """A run of one sequence's outputs of one step as one output (several tokens)."""
+        last = run[-1]
+        logprobs = [lp for out in run for lp in out.logprobs or ()]
+        return RequestOutput(last.request_id, [t for out in run for t in out.new_token_ids], last.trace,
+                             last.finished, last.finish_reason, "".join(out.new_text for out in run), last.request,
+                             logprobs or None, run[0].prompt_logprobs, index=last.index)
 
     def _fork(self, parent: Request) -> list[Request]:
         """The parent's other sequences (the scheduler gives them its KV when the step is committed)."""

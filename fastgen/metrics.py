@@ -202,7 +202,7 @@ def step_metrics(steps: Sequence[Mapping[str, Any]]) -> Metrics:
     out |= stats("step_time_s", (s["duration_s"] for s in steps), STEP_STATS)
     out |= stats("kv_used_frac_of_reserved", _ratios(steps, "kv_reserved_tokens"), ("mean",))
     out |= stats("kv_used_frac_of_capacity", _ratios(steps, "kv_capacity_tokens"), ("mean", "max"))
-    return out | prefix_cache_metrics(steps)
+    return out | prefix_cache_metrics(steps) | speculative_metrics(steps)
 
 
 def prefix_cache_metrics(steps: Sequence[Mapping[str, Any]]) -> Metrics:
@@ -216,6 +216,22 @@ def prefix_cache_metrics(steps: Sequence[Mapping[str, Any]]) -> Metrics:
             "prefix_hit_rate_blocks": total("prefix_hit_blocks") / blocks if blocks else None,
             "prefix_hit_tokens": total("prefix_hit_tokens"), "kv_evictions": total("kv_evictions"),
             "kv_block_copies": total("num_block_copies")}
+
+
+def speculative_metrics(steps: Sequence[Mapping[str, Any]]) -> Metrics:
+    """Speculative decoding over the run: the share of proposals the target accepted, accepted proposals per
+    verify (each verify also yields one token of the target's own), the share of computed tokens that were
+    proposals, and the proposer's time (None: nothing was proposed)."""
+    def total(key: str) -> float:
+        return sum(s.get(key) or 0 for s in steps)
+
+    proposed, verifies = total("num_proposed_tokens"), total("num_verifies")
+    accepted, tokens = total("num_accepted_tokens"), total("num_tokens")
+    return {"spec_verifies": verifies, "spec_proposed_tokens": proposed,
+            "spec_acceptance_rate": accepted / proposed if proposed else None,
+            "spec_accepted_per_verify": accepted / verifies if verifies else None,
+            "spec_token_share": proposed / tokens if proposed and tokens else None,
+            "spec_draft_s": total("draft_s") if proposed else None}
 
 
 def _ratios(steps: Sequence[Mapping[str, Any]], denominator: str) -> list[float]:

@@ -43,9 +43,15 @@ def _routers() -> Registry:
     return ROUTERS
 
 
+def _proposers() -> Registry:
+    from fastgen.speculative import PROPOSERS
+    return PROPOSERS
+
+
 # Each kind of part: its config group and its registry (imported lazily; discovery imports the built-in parts).
 REGISTRIES: dict[str, Callable[[], Registry]] = {"scheduler": _schedulers, "kv": _kv_managers,
-                                                 "executor": _executors, "router": _routers}
+                                                 "executor": _executors, "router": _routers,
+                                                 "speculative": _proposers}
 
 
 class PluginError(ValueError):

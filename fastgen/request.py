@@ -13,6 +13,7 @@ import enum
 import hashlib
 import itertools
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -28,6 +29,26 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+@dataclass
+class SpeculationStats:
+    """A sequence's record of speculative decoding: its verifies, the proposals they checked and accepted, and the
+    running acceptance rate (an exponential moving average of accepted / proposed per verify, starting hopeful)
+    that a policy sizes its proposals by (fastgen.schedulers.splitfuse)."""
+
+    WEIGHT: ClassVar[float] = 0.5     # of the newest verify in the running rate
+    verifies: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    acceptance: float = 1.0
+    skipped: int = 0                  # decode steps a policy has not granted it speculation since its last verify
+
+    def record(self, proposed: int, accepted: int) -> None:
+        self.verifies, self.proposed, self.accepted = self.verifies + 1, self.proposed + proposed, \
+            self.accepted + accepted
+        self.acceptance += self.WEIGHT * (accepted / proposed - self.acceptance)
+        self.skipped = 0
 
 
 @dataclass
@@ -57,6 +78,7 @@ class Request:
     slo: SLO | None = None                      # its TTFT / TPOT targets (deadline-aware policies, metrics)
     request_class: str | None = None            # the workload class it belongs to (metrics per class)
     grammar: object = None                      # a structured output's matcher (xgrammar), once compiled
+    speculation: SpeculationStats = field(default_factory=SpeculationStats)   # speculative decoding's record
 
     def __post_init__(self):
         if self.trace is None:
@@ -110,7 +132,8 @@ class Request:
                                     trace=dataclasses.replace(self.trace, token_times=list(self.trace.token_times)),
                                     detokenizer=None, seq_id=next(_SEQ_IDS), block_hashes=list(self.block_hashes),
                                     logprobs=list(self.logprobs), prompt_logprobs=list(self.prompt_logprobs),
-                                    grammar=self.grammar.fork() if self.grammar is not None else None)
+                                    grammar=self.grammar.fork() if self.grammar is not None else None,
+                                    speculation=SpeculationStats())
         if self.sampling.seed is not None:
             child.generator = torch.Generator().manual_seed(fork_seed(self.sampling.seed, index))
         return child

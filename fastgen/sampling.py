@@ -306,7 +306,55 @@ class Sampler:
         presence = torch.tensor([r.params.presence_penalty for r in rows], dtype=logits.dtype)[:, None]
         return logits - frequency * output - presence * seen
 
+    def verify(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+               drafts: Sequence[Sequence[int]]) -> list[tuple[list[int], list[TokenLogprob | None]]]:
+        """Speculative decoding's check of proposed tokens (Leviathan et al. 2023; Chen et al. 2023). `rows` (and
+        the logits) hold len(draft) + 1 positions per sequence, position j seeing draft[:j] as output (so its
+        penalties count the proposals before it). Each sequence keeps the longest prefix of its draft the target
+        accepts and one token more: the target's own at the first rejection, or a bonus token after the last
+        proposal. A greedy row accepts a proposal equal to the argmax of its processed logits, so its tokens are
+        those of decoding without speculation. A sampled row accepts proposal d with probability p(d) under its final
+        distribution p (after bias, bans, penalties, temperature, top-k and top-p, as vLLM; proposals are one-hot,
+        so min(1, p/q) is p(d)), and on rejection draws from p without d, renormalised: its tokens are distributed as
+        p's. Per sequence: its tokens and their logprobs (as __call__'s)."""
+        logits = logits.float()
+        processed = self.process(logits, rows)
+        argmax = processed.argmax(-1).tolist()
+        sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+        probs = dict(zip(sampled, self._probabilities(processed[sampled], [rows[i].params for i in sampled]))) \
+            if sampled else {}
+        runs, at = [], 0
+        for draft in drafts:
+            tokens = []
+            for j in range(len(draft) + 1):
+                row, proposed = rows[at + j], (draft[j] if j < len(draft) else None)
+                token = argmax[at + j]
+                if not row.params.greedy:
+                    generator, p = row.generator or self.generator, probs[at + j]
+                    if proposed is not None and float(torch.rand((), generator=generator)) < float(p[proposed]):
+                        token = proposed
+                    else:
+                        if proposed is not None:
+                            p = p.clone()
+                            p[proposed] = 0.0
+                        token = int(self._draw(p[None], [generator])[0])
+                tokens.append(token)
+                if token != proposed:
+                    break
+            runs.append((at, tokens))
+            at += len(draft) + 1
+        want = [(at + j, t) for at, tokens in runs for j, t in enumerate(tokens) if rows[at].params.logprobs is not None]
+        found = iter(token_logprobs(logits[[i for i, _ in want]], [t for _, t in want],
+                                    [rows[i].params.logprobs for i, _ in want]) if want else [])
+        return [(tokens, [next(found) if rows[at].params.logprobs is not None else None for _ in tokens])
+                for at, tokens in runs]
+
     def _sample(self, logits, params, generators) -> torch.Tensor:
+        return self._draw(self._probabilities(logits, params), generators)
+
+    @staticmethod
+    def _probabilities(logits, params) -> torch.Tensor:
+        """Each row's distribution after temperature, top-k and top-p."""
         temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)[:, None]
         logits = logits / temps
         top_k = torch.tensor([p.top_k or logits.shape[-1] for p in params])
@@ -318,7 +366,10 @@ class Sampler:
         drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]      # keep the smallest prefix reaching top_p ...
         drop[:, 0] = False                                         # ... and always the most likely token
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        probs = torch.empty_like(logits).scatter_(-1, order, sorted_logits.softmax(-1))
+        return torch.empty_like(logits).scatter_(-1, order, sorted_logits.softmax(-1))
+
+    def _draw(self, probs, generators) -> torch.Tensor:
+        """One token per row from (unnormalised) probabilities: the exponential race, each row with its own noise."""
         noise = torch.empty_like(probs)
         for i, g in enumerate(generators):
             noise[i].exponential_(generator=g or self.generator)

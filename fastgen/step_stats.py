@@ -35,6 +35,12 @@ class StepStats:
     num_pad_tokens: int = 0      # pad tokens computed beside num_tokens (vLLM 0.2's padded prefill)
     grammar_mask_s: float = 0.0  # of sample_s: filling and applying structured outputs' token masks
     num_constrained_seqs: int = 0   # sequences sampled under a grammar this step
+    # speculative decoding: sequences whose proposals this step verified, their proposals (part of num_tokens), the
+    # proposals the target accepted, and the proposer's time (part of schedule_s)
+    num_verifies: int = 0
+    num_proposed_tokens: int = 0
+    num_accepted_tokens: int = 0
+    draft_s: float = 0.0
 
 
 @dataclass(frozen=True)

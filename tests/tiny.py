@@ -18,6 +18,7 @@ from fastgen.kv.cache import KVCache
 from fastgen.models import EMBEDDED, build_model
 from fastgen.ragged import RaggedBatch, SeqChunk
 from fastgen.schedulers import SCHEDULERS, Scheduler, make_scheduler
+from fastgen.speculative import SpeculativeConfig, make_proposer
 
 
 def tiny_config(family: str, seed: int = 0, **overrides):
@@ -164,8 +165,11 @@ class Built(NamedTuple):
 
 
 def compose_engine(model, scheduler: str = "splitfuse", kv: str = "blocked", num_blocks: int = 64,
-                   block_size: int = 16, kernels: str = "auto", linear: str = "auto", **knobs) -> Built:
+                   block_size: int = 16, kernels: str = "auto", linear: str = "auto",
+                   speculative: SpeculativeConfig | None = None, prefix_caching: bool = False, **knobs) -> Built:
     kv_knobs = {k: knobs.pop(k) for k in ("swap_blocks",) if k in knobs}
+    if prefix_caching:
+        kv_knobs["prefix_caching"] = True
     cfg = EngineConfig(scheduler=scheduler_config(scheduler, **knobs),
                        kv=KV_MANAGERS.config(kv, block_size=block_size, num_blocks=num_blocks, **kv_knobs))
     cfg.hardware.kernels, cfg.hardware.linear = kernels, linear
@@ -173,7 +177,8 @@ def compose_engine(model, scheduler: str = "splitfuse", kv: str = "blocked", num
     executor = make_executor(cfg, model)
     manager = make_kv_manager(cfg.kv, executor.num_kv_blocks, executor.num_host_kv_blocks)
     policy = make_scheduler(cfg.scheduler, manager)
-    return Built(LLMEngine(executor, policy), policy, manager)
+    proposer = make_proposer(speculative) if speculative is not None else None
+    return Built(LLMEngine(executor, policy, proposer=proposer), policy, manager)
 
 
 def drain(eng: LLMEngine) -> dict:

@@ -228,6 +228,17 @@ class BlockedKVManager(KVManager):
                 self.allocator.register(table[i], keys[i])
             self._registered[seq] = full
 
+    def truncate(self, req: Request) -> None:
+        """Blocks that hold only rejected tokens go back to the pool (last first). They were never registered in
+        the prefix cache: only full blocks of computed tokens are."""
+        super().truncate(req)
+        table = self.tables.get(req.seq_id)
+        keep = self.blocks_for(req.num_computed_tokens)
+        if table is not None and len(table) > keep:
+            self.allocator.free(reversed(table[keep:]))
+            del table[keep:]
+            self._registered[req.seq_id] = min(self._registered[req.seq_id], keep)
+
     # -- forks ---------------------------------------------------------------------------------------------------
     def fork(self, parent: Request, child: Request) -> bool:
         table = self.tables[parent.seq_id]

@@ -106,6 +106,12 @@ class KVManager(ABC):
     def computed(self, req: Request) -> None:
         """The engine's note that a step computed req's tokens up to req.num_computed_tokens."""
 
+    def truncate(self, req: Request) -> None:
+        """Speculative decoding's rollback: req keeps only the KV of its first num_computed_tokens tokens (the
+        slots of rejected proposals are free again)."""
+        if req.seq_id in self.tokens:
+            self.tokens[req.seq_id] = req.num_computed_tokens
+
     def fork(self, parent: Request, child: Request) -> bool:
         """Gives `child` (a copy of `parent` at the same length) the parent's KV; False if this manager cannot
         share it, and the child recomputes its tokens instead."""

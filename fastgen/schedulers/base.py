@@ -11,6 +11,11 @@ Budget vocabulary (as in vLLM's v1 scheduler): a step carries at most `token_bud
 `max_seqs` sequences. A decode costs one token; a prompt costs as many tokens as the policy gives it. Tokens the
 KV manager has cached cost nothing: before each step (plan_step) a waiting request's num_computed_tokens is set
 to its cached prefix, so `num_pending_tokens`, which every policy budgets with, counts only what is left to compute.
+
+Speculative decoding (once the engine calls `enable_speculation(k)`): a decode may also get up to k proposal slots
+(`ScheduledChunk.num_speculative`), tokens of the budget like any other, which the engine fills with a proposer's
+guesses and verifies in the same pass. `schedule_speculation` grants them (any policy; `speculation_k` says how many
+a request may take); the commit keeps the KV of the proposals the target accepted and gives back the rest.
 """
 from __future__ import annotations
 
@@ -60,6 +65,9 @@ class ScheduledChunk:
     num_tokens: int
     num_pad: int = 0             # pad tokens computed after this chunk's tokens (vLLM 0.2's padded prefill): the
     #                              executors charge them; their outputs and KV are thrown away
+    num_speculative: int = 0     # proposal slots granted after its decode token (speculative decoding)
+    num_proposed: int = 0        # of which the engine's proposer filled (computed in the step)
+    num_accepted: int = 0        # of which the target accepted (the engine's verify): their KV is kept
 
 
 @dataclass
@@ -77,7 +85,7 @@ class SchedulerOutput:
 
     @property
     def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
+        return sum(c.num_tokens + c.num_proposed for c in self.chunks)
 
     @property
     def num_pad_tokens(self) -> int:
@@ -97,12 +105,17 @@ class Scheduler:
         self.running: list[Request] = []
         self.max_model_len: int | None = None
         self.clock: Callable[[], float] = time.perf_counter
+        self.max_speculative = 0     # k of the engine's proposer (0: no speculative decoding)
 
     def attach(self, max_model_len: int, clock: Callable[[], float]) -> None:
         """The engine's context limit (prompt + output tokens), for policies whose defaults follow from it (vLLM's
         max_num_batched_tokens), and the clock its requests' times are on (for policies that read deadlines);
         told once when the engine is built."""
         self.max_model_len, self.clock = max_model_len, clock
+
+    def enable_speculation(self, k: int) -> None:
+        """The engine has a proposer of up to k tokens per sequence: decodes may get proposal slots."""
+        self.max_speculative = k
 
     # -- the policy ---------------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -142,7 +155,9 @@ class Scheduler:
         from its parent at this step's end, sharing the parent's KV where the manager can (else it waits to
         compute its tokens again); `finished` requests leave and free their blocks."""
         for c in out.chunks:
-            c.request.num_computed_tokens += c.num_tokens
+            c.request.num_computed_tokens += c.num_tokens + c.num_accepted
+            if c.num_speculative:
+                self.kv.truncate(c.request)         # the slots of rejected (or never proposed) tokens go back
             self.kv.computed(c.request)
         for parent, child in forks:
             child.num_computed_tokens = parent.num_computed_tokens
@@ -246,14 +261,44 @@ class Scheduler:
             self.admit(req)
         return True
 
-    def schedule_decodes(self, out: SchedulerOutput, budget: int, preempt: bool = True) -> int:
-        """One token for every running request that is decoding, oldest first; returns the budget left."""
+    def schedule_decodes(self, out: SchedulerOutput, budget: int, preempt: bool = True,
+                         speculate: bool = True) -> int:
+        """One token for every running request that is decoding, oldest first, then (`speculate`) proposal slots
+        for them from what is left of the budget; returns the budget left."""
         for req in list(self.running):
             if budget < 1 or len(out.chunks) >= self.config.max_seqs:
                 break
             if req.status is RequestStatus.RUNNING and req.is_decode and self.reserve(req, 1, out, preempt):
                 budget -= 1
-        return budget
+        return budget - self.schedule_speculation(out, budget) if speculate else budget
+
+    # -- speculative decoding ----------------------------------------------------------------------------------------
+    def speculation_k(self, req: Request) -> int:
+        """Proposal slots a decode of `req` may take this step: the proposer's k, fewer near its max_new_tokens (its
+        KV stays within max_kv_tokens), none for a request of several sequences or under a grammar (its matcher
+        advances one accepted token at a time). A policy may size it by the
+        request's acceptance so far (req.speculation)."""
+        if not self.max_speculative or req.sampling.num_sequences > 1 or req.sampling.structured is not None:
+            return 0
+        return max(0, min(self.max_speculative, req.sampling.max_new_tokens - len(req.output_token_ids) - 1))
+
+    def schedule_speculation(self, out: SchedulerOutput, budget: int | None = None) -> int:
+        """Proposal slots for the decodes already in `out`, in order, from `budget` (None: the policy has no token
+        budget for decodes) and only where free KV blocks are (never preempting); returns the slots granted."""
+        granted = 0
+        if not self.max_speculative:
+            return granted
+        for c in out.chunks:
+            if budget is not None and budget - granted < 1:
+                break
+            req = c.request
+            if c.num_speculative or c.num_pad or c.num_tokens != 1 or not req.is_decode:
+                continue
+            n = self.speculation_k(req) if budget is None else min(self.speculation_k(req), budget - granted)
+            if n > 0 and self.kv.try_allocate(req, 1 + n):
+                c.num_speculative = n
+                granted += n
+        return granted
 
     def until_progress(self, plan: Callable[[SchedulerOutput], object]) -> SchedulerOutput:
         """Runs `plan`; while it schedules nothing, preempts the victim and runs it again. Requests that each hold
@@ -309,7 +354,7 @@ class Scheduler:
                 budget -= n
             elif req.status is RequestStatus.WAITING:
                 break
-        return budget
+        return budget - self.schedule_speculation(out, budget)
 
     def prefill_candidates(self) -> list[Request]:
         """Running requests part-way through their prompt, then the waiting queue in order."""

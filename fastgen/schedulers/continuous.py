@@ -32,4 +32,5 @@ class ContinuousBatchingScheduler(Scheduler):
             budget -= n
         if not out:
             self.schedule_decodes(out, budget=len(self.running), preempt=True)
+            self.schedule_speculation(out)
         return out

@@ -21,6 +21,7 @@ class OrcaScheduler(Scheduler):
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         self.schedule_decodes(out, budget=len(self.running), preempt=True)
+        self.schedule_speculation(out)
         for req in list(self.waiting):
             if len(self.running) >= self.config.batch_size or len(out.chunks) >= self.config.max_seqs:
                 break

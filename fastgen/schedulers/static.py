@@ -28,4 +28,5 @@ class StaticBatchingScheduler(Scheduler):
         for req in list(self.running):
             if req in self.running:
                 self.reserve(req, req.num_pending_tokens, out, preempt=True)
+        self.schedule_speculation(out)
         return out

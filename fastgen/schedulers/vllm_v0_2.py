@@ -58,6 +58,7 @@ class Vllm02Scheduler(Scheduler):
         if not out:
             self.running.sort(key=lambda r: r.arrival_time)
             self.schedule_decodes(out, budget=len(self.running), preempt=True)
+            self.schedule_speculation(out)
             if not out:         # every running request was preempted: their recompute starts at once
                 self.schedule_prompts(out)
         return out

@@ -1,4 +1,5 @@
-"""Where prompt tokens come from: uniform random ids, or a window sliding through a shipped text corpus.
+"""Where prompt tokens come from: uniform random ids, a window sliding through a shipped text corpus, or such a
+window inside an instruction to repeat it (prompts the answer quotes).
 
 Random ids are cheap and tokenizer-free; corpus prompts are real text, which matters when the
 model's behaviour (for example early stop tokens) or a prefix cache should see natural input.
@@ -40,3 +41,19 @@ class CorpusPrompts:
         index = (self.offset + np.arange(length)) % self.tokens.size
         self.offset = (self.offset + length) % self.tokens.size
         return self.tokens[index].tolist()
+
+
+QUOTE_INSTRUCTION = ("Repeat the following text exactly.\n\nText: ", "\n\nRepeated text: ")
+
+
+class QuotePrompts(CorpusPrompts):
+    """Prompts whose answer quotes them, as summaries, code edits and retrieval-augmented answers copy spans of
+    their input: a corpus passage inside an instruction to repeat it (QUOTE_INSTRUCTION), `length` tokens in all
+    (at least the instruction and one passage token). Where prompt-lookup speculation pays."""
+
+    def __init__(self, tokenizer: Tokenizer, rng: np.random.Generator, path: Optional[str | Path] = None):
+        super().__init__(tokenizer, rng, path)
+        self.head, self.tail = (tokenizer.encode(text, add_special_tokens=False) for text in QUOTE_INSTRUCTION)
+
+    def take(self, length: int) -> list[int]:
+        return self.head + super().take(max(1, length - len(self.head) - len(self.tail))) + self.tail

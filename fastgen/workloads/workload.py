@@ -50,8 +50,9 @@ that does not exist relative to the working directory may name a file shipped in
 `example_trace.jsonl` (a 20-row example) and the real traces `azure_conv.csv.gz`, `azure_code.csv.gz`,
 `arxiv_summarization.csv.gz` (conf/workload/azure-conv, azure-code, arxiv; sources and licence in
 `data/README.md`). Synthetic prompts are random ids in [random_token_low, vocab_size) or windows of
-`data/corpus.txt` (English prose) tokenized by the given tokenizer. `max_prompt_len`, when set,
-truncates every prompt, trace prompts included.
+`data/corpus.txt` (English prose) tokenized by the given tokenizer, or such windows inside an instruction to repeat
+them (`quote`: the answer copies the prompt). `max_prompt_len`, when set, truncates every prompt, trace prompts
+included.
 
 Requests longer than the model's context (prompt + output > max_model_len, when the caller passes it) follow
 `too_long`: ``error`` (the default: say which request and how to fix it), ``clip`` (keep the output length, cut
@@ -70,7 +71,7 @@ import numpy as np
 
 from fastgen.request_trace import DEFAULT_TENANT, SLO, check_class
 from fastgen.workloads.arrivals import ArrivalProcess, ClosedLoopArrivals, OpenLoopArrivals, gamma_arrivals
-from fastgen.workloads.corpus import CorpusPrompts, Tokenizer, random_prompt
+from fastgen.workloads.corpus import CorpusPrompts, QuotePrompts, Tokenizer, random_prompt
 from fastgen.workloads.lengths import LengthSpec, sample_lengths
 from fastgen.workloads.replay import TraceRecord, load_trace
 from fastgen.workloads.shared_prefix import ConversationArrivals, SharedPrefixSpec, conversation_prompts
@@ -78,7 +79,7 @@ from fastgen.workloads.shared_prefix import ConversationArrivals, SharedPrefixSp
 EXAMPLE_TRACE_PATH = Path(__file__).parent / "data" / "example_trace.jsonl"
 ARRIVALS = ("closed_loop", "poisson", "gamma", "trace", "classes")
 TOO_LONG = ("error", "clip", "skip")
-PROMPT_SOURCES = ("random", "corpus")
+PROMPT_SOURCES = ("random", "corpus", "quote")
 
 
 @dataclass
@@ -385,8 +386,9 @@ def _prompt_source(cfg: WorkloadConfig, vocab_size: int, tokenizer: Optional[Tok
                              f"got {cfg.random_token_low}")
         return lambda length: random_prompt(length, vocab_size, rng, cfg.random_token_low)
     if tokenizer is None:
-        raise ValueError("prompt_source='corpus' needs a tokenizer: pass tokenizer= or use prompt_source='random'")
-    return CorpusPrompts(tokenizer, rng, cfg.corpus_path).take
+        raise ValueError(f"prompt_source={cfg.prompt_source!r} needs a tokenizer: pass tokenizer= or use "
+                         "prompt_source='random'")
+    return (QuotePrompts if cfg.prompt_source == "quote" else CorpusPrompts)(tokenizer, rng, cfg.corpus_path).take
 
 
 def _trace_prompt(record: TraceRecord, make_prompt: Callable[[int], list[int]],
