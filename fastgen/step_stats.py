@@ -32,6 +32,7 @@ class StepStats:
     prefix_hit_blocks: int = 0
     kv_evictions: int = 0
     num_pad_tokens: int = 0      # pad tokens computed beside num_tokens (vLLM 0.2's padded prefill)
+    pool: str | None = None      # the engine's pool in a disaggregated deployment: prefill | decode
 
 
 @dataclass(frozen=True)
