@@ -72,6 +72,7 @@ class DisaggregatedEngine:
         self.outstanding = [0] * len(self.prefill), [0] * len(self.decode)
         self.alive = [True] * len(self.decode)
         self.transfers: list[Transfer] = []
+        self.blocked: set[int] = set()    # prefill engines whose pool is full of KV waiting to move
         self.step_end = self.clock()              # when the last step's outputs were out
         self._where: dict[str, tuple[int, int]] = {}   # request id -> (0 prefill / 1 decode, engine index)
         self._turn = itertools.count()
@@ -113,6 +114,7 @@ class DisaggregatedEngine:
         if transfer is not None:
             self.transfers.remove(transfer)
             self.outstanding[1][transfer.target] -= 1
+            self.blocked.discard(transfer.source)
             return self.prefill[transfer.source].abort(request_id)
         pool, i = where
         self.outstanding[pool][i] -= 1
@@ -138,7 +140,10 @@ class DisaggregatedEngine:
         if k < len(self.prefill):
             engine = self.prefill[k]
             self._set_now(engine.clock())
+            steps = engine.snapshot().num_steps
             outputs = self._prefill_outputs(k, engine.step())
+            if engine.snapshot().num_steps == steps:      # nothing fits beside the KV it keeps for the decode side
+                self.blocked.add(k)
         else:
             d = k - len(self.prefill)
             engine = self.decode[d]
@@ -182,7 +187,7 @@ class DisaggregatedEngine:
     # -- internals ------------------------------------------------------------------------------------------------
     def _events(self) -> list[tuple[float, int]]:
         """(start time, engine index: prefill engines, then decode engines) of every engine that has work."""
-        out = [(e.clock(), k) for k, e in enumerate(self.prefill) if e.has_unfinished()]
+        out = [(e.clock(), k) for k, e in enumerate(self.prefill) if e.has_unfinished() and k not in self.blocked]
         for d, e in enumerate(self.decode):
             landing = [t.ready for t in self.transfers if t.target == d]
             if e.has_unfinished():
@@ -233,12 +238,20 @@ class DisaggregatedEngine:
                 outputs.append(self._fail_transfer(t, f"it does not fit decode instance {d}'s whole KV pool"))
                 continue
             self.transfers.remove(t)
-            self.prefill[t.source].release(t.handoff.request_id)
+            self._release(t.source, t.handoff.request_id, engine.clock())
             trace = t.handoff.trace
             trace.decode_wait_s = engine.clock() - t.ready
             trace.token_times[0] = engine.clock()
             outputs.append(t.output)
         return outputs
+
+    def _release(self, p: int, request_id: str, now: float) -> None:
+        """Prefill engine p frees a moved request's KV; if that engine was blocked for room, it goes on from now."""
+        self.prefill[p].release(request_id)
+        if p in self.blocked:
+            self.blocked.discard(p)
+            if self.virtual and self.prefill[p].clock() < now:
+                self.prefill[p].clock.sleep(now - self.prefill[p].clock())
 
     def _fail_transfer(self, t: Transfer, error: str) -> RequestOutput:
         if t in self.transfers:
@@ -247,6 +260,7 @@ class DisaggregatedEngine:
             self.outstanding[1][t.target] -= 1
         rid = t.handoff.request_id
         self._where.pop(rid, None)
+        self.blocked.discard(t.source)
         req = self.prefill[t.source].abort(rid)
         log.warning("request %s failed: %s", rid, error)
         req.finish_reason, req.trace.finish_time = "error", None

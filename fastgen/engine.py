@@ -252,7 +252,7 @@ class LLMEngine:
         plan = self._scheduler.plan_step()
         dropped = self._dropped(plan, start)
         if not plan:
-            if self.has_unfinished() and not dropped:
+            if self.has_unfinished() and not dropped and not self._detached:   # exported KV will be freed
                 raise RuntimeError(f"scheduler {self._scheduler.name!r} scheduled nothing while "
                                    f"{self._scheduler.num_requests()} (running, waiting) requests are unfinished")
             return dropped
