@@ -22,7 +22,9 @@ from omegaconf import OmegaConf
 from fastgen.analysis import describe, overrides, sweep_jobs, differing
 from fastgen.class_figures import class_figures, has_classes
 from fastgen.compose import build_engine
+from fastgen.deployment import build_deployment
 from fastgen.driver import EngineTarget, HttpTarget, ReplicaCluster, RunResult, run_workload
+from fastgen.driver.disaggregated import DisaggregatedTarget
 from fastgen.executors import EXECUTORS
 from fastgen.machine import Machine
 from fastgen.metrics import (SLAConfig, format_table, g_suffix, is_completed, meets_ema_sla, meets_ttft_sla,
@@ -141,13 +143,15 @@ def run_once(cfg: RunConfig, workload_cfg, model, tokenizer, clock) -> tuple[Run
         workload = build_workload(workload_cfg, config.vocab_size, tokenizer, max_model_len=context)
         with HttpTarget(cfg.target.url, api_key=cfg.target.api_key, model=cfg.target.served_model) as target:
             return run_workload(target, workload, progress=cfg.progress), workload, 1
-    engines = [build_engine(cfg, model, tokenizer, clock) for _ in range(cfg.replicas)]
+    engines = [build_engine(cfg, model, tokenizer, clock) for _ in range(cfg.replicas)] \
+        if not cfg.deployment.disaggregated else [build_deployment(cfg, cfg.deployment, cfg.router, model, tokenizer,
+                                                                   clock)]
     engine = engines[0]
     try:
         workload = build_workload(workload_cfg, engine.vocab_size, engine.tokenizer,
                                   max_model_len=engine.max_model_len)
-        target = EngineTarget(engine) if cfg.replicas == 1 else \
-            ReplicaCluster(engines, make_router(cfg.router, cfg.replicas))
+        target = DisaggregatedTarget(engine) if cfg.deployment.disaggregated else EngineTarget(engine) \
+            if cfg.replicas == 1 else ReplicaCluster(engines, make_router(cfg.router, cfg.replicas))
         result = run_workload(target, workload, progress=cfg.progress)
     finally:
         for e in engines:

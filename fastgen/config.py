@@ -41,6 +41,9 @@ class DeviceSheet:
     link_bandwidth_gbs: float = 0.0            # per-device all-reduce bus bandwidth between devices (NVLink)
     link_latency_us: float = 0.0               # latency of one all-reduce step
     host_link_bandwidth_gbs: float = 0.0       # device <-> host memory bandwidth (PCIe): swapped KV blocks
+    # the link between nodes (disaggregated prefill/decode with deployment.link=internode), e.g. InfiniBand
+    internode_bandwidth_gbs: float = 0.0       # GB/s per device pair (200 Gb/s HDR: 25; 400 Gb/s NDR: 50)
+    internode_latency_us: float = 0.0
     profile: Optional[str] = None
 
     def validate(self, hardware: HardwareConfig, profile=None) -> None:

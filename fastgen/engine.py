@@ -37,6 +37,7 @@ import torch
 
 from fastgen.detokenizer import IncrementalDetokenizer
 from fastgen.executors.base import Executor
+from fastgen.handoff import Handoff
 from fastgen.model_spec import eos_ids
 from fastgen.ragged import SeqChunk
 from fastgen.request import Request
@@ -94,6 +95,7 @@ class LLMEngine:
         self._grammars: GrammarCompiler | None = None    # made at the first structured output
         self._compiling: list[tuple[Request, Future]] = []   # waiting for their grammar, in arrival order
         self._mask_s = 0.0                                 # this step's grammar-mask seconds
+        self._detached: dict[str, tuple[Request, list[int]]] = {}   # exported requests and the KV blocks they hold
         scheduler.attach(self.max_model_len, self.clock)
         if proposer is not None:
             scheduler.enable_speculation(proposer.k)
@@ -186,6 +188,12 @@ class LLMEngine:
     def abort(self, request_id: str) -> Request | None:
         """Stops a request (all its sequences) and frees its KV blocks at once; returns it (its first live
         sequence, finish_reason "abort"), or None if it is unknown or already finished."""
+        if request_id in self._detached:
+            req = self._detached[request_id][0]
+            self.release(request_id)
+            req.finish_reason = req.trace.finish_reason = "abort"
+            req.trace.finish_time = self.clock()
+            return req
         seqs = self._requests.get(request_id)
         if seqs is None:
             return None
@@ -196,6 +204,53 @@ class LLMEngine:
             self._scheduler.finish(req)
         self._best_of.pop(request_id, None)
         return first
+
+    # -- disaggregated prefill and decode (fastgen.disaggregated): a request moves to another engine ------------
+    def export_request(self, request_id: str) -> Handoff:
+        """Takes a request that has its first token out of this engine (it is no longer scheduled) and returns what
+        another engine needs to resume it; its KV blocks stay held for read_kv() until release()."""
+        seqs = self._requests.get(request_id)
+        if seqs is None or len(seqs) != 1 or not seqs[0].output_token_ids or seqs[0].finish_reason:
+            raise ValueError(f"request {request_id!r} cannot move: only a running single-sequence request that has "
+                             "its first token can")
+        req = seqs[0]
+        blocks = self._scheduler.detach(req)
+        del self._requests[request_id]
+        self._detached[request_id] = req, blocks
+        return Handoff.of(req, len(blocks), len(blocks) * self._executor.kv_block_bytes())
+
+    def read_kv(self, request_id: str) -> torch.Tensor | None:
+        """A copy of an exported request's KV contents (None on a simulated executor)."""
+        return self._executor.read_kv(self._detached[request_id][1])
+
+    def release(self, request_id: str) -> None:
+        """Frees the KV blocks an exported request held (its contents have moved, or it was aborted)."""
+        self._scheduler.release(self._detached.pop(request_id)[0])
+
+    def import_request(self, handoff: Handoff, contents: torch.Tensor | None) -> bool:
+        """Resumes a request exported by another engine: its KV `contents` are written into blocks of this engine's
+        pool and it decodes from the next step. False (nothing taken) while the pool has no room for it."""
+        if handoff.request_id in self._requests:
+            raise ValueError(f"request id {handoff.request_id!r} is already in use")
+        req = handoff.request(self.eos_token_ids)
+        if req.sampling.structured is not None and self._executor.real_logits:
+            req.grammar = self._grammar_compiler().compile(req.sampling.structured)   # cached after the first
+            for token in req.output_token_ids:      # the matcher resumes where the prefill engine's was
+                req.grammar.accept_token(token)
+        blocks = self._scheduler.attach_computed(req)
+        if blocks is None:
+            return False
+        try:
+            self._executor.write_kv(blocks[:handoff.num_blocks], contents)
+        except Exception:
+            self._scheduler.finish(req)
+            raise
+        self._detokenize(req)
+        if req.detokenizer is not None:     # its text so far went out from the engine it left
+            req.detokenizer.push(req.output_token_ids)
+            req.detokenizer.delta()
+        self._requests[req.request_id] = [req]
+        return True
 
     def has_unfinished(self) -> bool:
         return self._scheduler.has_unfinished() or bool(self._compiling)
@@ -251,7 +306,7 @@ class LLMEngine:
             if self._compiling and not self._scheduler.has_unfinished():    # nothing to run until one compiles
                 wait([f for _, f in self._compiling], timeout=0.05, return_when=FIRST_COMPLETED)
                 return dropped
-            if self.has_unfinished() and not dropped:
+            if self.has_unfinished() and not dropped and not self._detached:   # exported KV will be freed
                 raise RuntimeError(f"scheduler {self._scheduler.name!r} scheduled nothing while "
                                    f"{self._scheduler.num_requests()} (running, waiting) requests are unfinished")
             return dropped

@@ -284,6 +284,26 @@ def summarize(traces: Sequence[RequestTrace], steps: Sequence[Any] = (),
     out |= step_metrics(steps)
     busy = sum(s["duration_s"] for s in steps)
     out["busy_frac"] = busy / duration if steps and duration else None
+    return out | disaggregation_metrics(done, steps, duration)
+
+
+def disaggregation_metrics(done: Sequence[RequestTrace], steps: Sequence[Mapping[str, Any]],
+                           duration: Optional[float]) -> Metrics:
+    """Disaggregated prefill and decode (fastgen.disaggregated), over completed requests whose KV moved: the bytes
+    moved in all, the move's time (mean, P99), the wait at the decode engine for room; per pool (the steps'
+    `pool`), its steps' summed time over the run's duration (up to its number of engines, as busy_frac) and its
+    mean batch. None / absent for a colocated run."""
+    moved = [t for t in done if t.kv_transfer_bytes is not None]
+    if not moved:
+        return {"kv_transfer_bytes": None, "kv_transfer_s": None, "kv_transfer_s_p99": None}
+    seconds = stats("kv_transfer_s", (t.kv_transfer_s for t in moved), ("mean", "p99"))
+    out: Metrics = {"kv_transfer_bytes": sum(t.kv_transfer_bytes for t in moved),
+                    "kv_transfer_s": seconds["kv_transfer_s_mean"], "kv_transfer_s_p99": seconds["kv_transfer_s_p99"]}
+    out |= stats("decode_wait_s", (t.decode_wait_s for t in moved), ("mean", "p99"))
+    for pool in ("prefill", "decode"):
+        mine = [s for s in steps if s.get("pool") == pool]
+        out[f"busy_frac_{pool}"] = sum(s["duration_s"] for s in mine) / duration if mine and duration else None
+        out |= {f"{k}_{pool}": v for k, v in stats("step_seqs", (s["num_seqs"] for s in mine), ("mean",)).items()}
     return out
 
 

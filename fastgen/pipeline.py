@@ -11,8 +11,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
-from fastgen.compose import build_engine
 from fastgen.conf import compose_config
+from fastgen.deployment import build_deployment
+from fastgen.disaggregated import DisaggregatedEngine
 from fastgen.engine import LLMEngine
 from fastgen.request_trace import DEFAULT_TENANT, SLO
 from fastgen.sampling import SamplingParams, TokenLogprob
@@ -30,7 +31,7 @@ class Output:
 
 
 class Pipeline:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine | DisaggregatedEngine):
         self.engine = engine
 
     def __call__(self, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 64,
@@ -84,10 +85,11 @@ def _per_prompt(name: str, value, n: int) -> list:
 
 def pipeline(model="smollm2-135m", scheduler: str = "splitfuse", kv: str = "blocked", hardware: str = "cpu",
              overrides: Sequence[str] = (), tokenizer=None) -> Pipeline:
-    """`model` is a short name, a local directory or an in-memory transformers (or fastgen) model."""
+    """`model` is a short name, a local directory or an in-memory transformers (or fastgen) model;
+    `overrides=["deployment=disaggregated"]` runs prompts and decodes on separate engines (fastgen.deployment)."""
     groups = [f"scheduler={scheduler}", f"kv={kv}", f"hardware={hardware}"]
     if isinstance(model, (str, Path)):
         groups.append(f"model.source={model}")
         model = None
     cfg = compose_config(groups + list(overrides))
-    return Pipeline(build_engine(cfg, model, tokenizer))
+    return Pipeline(build_deployment(cfg, cfg.deployment, cfg.router, model, tokenizer))

@@ -55,6 +55,10 @@ class RequestTrace:
     tenant: str = DEFAULT_TENANT
     priority: int = 0                        # lower is more urgent (vLLM's convention)
     slo: SLO | None = None
+    # disaggregated prefill and decode (fastgen.disaggregated): the request's KV moved between engines
+    kv_transfer_bytes: int | None = None     # its KV contents
+    kv_transfer_s: float | None = None       # the move (the link's time, simulated; the copy's, real)
+    decode_wait_s: float | None = None       # landed at the decode engine until it had room to take it in
 
     @property
     def output_tokens(self) -> int:

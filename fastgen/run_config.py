@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from fastgen.compose import EngineConfig
+from fastgen.deployment import DeploymentConfig
 from fastgen.metrics import SLAConfig, g_suffix
 from fastgen.routers import ROUTERS, RouterConfig
 from fastgen.workloads import WorkloadConfig
@@ -43,6 +44,7 @@ class RunConfig(EngineConfig):
     target: TargetConfig = field(default_factory=TargetConfig)
     replicas: int = 1                    # engine replicas behind `router` (executor=simulated; fastgen.driver.cluster)
     router: RouterConfig = field(default_factory=lambda: ROUTERS.config("round_robin"))
+    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)   # colocated | disaggregated pools
     progress: bool = True
     repeats: int = 1                     # runs per job, workload seeds seed..seed+repeats-1; metrics are their means
     timer: str = "wall"                  # wall | cpu: this process's CPU seconds (single-threaded runs, see README)
@@ -64,6 +66,11 @@ class RunConfig(EngineConfig):
             raise ValueError(f"replicas={self.replicas} runs simulated replicas on virtual clocks: it needs "
                              "executor=simulated and target=engine")
         self.router.validate()
+        self.deployment.validate()
+        if self.deployment.disaggregated and (self.replicas > 1 or self.target.name != "engine"):
+            raise ValueError("deployment=disaggregated sizes its pools with deployment.prefill_replicas and "
+                             "deployment.decode_replicas (leave replicas=1) and runs the in-process engines "
+                             "(target=engine)")
         if self.target.name == "http" and not self.target.url:
             raise ValueError("target=http needs target.url, e.g. target.url=http://127.0.0.1:8000")
         if self.target.url and not self.target.url.startswith(("http://", "https://")):

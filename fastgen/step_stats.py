@@ -41,6 +41,7 @@ class StepStats:
     num_proposed_tokens: int = 0
     num_accepted_tokens: int = 0
     draft_s: float = 0.0
+    pool: str | None = None      # the engine's pool in a disaggregated deployment: prefill | decode
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,14 @@ FASTGEN = Path(__file__).resolve().parent.parent / "fastgen"
 UPPER = ("fastgen.engine", "fastgen.compose", "fastgen.conf", "fastgen.cli", "fastgen.plugins", "fastgen.bench",
          "fastgen.capacity", "fastgen.serve", "fastgen.driver", "fastgen.calibration", "fastgen.pipeline",
          "fastgen.run_config", "fastgen.analysis", "fastgen.peers", "fastgen.result_cache", "fastgen.tracking",
-         "fastgen.wandb_offline", "fastgen.ablate", "fastgen.class_figures")
+         "fastgen.wandb_offline", "fastgen.ablate", "fastgen.class_figures", "fastgen.deployment",
+         "fastgen.disaggregated")
 # The engine's parts and what they stand on: they never import a floor above them.
-LOWER = ("fastgen.kernels", "fastgen.models", "fastgen.sim", "fastgen.kv", "fastgen.schedulers", "fastgen.executors", "fastgen.speculative",
-         "fastgen.routers", "fastgen.workloads", "fastgen.config", "fastgen.request", "fastgen.ragged",
-         "fastgen.model_spec", "fastgen.registry", "fastgen.sampling", "fastgen.detokenizer", "fastgen.metrics",
+LOWER = ("fastgen.kernels", "fastgen.models", "fastgen.sim", "fastgen.kv", "fastgen.schedulers", "fastgen.executors",
+         "fastgen.speculative", "fastgen.routers", "fastgen.workloads", "fastgen.config", "fastgen.request",
+         "fastgen.ragged", "fastgen.model_spec", "fastgen.registry", "fastgen.sampling", "fastgen.detokenizer", "fastgen.metrics",
          "fastgen.qoe", "fastgen.roofline", "fastgen.step_stats", "fastgen.request_trace", "fastgen.distributed",
-         "fastgen.structured")
+         "fastgen.structured", "fastgen.handoff")
 
 
 def modules(package_dir: Path) -> dict[str, Path]:

@@ -17,7 +17,10 @@ fitted, from the rows it sees:
 - norms, rotary, activation and residual adds, the per-layer overhead: `layer_overhead_s` (their launches) plus
   their bytes at `elementwise_efficiency` x memory bandwidth;
 - all-reduce: `allreduce_latency_s` + 2 (n-1)/n x bytes / `allreduce_bandwidth_gbs`, over the in-node rows of
-  2, 4 and 8 GPUs.
+  2, 4 and 8 GPUs;
+- send/recv between two GPUs of a node (moving KV between disaggregated prefill and decode engines):
+  `kv_link_latency_s` + bytes / `kv_link_bandwidth_gbs` (fastgen.kv.connector.Link). Vidur's rows between two
+  nodes are kept too (`internode_errors` sets them against a datasheet link).
 
 Attention kernels are not in these measurements: the attention efficiencies and the per-chunk, per-step and
 per-sequence overheads keep their typical (uncalibrated) values; `meta["modelled"]` lists them.
@@ -37,15 +40,17 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import least_squares
 
+from fastgen.kv.connector import Link
 from fastgen.sim.cost_model import PROFILES_DIR, CostModel, Profile
 from fastgen.sim.work import Gemm
 from fastgen.sim.shapes import model_spec
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "vidur"
 OPERATORS_PATH, ALLREDUCE_PATH = DATA_DIR / "operators.csv.gz", DATA_DIR / "all_reduce.csv.gz"
+SEND_RECV_PATH = DATA_DIR / "send_recv.csv.gz"
 SOURCE = ("Vidur (github.com/microsoft/vidur, commit 7d47513363ec, MIT licence): "
           "data/profiling/compute/{gpu}/meta-llama/Llama-2-{{7b,70b}}-hf/mlp.csv and "
-          "data/profiling/network/{gpu}_dgx/all_reduce.csv, thinned into fastgen/calibration/data/vidur/")
+          "data/profiling/network/{gpu}_dgx/{{all_reduce,send_recv}}.csv, thinned into fastgen/calibration/data/vidur/")
 GPUS = {"a100-80gb": "a100", "h100-80gb": "h100"}          # fastgen hardware / profile name -> Vidur's name
 MODELS = {"llama-2-7b": "Llama-2-7b-hf", "llama-2-70b": "Llama-2-70b-hf"}
 GEMM_OPS = {"attn_pre_proj": "qkv", "attn_post_proj": "o", "mlp_up_proj": "gate_up", "mlp_down_proj": "down"}
@@ -83,6 +88,14 @@ class AllReduceRow:
     ms: float
 
 
+@dataclass(frozen=True)
+class SendRecvRow:
+    gpu: str
+    same_node: bool        # both GPUs in one node (NVLink), else one in each of two nodes
+    nbytes: int
+    ms: float
+
+
 def _read_csv(path: Path) -> list[dict]:
     with gzip.open(path, "rt", newline="") as f:
         return list(csv.DictReader(f))
@@ -107,6 +120,12 @@ def load_operators(path: Path = OPERATORS_PATH) -> tuple[OperatorRow, ...]:
 @functools.lru_cache(maxsize=None)
 def load_allreduce(path: Path = ALLREDUCE_PATH) -> tuple[AllReduceRow, ...]:
     return tuple(AllReduceRow(r["gpu"], int(r["num_workers"]), int(r["size_bytes"]), float(r["ms"]))
+                 for r in _read_csv(path))
+
+
+@functools.lru_cache(maxsize=None)
+def load_send_recv(path: Path = SEND_RECV_PATH) -> tuple[SendRecvRow, ...]:
+    return tuple(SendRecvRow(r["gpu"], r["same_node"] == "1", int(r["size_bytes"]), float(r["ms"]))
                  for r in _read_csv(path))
 
 
@@ -139,6 +158,25 @@ def operator_series(gpu: str, models: tuple[str, ...] = tuple(MODELS)) -> list[t
 
 def allreduce_series(gpu: str) -> list[tuple[list[AllReduceRow], np.ndarray]]:
     return split_series([r for r in load_allreduce() if r.gpu == gpu], lambda r: r.workers, lambda r: r.nbytes)
+
+
+def send_recv_series(gpu: str, same_node: bool = True) -> list[tuple[list[SendRecvRow], np.ndarray]]:
+    return split_series([r for r in load_send_recv() if r.gpu == gpu and r.same_node == same_node],
+                        lambda r: r.same_node, lambda r: r.nbytes)
+
+
+def link_of(profile: Profile) -> Link:
+    return Link(profile.kv_link_latency_s, profile.kv_link_bandwidth_gbs)
+
+
+def internode_errors(gpu: str, link: Link) -> dict:
+    """A datasheet link between nodes (hardware.sim.internode_*) against Vidur's send/recv rows between two
+    nodes: its relative errors (the datasheet is not fitted, so every row counts)."""
+    rows = [r for r in load_send_recv() if r.gpu == gpu and not r.same_node]
+    errors = [abs(link.seconds(r.nbytes) / (r.ms * 1e-3) - 1) for r in rows]
+    measured_gbs = [r.nbytes / (r.ms * 1e-3) / 1e9 for r in rows if r.nbytes >= 2**24]
+    return {"rows": len(rows), "median": round(float(np.median(errors)), 4), "max": round(float(np.max(errors)), 4),
+            "measured_gbs_at_16mb_plus": round(float(np.median(measured_gbs)), 2)}
 
 
 # -- cost models of the measured deployments ---------------------------------------------------------------------
@@ -186,7 +224,8 @@ def _least_squares_log(predict, rows: list, start: Profile, bounds: dict[str, tu
 
 def fit(gpu: str, models: tuple[str, ...] = tuple(MODELS)) -> Profile:
     """The profile of `gpu` from the shipped rows of `models` that are not held out."""
-    profile = Profile(elementwise_efficiency=0.5, allreduce_latency_s=20e-6, allreduce_bandwidth_gbs=100.0)
+    profile = Profile(elementwise_efficiency=0.5, allreduce_latency_s=20e-6, allreduce_bandwidth_gbs=100.0,
+                      kv_link_latency_s=10e-6, kv_link_bandwidth_gbs=100.0)
     # the rows the fit sees, by cost model: (cost model, gemm or None for the elementwise kernels, tokens, seconds)
     gemm_rows, elementwise_rows = [], []
     for series, test in operator_series(gpu, models):
@@ -228,14 +267,24 @@ def fit(gpu: str, models: tuple[str, ...] = tuple(MODELS)) -> Profile:
 
     fitted |= _least_squares_log(allreduce_predict, allreduce_rows, profile, {
         "allreduce_latency_s": (1e-7, 1e-2), "allreduce_bandwidth_gbs": (1.0, 1e4)})
+    send_recv_rows = [(None, None, np.array([r.nbytes for r, t in zip(series, test) if not t], dtype=np.float64),
+                       np.array([r.ms * 1e-3 for r, t in zip(series, test) if not t]))
+                      for series, test in send_recv_series(gpu)]
+
+    def send_recv_predict(p: Profile) -> np.ndarray:
+        return np.concatenate([link_of(p).seconds(nbytes) for _, _, nbytes, _ in send_recv_rows])
+
+    fitted |= _least_squares_log(send_recv_predict, send_recv_rows, profile, {
+        "kv_link_latency_s": (1e-7, 1e-2), "kv_link_bandwidth_gbs": (1.0, 1e4)})
     profile = dataclasses.replace(profile, **{k: float(f"{v:.6g}") for k, v in fitted.items()})
     profile.meta = {
         "source": SOURCE.format(gpu=GPUS[gpu]), "device": gpu, "dtype": "float16",
         "command": f"python -m fastgen.calibration.measured {gpu}",
-        "held_out": "every second token count of each (model, TP) series and every second all-reduce size "
-                    "(never the first or last): the fit did not see them; evaluate() predicts them",
+        "held_out": "every second token count of each (model, TP) series and every second all-reduce and "
+                    "send/recv size (never the first or last): the fit did not see them; evaluate() predicts them",
         "measured": ["gemm_times", "matmul_efficiency", "matmul_half_tokens", "bandwidth_efficiency",
-                     "layer_overhead_s", "elementwise_efficiency", "allreduce_latency_s", "allreduce_bandwidth_gbs"],
+                     "layer_overhead_s", "elementwise_efficiency", "allreduce_latency_s", "allreduce_bandwidth_gbs",
+                     "kv_link_latency_s", "kv_link_bandwidth_gbs"],
         "modelled": MODELLED,
         "held_out_error": summary(evaluate(profile, gpu, models=models)),
     }
@@ -248,7 +297,8 @@ class Prediction:
     """One held-out measurement and the cost model's prediction of it, in seconds."""
 
     gpu: str
-    part: str              # a GEMM op (attn_pre_proj, ...), "linear" (their sum), "elementwise", "all_reduce"
+    part: str              # a GEMM op (attn_pre_proj, ...), "linear" (their sum), "elementwise", "all_reduce",
+    #                        "send_recv" (two GPUs of a node)
     model: str | None      # None for all-reduce rows
     tensor_parallel: int   # all-reduce: the number of workers
     x: int                 # tokens, or all-reduce bytes
@@ -284,6 +334,9 @@ def evaluate(profile: Profile, gpu: str, fallback_only: bool = False,
     for series, test in allreduce_series(gpu):
         cost = cost_model(gpu, "llama-2-7b", series[0].workers, profile)
         out += [Prediction(gpu, "all_reduce", None, r.workers, r.nbytes, r.ms * 1e-3, cost.allreduce_seconds(r.nbytes))
+                for r, t in zip(series, test) if t]
+    for series, test in send_recv_series(gpu):
+        out += [Prediction(gpu, "send_recv", None, 2, r.nbytes, r.ms * 1e-3, link_of(profile).seconds(r.nbytes))
                 for r, t in zip(series, test) if t]
     return out
 
@@ -338,6 +391,16 @@ def extract(vidur_data: Path, out_dir: Path = DATA_DIR) -> None:
         allreduce_rows += [[gpu, n, size, f"{np.mean(ms):.6g}"] for (n, size), ms in sorted(groups.items())]
     _write_csv_gz(out_dir / ALLREDUCE_PATH.name, ["gpu", "num_workers", "size_bytes", "ms"], allreduce_rows)
 
+    send_recv_rows = []
+    for gpu, vidur_gpu in GPUS.items():
+        with open(vidur_data / "profiling" / "network" / f"{vidur_gpu}_dgx" / "send_recv.csv", newline="") as f:
+            groups = {}
+            for r in csv.DictReader(f):
+                groups.setdefault((int(r["devices_per_node"] == "2"), int(r["size"])), []).append(
+                    float(r["time_stats.send_recv.median"]))
+        send_recv_rows += [[gpu, same, size, f"{np.mean(ms):.6g}"] for (same, size), ms in sorted(groups.items())]
+    _write_csv_gz(out_dir / SEND_RECV_PATH.name, ["gpu", "same_node", "size_bytes", "ms"], send_recv_rows)
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -352,7 +415,8 @@ def main(argv: list[str] | None = None) -> None:
         extract(args.extract)
         load_operators.cache_clear()
         load_allreduce.cache_clear()
-        print(f"wrote {OPERATORS_PATH} and {ALLREDUCE_PATH}")
+        load_send_recv.cache_clear()
+        print(f"wrote {OPERATORS_PATH}, {ALLREDUCE_PATH} and {SEND_RECV_PATH}")
     for gpu in args.gpus:
         profile = fit(gpu)
         path = profile.save(PROFILES_DIR / f"{gpu}.json")

@@ -47,6 +47,20 @@ class Executor(ABC):
         each chunk's tokens, their KV written into its blocks. Only an executor with num_host_kv_blocks > 0 is
         given swaps."""
 
+    def kv_block_bytes(self) -> int:
+        """The bytes of one KV block's contents over every device of this executor (what moving it costs)."""
+        raise NotImplementedError(f"executor {self.name!r} cannot move KV between engines (disaggregated "
+                                  "prefill/decode runs on executor=real or executor=simulated)")
+
+    def read_kv(self, blocks: Sequence[int]) -> torch.Tensor | None:
+        """A copy of these blocks' keys and values in every layer, to move to another engine (None: a simulated
+        executor, which holds no contents)."""
+        raise NotImplementedError(self.kv_block_bytes.__doc__)
+
+    def write_kv(self, blocks: Sequence[int], contents: torch.Tensor | None) -> None:
+        """Writes contents read from another engine's blocks (read_kv) into these blocks, in order."""
+        raise NotImplementedError(self.kv_block_bytes.__doc__)
+
     def close(self) -> None:
         """Releases what the executor holds beyond memory (worker processes, devices)."""
 

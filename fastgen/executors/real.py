@@ -66,6 +66,15 @@ class RealExecutor(Executor):
     def forward(self, batch: RaggedBatch) -> torch.Tensor:
         return self.model(batch, self.cache)
 
+    def kv_block_bytes(self) -> int:
+        return self.cache.block_bytes
+
+    def read_kv(self, blocks: Sequence[int]) -> torch.Tensor:
+        return self.cache.read_blocks(blocks)
+
+    def write_kv(self, blocks: Sequence[int], contents: torch.Tensor | None) -> None:
+        self.cache.write_blocks(blocks, contents)
+
     def execute(self, chunks: Sequence[SeqChunk], copies: Sequence[BlockCopy] = (),
                 swap_out: Sequence[BlockSwap] = (), swap_in: Sequence[BlockSwap] = ()) -> StepResult:
         start = self.clock()

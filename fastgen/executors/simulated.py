@@ -92,6 +92,16 @@ class SimulatedExecutor(Executor):
         self.grammar_mask_s = cfg.executor.grammar_mask_s
         self._logits = torch.zeros(0, 1)
 
+    def kv_block_bytes(self) -> int:
+        tp = self.cost.tp
+        return tp * self.block_size * self.spec.kv_bytes_per_token(self.cost.dtype_bytes, tp)
+
+    def read_kv(self, blocks: Sequence[int]) -> None:
+        return None
+
+    def write_kv(self, blocks: Sequence[int], contents: torch.Tensor | None) -> None:
+        """Nothing to write: the transfer's time is the connector's to charge."""
+
     def execute(self, chunks: Sequence[SeqChunk], copies: Sequence[BlockCopy] = (),
                 swap_out: Sequence[BlockSwap] = (), swap_in: Sequence[BlockSwap] = ()) -> StepResult:
         """Advances the clock by the step's predicted time; placeholder logits [rows, 1] (no distribution: a

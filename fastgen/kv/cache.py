@@ -36,6 +36,27 @@ class KVCache:
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i].permute(1, 2, 0, 3), self.v[i].permute(1, 2, 0, 3)
 
+    @property
+    def block_bytes(self) -> int:
+        """Keys and values of one block in every layer."""
+        return 2 * self.k[:, :, 0].numel() * self.k.element_size()
+
+    def read_blocks(self, blocks: Sequence[int]) -> torch.Tensor:
+        """A copy of these blocks' keys and values, [2, layers, kv heads, blocks, block_size, head_dim] (moving a
+        request's KV to another engine's cache: write_blocks there)."""
+        index = torch.tensor(list(blocks), dtype=torch.int64, device=self.k.device)
+        return torch.stack([self.k[:, :, index], self.v[:, :, index]])
+
+    def write_blocks(self, blocks: Sequence[int], contents: torch.Tensor) -> None:
+        expected = (2, *self.k.shape[:2], len(blocks), *self.k.shape[3:])
+        if tuple(contents.shape) != expected:
+            raise ValueError(f"KV contents of shape {tuple(contents.shape)} do not fit {len(blocks)} blocks of this "
+                             f"cache {expected}: the engines must run the same model with the same kv.block_size")
+        index = torch.tensor(list(blocks), dtype=torch.int64, device=self.k.device)
+        contents = contents.to(self.k.device, self.k.dtype)
+        self.k[:, :, index] = contents[0]
+        self.v[:, :, index] = contents[1]
+
     def copy_blocks(self, copies: Sequence[tuple[int, int]]) -> None:
         """Copies each (src, dst) block's keys and values in every layer (copy-on-write of a shared block)."""
         src, dst = (torch.tensor(ids, dtype=torch.int64, device=self.k.device) for ids in zip(*copies))

@@ -203,6 +203,32 @@ class Scheduler:
         self.kv.free(req)
         req.status = RequestStatus.FINISHED
 
+    # -- disaggregated prefill and decode: a request leaves one engine with its KV and resumes on another ----------
+    def detach(self, req: Request) -> list[int]:
+        """The request leaves this scheduler (it is no longer scheduled) but keeps its KV blocks, which are returned,
+        until release(): the blocks whose contents move to another engine."""
+        self.running.remove(req)
+        req.status = RequestStatus.FINISHED
+        return list(self.kv.block_table(req))
+
+    def release(self, req: Request) -> None:
+        """Frees the KV a detached request kept (once its contents have moved, or it was aborted)."""
+        self.kv.free(req)
+
+    def attach_computed(self, req: Request) -> list[int] | None:
+        """Takes in a request whose first req.num_computed_tokens tokens were computed elsewhere: blocks for them
+        (their contents are written by the executor), and the request runs, decoding, from the next step; None
+        (nothing taken) while the pool has no room for them and one more token."""
+        computed, req.num_computed_tokens = req.num_computed_tokens, 0
+        if not (self.kv.can_allocate(req, computed + 1) and self.kv.try_allocate(req, computed)):
+            req.num_computed_tokens = computed
+            return None
+        req.num_computed_tokens = computed
+        self.kv.computed(req)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        return list(self.kv.block_table(req))
+
     def drop(self, req: Request, reason: str, out: SchedulerOutput) -> None:
         """The policy ends a request itself (e.g. one that can no longer meet its deadline): it leaves and frees its
         KV now, and the engine ends it with finish_reason `reason` when it reads the plan."""

@@ -54,6 +54,8 @@ class Profile:
     #                                                 layer_overhead_s (their launches); None: inside layer_overhead_s
     allreduce_latency_s: Optional[float] = None     # measured all-reduce: fixed cost and bus bandwidth, replacing
     allreduce_bandwidth_gbs: Optional[float] = None  # hardware.sim.link_latency_us / link_bandwidth_gbs
+    kv_link_latency_s: Optional[float] = None       # measured send/recv between two devices of a node (moving
+    kv_link_bandwidth_gbs: Optional[float] = None   # KV between engines): latency + bytes / bandwidth
     # {"<outputs>x<inputs>": {"tokens": [...], "seconds": [...]}}: one device's GEMM of that shape (see Gemm),
     # interpolated log-log between token counts and linear in tokens past the last one (compute-bound there).
     gemm_times: dict = field(default_factory=dict)
@@ -100,7 +102,8 @@ class Profile:
 
 
 NOT_FITTED_FROM_STEPS = ("meta", "token_correction", "elementwise_efficiency", "allreduce_latency_s",
-                         "allreduce_bandwidth_gbs", "gemm_times", "launch_s_per_layer")
+                         "allreduce_bandwidth_gbs", "gemm_times", "launch_s_per_layer", "kv_link_latency_s",
+                         "kv_link_bandwidth_gbs")
 
 
 class CostModel(WorkModel):
