@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from omegaconf import OmegaConf
 
-from fastgen.conf import CONF_DIR, register_all
+from fastgen.conf import CONF_DIR, quote_null_choices, register_all
 from fastgen.plugins import PluginError, import_plugins
 
 
@@ -26,7 +26,7 @@ def run_hydra(main: Callable[[], None], config_name: str = "config") -> None:
         overrides.append(f"hydra.searchpath=[file://{local}]")     # a user's own conf/ beside fastgen's
     # Hydra's parser takes the overrides as one run of positional arguments (`a=1 --cfg job b=2` is refused): the
     # flags first, then every override, in the order given, whatever order they were typed in
-    sys.argv = [sys.argv[0], *(a for a in sys.argv[1:] if a not in overrides), *overrides]
+    sys.argv = [sys.argv[0], *(a for a in sys.argv[1:] if a not in overrides), *quote_null_choices(overrides)]
     os.environ["HYDRA_FULL_ERROR"] = "1"     # errors reach us (below) instead of Hydra's printer
     try:
         import_plugins(overrides, [CONF_DIR], _defaults(config_name))

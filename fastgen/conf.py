@@ -51,6 +51,16 @@ def register_all() -> None:
     store.store(group="sla", name="paper", node=SLAConfig(), package="sla")
 
 
+def quote_null_choices(overrides: Sequence[str]) -> list[str]:
+    """`group=null` picks conf/<group>/null.yaml where there is one (`executor=null`): Hydra reads a bare `null` as
+    no value, which is an error for a config group, so the choice is quoted for it."""
+    out = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        out.append(f"{key}='null'" if value == "null" and (CONF_DIR / key.lstrip("+") / "null.yaml").is_file() else o)
+    return out
+
+
 def compose_config(overrides: Sequence[str] = (), config_name: str = "config"):
     """The run.py config (or another top-level config of conf/) with Hydra overrides applied, as a typed object:
     a RunConfig for run.py's."""
@@ -63,7 +73,7 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "config"):
     register_all()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name, overrides=list(overrides))
+        cfg = compose(config_name, overrides=quote_null_choices(overrides))
     return OmegaConf.to_object(cfg)
 
 

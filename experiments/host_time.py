@@ -1,0 +1,140 @@
+"""The engine's host time per step: its own CPU work (schedule, plan, commit, sample, detokenize, stop strings,
+stats) with no model behind it (executor=null: fixed logits of the model's vocabulary at no cost), at 16, 256 and
+1,024 running sequences, for every scheduler, prefix caching off and on.
+
+    python experiments/host_time.py                          # -> experiments/results/host_time/results.{md,json}
+    python experiments/host_time.py --sizes 256 --schedulers splitfuse --steps 50 --out /tmp/ht
+
+Each point keeps N sequences running: N requests of `--prompt` tokens (the first half a prefix they all share, so
+prefix caching has something to find), `--output` new tokens each with EOS ignored, detokenized, one stop string
+each (as a server's requests are); every policy is allowed N sequences per step (max_seqs, token_budget,
+batch_size raised to N where lower). Once every request is decoding, `--steps` steps are timed: the median step,
+per sequence, and its split (schedule: the scheduler's plan; commit: sampling from the logits, detokenization, stop
+checks, the scheduler's update and stats). The sampler's argmax over N x vocab logits is included: on a CPU it is
+the engine's work (on a GPU it would be the device's).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))          # run from a checkout without installing fastgen
+
+from fastgen.analysis import markdown_table  # noqa: E402
+from fastgen.compose import build_engine  # noqa: E402
+from fastgen.conf import compose_config  # noqa: E402
+from fastgen.machine import Machine, machine_line, machine_record, uptime  # noqa: E402
+from fastgen.models import load_config  # noqa: E402
+from fastgen.sampling import SamplingParams  # noqa: E402
+from fastgen.schedulers import SCHEDULERS  # noqa: E402
+
+OUT = ROOT / "experiments" / "results" / "host_time"
+
+
+def policy_overrides(scheduler: str, n: int) -> list[str]:
+    """N sequences per step for any policy: its per-step caps raised to N where they are lower."""
+    defaults = compose_config([f"scheduler={scheduler}"]).scheduler
+    out = [f"scheduler={scheduler}"]
+    for knob in ("max_seqs", "token_budget", "batch_size"):
+        value = getattr(defaults, knob, None)
+        if hasattr(defaults, knob) and value is not None and value < n:
+            out.append(f"scheduler.{knob}={n}")
+    return out
+
+
+def measure(scheduler: str, prefix_caching: bool, n: int, args, config, tokenizer) -> dict:
+    blocks_per_seq = -(-(args.prompt + args.output) // args.block_size) + 1
+    cfg = compose_config(["executor=null", "progress=false", f"kv.prefix_caching={prefix_caching}",
+                          f"kv.block_size={args.block_size}", f"kv.num_blocks={n * blocks_per_seq}",
+                          *policy_overrides(scheduler, n)])
+    engine = build_engine(cfg, config, tokenizer)
+    steps = []
+    engine.add_step_observer(steps.append)
+    rng = random.Random(0)
+    shared = [rng.randrange(1000, 40000) for _ in range(args.prompt // 2)]
+    for _ in range(n):
+        prompt = shared + [rng.randrange(1000, 40000) for _ in range(args.prompt - len(shared))]
+        engine.add_request(prompt, SamplingParams(max_new_tokens=args.output, ignore_eos=True, stop=["<|stop|>"]))
+    while not steps or steps[-1].num_seqs < n or steps[-1].num_prefill_tokens:       # until all N decode
+        engine.step()
+        if len(steps) > 20 * n:
+            raise RuntimeError(f"{scheduler}: never reached {n} decoding sequences (last step: {steps[-1]})")
+    walls = []
+    first = len(steps)
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        engine.step()
+        walls.append(time.perf_counter() - start)
+    timed = steps[first:]
+    if any(s.num_seqs != n for s in timed):
+        raise RuntimeError(f"{scheduler}: a timed step ran {min(s.num_seqs for s in timed)} sequences, not {n}")
+    step_s = statistics.median(walls)
+    return {"scheduler": scheduler, "prefix_caching": prefix_caching, "sequences": n, "steps": len(walls),
+            "step_ms": step_s * 1e3, "per_seq_us": step_s / n * 1e6,
+            "schedule_ms": statistics.median(s.schedule_s for s in timed) * 1e3,
+            "commit_ms": statistics.median(s.sample_s for s in timed) * 1e3}
+
+
+def markdown(rows: list[dict], sizes: list[int], header: str) -> str:
+    table = []
+    for (scheduler, caching) in dict.fromkeys((r["scheduler"], r["prefix_caching"]) for r in rows):
+        cells = [scheduler, "on" if caching else "off"]
+        for n in sizes:
+            r = next((r for r in rows if (r["scheduler"], r["prefix_caching"], r["sequences"]) ==
+                      (scheduler, caching, n)), None)
+            cells += ["-"] * 4 if r is None else [f"{r['step_ms']:.2f}", f"{r['per_seq_us']:.1f}",
+                                                  f"{r['schedule_ms']:.2f}", f"{r['commit_ms']:.2f}"]
+        table.append(cells)
+    columns = ["scheduler", "prefix caching"]
+    for n in sizes:
+        columns += [f"{n}: ms/step", "us/seq", "schedule ms", "commit ms"]
+    return f"{header}\n\n{markdown_table(columns, table)}\n"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[16, 256, 1024])
+    parser.add_argument("--schedulers", nargs="+", default=SCHEDULERS.names())
+    parser.add_argument("--prefix-caching", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per point")
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--output", type=int, default=2048)
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    machine = Machine.at_start()
+    load = uptime()
+    config, tokenizer = load_config(args.model)
+    rows = []
+    for scheduler in args.schedulers:
+        for caching in args.prefix_caching:
+            for n in args.sizes:
+                rows.append(measure(scheduler, caching == "on", n, args, config, tokenizer))
+                r = rows[-1]
+                print(f"{scheduler} prefix_caching={caching} N={n}: {r['step_ms']:.2f} ms/step, "
+                      f"{r['per_seq_us']:.1f} us/seq (schedule {r['schedule_ms']:.2f}, commit {r['commit_ms']:.2f})",
+                      flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = machine_record(machine)
+    header = (f"# Engine host time per step (executor=null, {args.model}: {config.vocab_size}-token logits)\n\n"
+              f"{machine_line(record)}\n\n`uptime` before: {load}; after: {uptime()}.\n\n"
+              f"Command: `python experiments/host_time.py {' '.join(argv if argv is not None else sys.argv[1:])}`. "
+              f"Prompts of {args.prompt} tokens (half shared), outputs of {args.output} (EOS ignored), "
+              f"detokenized with one stop string; median of {args.steps} steps with every sequence decoding.")
+    (args.out / "results.json").write_text(json.dumps({"rows": rows, "machine": record, "args": {
+        k: str(v) for k, v in vars(args).items()}}, indent=2))
+    md = markdown(rows, args.sizes, header)
+    (args.out / "results.md").write_text(md)
+    print(md)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
