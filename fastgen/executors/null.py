@@ -18,7 +18,7 @@ import torch
 from fastgen.config import EngineSettings, ExecutorConfig
 from fastgen.executors.base import Executor, StepResult, register_executor
 from fastgen.models import load_config, resolve_dtype
-from fastgen.ragged import BlockCopy, SeqChunk
+from fastgen.ragged import BlockCopy, BlockSwap, SeqChunk
 from fastgen.sim.shapes import model_spec
 
 
@@ -60,5 +60,6 @@ class NullExecutor(Executor):
             self._logits = logits
         return self._logits[:rows]
 
-    def execute(self, chunks: Sequence[SeqChunk], copies: Sequence[BlockCopy] = ()) -> StepResult:
+    def execute(self, chunks: Sequence[SeqChunk], copies: Sequence[BlockCopy] = (),
+                swap_out: Sequence[BlockSwap] = (), swap_in: Sequence[BlockSwap] = ()) -> StepResult:
         return StepResult(self._fixed_logits(sum(c.num_logits for c in chunks)), 0.0, 0.0)
