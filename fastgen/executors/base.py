@@ -49,17 +49,20 @@ class Executor(ABC):
 
     def kv_block_bytes(self) -> int:
         """The bytes of one KV block's contents over every device of this executor (what moving it costs)."""
-        raise NotImplementedError(f"executor {self.name!r} cannot move KV between engines (disaggregated "
-                                  "prefill/decode runs on executor=real or executor=simulated)")
+        raise self._cannot_move()
 
     def read_kv(self, blocks: Sequence[int]) -> torch.Tensor | None:
         """A copy of these blocks' keys and values in every layer, to move to another engine (None: a simulated
         executor, which holds no contents)."""
-        return self.kv_block_bytes()     # refused with the reason
+        raise self._cannot_move()
 
     def write_kv(self, blocks: Sequence[int], contents: torch.Tensor | None) -> None:
         """Writes contents read from another engine's blocks (read_kv) into these blocks, in order."""
-        return self.kv_block_bytes()     # refused with the reason
+        raise self._cannot_move()
+
+    def _cannot_move(self) -> NotImplementedError:
+        return NotImplementedError(f"executor {self.name!r} cannot move KV between engines (disaggregated "
+                                   "prefill/decode runs on executor=real or executor=simulated)")
 
     def close(self) -> None:
         """Releases what the executor holds beyond memory (worker processes, devices)."""
