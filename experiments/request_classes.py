@@ -9,6 +9,14 @@ workload.time_scale). A tight-pool case (kv.num_blocks=120) forces preemption, b
 memory (kv.swap_space_gb=8, charged over hardware.sim.host_link_bandwidth_gbs). Writes results.md, results.json,
 request_classes.png and, for two-tenant under FCFS and VTC, each tenant's cumulative service (tenant_service_*.png).
 The runs themselves go to --runs (a temporary folder by default).
+
+The real CPU run through the server (SmolLM2-135M; minutes): start the server with each policy, drive it with
+run.py, then tabulate the two runs' per-class TTFT (their requests.jsonl) into cpu_server.md:
+
+    python -m fastgen.serve scheduler=priority scheduler.token_budget=128 port=8031       # then splitfuse
+    python run.py target=http target.url=http://127.0.0.1:8031 workload=priority-mix workload.num_requests=40 \
+        workload.rate=1.0 hydra.run.dir=<runs>/priority                                   # then <runs>/fcfs
+    python experiments/request_classes.py --cpu-runs fcfs=<runs>/fcfs priority=<runs>/priority
 """
 from __future__ import annotations
 
@@ -104,13 +112,36 @@ def figure(rows: list[dict], out: Path) -> Path:
     return path
 
 
+def cpu_table(runs: dict[str, Path], thresholds=(0.5, 1.0, 1.5)) -> str:
+    """Per policy and class: TTFT median and max, and the share of requests within each TTFT threshold (s)."""
+    cells = []
+    for policy, run in runs.items():
+        traces = [json.loads(line) for line in (run / "requests.jsonl").read_text().splitlines()]
+        for c in sorted({t["request_class"] for t in traces}, reverse=True):
+            ttft = sorted(t["token_times"][0] - t["arrival_time"] for t in traces if t["request_class"] == c)
+            cells.append([policy, c, len(ttft), fmt(ttft[len(ttft) // 2]), fmt(ttft[-1]),
+                          *(f"{sum(x <= s for x in ttft) / len(ttft):.0%}" for s in thresholds)])
+    return markdown_table(["policy", "class", "requests", "TTFT P50 s", "TTFT max s",
+                           *(f"TTFT <= {s:g} s" for s in thresholds)], cells)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "request_classes")
     parser.add_argument("--runs", type=Path, default=None, help="where the runs go (default: a temporary folder)")
     parser.add_argument("--reuse", action="store_true", help="keep runs already in --runs")
+    parser.add_argument("--cpu-runs", nargs="+", metavar="POLICY=DIR",
+                        help="only tabulate the real CPU runs through the server (see above) into cpu_server.md")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.cpu_runs:
+        runs = {k: Path(v) for k, v in (x.split("=", 1) for x in args.cpu_runs)}
+        text = (f"# priority-mix through the server on this CPU: per-class TTFT\n\nCommands: see "
+                f"experiments/request_classes.py's docstring. Wall-clock times on a shared, loaded machine; uptime "
+                f"when tabulated: `{uptime()}`\n\n{cpu_table(runs)}\n")
+        (args.out / "cpu_server.md").write_text(text)
+        print(text)
+        return []
     runs = args.runs or Path(tempfile.mkdtemp(prefix="request_classes-"))
     before, rows = uptime(), []
     for case, overrides in CASES.items():
@@ -130,8 +161,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     text = (f"# Request classes: class-aware policies vs FCFS SplitFuse, simulated\n\n"
             f"Command: `python experiments/request_classes.py` (the runs: `{' '.join(SIM)}` plus each case's "
             f"overrides and `scheduler=<policy>`; simulated, so the numbers do not depend on this machine's load).\n\n"
-            f"{cases}\n\n{table(rows, base)}\n\nVTC's bound (2 x max(w_input x longest prompt, w_output x the KV pool's "
-            f"tokens)) against the measured largest service difference between two backlogged tenants:\n\n{bounds}\n\n"
+            f"{cases}\n\n{table(rows, base)}\n\nVTC's bound (2 x max(w_input x longest prompt, w_output x the KV "
+            f"pool's tokens)) against the measured largest service difference between two backlogged tenants:\n\n{bounds}\n\n"
             f"uptime before: `{before}`  \nuptime after: `{uptime()}`\n")
     (args.out / "results.md").write_text(text)
     print(text)
