@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"Command: `python experiments/request_classes.py` (the runs: `{' '.join(SIM)}` plus each case's "
             f"overrides and `scheduler=<policy>`; simulated, so the numbers do not depend on this machine's load).\n\n"
             f"{cases}\n\n{table(rows, base)}\n\nVTC's bound (2 x max(w_input x longest prompt, w_output x the KV "
-            f"pool's tokens)) against the measured largest service difference between two backlogged tenants:\n\n{bounds}\n\n"
-            f"uptime before: `{before}`  \nuptime after: `{uptime()}`\n")
+            f"pool's tokens)) against the measured largest service difference between two backlogged tenants:\n\n"
+            f"{bounds}\n\nuptime before: `{before}`  \nuptime after: `{uptime()}`\n")
     (args.out / "results.md").write_text(text)
     print(text)
     return rows
