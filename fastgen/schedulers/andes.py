@@ -3,12 +3,14 @@
 Each request's user expects a timeline (fastgen.qoe: first token after ttft_s, then tds tokens/s; the request's
 SLO, else this policy's `expected_ttft_s` / `expected_tds`). Every step Andes asks, for each request, how much
 QoE it would lose if it were not served over the next `horizon_s`, per unit of the resource it holds (KV), and
-serves requests greedily in that order, a knapsack solved greedily by value density, as the paper does: a request
+serves requests greedily in that order, a knapsack solved greedily by value density, as the paper does (a request
+that does not fit is skipped, not waited for): a request
 whose delivered tokens are ahead of its timeline (its client's buffer holds what the reader needs for the horizon)
 loses nothing by pausing and yields its budget; one that lags, or whose first token is due, takes budget first
 and, when the pool is short, the KV of running requests of lower density (preempted; by recompute, or swapped to
-host memory with preemption_mode=swap, as Andes does). At most `max_preemptions` requests are preempted a step for
-that (the paper's cap against thrashing); the preemption that breaks a deadlock (nothing can run) is not counted.
+host memory with preemption_mode=swap, as Andes does). Such preemptions are capped, as the paper caps preemption
+frequency against thrashing: on average at most `preemption_cap` per request received so far (its P), and at most
+`max_preemptions` in one step; the preemption that breaks a deadlock (nothing can run) is not counted.
 
 A request's value: tokens it lags its expected timeline by at now + horizon_s (expected - delivered, >= 0), times
 the horizon, over its expected area (fastgen.qoe.Expectation.expected_area): the QoE its area would lose by
@@ -38,14 +40,16 @@ class AndesConfig(TokenBudgetConfig):
     expected_tds: float = EXPECTED_TDS        # its expected token delivery speed (tokens/s) when its SLO has no TPOT
     horizon_s: float = 1.0                    # how far ahead a request's QoE loss from waiting is judged
     max_preemptions: int = 4                  # requests preempted a step in favour of denser ones
+    preemption_cap: float = 1.0               # ... and on average per request received, over the run (P)
 
     def validate(self) -> None:
         super().validate()
         for key in ("expected_ttft_s", "expected_tds", "horizon_s"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"scheduler.{key} must be > 0, got {getattr(self, key)}")
-        if self.max_preemptions < 0:
-            raise ValueError(f"scheduler.max_preemptions must be >= 0, got {self.max_preemptions}")
+        if self.max_preemptions < 0 or self.preemption_cap < 0:
+            raise ValueError(f"scheduler.max_preemptions and preemption_cap must be >= 0, got "
+                             f"{self.max_preemptions}, {self.preemption_cap}")
 
 
 @register_scheduler("andes", config=AndesConfig)
@@ -54,6 +58,12 @@ class AndesScheduler(Scheduler):
         super().__init__(config, kv)
         self.default = Expectation(config.expected_ttft_s, config.expected_tds)
         self._keys: dict[int, tuple] = {}        # this step's key of each request
+        self._received = self._preempted = 0     # requests received, and preempted for denser ones, so far
+
+    def add_request(self, req: Request) -> None:
+        if req.num_preemptions == 0:
+            self._received += 1
+        super().add_request(req)
 
     def density(self, req: Request) -> float:
         """QoE the request loses by waiting horizon_s, per token of context."""
@@ -70,16 +80,21 @@ class AndesScheduler(Scheduler):
 
     def schedule(self) -> SchedulerOutput:
         self.now, self._keys = self.clock(), {}
-        return self.until_progress(lambda out: self.schedule_by_key(out, self.config.token_budget, self.key))
+        return self.until_progress(lambda out: self.schedule_by_key(out, self.config.token_budget, self.key,
+                                                                    head_of_line=False))
 
     def worst_running(self, out: SchedulerOutput, key, worse_than: tuple | None = None) -> Request | None:
         """A victim for a denser request: only one of strictly lower density (never for a request that loses
         nothing by waiting), and at most max_preemptions a step."""
-        if worse_than is not None:
-            if worse_than[0] >= 0 or len(out.preempted) >= self.config.max_preemptions:
-                return None
-            worse_than = (worse_than[0], float("inf"))
-        return super().worst_running(out, key, worse_than)
+        if worse_than is None:
+            return super().worst_running(out, key)
+        cfg = self.config
+        if (worse_than[0] >= 0 or len(out.preempted) >= cfg.max_preemptions
+                or self._preempted >= cfg.preemption_cap * self._received):
+            return None
+        victim = super().worst_running(out, key, (worse_than[0], float("inf")))
+        self._preempted += victim is not None
+        return victim
 
     def victim(self, out: SchedulerOutput) -> Request | None:
         return super().worst_running(out, self.key)

@@ -362,12 +362,14 @@ class Scheduler:
             self.admit(req)
         return True
 
-    def schedule_by_key(self, out: SchedulerOutput, budget: int, key: Callable[[Request], tuple]) -> int:
+    def schedule_by_key(self, out: SchedulerOutput, budget: int, key: Callable[[Request], tuple],
+                        head_of_line: bool = True) -> int:
         """Running and waiting requests in order of `key` (smallest, the most urgent, first), each a decode token
         or as many prompt tokens as the budget leaves (SplitFuse's budget); a more urgent request takes budget
         first and, when the pool is short, the KV of the least urgent running ones (preempted by recompute). A
-        waiting request that cannot start even so stops the queue (head-of-line, as vLLM's priority policy does);
-        a decode that cannot get a block waits a step. Returns the budget left."""
+        waiting request that cannot start even so stops the queue (head-of-line, as vLLM's priority policy does;
+        head_of_line=False: it is skipped and the next one tried); a decode that cannot get a block waits a step.
+        Returns the budget left."""
         scheduled = {id(c.request) for c in out.chunks}
         for req in sorted(self.running + list(self.waiting), key=key):
             if budget < 1 or len(out.chunks) >= self.config.max_seqs:
@@ -378,7 +380,7 @@ class Scheduler:
             n = 1 if decode else min(req.num_pending_tokens, budget)
             if self.reserve_before(req, n, out, key):
                 budget -= n
-            elif req.status is RequestStatus.WAITING:
+            elif req.status is RequestStatus.WAITING and head_of_line:
                 break
         return budget - self.schedule_speculation(out, budget)
 
