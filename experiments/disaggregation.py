@@ -72,17 +72,20 @@ def figure(curves: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = sorted({(setup, workload) for setup, workload, _ in curves})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, (setup, workload) in zip(axes[0], panels):
+    fig, axes = plt.subplots(2, -(-len(panels) // 2), figsize=(4.5 * -(-len(panels) // 2), 7.2), squeeze=False)
+    shapes = sorted({case.replace(" nvlink", "").replace(" internode", "") for _, _, case in curves})
+    colors = dict(zip(shapes, plt.get_cmap("tab10").colors))
+    for ax, (setup, workload) in zip(axes.flat, panels):
         for (s, w, case), points in curves.items():
             if (s, w) == (setup, workload):
                 x, y = zip(*points)
-                ax.plot(x, y, marker="o", linestyle="-" if "splitfuse" in case else "--" if "nvlink" in case else ":",
-                        label=case)
+                ax.plot(x, y, marker="o", color=colors[case.replace(" nvlink", "").replace(" internode", "")],
+                        linestyle="-" if "splitfuse" in case else "--" if "nvlink" in case else ":", label=case)
         ax.axhline(0.9, color="grey", linewidth=0.8)
         ax.set(title=f"{setup}, {workload}", xlabel="offered load (req/s per GPU)", ylabel="SLO attainment",
                ylim=(0, 1.02))
-    axes[0][-1].legend(fontsize=6, loc="lower left")
+    axes.flat[0].legend(fontsize=6, loc="lower left")
+    fig.suptitle("solid: SplitFuse co-located; dashed: disaggregated over NVLink; dotted: over InfiniBand")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
