@@ -147,7 +147,8 @@ class DisaggregatedEngine:
         else:
             d = k - len(self.prefill)
             engine = self.decode[d]
-            start = max(engine.clock(), min((t.ready for t in self.transfers if t.target == d), default=0.0))
+            start = engine.clock() if engine.has_unfinished() else \
+                max(engine.clock(), min(t.ready for t in self.transfers if t.target == d))
             self._catch_up(engine, start)
             self._set_now(start)
             outputs = self._land(d)
