@@ -156,17 +156,17 @@ def real(_args, out: Path) -> str:
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "The three laws of robotics"]
     disagg = ["deployment=disaggregated", "deployment.decode_replicas=2"]
     with fastgen.pipeline(overrides=["kv.num_blocks=256"]) as pipe:
-        colocated = [o.token_ids for o in pipe(prompts, max_new_tokens=24)]
+        colocated = [o.token_ids for o in pipe(prompts, max_new_tokens=16)]
     with fastgen.pipeline(overrides=["kv.num_blocks=256", *disagg]) as pipe:
-        split = [o.token_ids for o in pipe(prompts, max_new_tokens=24)]
-    base = ["workload.num_requests=16", "workload.clients=4", "workload.prompt.mean=256", "workload.output.mean=32",
+        split = [o.token_ids for o in pipe(prompts, max_new_tokens=16)]
+    base = ["workload.num_requests=8", "workload.clients=2", "workload.prompt.mean=128", "workload.output.mean=16",
             "kv.num_blocks=256", "progress=false"]
     rows = []
     for name, extra in (("colocated", []), ("disaggregated 1:2", disagg)):
         m = run_benchmark(compose_config(base + extra), out / "runs" / "real" / name.split()[0])
         rows.append([name, fmt(m["request_throughput"]), fmt(m["ttft_s_p50"]), fmt(m["tpot_s_p50"]),
                      fmt(m["step_time_s_mean"]), fmt(m["kv_transfer_s"]), fmt(m["kv_transfer_bytes"])])
-    return (f"Greedy outputs of {len(prompts)} prompts x 24 tokens, co-located vs disaggregated (1 prefill, 2 decode "
+    return (f"Greedy outputs of {len(prompts)} prompts x 16 tokens, co-located vs disaggregated (1 prefill, 2 decode "
             f"engines in this process): {'identical' if colocated == split else 'DIFFERENT'}.\n\n"
             f"Benchmark overrides: `{' '.join(base)}` (SmolLM2-135M, wall clock, 2 shared cores: the speed is not "
             "the point; the move's cost beside a step's is)\n\n"
