@@ -94,8 +94,8 @@ def build_deployment(cfg: EngineConfig, deployment: DeploymentConfig, router: Ro
     if cfg.executor.name not in ("real", "simulated"):
         raise ValueError(f"deployment=disaggregated runs on executor=real or executor=simulated, not "
                          f"executor={cfg.executor.name}")
-    if not simulated and model is None or isinstance(model, str):
-        from fastgen.models import load_model      # loaded once: the in-process engines share its weights
+    from fastgen.models import CausalLM, load_model
+    if not simulated and not isinstance(model, CausalLM):    # loaded once: the in-process engines share its weights
         model, tokenizer = load_model(cfg.model.source if model is None else model, dtype=cfg.hardware.dtype,
                                       device=cfg.hardware.device, tokenizer=tokenizer)
     prefill_cfg = pool_config(cfg, deployment.prefill_scheduler, "prefill")

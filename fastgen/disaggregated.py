@@ -147,7 +147,8 @@ class DisaggregatedEngine:
         else:
             d = k - len(self.prefill)
             engine = self.decode[d]
-            start = max(engine.clock(), min((t.ready for t in self.transfers if t.target == d), default=0.0))
+            start = engine.clock() if engine.has_unfinished() else \
+                max(engine.clock(), min(t.ready for t in self.transfers if t.target == d))
             self._catch_up(engine, start)
             self._set_now(start)
             outputs = self._land(d)
@@ -227,6 +228,7 @@ class DisaggregatedEngine:
         first token is delivered now. One that could never fit fails alone."""
         engine, outputs = self.decode[d], []
         for t in [t for t in self.transfers if t.target == d and t.ready <= engine.clock()]:
+            start = time.perf_counter()
             try:
                 taken = engine.import_request(t.handoff, t.contents)
             except ValueError as e:
@@ -240,6 +242,8 @@ class DisaggregatedEngine:
             self.transfers.remove(t)
             self._release(t.source, t.handoff.request_id, engine.clock())
             trace = t.handoff.trace
+            if self.connector.seconds(0) is None:        # a real move: reading out, and now writing in
+                trace.kv_transfer_s += time.perf_counter() - start
             trace.decode_wait_s = engine.clock() - t.ready
             trace.token_times[0] = engine.clock()
             outputs.append(t.output)
