@@ -15,8 +15,8 @@ UPPER = ("fastgen.engine", "fastgen.compose", "fastgen.conf", "fastgen.cli", "fa
          "fastgen.run_config", "fastgen.analysis", "fastgen.peers", "fastgen.result_cache", "fastgen.tracking",
          "fastgen.wandb_offline", "fastgen.ablate")
 # The engine's parts and what they stand on: they never import a floor above them.
-LOWER = ("fastgen.kernels", "fastgen.models", "fastgen.sim", "fastgen.kv", "fastgen.schedulers", "fastgen.executors", "fastgen.speculative",
-         "fastgen.routers", "fastgen.workloads", "fastgen.config", "fastgen.request", "fastgen.ragged",
+LOWER = ("fastgen.kernels", "fastgen.models", "fastgen.sim", "fastgen.kv", "fastgen.schedulers", "fastgen.executors",
+         "fastgen.speculative", "fastgen.routers", "fastgen.workloads", "fastgen.config", "fastgen.request", "fastgen.ragged",
          "fastgen.model_spec", "fastgen.registry", "fastgen.sampling", "fastgen.detokenizer", "fastgen.metrics",
          "fastgen.roofline", "fastgen.step_stats", "fastgen.request_trace", "fastgen.distributed")
 
