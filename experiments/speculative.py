@@ -1,11 +1,14 @@
 """Speculative decoding on and off: prompt lookup (speculative=ngram) on the embedded SmolLM2-135M (this CPU), on
-prompts the answer quotes (workload=quote) and on random prompts, where lookups rarely pay and adaptive speculation
-switches itself off; and, simulated at paper scale (Llama-2-70B on 4xA100), how the best speculative budget
-(scheduler.max_speculative_tokens) moves with load (1, 4, 16 clients), proposals accepted at a per-request rate
-~ Beta(3, 2) (speculative=synthetic).
+prompts the answer quotes (workload=quote), on random prompts and on prose the model continues
+(workload.prompt_source=corpus), where lookups pay only as far as the output repeats itself (adaptive speculation
+switches them off for requests whose proposals fail); and, simulated at paper scale (Llama-2-70B on 4xA100), how
+the best speculative budget (scheduler.max_speculative_tokens) moves with load (1, 4, 16, 64 clients), proposals
+accepted at a per-request rate ~ Beta(3, 2) (speculative=synthetic). The `sampled` part draws SmolLM2's tokens at
+temperature 1 on random prompts (seeded), whose outputs rarely repeat: there speculation must not cost.
 
     python experiments/speculative.py                    # both parts -> experiments/results/speculative/
     python experiments/speculative.py --parts real --rounds 3
+    python experiments/speculative.py --parts sampled
 
 The real part runs each case off and on back to back, `--rounds` times (interleaved, so a shared machine's load
 falls on both alike), single-threaded and timed in this process's CPU seconds (fastgen.sim.CPUClock); the ratio
@@ -16,21 +19,26 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))          # run from a checkout without installing fastgen
 
 from fastgen.analysis import markdown_table  # noqa: E402
 from fastgen.bench import run_or_reuse  # noqa: E402
+from fastgen.compose import build_engine  # noqa: E402
 from fastgen.conf import compose_config  # noqa: E402
 from fastgen.machine import uptime  # noqa: E402
+from fastgen.pipeline import Pipeline  # noqa: E402
 from fastgen.sim.clocks import CPUClock  # noqa: E402
 
 REAL = ["hardware.threads=1", "workload.clients=1", "workload.num_requests=4"]
-REAL_CASES = {"quote": ["workload=quote"],
-              "random": ["workload=default", "workload.prompt.mean=192", "workload.prompt.max=512",
-                         "workload.output.dist=fixed", "workload.output.mean=96"]}
+OWN = ["workload=default", "workload.prompt.mean=192", "workload.prompt.max=512", "workload.output.dist=fixed",
+       "workload.output.mean=96"]
+REAL_CASES = {"quote": ["workload=quote"], "random": OWN, "corpus": [*OWN, "workload.prompt_source=corpus"]}
 SIM = ["executor=simulated", "hardware=a100-80gb", "hardware.tensor_parallel=4", "model.source=llama-2-70b",
        "workload.num_requests=128", "workload.prompt.mean=1200", "workload.output.mean=128", "workload.output.max=512"]
 SPECULATIVE = ["speculative=synthetic", "scheduler.speculate_first=true"]
@@ -69,6 +77,45 @@ def real(args, out: Path) -> str:
             f"`{uptime()}`\n\n" + markdown_table(header, rows))
 
 
+SAMPLED = {"off": ["speculative=none"], "ngram": ["speculative=ngram"],
+           "ngram min_n=1": ["speculative=ngram", "speculative.min_n=1"],
+           "ngram min_n=1, not adaptive": ["speculative=ngram", "speculative.min_n=1",
+                                           "scheduler.adaptive_speculation=false"]}
+
+
+def sampled(args, out: Path) -> str:
+    """One client's requests one after another through the pipeline, temperature 1, every case in turn for each
+    prompt; output tokens per CPU second (single-threaded). min_n=1 makes lookups find (mostly wrong) matches."""
+    from fastgen.models import load_model
+    cfg = compose_config(REAL)
+    model, tokenizer = load_model(cfg.model.source, cfg.hardware.dtype, cfg.hardware.device)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, model.spec.vocab_size, 192).tolist() for _ in range(args.rounds * 3)]
+    before = uptime()
+    pipes = {case: Pipeline(build_engine(compose_config([*REAL, *extra]), model, tokenizer))
+             for case, extra in SAMPLED.items()}
+    seconds, tokens, stats = dict.fromkeys(pipes, 0.0), dict.fromkeys(pipes, 0), {case: [] for case in pipes}
+    for case, pipe in pipes.items():
+        pipe.engine.add_step_observer(stats[case].append)
+    for i, prompt in enumerate(prompts):
+        for case, pipe in pipes.items():
+            start = time.process_time()
+            output, = pipe([prompt], max_new_tokens=96, temperature=1.0, seed=i, ignore_eos=True)
+            seconds[case] += time.process_time() - start
+            tokens[case] += len(output.token_ids)
+    rows = []
+    for case in pipes:
+        proposed, accepted = (sum(getattr(s, k) for s in stats[case])
+                              for k in ("num_proposed_tokens", "num_accepted_tokens"))
+        speed = tokens[case] / seconds[case]
+        rows.append([case, fmt(speed), f"{speed / (tokens['off'] / seconds['off']):.2f}x",
+                     fmt(accepted / proposed if proposed else None), str(sum(s.num_verifies for s in stats[case]))])
+    return (f"## SmolLM2-135M on this CPU, sampled (temperature 1, random 192-token prompts, 96 tokens, 1 client, "
+            f"{len(prompts)} requests per case, cases in turn per prompt; 1 thread, CPU seconds)\n\n"
+            f"uptime before: `{before}`  \nuptime after: `{uptime()}`\n\n"
+            + markdown_table(["case", "out tok/s", "vs off", "accepted", "verifies"], rows))
+
+
 def sim(args, out: Path) -> str:
     before, rows = uptime(), []
     cases = {"off": ["speculative=none"], **{f"cap {c}": [*SPECULATIVE, f"scheduler.max_speculative_tokens={c}"]
@@ -94,9 +141,9 @@ def sim(args, out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=["real", "sim"], choices=["real", "sim"])
+    parser.add_argument("--parts", nargs="+", default=["real", "sampled", "sim"], choices=["real", "sampled", "sim"])
     parser.add_argument("--rounds", type=int, default=2, help="real part: interleaved off/on rounds per case")
-    parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16], help="simulated part")
+    parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16, 64], help="simulated part")
     parser.add_argument("--caps", nargs="+", type=int, default=[16, 64, 256], help="simulated part: budgets")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "speculative")
     parser.add_argument("--reuse", action="store_true", help="keep runs already in --out")
@@ -105,7 +152,7 @@ def main(argv: list[str] | None = None) -> str:
     title = (f"# Speculative decoding: off vs on\n\nCommand: `python experiments/speculative.py "
              f"{' '.join(argv if argv is not None else sys.argv[1:])}` on {os.cpu_count()} CPU cores.\n\n")
     sections = []
-    for part, run in (("real", real), ("sim", sim)):
+    for part, run in (("real", real), ("sampled", sampled), ("sim", sim)):
         if part in args.parts:
             sections.append(run(args, args.out))
             (args.out / f"{part}.md").write_text(title + sections[-1] + "\n")

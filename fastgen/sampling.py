@@ -343,7 +343,8 @@ class Sampler:
                     break
             runs.append((at, tokens))
             at += len(draft) + 1
-        want = [(at + j, t) for at, tokens in runs for j, t in enumerate(tokens) if rows[at].params.logprobs is not None]
+        want = [(at + j, t) for at, tokens in runs if rows[at].params.logprobs is not None
+                for j, t in enumerate(tokens)]
         found = iter(token_logprobs(logits[[i for i, _ in want]], [t for _, t in want],
                                     [rows[i].params.logprobs for i, _ in want]) if want else [])
         return [(tokens, [next(found) if rows[at].params.logprobs is not None else None for _ in tokens])

@@ -18,9 +18,9 @@ UPPER = ("fastgen.engine", "fastgen.compose", "fastgen.conf", "fastgen.cli", "fa
 # The engine's parts and what they stand on: they never import a floor above them.
 LOWER = ("fastgen.kernels", "fastgen.models", "fastgen.sim", "fastgen.kv", "fastgen.schedulers", "fastgen.executors",
          "fastgen.speculative", "fastgen.routers", "fastgen.workloads", "fastgen.config", "fastgen.request",
-         "fastgen.ragged", "fastgen.model_spec", "fastgen.registry", "fastgen.sampling", "fastgen.detokenizer", "fastgen.metrics",
-         "fastgen.qoe", "fastgen.roofline", "fastgen.step_stats", "fastgen.request_trace", "fastgen.distributed",
-         "fastgen.structured", "fastgen.handoff")
+         "fastgen.ragged", "fastgen.model_spec", "fastgen.registry", "fastgen.sampling", "fastgen.detokenizer",
+         "fastgen.metrics", "fastgen.qoe", "fastgen.roofline", "fastgen.step_stats", "fastgen.request_trace",
+         "fastgen.distributed", "fastgen.structured", "fastgen.handoff")
 
 
 def modules(package_dir: Path) -> dict[str, Path]:

@@ -1,4 +1,5 @@
 """run.py end to end (subprocess, as a user runs it), sweeps, the gather step, and bad overrides."""
+import dataclasses
 import json
 import re
 import subprocess
@@ -9,6 +10,7 @@ import pytest
 
 from fastgen.analysis import gather, series, table_row
 from fastgen.metrics import g_suffix
+from fastgen.schedulers.splitfuse import SplitFuseConfig
 from tiny import tiny_hf_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,8 +148,7 @@ def test_readme_plugin_examples_run_verbatim_from_a_folder_of_ones_own(tiny_dir,
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     config = metrics["config"]
-    assert config["scheduler"] == {"name": "prompt-order", "max_seqs": 512, "preemption": "newest",
-                                   "preemption_mode": "recompute",
+    assert config["scheduler"] == {**dataclasses.asdict(SplitFuseConfig()), "name": "prompt-order",
                                    "module": "my_policies.prompt_order", "token_budget": 32, "longest_first": True}
     assert config["kv"]["name"] == "watermark" and config["kv"]["watermark_blocks"] == 4
     assert config["executor"]["name"] == "recording"

@@ -212,3 +212,21 @@ def test_server_streams_speculative_runs_as_ordinary_tokens():
         assert text == expected.text and usage.completion_tokens == 24
         assert len(choices) < 24, "several tokens per chunk"
         assert s.idle()
+
+
+@pytest.mark.parametrize("draft_family,same", [pytest.param("llama", True, marks=pytest.mark.slow), ("qwen2", False)])
+def test_draft_model_proposals_keep_greedy_exact_and_its_kv_in_step(draft_family, same, tmp_path):
+    """A draft model of the target's vocabulary, loaded from a directory (`speculative=draft speculative.model=`):
+    the target itself (every proposal accepted) or another family's random model (most rejected, so its KV rolls
+    back); outputs equal transformers', and the draft's pool is empty once all have finished."""
+    prompts, news, ref = workload("llama")
+    draft_hf = tiny("llama")[0] if same else tiny_hf_model(draft_family, seed=3)
+    draft_hf.save_pretrained(tmp_path)
+    config = compose_config(["speculative=draft", f"speculative.model={tmp_path}"]).speculative
+    built = engine("llama", speculative=config, adaptive_speculation=False)
+    got, stats = run(built, prompts, news)
+    assert got == ref
+    proposed, accepted = (sum(getattr(s, k) for s in stats) for k in ("num_proposed_tokens", "num_accepted_tokens"))
+    assert proposed > 0 and (accepted == proposed if same else accepted < proposed)
+    draft = built.engine._proposer
+    assert draft.allocator.num_free == draft.allocator.num_blocks and not draft.fed
