@@ -313,7 +313,7 @@ def _row(w: dict, system: str, setting: str | None = None) -> Optional[dict]:
 
 
 def targets(results: dict) -> list[dict]:
-    """Issue 20's targets, each with the measured value and whether it was met (None: not measured)."""
+    """Issues 20 and 33: the targets, each with the measured value and whether it was met (None: not measured)."""
     out = []
 
     def add(what: str, value: Optional[float], goal: float, higher: bool = True) -> None:
@@ -356,7 +356,7 @@ def targets(results: dict) -> list[dict]:
 def markdown(results: dict) -> str:
     from fastgen.analysis import markdown_table
     m, c = results["machine"], results["ceilings"]
-    lines = [f"# fastgen vs vLLM CPU vs transformers ({results['config']['model']}, float32)", "",
+    lines = [f"# fastgen vs its CPU peers ({results['config']['model']}, float32)", "",
              machine_line(m), "",
              f"**Ceilings** (best of the start and the end of the run, loads "
              f"{[x['loadavg'][0] for x in c['meta']['measurements']]}): float32 GEMM {c['gemm_flops'] / 1e9:.1f} "
@@ -410,7 +410,7 @@ def markdown(results: dict) -> str:
                                    f"{h['loadavg_before'][0]}/{h['loadavg_after'][0]}"]
                                   for h in results["http"]]), ""]
     if results.get("targets"):
-        lines += ["## Targets (issue 20)", "",
+        lines += ["## Targets (issues 20, 33)", "",
                   markdown_table(["target", "measured", "goal", "met"],
                                  [[t["target"], fmt(t["value"], ".3f"), t["goal"],
                                    {True: "yes", False: "**no**", None: "n/a"}[t["met"]]]
