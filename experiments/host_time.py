@@ -10,8 +10,10 @@ prefix caching has something to find), `--output` new tokens each with EOS ignor
 each (as a server's requests are); every policy is allowed N sequences per step (max_seqs, token_budget,
 batch_size raised to N where lower). Once every request is decoding, `--steps` steps are timed: the median step,
 per sequence, and its split (schedule: the scheduler's plan; commit: sampling from the logits, detokenization, stop
-checks, the scheduler's update and stats). The sampler's argmax over N x vocab logits is included: on a CPU it is
-the engine's work (on a GPU it would be the device's).
+checks, the scheduler's update and stats; wall-clock medians, the engine's StepStats). The headline is the step's CPU
+time on the engine's thread (time.thread_time; torch runs `--threads 1`), which other jobs on a shared machine
+barely change; the wall-clock median is beside it. The sampler's argmax over N x vocab logits is included: on a CPU
+it is the engine's work (on a GPU it would be the device's; `--vocab-size 1024` leaves it out, nearly).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))          # run from a checkout without installing fastgen
+
+import torch  # noqa: E402
 
 from fastgen.analysis import markdown_table  # noqa: E402
 from fastgen.compose import build_engine  # noqa: E402
@@ -50,7 +54,8 @@ def policy_overrides(scheduler: str, n: int) -> list[str]:
 
 def measure(scheduler: str, prefix_caching: bool, n: int, args, config, tokenizer) -> dict:
     blocks_per_seq = -(-(args.prompt + args.output) // args.block_size) + 1
-    cfg = compose_config(["executor=null", "progress=false", f"kv.prefix_caching={prefix_caching}",
+    vocab = [f"executor.vocab_size={args.vocab_size}"] if args.vocab_size else []
+    cfg = compose_config(["executor=null", "progress=false", *vocab, f"kv.prefix_caching={prefix_caching}",
                           f"kv.block_size={args.block_size}", f"kv.num_blocks={n * blocks_per_seq}",
                           *policy_overrides(scheduler, n)])
     engine = build_engine(cfg, config, tokenizer)
@@ -61,22 +66,25 @@ def measure(scheduler: str, prefix_caching: bool, n: int, args, config, tokenize
     for _ in range(n):
         prompt = shared + [rng.randrange(1000, 40000) for _ in range(args.prompt - len(shared))]
         engine.add_request(prompt, SamplingParams(max_new_tokens=args.output, ignore_eos=True, stop=["<|stop|>"]))
-    while not steps or steps[-1].num_seqs < n or steps[-1].num_prefill_tokens:       # until all N decode
-        engine.step()
+    started: set[str] = set()
+    while len(started) < n:                               # until every request has its first token: all N decode
+        started.update(o.request_id for o in engine.step() if o.new_token_ids)
         if len(steps) > 20 * n:
             raise RuntimeError(f"{scheduler}: never reached {n} decoding sequences (last step: {steps[-1]})")
-    walls = []
+    walls, cpus = [], []
     first = len(steps)
     for _ in range(args.steps):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         engine.step()
         walls.append(time.perf_counter() - start)
+        cpus.append(time.thread_time() - cpu)
     timed = steps[first:]
-    if any(s.num_seqs != n for s in timed):
-        raise RuntimeError(f"{scheduler}: a timed step ran {min(s.num_seqs for s in timed)} sequences, not {n}")
-    step_s = statistics.median(walls)
+    if any(s.num_seqs != n or s.num_tokens != n for s in timed):
+        bad = next(s for s in timed if s.num_seqs != n or s.num_tokens != n)
+        raise RuntimeError(f"{scheduler}: a timed step was not {n} decodes: {bad}")
+    step_s = statistics.median(cpus)
     return {"scheduler": scheduler, "prefix_caching": prefix_caching, "sequences": n, "steps": len(walls),
-            "step_ms": step_s * 1e3, "per_seq_us": step_s / n * 1e6,
+            "step_ms": step_s * 1e3, "per_seq_us": step_s / n * 1e6, "wall_step_ms": statistics.median(walls) * 1e3,
             "schedule_ms": statistics.median(s.schedule_s for s in timed) * 1e3,
             "commit_ms": statistics.median(s.sample_s for s in timed) * 1e3}
 
@@ -88,12 +96,13 @@ def markdown(rows: list[dict], sizes: list[int], header: str) -> str:
         for n in sizes:
             r = next((r for r in rows if (r["scheduler"], r["prefix_caching"], r["sequences"]) ==
                       (scheduler, caching, n)), None)
-            cells += ["-"] * 4 if r is None else [f"{r['step_ms']:.2f}", f"{r['per_seq_us']:.1f}",
-                                                  f"{r['schedule_ms']:.2f}", f"{r['commit_ms']:.2f}"]
+            cells += ["-"] * 5 if r is None else [f"{r['step_ms']:.2f}", f"{r['per_seq_us']:.1f}",
+                                                  f"{r['wall_step_ms']:.2f}", f"{r['schedule_ms']:.2f}",
+                                                  f"{r['commit_ms']:.2f}"]
         table.append(cells)
     columns = ["scheduler", "prefix caching"]
     for n in sizes:
-        columns += [f"{n}: ms/step", "us/seq", "schedule ms", "commit ms"]
+        columns += [f"{n}: CPU ms/step", "CPU us/seq", "wall ms/step", "schedule ms", "commit ms"]
     return f"{header}\n\n{markdown_table(columns, table)}\n"
 
 
@@ -107,8 +116,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--output", type=int, default=2048)
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="the logits' width (executor.vocab_size); default: the model's vocabulary")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the host work is one thread)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     machine = Machine.at_start()
     load = uptime()
     config, tokenizer = load_config(args.model)
@@ -123,7 +136,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     record = machine_record(machine)
-    header = (f"# Engine host time per step (executor=null, {args.model}: {config.vocab_size}-token logits)\n\n"
+    header = (f"# Engine host time per step (executor=null, {args.model}: "
+              f"{args.vocab_size or config.vocab_size}-token logits)\n\n"
               f"{machine_line(record)}\n\n`uptime` before: {load}; after: {uptime()}.\n\n"
               f"Command: `python experiments/host_time.py {' '.join(argv if argv is not None else sys.argv[1:])}`. "
               f"Prompts of {args.prompt} tokens (half shared), outputs of {args.output} (EOS ignored), "

@@ -1,4 +1,4 @@
-"""What the experiments that measure fastgen beside its peers share (bench_vs_hf.py, bench_vs_vllm.py,
+"""What the experiments that measure fastgen beside its peers share (bench_vs_hf.py, bench_peers.py,
 ray_replica_scaling.py, serve_neighbour_gap.py) beyond fastgen.peers: quick sizes, validation, the rows of
 transformers `generate`, run.py target=http, and the results files. A script imports it by name (its own directory
 is on sys.path).

@@ -44,7 +44,7 @@ def build_engine(cfg: EngineConfig, model=None, tokenizer=None, clock: Callable[
     """The engine cfg describes. `model` (optional) is a fastgen model, or anything load_model accepts (the simulated
     executor only reads its shape); `clock` replaces the executor's clock (e.g. fastgen.sim.CPUClock for CPU-time
     measurements of the real executor); `instrument` wraps the executor the engine gets (a benchmark's probe that
-    sees each step's plain data, e.g. the roofline of experiments/bench_vs_vllm.py)."""
+    sees each step's plain data, e.g. the roofline of experiments/bench_peers.py)."""
     cfg.validate()
     executor = make_executor(cfg, model, tokenizer)
     if clock is not None and executor.loads_weights:

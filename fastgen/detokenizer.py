@@ -28,6 +28,7 @@ class IncrementalDetokenizer:
         self.decode_kwargs = {"skip_special_tokens": skip_special_tokens}
         if not spaces_between_special_tokens:
             self.decode_kwargs["spaces_between_special_tokens"] = False
+        self._decode_fn = decoder(tokenizer, self.decode_kwargs)
         self.longest_stop = max(map(len, self.stop), default=0)
         self.stops_by_first: dict[str, list[str]] = {}
         for stop_string in self.stop:
@@ -80,7 +81,7 @@ class IncrementalDetokenizer:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
 
     def _decode_ids(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, **self.decode_kwargs)
+        return self._decode_fn(token_ids)
 
     def _stop_prefix_len(self, end: int) -> int:
         """Length of the longest tail of text[:end] that is a proper prefix of a stop string. Only unsent text can
@@ -97,3 +98,21 @@ class IncrementalDetokenizer:
         delta = text[self.sent:]
         self.sent = max(self.sent, len(text))
         return delta
+
+
+def decoder(tokenizer, decode_kwargs: dict):
+    """`tokenizer.decode(ids, **decode_kwargs)`, or the same call one level down where that gives the same text: a
+    transformers fast tokenizer's `decode` converts its arguments and reads its clean-up settings on every call,
+    which costs several times the decoding itself (the largest part of an engine step's host work at 256
+    sequences). The shortcut is taken only where transformers' own decode would call the backend the same way: its
+    `decode` and `_decode` not overridden, no clean-up of spaces, only skip_special_tokens given."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    kind = type(tokenizer)
+    if isinstance(tokenizer, PreTrainedTokenizerFast) and kind.decode is PreTrainedTokenizerBase.decode and \
+            kind._decode is PreTrainedTokenizerFast._decode and not tokenizer.clean_up_tokenization_spaces and \
+            set(decode_kwargs) == {"skip_special_tokens"}:
+        backend, skip = tokenizer.backend_tokenizer, decode_kwargs["skip_special_tokens"]
+        return lambda token_ids: backend.decode(token_ids, skip_special_tokens=skip)
+    return lambda token_ids: tokenizer.decode(token_ids, **decode_kwargs)

@@ -51,8 +51,8 @@ class SpeculationStats:
         self.skipped = 0
 
 
-@dataclass
-class Request:
+@dataclass(eq=False)      # a sequence is itself (its seq_id is unique): `in` / remove() on the scheduler's lists
+class Request:            # compare identities, not every field of every request ahead of it
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams

@@ -77,3 +77,16 @@ def test_per_token_cost_with_a_stop_string(benchmark, tokenizer, generation, pos
 
     detok = benchmark.pedantic(push_window, setup=setup, rounds=5)
     assert detok.stop_at is None and len(detok.token_ids) == position + 100
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_the_backend_shortcut_decodes_as_the_tokenizer(tokenizer, generation, skip):
+    """fastgen.detokenizer.decoder calls the fast tokenizer's backend directly: the same text as its decode, special
+    tokens and pieces of a multi-byte character included."""
+    from fastgen.detokenizer import decoder
+    special = tokenizer.all_special_ids[:3]
+    ids = generation[:300] + special + generation[300:310] + tokenizer.encode("é😀 ü", add_special_tokens=False)
+    fast = decoder(tokenizer, {"skip_special_tokens": skip})
+    assert fast.__code__ is not decoder(None, {}).__code__          # the shortcut is the one taken
+    for lo, hi in [(0, len(ids)), (295, 306), (len(ids) - 5, len(ids) - 1), (3, 4)]:
+        assert fast(ids[lo:hi]) == tokenizer.decode(ids[lo:hi], skip_special_tokens=skip)

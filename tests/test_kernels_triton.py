@@ -359,3 +359,28 @@ def test_full_model_greedy_tokens_same_through_triton_and_reference(family, sche
         return [finished[i].output_token_ids for i in ids]
 
     assert greedy("triton") == greedy("torch")
+
+
+@needs_interpreter
+def test_real_executor_on_triton_kernels_gives_transformers_greedy_tokens():
+    """The GPU path as far as a CPU can check it: the real executor with hardware.kernels=triton (every kernel
+    interpreted), built the way run.py builds it, gives transformers' greedy tokens in float32."""
+    from fastgen.compose import EngineConfig, build_engine
+    from fastgen.executors.real import RealExecutor
+    from fastgen.kv import KV_MANAGERS
+    from fastgen.sampling import SamplingParams
+    from fastgen.schedulers import SCHEDULERS
+    from tiny import drain, reference_greedy, tiny_hf_model
+
+    hf = tiny_hf_model("llama", seed=2)
+    cfg = EngineConfig(scheduler=SCHEDULERS.config("splitfuse", token_budget=16),
+                       kv=KV_MANAGERS.config("blocked", block_size=16, num_blocks=8))
+    cfg.hardware.kernels = "triton"
+    engine = build_engine(cfg, hf)
+    assert isinstance(engine._executor, RealExecutor) and engine._executor.backend is triton_ops
+    gen = torch.Generator().manual_seed(SEED)
+    prompts = [torch.randint(0, 211, (n,), generator=gen).tolist() for n in (21, 3)]
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=4, ignore_eos=True)) for p in prompts]
+    finished = drain(engine)
+    assert [finished[i].output_token_ids for i in ids] == [reference_greedy(hf, p, 4) for p in prompts], \
+        f"reproduce with FASTGEN_TEST_SEED={SEED}"

@@ -104,6 +104,34 @@ def vllm_env(cfg: VLLMConfig) -> dict[str, str]:
     return env
 
 
+TCMALLOC_PACKAGE = "libtcmalloc-minimal4"     # Debian's package of the tcmalloc vLLM's CPU documentation preloads
+
+
+def ensure_tcmalloc(cfg: VLLMConfig, log: Callable[[str], Any] = print) -> None:
+    """Installs tcmalloc with apt-get when a tcmalloc preload of `cfg` is missing (vLLM's documented CPU set-up)."""
+    missing = [p for p in cfg.preload if "tcmalloc" in p and not Path(p.format(venv=cfg.venv)).exists()]
+    if not missing:
+        return
+    command = f"apt-get install -y {TCMALLOC_PACKAGE}"
+    log(f"{missing[0]} is missing (vLLM's CPU set-up preloads it); installing it: {command}")
+    if subprocess.run(command, shell=True).returncode != 0 or not Path(missing[0]).exists():
+        raise RuntimeError(f"tcmalloc is missing at {missing[0]}; install it by hand (`apt-get update && {command}`) "
+                           "or drop it from vllm.preload (the row's set-up then says so)")
+
+
+def setup_line(cfg: VLLMConfig) -> str:
+    """The set-up a vLLM row ran with, as the results table states it: what was preloaded (and what was asked for
+    but missing), the thread binding, float32."""
+    env = vllm_env(cfg)
+    wanted = [p.format(venv=cfg.venv) for p in cfg.preload]
+    missing = [p for p in wanted if not Path(p).exists()]
+    return "; ".join(filter(None, [f"LD_PRELOAD={env.get('LD_PRELOAD', '(none)')}",
+                                   f"missing preloads: {', '.join(missing)}" if missing else "",
+                                   f"VLLM_CPU_OMP_THREADS_BIND={env['VLLM_CPU_OMP_THREADS_BIND']}",
+                                   "dtype float32", f"KV {cfg.kv_cache_gib:g} GiB",
+                                   f"prefix caching {'on' if cfg.prefix_caching else 'off'}"]))
+
+
 def threads_bind(setting: str) -> str:
     if setting == "all":
         cpus = sorted(os.sched_getaffinity(0))
@@ -144,9 +172,10 @@ def vllm_offline(cfg: VLLMConfig, setting: VLLMSetting, workloads: dict[str, lis
     job_path, result_path, log_path = out / "job.json", out / "result.json", out / "vllm.log"
     job_path.write_text(json.dumps(job))
     result_path.unlink(missing_ok=True)
+    # -P: the worker's folder is not put first on sys.path, where this module would shadow the `vllm` package
     with open(log_path, "w") as logf:
-        proc = subprocess.run([str(venv_python(cfg)), str(WORKER), str(job_path),
-                               str(result_path)], env=vllm_env(cfg), stdout=logf, stderr=subprocess.STDOUT,
+        proc = subprocess.run([str(venv_python(cfg)), "-P", str(WORKER), str(job_path), str(result_path)],
+                              env=vllm_env(cfg), stdout=logf, stderr=subprocess.STDOUT,
                               timeout=cfg.startup_timeout_s + 3600)
     if proc.returncode != 0 or not result_path.exists():
         raise RuntimeError(f"vLLM offline run failed (exit {proc.returncode}); its log: {log_path}")

