@@ -85,11 +85,13 @@ def main() -> None:
                                                        "half_over_none": ratio, "args": vars(args) | {
                                                            "out": str(args.out)}}, indent=1))
     lines = ["# Structured outputs: mask cost and throughput (SmolLM2-135M, this CPU, shared and loaded)", "",
-             "| constrained seqs | mask ms/step | mask us/seq | step ms | mask share of step |", "|---|---|---|---|---|"]
+             "| constrained seqs | mask ms/step | mask us/seq | step ms | mask share of step |",
+             "|---|---|---|---|---|"]
     lines += [f"| {m['constrained_seqs']} | {m['mask_ms_per_step']:.2f} | {m['mask_us_per_seq']:.0f} | "
               f"{m['step_ms']:.1f} | {m['mask_share_of_step']:.1%} |" for m in masks]
     lines += ["", f"{args.requests} requests at once, {args.tokens} max tokens, {args.rounds} rounds (arms "
-              "interleaved), medians:", "", "| arm | output tokens | seconds | tokens/s | mask s |", "|---|---|---|---|---|"]
+              "interleaved), medians:", "", "| arm | output tokens | seconds | tokens/s | mask s |",
+              "|---|---|---|---|---|"]
     lines += [f"| {arm} | {s['tokens']:.0f} | {s['seconds']:.2f} | {s['tokens_per_s']:.1f} | {s['mask_s']:.3f} |"
               for arm, s in summary.items()]
     lines += ["", f"half constrained / none: {ratio:.3f} (tokens/s)"]
