@@ -28,8 +28,9 @@ from fastgen.sim.work import BatchShape
 CUDA_GRAPH_BATCH_SIZES = np.array([1, 2, 4, *range(8, 257, 8)])
 CUDA_GRAPH_MAX_CONTEXT = 8192
 # Host seconds to fill and apply one sequence's grammar mask (xgrammar, SmolLM2's 49k vocabulary, one CPU core):
-# measured by experiments/structured_outputs.py (experiments/results/structured_outputs/)
-GRAMMAR_MASK_S = 60e-6
+# 184-226 us per sequence of CPU time (xgrammar fill ~10, apply ~180-215), measured by
+# `python experiments/structured_outputs.py --micro` (experiments/results/structured_outputs/micro.md)
+GRAMMAR_MASK_S = 200e-6
 
 
 @dataclass

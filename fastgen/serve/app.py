@@ -294,7 +294,7 @@ async def tokenize(request: Request) -> JSONResponse:
     body = await _parse(request, TokenizeRequest)
     server.need_tokenizer("prompt")
     if body.messages is not None:
-        server.check_chars([m.content for m in body.messages], "messages")
+        server.check_chars([m.content or "" for m in body.messages], "messages")
         text = await server.off_loop(server.apply_template, body.messages, body.add_generation_prompt)
         add_special = bool(body.add_special_tokens)        # the template writes them
     else:

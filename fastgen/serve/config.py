@@ -105,7 +105,8 @@ class ServeConfig(EngineConfig):
 
     def validate(self) -> None:
         super().validate()
-        limits = {"max_prompt_tokens": self.max_prompt_tokens, "max_tokens_limit": 1 if self.max_tokens_limit is None else self.max_tokens_limit,
+        limits = {"max_prompt_tokens": self.max_prompt_tokens,
+                  "max_tokens_limit": 1 if self.max_tokens_limit is None else self.max_tokens_limit,
                   "max_concurrent_requests": self.max_concurrent_requests, "max_body_bytes": self.max_body_bytes,
                   "max_prompt_chars": self.max_prompt_chars, "request_timeout_s": self.request_timeout_s,
                   "max_sequences_per_request": self.max_sequences_per_request,
