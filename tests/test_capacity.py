@@ -46,10 +46,10 @@ def test_capacity_scales_a_trace_by_its_time_scale_and_refuses_closed_loop():
         capacity_config().validate()
 
 
-def test_capacity_of_request_classes_scales_every_class_stream_and_judges_each_request_by_its_own_slo(tmp_path):
-    """two-tenant (each class its own arrivals, arrival=classes), Llama-2-7B simulated on an A100: each probe compresses both
-    streams by one time scale, base rate / probed rate, and meets the SLO iff >= 90% of requests meet their own
-    class's SLO (slo_attainment); the search brackets the rate."""
+def test_capacity_of_request_classes_scales_every_class_stream_and_judges_requests_by_their_slo(tmp_path):
+    """two-tenant (each class its own arrivals, arrival=classes), Llama-2-7B simulated on an A100: each probe
+    compresses both streams by one time scale, base rate / probed rate, and meets the SLO iff >= 90% of requests
+    meet their own class's SLO (slo_attainment); the search brackets the rate."""
     cfg = capacity_config("workload=two-tenant", "workload.num_requests=64", "model.source=llama-2-7b",
                           "hardware=a100-80gb", "capacity.slo.attainment=0.9", "capacity.tolerance=0.2",
                           "capacity.rate=64")
