@@ -7,7 +7,8 @@ Each case is run.py's benchmark (fastgen.bench.run_benchmark) on executor=simula
 is overloaded (priority-mix at 40 req/s; two-tenant and azure-two-tenant with their arrival times compressed by
 workload.time_scale). A tight-pool case (kv.num_blocks=120) forces preemption, by recompute and by swapping to host
 memory (kv.swap_space_gb=8, charged over hardware.sim.host_link_bandwidth_gbs). Writes results.md, results.json,
-request_classes.png and, for two-tenant under FCFS and VTC, each tenant's cumulative service (tenant_service_*.png).
+request_classes.png and, for two-tenant under FCFS and VTC, each tenant's cumulative service (tenant_service_*.png);
+then each policy's capacity on priority-mix under per-class SLOs (fastgen.capacity; capacity.json, in results.md).
 The runs themselves go to --runs (a temporary folder by default).
 
 The real CPU run through the server (SmolLM2-135M; minutes): start the server with each policy, drive it with
@@ -47,6 +48,10 @@ POLICIES = {"fcfs": ["scheduler=splitfuse"], "priority": ["scheduler=priority"],
             "vtc": ["scheduler=vtc"], "andes": ["scheduler=andes"]}
 SWAP = {"priority swap": ["scheduler=priority", "scheduler.preemption_mode=swap"],
         "andes swap": ["scheduler=andes", "scheduler.preemption_mode=swap"]}
+
+
+CAPACITY = ["workload=priority-mix", "workload.num_requests=600", "capacity.slo.attainment=0.9", "capacity.rate=20",
+            "capacity.tolerance=0.1", "capacity.max_probes=8"]
 
 
 def policies(case: str) -> dict[str, list[str]]:
@@ -112,6 +117,32 @@ def figure(rows: list[dict], out: Path) -> Path:
     return path
 
 
+def capacities(runs: Path) -> list[dict]:
+    """Each policy's capacity (fastgen.capacity's search) on priority-mix: the largest rate at which >= 90% of the
+    requests meet their own class's SLO; each class's attainment at that rate."""
+    from fastgen.capacity import quiet_benchmark, search, write
+    from fastgen.conf import compose_config
+    out = []
+    for policy, extra in POLICIES.items():
+        cfg = compose_config([*SIM, *CAPACITY, *extra], config_name="capacity")
+        result = search(cfg, runs / "capacity" / policy, quiet_benchmark)
+        write(result, cfg, runs / "capacity" / policy)
+        at = next((p.metrics for p in result.probes if p.rate == result.capacity), {})
+        out.append({"policy": policy, "capacity": result.capacity, "failing": result.failing,
+                    "probes": len(result.probes), **{k: v for k, v in at.items() if k.startswith("slo_attainment")}})
+    return out
+
+
+def capacity_table(rows: list[dict]) -> str:
+    base = rows[0]["capacity"]
+    cells = [[r["policy"], fmt(r["capacity"]), fmt(r["failing"]),
+              f"{r['capacity'] / base:.2f}x" if r["capacity"] and base else "-", fmt(r.get("slo_attainment")),
+              fmt(r.get("slo_attainment_interactive")), fmt(r.get("slo_attainment_batch")), r["probes"]]
+             for r in rows]
+    return markdown_table(["policy", "capacity req/s", "fails at req/s", "capacity / fcfs", "SLO met at capacity",
+                           "interactive", "batch", "probes"], cells)
+
+
 def cpu_table(runs: dict[str, Path], thresholds=(0.5, 1.0, 1.5)) -> str:
     """Per policy and class: TTFT median and max, and the share of requests within each TTFT threshold (s)."""
     cells = []
@@ -153,7 +184,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(table(rows[-1:], base).splitlines()[-1], flush=True)
             if case == "two-tenant" and policy in ("fcfs", "vtc"):
                 shutil.copy(run / "tenant_service.png", args.out / f"tenant_service_{policy}.png")
+    capacity = capacities(runs)
+    print(capacity_table(capacity), flush=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+    (args.out / "capacity.json").write_text(json.dumps(capacity, indent=1))
     figure(rows, args.out)
     bounds = "\n".join(f"- {r['case']}, {r['policy']}: measured service gap {fmt(r['service_gap_max'], 4)}, VTC's "
                        f"bound {fmt(r['vtc_bound'], 4)}" for r in rows if r["policy"] in ("fcfs", "vtc"))
@@ -163,7 +197,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"overrides and `scheduler=<policy>`; simulated, so the numbers do not depend on this machine's load).\n\n"
             f"{cases}\n\n{table(rows, base)}\n\nVTC's bound (2 x max(w_input x longest prompt, w_output x the KV "
             f"pool's tokens)) against the measured largest service difference between two backlogged tenants:\n\n"
-            f"{bounds}\n\nuptime before: `{before}`  \nuptime after: `{uptime()}`\n")
+            f"{bounds}\n\nCapacity per policy on priority-mix (fastgen.capacity: `python -m fastgen.capacity "
+            f"{' '.join(SIM + CAPACITY)} scheduler=<policy>`): the largest Poisson rate at which >= 90% of the "
+            f"requests meet their own class's SLO (bisected to within 10%, at most 8 probes: no 'fails at' means every "
+            f"probed rate met it); per-class attainment at that rate:\n\n"
+            f"{capacity_table(capacity)}\n\nuptime before: `{before}`  \nuptime after: `{uptime()}`\n")
     (args.out / "results.md").write_text(text)
     print(text)
     return rows

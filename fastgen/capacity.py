@@ -6,12 +6,16 @@ benchmark runs (simulated, or real where the model is small enough), as Sarathi-
         capacity.slo.tbt_p99_s=0.5
     python -m fastgen.capacity -m scheduler=splitfuse,vllm-0.2,continuous ...   # + capacity.md: one row each
     python -m fastgen.capacity workload=azure-conv capacity.slo.sla_frac=0.99  # trace replay, rate-scaled
+    python -m fastgen.capacity workload=two-tenant capacity.slo.attainment=0.9  # per-class streams and SLOs
 
-The arrivals must be open loop: a Poisson or Gamma process at `workload.rate`, or a trace replayed at
-`workload.time_scale` (the search sets the time scale that gives each probed rate). Every probe sends the same
+The arrivals must be open loop: a Poisson or Gamma process at `workload.rate`, or a trace or the request classes'
+own streams (arrival=classes) replayed at `workload.time_scale`: the search sets the time scale that gives each
+probed rate, the rate of the arrivals at time scale 1 (a trace's rows, or the classes' streams merged) divided by
+the time scale, so every class's stream is compressed alike and the classes' mix stays. Every probe sends the same
 requests (the same seed), only faster or slower. The SLO is any of: P99 time to first token, P99 time between
-tokens (inter-token latency), and the fraction of requests meeting the paper's chat SLA (`sla`, at `slo.sla_g`
-tokens/s). The search doubles (or halves) the rate from `rate` until it has one rate that meets the SLO and one
+tokens (inter-token latency), the fraction of requests meeting the paper's chat SLA (`sla`, at `slo.sla_g`
+tokens/s), and the fraction of requests meeting their own (their class's) SLO (`slo.attainment`, the run's
+`slo_attainment`). The search doubles (or halves) the rate from `rate` until it has one rate that meets the SLO and one
 that does not, then bisects until they are within `tolerance` of each other. Each probe is a run directory under
 probes/; capacity.json holds the bracket and every probe's figures.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import math
@@ -53,20 +58,34 @@ class CapacityResult:
         return self.capacity is not None and self.failing is not None
 
 
-def trace_rate(cfg: RunConfig) -> float:
-    """Requests per second of the trace's rows the workload replays, at time_scale 1."""
-    from fastgen.workloads.replay import load_trace, resolve_trace_path
-    times = sorted(r.arrival_time for r in load_trace(str(resolve_trace_path(cfg.workload.trace_path)),
-                                                     require_arrival_time=True)[:cfg.workload.num_requests])
+SCALED = ("trace", "classes")       # arrivals replayed at workload.time_scale (the others run at workload.rate)
+
+
+def replay_rate(cfg: RunConfig) -> float:
+    """Requests per second of the arrivals the workload replays at time_scale 1: the trace's rows, or the classes'
+    streams merged (the workload built as the benchmark builds it, for the model's vocabulary and context)."""
+    if cfg.workload.arrival == "classes":
+        from fastgen.sim.shapes import model_spec
+        from fastgen.workloads import build_workload
+        spec = model_spec(cfg.model.source)
+        context = min(filter(None, (cfg.model.max_model_len, spec.max_positions)))
+        workload = build_workload(dataclasses.replace(cfg.workload, time_scale=1.0), spec.vocab_size,
+                                  max_model_len=context)
+        times, what = sorted(workload.arrivals.times), "the classes' streams"
+    else:
+        from fastgen.workloads.replay import load_trace, resolve_trace_path
+        times = sorted(r.arrival_time for r in load_trace(str(resolve_trace_path(cfg.workload.trace_path)),
+                                                         require_arrival_time=True)[:cfg.workload.num_requests])
+        what = cfg.workload.trace_path
     if len(times) < 2 or times[-1] <= times[0]:
-        raise ValueError(f"{cfg.workload.trace_path}: need at least two distinct arrival times to scale its rate")
+        raise ValueError(f"{what}: need at least two distinct arrival times to scale their rate")
     return (len(times) - 1) / (times[-1] - times[0])
 
 
 def at_rate(cfg: RunConfig, rate: float, base_rate: float | None) -> RunConfig:
     """cfg with its arrivals at `rate` requests/s."""
     cfg = copy.deepcopy(cfg)
-    if cfg.workload.arrival == "trace":
+    if cfg.workload.arrival in SCALED:
         cfg.workload.time_scale = base_rate / rate
     else:
         cfg.workload.rate = rate
@@ -80,7 +99,7 @@ def search(cfg: CapacityRunConfig, out_dir: str | Path, run: Callable[[RunConfig
         run = quiet_benchmark
     cfg.validate()
     c, out = cfg.capacity, Path(out_dir)
-    base = trace_rate(cfg) if cfg.workload.arrival == "trace" else None
+    base = replay_rate(cfg) if cfg.workload.arrival in SCALED else None
     probes: list[Probe] = []
 
     def probe(rate: float) -> bool:

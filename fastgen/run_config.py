@@ -91,7 +91,7 @@ class RunConfig(EngineConfig):
 
 
 # -- capacity search (python -m fastgen.capacity, conf/capacity.yaml) -----------------------------------------
-OPEN_LOOP = ("poisson", "gamma", "trace")
+OPEN_LOOP = ("poisson", "gamma", "trace", "classes")
 
 
 @dataclass
@@ -102,13 +102,16 @@ class SLOConfig:
     tbt_p99_s: Optional[float] = None    # P99 time between tokens
     sla_frac: Optional[float] = None     # the fraction of requests meeting the paper's chat SLA, at least
     sla_g: float = 4.0                   # ... at this generation rate (tokens/s; one of sla.gen_tokens_per_s)
+    attainment: Optional[float] = None   # the fraction of requests meeting their own (class's) SLO, at least
 
     def validate(self) -> None:
-        if self.ttft_p99_s is None and self.tbt_p99_s is None and self.sla_frac is None:
-            raise ValueError("capacity search needs an SLO: set capacity.slo.ttft_p99_s, capacity.slo.tbt_p99_s "
-                             "and/or capacity.slo.sla_frac")
-        if self.sla_frac is not None and not 0 < self.sla_frac <= 1:
-            raise ValueError(f"capacity.slo.sla_frac must be in (0, 1], got {self.sla_frac}")
+        if all(v is None for v in (self.ttft_p99_s, self.tbt_p99_s, self.sla_frac, self.attainment)):
+            raise ValueError("capacity search needs an SLO: set capacity.slo.ttft_p99_s, capacity.slo.tbt_p99_s, "
+                             "capacity.slo.sla_frac and/or capacity.slo.attainment")
+        for key in ("sla_frac", "attainment"):
+            value = getattr(self, key)
+            if value is not None and not 0 < value <= 1:
+                raise ValueError(f"capacity.slo.{key} must be in (0, 1], got {value}")
 
     def checks(self) -> dict[str, tuple[str, float, bool]]:
         """{metric key: (what, limit, whether the value must stay at most (True) or at least (False) the limit)}"""
@@ -119,6 +122,8 @@ class SLOConfig:
             out["itl_s_p99"] = ("P99 TBT (s)", self.tbt_p99_s, True)
         if self.sla_frac is not None:
             out[f"sla_frac_{g_suffix(self.sla_g)}"] = (f"SLA met at {self.sla_g:g} tok/s", self.sla_frac, False)
+        if self.attainment is not None:
+            out["slo_attainment"] = ("own SLO met", self.attainment, False)
         return out
 
     def met(self, metrics: dict) -> bool:

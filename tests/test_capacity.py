@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from fastgen.capacity import at_rate, capacity_table, search, trace_rate, write
+from fastgen.capacity import at_rate, capacity_table, replay_rate, search, write
 from fastgen.conf import compose_config
 
 SMALL = ["executor=simulated", "progress=false", "workload=poisson", "workload.num_requests=24",
@@ -37,13 +37,34 @@ def test_capacity_search_brackets_the_rate_within_its_tolerance(scheduler, tmp_p
 def test_capacity_scales_a_trace_by_its_time_scale_and_refuses_closed_loop():
     cfg = capacity_config("workload=azure-conv", "workload.num_requests=100", "model.source=llama-2-7b",
                           "hardware=a100-80gb", "capacity.slo.sla_frac=0.9")
-    base = trace_rate(cfg)
+    base = replay_rate(cfg)
     assert 1 < base < 20                                    # the conversation trace runs at ~5.5 requests/s
     assert at_rate(cfg, 2 * base, base).workload.time_scale == pytest.approx(0.5)
     with pytest.raises(ValueError, match="workload.arrival must be one of"):
         capacity_config("workload.arrival=closed_loop", "capacity.slo.tbt_p99_s=1").validate()
     with pytest.raises(ValueError, match="needs an SLO"):
         capacity_config().validate()
+
+
+def test_capacity_of_request_classes_scales_every_class_stream_and_judges_requests_by_their_slo(tmp_path):
+    """two-tenant (each class its own arrivals, arrival=classes), Llama-2-7B simulated on an A100: each probe
+    compresses both streams by one time scale, base rate / probed rate, and meets the SLO iff >= 90% of requests
+    meet their own class's SLO (slo_attainment); the search brackets the rate."""
+    cfg = capacity_config("workload=two-tenant", "workload.num_requests=64", "model.source=llama-2-7b",
+                          "hardware=a100-80gb", "capacity.slo.attainment=0.9", "capacity.tolerance=0.2",
+                          "capacity.rate=64")
+    base = replay_rate(cfg)
+    assert 1 < base < 50            # the first 64 of the merged streams (1 + 2 req/s on average; the flood bursts)
+    probed = at_rate(cfg, 2 * base, base)
+    assert probed.workload.time_scale == pytest.approx(0.5) and probed.workload.classes == cfg.workload.classes
+    result = search(cfg, tmp_path)
+    assert result.bracketed and result.capacity < result.failing <= 1.2 * result.capacity
+    for probe in result.probes:
+        assert probe.met == (probe.metrics["slo_attainment"] >= 0.9)
+        assert probe.metrics["num_requests"] == 64 and {"slo_attainment_small", "slo_attainment_large"} <= set(
+            probe.metrics)
+    with pytest.raises(ValueError, match="capacity.slo.attainment must be in"):
+        capacity_config("capacity.slo.attainment=1.5").validate()
 
 
 def test_the_capacity_config_extends_run_pys_and_judges_by_the_papers_sla():

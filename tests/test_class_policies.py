@@ -282,3 +282,28 @@ def test_qoe_is_the_area_ratio_of_the_read_timeline_to_the_expected_one():
     assert qoe(0.0, [0.5, 0.6, 0.7], expect) == pytest.approx(1.0)        # early: buffered, read at 1 tok/s
     assert qoe(0.0, [2.0, 3.0, 4.0], expect) == pytest.approx(6 / 9)      # 1 s late: areas 3+2+1 over 4+3+2
     assert qoe(0.0, [1.0, 4.0, 4.0], expect) == pytest.approx(4 / 6)      # a 2 s stall mid-stream: 3+1+0 over 3+2+1
+
+
+def drive(sched, now, reqs, dt=0.02, max_steps=2000) -> int:
+    """Steps `sched` on a clock advancing dt a step, adding reqs as they arrive, until all finish; the preemptions."""
+    pending, preempted = sorted(reqs, key=lambda r: r.arrival_time), 0
+    for _ in range(max_steps):
+        if not pending and not sched.has_unfinished():
+            return preempted
+        while pending and pending[0].arrival_time <= now[0]:
+            sched.add_request(pending.pop(0))
+        preempted += len(step(sched).preempted)
+        now[0] += dt
+    raise AssertionError(f"not finished in {max_steps} steps")
+
+
+@pytest.mark.parametrize("cap", [1.0, 1e9])
+def test_edf_does_not_thrash_in_a_tight_pool_with_its_preemption_cap(cap):
+    """12 requests with tight deadlines in a 10-block pool: deadlines move as requests wait, so uncapped EDF preempts
+    over and over (about 16 a request); at the default cap (1 a request received) preemptions stay bounded."""
+    sched, now = bare("edf", num_blocks=10, block_size=16, token_budget=64, preemption_cap=cap)
+    reqs = [request(i, 24 + 5 * (i % 3), 30, t=0.1 * i, slo=SLO(ttft_s=0.5 + 0.2 * (i % 4), tpot_s=0.05 * (1 + i % 2)))
+            for i in range(12)]
+    preempted = drive(sched, now, reqs)
+    assert all(len(r.output_token_ids) == 30 for r in reqs) and sched.kv.num_free_blocks == 10
+    assert preempted <= 2 * len(reqs) if cap == 1.0 else preempted > 8 * len(reqs)

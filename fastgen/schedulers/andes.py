@@ -31,6 +31,7 @@ from fastgen.kv.manager import KVManager
 from fastgen.qoe import EXPECTED_TDS, EXPECTED_TTFT_S, Expectation
 from fastgen.request import Request
 from fastgen.schedulers.base import Scheduler, SchedulerOutput, TokenBudgetConfig, register_scheduler
+from fastgen.schedulers.preemption_cap import PreemptionCap
 
 
 @dataclass
@@ -58,11 +59,10 @@ class AndesScheduler(Scheduler):
         super().__init__(config, kv)
         self.default = Expectation(config.expected_ttft_s, config.expected_tds)
         self._keys: dict[int, tuple] = {}        # this step's key of each request
-        self._received = self._preempted = 0     # requests received, and preempted for denser ones, so far
+        self.cap = PreemptionCap(config.preemption_cap)      # preemptions for denser requests
 
     def add_request(self, req: Request) -> None:
-        if req.num_preemptions == 0:
-            self._received += 1
+        self.cap.receive(req)
         super().add_request(req)
 
     def density(self, req: Request) -> float:
@@ -89,12 +89,9 @@ class AndesScheduler(Scheduler):
         if worse_than is None:
             return super().worst_running(out, key)
         cfg = self.config
-        if (worse_than[0] >= 0 or len(out.preempted) >= cfg.max_preemptions
-                or self._preempted >= cfg.preemption_cap * self._received):
+        if worse_than[0] >= 0 or len(out.preempted) >= cfg.max_preemptions or not self.cap.allows():
             return None
-        victim = super().worst_running(out, key, (worse_than[0], float("inf")))
-        self._preempted += victim is not None
-        return victim
+        return self.cap.count(super().worst_running(out, key, (worse_than[0], float("inf"))))
 
     def victim(self, out: SchedulerOutput) -> Request | None:
         return super().worst_running(out, self.key)

@@ -11,14 +11,22 @@ arrival + ttft_s, or even its last token (max_new_tokens) would be past first + 
 `late` says what becomes of it: `serve_last` (it runs after every request still on time) or `drop` (it ends at
 once with finish_reason "deadline": the scheduler lets it go and frees its KV, and the engine ends it when it
 reads the plan's `dropped` list).
+
+In a tight pool, as for andes: a waiting request that cannot get KV is skipped, not left to stop the queue
+(`schedule_by_key(..., head_of_line=False)`), and preemptions for a more urgent request are capped at
+`preemption_cap` per request received (Andes' P). A running request's deadline moves closer as it waits, so without
+both EDF preempts back and forth (priority-mix at 40 req/s, 120 KV blocks, simulated: 3,324 preemptions and 1.6
+req/s with the cap alone, 3,765 and 2.0 req/s with the skip alone, 300 and 8.5 req/s with both).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+from fastgen.kv.manager import KVManager
 from fastgen.request import Request
 from fastgen.schedulers.base import Scheduler, SchedulerOutput, TokenBudgetConfig, register_scheduler
+from fastgen.schedulers.preemption_cap import PreemptionCap
 
 LATE = ("serve_last", "drop")
 
@@ -27,16 +35,27 @@ LATE = ("serve_last", "drop")
 class EDFConfig(TokenBudgetConfig):
     name: str = "edf"
     late: str = "serve_last"             # what becomes of a request that can no longer meet its SLO: LATE
+    preemption_cap: float = 1.0          # preemptions for a more urgent request, on average per request received
 
     def validate(self) -> None:
         super().validate()
         if self.late not in LATE:
             raise ValueError(f"scheduler.late must be one of {LATE}, got {self.late!r}")
+        if self.preemption_cap < 0:
+            raise ValueError(f"scheduler.preemption_cap must be >= 0, got {self.preemption_cap}")
 
 
 @register_scheduler("edf", config=EDFConfig)
 class EDFScheduler(Scheduler):
     now: float = 0.0
+
+    def __init__(self, config: EDFConfig, kv: KVManager):
+        super().__init__(config, kv)
+        self.cap = PreemptionCap(config.preemption_cap)
+
+    def add_request(self, req: Request) -> None:
+        self.cap.receive(req)
+        super().add_request(req)
 
     def deadline(self, req: Request) -> float:
         slo = req.slo
@@ -64,8 +83,14 @@ class EDFScheduler(Scheduler):
             if self.config.late == "drop":
                 for req in [r for r in self.running + list(self.waiting) if self.is_late(r)]:
                     self.drop(req, "deadline", out)
-            self.schedule_by_key(out, self.config.token_budget, self.key)
+            self.schedule_by_key(out, self.config.token_budget, self.key, head_of_line=False)
         return self.until_progress(plan)
 
+    def worst_running(self, out: SchedulerOutput, key, worse_than: tuple | None = None) -> Request | None:
+        """A victim for a more urgent request, while preemptions stay within preemption_cap per request received."""
+        if worse_than is None:
+            return super().worst_running(out, key)
+        return self.cap.count(super().worst_running(out, key, worse_than)) if self.cap.allows() else None
+
     def victim(self, out: SchedulerOutput) -> Request | None:
-        return self.worst_running(out, self.key)
+        return super().worst_running(out, self.key)
