@@ -445,27 +445,15 @@ class LLMEngine:
     def _verify(self, chunks: list[ScheduledChunk], drafts: list[list[int]], first_rows: list[int],
                 logits: torch.Tensor) -> list[RequestOutput]:
         """The chunks that carried proposals: each keeps its accepted run and one token more (Sampler.verify), in
-        one batched pass (each alone, seeded generators rewound, if that fails: a failure is its request's own);
-        appended one by one, sent as one output. Each chunk notes how many proposals were kept (their KV stays)."""
+        one batched pass (see _each_alone_if_batch_fails); appended one by one, sent as one output. Each chunk notes
+        how many proposals were kept (their KV stays)."""
         rows = [[self._sampling_row(c.request, d[:j]) for j in range(len(d) + 1)] for c, d in zip(chunks, drafts)]
         at = [list(range(first, first + len(d) + 1)) for first, d in zip(first_rows, drafts)]
 
         def verify(which: list[int]) -> list:
             return self._sampler.verify(logits[[i for k in which for i in at[k]]], [r for k in which for r in rows[k]],
                                         [drafts[k] for k in which])
-        seeded = [(r.generator, r.generator.get_state()) for c in chunks if (r := c.request).generator is not None]
-        try:
-            results = verify(list(range(len(chunks))))
-        except Exception:      # noqa: BLE001
-            log.exception("batched verification failed; verifying each of its %d requests alone", len(chunks))
-            for generator, state in seeded:
-                generator.set_state(state)
-            results = []
-            for k in range(len(chunks)):
-                try:
-                    results += verify([k])
-                except Exception as e:      # noqa: BLE001
-                    results.append(e)
+        results = self._each_alone_if_batch_fails(verify, [c.request.generator for c in chunks], "verification")
         outputs, now = [], self.clock()
         for c, draft, result in zip(chunks, drafts, results):
             req = c.request
@@ -544,22 +532,29 @@ class LLMEngine:
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[tuple[int, TokenLogprob | None]
                                                                                | Exception]:
-        """All rows in one batched pass; if that fails, each row alone (seeded generators rewound first), so one
-        request's bad parameters fail only that request."""
-        seeded = [(r.generator, r.generator.get_state()) for r in rows if r.generator is not None]
-        try:
-            out = self._sampler(logits, rows)
+        """All rows in one batched pass (see _each_alone_if_batch_fails)."""
+        def sample(which: list[int]) -> list:
+            out = self._sampler(logits if len(which) == len(rows) else logits[which], [rows[i] for i in which])
             self._mask_s += out.mask_s
             return list(zip(out.token_ids, out.logprobs))
+        return self._each_alone_if_batch_fails(sample, [r.generator for r in rows], "sampling")
+
+    @staticmethod
+    def _each_alone_if_batch_fails(run: Callable[[list[int]], list], generators: Sequence[torch.Generator | None],
+                                   what: str) -> list:
+        """run(every index) in one batched pass; if that fails, run([i]) for each alone (seeded generators rewound
+        first), so one request's bad parameters fail only that request: its result is the exception."""
+        seeded = [(g, g.get_state()) for g in generators if g is not None]
+        try:
+            return run(list(range(len(generators))))
         except Exception:      # noqa: BLE001
-            log.exception("batched sampling failed; sampling each of its %d requests alone", len(rows))
+            log.exception("batched %s failed; each of its %d requests alone", what, len(generators))
         for generator, state in seeded:
             generator.set_state(state)
         results = []
-        for i, row in enumerate(rows):
+        for i in range(len(generators)):
             try:
-                out = self._sampler(logits[i:i + 1], [row])
-                results.append((out.token_ids[0], out.logprobs[0]))
+                results += run([i])
             except Exception as e:      # noqa: BLE001
                 results.append(e)
         return results

@@ -230,3 +230,24 @@ def test_draft_model_proposals_keep_greedy_exact_and_its_kv_in_step(draft_family
     assert proposed > 0 and (accepted == proposed if same else accepted < proposed)
     draft = built.engine._proposer
     assert draft.allocator.num_free == draft.allocator.num_blocks and not draft.fed
+
+
+def test_a_request_whose_verification_fails_ends_alone():
+    """Sampling parameters broken after acceptance (as in test_sampling's fault test) fail only their request; the
+    speculating neighbours keep transformers' tokens and every block comes back."""
+    prompts, news, ref = workload("llama")
+    built = engine("llama", adaptive_speculation=False)
+    eng, stats = built.engine, []
+    eng.add_step_observer(stats.append)
+    good = [eng.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True)) for p, n in zip(prompts, news)]
+    bad_params = SamplingParams(max_new_tokens=20, temperature=1.0, top_k=5, ignore_eos=True)
+    bad = eng.add_request(prompts[0], bad_params)
+    outputs = eng.step() + eng.step()
+    bad_params.top_k = 2**63                           # injected fault
+    while eng.has_unfinished():
+        outputs += eng.step()
+    failed = [o for o in outputs if o.finish_reason == "error"]
+    assert [o.request_id for o in failed] == [bad] and "sampling failed" in failed[0].error
+    done = {o.request_id: o.request for o in outputs if o.finished}
+    assert [done[i].output_token_ids for i in good] == ref and sum(s.num_verifies for s in stats) > 0
+    assert built.kv.num_free_blocks == built.kv.num_blocks

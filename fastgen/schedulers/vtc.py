@@ -69,6 +69,13 @@ class VTCScheduler(SplitFuseScheduler):
                 self.charge(c.request, self.config.w_output)
         return out
 
+    def update_from_output(self, out: SchedulerOutput, *args, **kwargs) -> None:
+        """Speculative decoding: a verify's accepted proposals are output tokens too (schedule() charged its one)."""
+        for c in out.chunks:
+            if c.num_accepted:
+                self.charge(c.request, self.config.w_output * c.num_accepted)
+        super().update_from_output(out, *args, **kwargs)
+
     def charge(self, req: Request, cost: float) -> None:
         self.counters[req.tenant] = self.counters.get(req.tenant, 0.0) + cost
 
