@@ -113,8 +113,9 @@ def sim(args, out: Path) -> str:
                             best[(gpus, case)] = max(best.get((gpus, case), 0.0), per_gpu)
                         print(setup, workload, rows[-1], flush=True)
             table = markdown_table(["GPUs", "deployment", "load req/s/GPU", *METRICS.values()], rows)
+            deployments = dict.fromkeys((r[0], r[1]) for r in rows)
             goodput = markdown_table(["GPUs", "deployment", "max load at 90% SLO (req/s/GPU)"],
-                                     [[g, c, fmt(best.get((g, c)))] for g, c in dict.fromkeys((r[0], r[1]) for r in rows)])
+                                     [[g, c, fmt(best.get((g, c)))] for g, c in deployments])
             sections.append(f"### {setup}, {workload}: SLO TTFT <= {ttft} s, TPOT <= {tpot} s\n\n"
                             f"Overrides: `{' '.join(COMMON + overrides + WORKLOADS[workload])}`\n\n{table}\n{goodput}")
     figure(curves, out / "sim.png")
