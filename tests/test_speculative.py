@@ -81,6 +81,18 @@ def test_greedy_with_speculation_and_prefix_caching_and_preemption_stays_exact()
     assert built.kv.num_free_blocks == built.kv.num_blocks
 
 
+def test_vtc_charges_every_token_of_an_accepted_run():
+    """VTC's counter is the tenant's weighted service: with speculation a verify yields several output tokens, and
+    each is charged w_output (schedule() charges the step's one, the commit the accepted proposals)."""
+    prompts, news, ref = workload("llama")
+    built = engine("llama", "vtc")
+    got, stats = run(built, prompts, news)
+    assert got == ref and sum(s.num_accepted_tokens for s in stats) > 0
+    cfg = built.scheduler.config
+    want = cfg.w_input * sum(map(len, prompts)) + cfg.w_output * sum(news)
+    assert built.scheduler.counters["default"] == pytest.approx(want)
+
+
 def test_stop_tokens_and_max_tokens_end_an_accepted_run():
     prompts, news, ref = workload("llama")
     stop = ref[0][10]                      # a token the first request emits inside a run of accepted proposals
