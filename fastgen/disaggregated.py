@@ -18,6 +18,7 @@ request fails alone with an error saying so. Nothing is lost or finished twice.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -33,6 +34,7 @@ from fastgen.request import Request
 from fastgen.routers import Router
 from fastgen.sampling import ParameterError, SamplingParams
 from fastgen.sim.clocks import VirtualClock
+from fastgen.step_stats import EngineSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,13 @@ class DisaggregatedEngine:
         pool, i = where
         self.outstanding[pool][i] -= 1
         return (self.prefill, self.decode)[pool][i].abort(request_id)
+
+    def snapshot(self) -> EngineSnapshot:
+        """Both pools together: requests whose KV is moving count as waiting; their blocks are held (on the
+        prefill side) until they land."""
+        shots = [e.snapshot() for e in self.prefill + self.decode]
+        running, waiting, total, free, steps = (sum(col) for col in zip(*(dataclasses.astuple(s) for s in shots)))
+        return EngineSnapshot(running, waiting + len(self.transfers), total, free, steps)
 
     def close(self) -> None:
         for e in self.prefill + self.decode:

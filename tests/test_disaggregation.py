@@ -264,3 +264,69 @@ def test_link_model():
     with pytest.raises(ValueError, match="bandwidth > 0"):
         Link(0.0, 0.0)
     assert math.isfinite(DeploymentConfig().num_engines)
+
+
+# -- behind the server: one front, streaming across the hand-off ---------------------------------------------------
+@pytest.fixture(scope="module")
+def served_pools():
+    import serving
+    engine = build_deployment(serving.ENGINE_CFG, DeploymentConfig(name="disaggregated", decode_replicas=2),
+                              model=serving.tiny_model(), tokenizer=serving.tokenizer())
+    with serving.served(engine=engine, reference=True) as s:
+        yield s
+
+
+def pools_idle(engine: DisaggregatedEngine) -> bool:
+    """No request and no KV block held on either pool, nothing moving between them."""
+    shots = [e.snapshot() for e in engine.prefill + engine.decode]
+    return not engine.transfers and all(s.num_running == s.num_waiting == 0 and s.kv_blocks_free == s.kv_blocks_total
+                                        for s in shots)
+
+
+def test_server_over_pools_streams_the_colocated_greedy_outputs(served_pools):
+    from serving import MODEL, stream_text, tokenizer
+    client, engine = served_pools.client(), served_pools.engine
+    decode_steps = [e.snapshot().num_steps for e in engine.decode]
+    prompts = ["The quick brown fox", "Once upon a time", [5, 900, 17, 3000, 42]]
+    for prompt in prompts:
+        expected = served_pools.reference(prompt, max_new_tokens=12, ignore_eos=True)[0]
+        args = dict(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+        assert client.completions.create(**args).choices[0].text == expected.text
+        text, choices, _ = stream_text(client.completions.create(**args, stream=True), chat=False)
+        assert text == expected.text
+        assert len(choices) == 12 and choices[-1].finish_reason == "length"   # one chunk a token: no gap, no repeat
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    template = tokenizer().apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    expected = served_pools.reference(tokenizer().encode(template, add_special_tokens=False), max_new_tokens=10,
+                                      ignore_eos=True)[0]
+    args = dict(model=MODEL, messages=messages, max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    assert client.chat.completions.create(**args).choices[0].message.content == expected.text
+    text, choices, _ = stream_text(client.chat.completions.create(**args, stream=True), chat=True)
+    assert text == expected.text and choices[-1].finish_reason == "length"
+    assert all(e.snapshot().num_steps > n for e, n in zip(engine.decode, decode_steps))  # both decode engines ran
+    assert pools_idle(engine)
+
+
+def test_server_over_pools_frees_kv_on_both_sides_when_a_client_disconnects(served_pools):
+    import httpx
+    from serving import AUTH
+    engine = served_pools.engine
+    body = {"model": "tiny-smollm2", "prompt": [7] * 300, "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{served_pools.url}/v1/completions", headers=AUTH, timeout=60, json=body) as response:
+        events = (line for line in response.iter_lines() if line)
+        assert next(events).startswith("data: {")          # the first token: the request has moved to decode ...
+        assert next(events).startswith("data: {")          # ... and decodes there
+        assert any(e.snapshot().kv_blocks_free < e.snapshot().kv_blocks_total for e in engine.decode)
+    served_pools.idle()
+    assert pools_idle(engine), "the aborted request still holds KV on a pool"
+    assert served_pools.post("/v1/completions", {"model": "tiny-smollm2", "prompt": "Hi", "max_tokens": 2}
+                             ).status_code == 200
+
+
+def test_serve_config_composes_a_disaggregated_deployment():
+    from fastgen.serve import ServeConfig
+    cfg = compose_config(["deployment=disaggregated", "deployment.decode_replicas=2"], config_name="serve")
+    assert isinstance(cfg, ServeConfig) and cfg.deployment.disaggregated and cfg.deployment.decode_replicas == 2
+    cfg.validate()
+    with pytest.raises(ValueError, match="leave replicas=1"):
+        compose_config(["deployment=disaggregated", "replicas=2"], config_name="serve").validate()

@@ -1,7 +1,8 @@
 """`python -m fastgen.serve [key=value ...]`: load the model named by conf/serve.yaml and serve it over HTTP.
 
 Binds 127.0.0.1:8000 unless told otherwise (host=0.0.0.0 port=9000); the API key comes from FASTGEN_API_KEY.
-replicas=N (> 1) serves N engine replicas on Ray Serve behind router=NAME (fastgen/serve/replicas.py).
+replicas=N (> 1) serves N engine replicas on Ray Serve behind router=NAME (fastgen/serve/replicas.py);
+deployment=disaggregated serves prefill and decode pools (fastgen.deployment) from this process.
 """
 import logging
 
@@ -9,8 +10,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fastgen.cli import run_hydra
-from fastgen.compose import build_engine
 from fastgen.conf import CONF_DIR
+from fastgen.deployment import build_deployment
 from fastgen.serve.app import create_app
 from fastgen.serve.config import LOOPBACK_HOSTS, ServeConfig
 from fastgen.serve.edge import uvicorn_server
@@ -24,7 +25,7 @@ def main(dict_cfg: DictConfig) -> None:
         logging.getLogger(__name__).warning("serving on %s without an api_key: anyone who can reach it can use it; "
                                             "set FASTGEN_API_KEY", cfg.host)
     if cfg.replicas == 1:
-        uvicorn_server(create_app(build_engine(cfg), cfg), cfg).run()
+        uvicorn_server(create_app(build_deployment(cfg, cfg.deployment, cfg.router), cfg), cfg).run()
         return
     from fastgen.serve.replicas import ReplicaSet      # Ray only where replicas are asked for
     replicas = ReplicaSet(cfg)

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
 
+from fastgen.disaggregated import DisaggregatedEngine
 from fastgen.engine import LLMEngine
 from fastgen.sampling import ParameterError, SamplingParams, TokenLogprob
 from fastgen.serve.tools import reader as tool_reader, template_messages
@@ -149,13 +150,14 @@ class Server:
                 raise APIError(400, f"{param}: {e}", param=param) from None
 
 
-def create_app(engine: LLMEngine | Backend, cfg: ServeConfig | None = None) -> FastAPI:
+def create_app(engine: LLMEngine | DisaggregatedEngine | Backend, cfg: ServeConfig | None = None) -> FastAPI:
     """The app serving `engine` (in this process: its engine thread runs while the app does) or a backend with
     EngineLoop's interface (fastgen.serve.replicas.ReplicaSet), which the app stops when it ends. cfg's engine
     fields are not used: the engine is already built."""
     cfg = cfg or ServeConfig()
     cfg.validate()
-    server = Server(EngineLoop(engine, ServerMetrics()) if isinstance(engine, LLMEngine) else engine, cfg)
+    in_process = isinstance(engine, (LLMEngine, DisaggregatedEngine))     # disaggregated: its pools, one front
+    server = Server(EngineLoop(engine, ServerMetrics()) if in_process else engine, cfg)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from fastgen.compose import EngineConfig
+from fastgen.deployment import DeploymentConfig
 from fastgen.request_trace import SLO
 from fastgen.routers import ROUTERS, RouterConfig
 
@@ -91,6 +92,7 @@ class ServeConfig(EngineConfig):
     replicas: int = 1                        # engine replicas; > 1: Ray Serve deployment replicas behind `router`
     router: RouterConfig = field(default_factory=lambda: ROUTERS.config("round_robin"))
     replica: ReplicaConfig = field(default_factory=ReplicaConfig)
+    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)   # colocated | disaggregated pools
 
     @property
     def model_name(self) -> str:
@@ -131,5 +133,9 @@ class ServeConfig(EngineConfig):
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
         self.router.validate()
         self.replica.validate()
+        self.deployment.validate()
+        if self.deployment.disaggregated and self.replicas > 1:
+            raise ValueError("deployment=disaggregated serves its pools from this process, sized by "
+                             "deployment.prefill_replicas and deployment.decode_replicas: leave replicas=1")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")

@@ -18,6 +18,7 @@ import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from fastgen.disaggregated import DisaggregatedEngine
 from fastgen.engine import LLMEngine, RequestOutput
 from fastgen.request_trace import DEFAULT_TENANT, SLO
 from fastgen.sampling import SamplingParams, TokenLogprob
@@ -177,7 +178,7 @@ _STOP = object()
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, metrics: ServerMetrics):
+    def __init__(self, engine: LLMEngine | DisaggregatedEngine, metrics: ServerMetrics):
         self.engine, self.metrics = engine, metrics
         engine.add_step_observer(metrics.observe_step)
         metrics.observe_engine(engine.snapshot())          # the gauges are right before the first request
