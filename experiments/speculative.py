@@ -4,11 +4,14 @@ prompts the answer quotes (workload=quote), on random prompts and on prose the m
 switches them off for requests whose proposals fail); and, simulated at paper scale (Llama-2-70B on 4xA100), how
 the best speculative budget (scheduler.max_speculative_tokens) moves with load (1, 4, 16, 64 clients), proposals
 accepted at a per-request rate ~ Beta(3, 2) (speculative=synthetic). The `sampled` part draws SmolLM2's tokens at
-temperature 1 on random prompts (seeded), whose outputs rarely repeat: there speculation must not cost.
+temperature 1 on random prompts (seeded), whose outputs rarely repeat: there speculation must not cost. The
+`draft` part charges each simulated proposal step a Llama-2-7B draft model's decode steps
+(speculative.draft_model) and draws acceptance from the rates measured on SmolLM2 with ngram on workload=quote.
 
     python experiments/speculative.py                    # both parts -> experiments/results/speculative/
     python experiments/speculative.py --parts real --rounds 3
     python experiments/speculative.py --parts sampled
+    python experiments/speculative.py --parts draft --clients 1 4 16
 
 The real part runs each case off and on back to back, `--rounds` times (interleaved, so a shared machine's load
 falls on both alike), single-threaded and timed in this process's CPU seconds (fastgen.sim.CPUClock); the ratio
@@ -44,6 +47,8 @@ SIM = ["executor=simulated", "hardware=a100-80gb", "hardware.tensor_parallel=4",
 SPECULATIVE = ["speculative=synthetic", "scheduler.speculate_first=true"]
 METRICS = {"output_token_throughput": "out tok/s", "tpot_s_p50": "TPOT P50 s", "spec_acceptance_rate": "accepted",
            "spec_accepted_per_verify": "accepted/verify", "spec_token_share": "spec share"}
+SIM_METRICS = {**METRICS, "spec_draft_s": "draft s"}
+SIM_HEADER = ["clients", "case", *SIM_METRICS.values(), "vs off", ""]
 
 
 def fmt(v) -> str:
@@ -116,32 +121,58 @@ def sampled(args, out: Path) -> str:
             + markdown_table(["case", "out tok/s", "vs off", "accepted", "verifies"], rows))
 
 
-def sim(args, out: Path) -> str:
-    before, rows = uptime(), []
-    cases = {"off": ["speculative=none"], **{f"cap {c}": [*SPECULATIVE, f"scheduler.max_speculative_tokens={c}"]
-                                             for c in args.caps},
-             "after prompts": ["speculative=synthetic"]}
+def sim_rows(args, out: Path, part: str, cases: dict[str, list[str]]) -> list[list]:
+    """Each case at each client count, simulated; its throughput vs the case `off`, and the best case marked."""
+    rows = []
     for clients in args.clients:
         results = {case: run_or_reuse(["progress=false", *SIM, f"workload.clients={clients}", *extra],
-                                      out / "runs" / "sim" / f"c{clients}-{case.replace(' ', '')}", args.reuse)
+                                      out / "runs" / part / f"c{clients}-{case.replace(' ', '')}", args.reuse)
                    for case, extra in cases.items()}
         base = results["off"]["output_token_throughput"]
         best = max(results, key=lambda c: results[c]["output_token_throughput"])
         for case, m in results.items():
-            rows.append([clients, case, *(fmt(m.get(k)) for k in METRICS),
+            rows.append([clients, case, *(fmt(m.get(k)) for k in SIM_METRICS),
                          f"{m['output_token_throughput'] / base:.2f}x", "best" if case == best else ""])
-        print(markdown_table(["clients", "case", *METRICS.values(), "vs off", ""], rows[-len(cases):]), flush=True)
+        print(markdown_table(SIM_HEADER, rows[-len(cases):]), flush=True)
+    return rows
+
+
+def sim(args, out: Path) -> str:
+    before = uptime()
+    cases = {"off": ["speculative=none"], **{f"cap {c}": [*SPECULATIVE, f"scheduler.max_speculative_tokens={c}"]
+                                             for c in args.caps},
+             "after prompts": ["speculative=synthetic"]}
+    rows = sim_rows(args, out, "sim", cases)
     return (f"## Llama-2-70B on 4xA100-80GB, simulated\n\nOverrides: `{' '.join(SIM)}`; speculative cases: "
             f"`{' '.join(SPECULATIVE)} scheduler.max_speculative_tokens=<cap>` (proposal slots granted before "
             "prompt chunks, at most <cap> a step) and `after prompts` (`speculative=synthetic` with SplitFuse's "
             "default: slots only from what prompts leave, cap 256)\n\n"
-            f"uptime before: `{before}`  \nuptime after: `{uptime()}`\n\n"
-            + markdown_table(["clients", "case", *METRICS.values(), "vs off", ""], rows))
+            f"uptime before: `{before}`  \nuptime after: `{uptime()}`\n\n" + markdown_table(SIM_HEADER, rows))
+
+
+MEASURED = "speculative.acceptance=measured:smollm2-ngram-quote"
+DRAFT = "speculative.draft_model=llama-2-7b"
+DRAFT_CASES = {"off": ["speculative=none"], "Beta(3,2)": ["speculative=synthetic"],
+               "Beta(3,2) + 7B draft": ["speculative=synthetic", DRAFT],
+               "measured": ["speculative=synthetic", MEASURED],
+               "measured + 7B draft": ["speculative=synthetic", MEASURED, DRAFT]}
+
+
+def draft(args, out: Path) -> str:
+    rows = sim_rows(args, out, "draft", DRAFT_CASES)
+    return (f"## Llama-2-70B on 4xA100-80GB, simulated: draft cost and measured acceptance\n\nOverrides: "
+            f"`{' '.join(SIM)}`; cases: {DRAFT_CASES}. `measured`: per-request rates of SmolLM2-135M with "
+            "speculative=ngram on workload=quote (fastgen/sim/profiles/acceptance/smollm2-ngram-quote.json); "
+            "`7B draft`: each proposal step costs Llama-2-7B's k decode steps on the same 4 GPUs.\n\n"
+            + markdown_table(SIM_HEADER, rows))
+
+
+PARTS = ["real", "sampled", "sim", "draft"]
 
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=["real", "sampled", "sim"], choices=["real", "sampled", "sim"])
+    parser.add_argument("--parts", nargs="+", default=["real", "sampled", "sim", "draft"], choices=PARTS)
     parser.add_argument("--rounds", type=int, default=2, help="real part: interleaved off/on rounds per case")
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16, 64], help="simulated part")
     parser.add_argument("--caps", nargs="+", type=int, default=[16, 64, 256], help="simulated part: budgets")
@@ -152,7 +183,7 @@ def main(argv: list[str] | None = None) -> str:
     title = (f"# Speculative decoding: off vs on\n\nCommand: `python experiments/speculative.py "
              f"{' '.join(argv if argv is not None else sys.argv[1:])}` on {os.cpu_count()} CPU cores.\n\n")
     sections = []
-    for part, run in (("real", real), ("sampled", sampled), ("sim", sim)):
+    for part, run in (("real", real), ("sampled", sampled), ("sim", sim), ("draft", draft)):
         if part in args.parts:
             sections.append(run(args, args.out))
             (args.out / f"{part}.md").write_text(title + sections[-1] + "\n")

@@ -49,8 +49,9 @@ def build_engine(cfg: EngineConfig, model=None, tokenizer=None, clock: Callable[
     executor = make_executor(cfg, model, tokenizer)
     if clock is not None and executor.loads_weights:
         executor.clock = clock               # the step's prepare / forward split on the engine's clock
+    proposer = make_proposer(cfg.speculative, executor)
     if instrument is not None:
         executor = instrument(executor)
     kv = make_kv_manager(cfg.kv, executor.num_kv_blocks, executor.num_host_kv_blocks)
     return LLMEngine(executor, make_scheduler(cfg.scheduler, kv), seed=cfg.seed,
-                     max_model_len=cfg.model.max_model_len, clock=clock, proposer=make_proposer(cfg.speculative))
+                     max_model_len=cfg.model.max_model_len, clock=clock, proposer=proposer)

@@ -41,12 +41,14 @@ class SpeculationStats:
     verifies: int = 0
     proposed: int = 0
     accepted: int = 0
+    rejected: int = 0                 # verifies that ended at a rejected proposal (the others accepted them all)
     acceptance: float = 1.0
     skipped: int = 0                  # decode steps a policy has not granted it speculation since its last verify
 
     def record(self, proposed: int, accepted: int) -> None:
         self.verifies, self.proposed, self.accepted = self.verifies + 1, self.proposed + proposed, \
             self.accepted + accepted
+        self.rejected += accepted < proposed
         self.acceptance += self.WEIGHT * (accepted / proposed - self.acceptance)
         self.skipped = 0
 

@@ -14,7 +14,11 @@ from fastgen.bench import run_benchmark
 from fastgen.compose import build_engine
 from fastgen.conf import compose_config
 from fastgen.sampling import Sampler, SamplingParams, SamplingRow
-from fastgen.speculative import PROPOSERS
+from fastgen.request import Request
+from fastgen.sim.acceptance import MeasuredAcceptance
+from fastgen.sim.shapes import model_spec
+from fastgen.sim.work import BatchShape
+from fastgen.speculative import PROPOSERS, make_proposer
 from fastgen.speculative.ngram import lookup
 from tiny import compose_engine, drain, drive_with_aborts, fastgen_from_hf, reference_greedy, tiny_hf_model
 
@@ -208,6 +212,52 @@ def test_simulated_speculation_charges_verify_chunks_and_draws_acceptance(tmp_pa
     assert off["spec_acceptance_rate"] is None and on["num_output_tokens"] == off["num_output_tokens"]
     assert 0.5 < on["spec_acceptance_rate"] < 0.95 and on["spec_accepted_per_verify"] > 1
     assert on["tpot_s_p50"] < 0.7 * off["tpot_s_p50"]
+
+
+def test_simulated_draft_model_costs_its_decode_steps():
+    """speculative.draft_model: every step with proposals takes longer than the same step without a draft model by
+    the draft model's k decode steps of the granted sequences (step j: those granted more than j proposals, each
+    reading its tokens so far and j proposed ones) on the target's device, as the cost model predicts them, and
+    reports them as its draft time."""
+    base = ["executor=simulated", "hardware=a100-80gb", "hardware.tensor_parallel=4", "model.source=llama-2-70b",
+            "speculative=synthetic"]
+    engines = [build_engine(compose_config([*base, *extra])) for extra in ([], ["speculative.draft_model=llama-2-7b"])]
+    steps, granted = ([], []), []
+    proposer = engines[1]._proposer
+    propose = proposer.propose
+    proposer.propose = lambda reqs, ks: granted.append(([r.num_tokens for r in reqs], list(ks))) or propose(reqs, ks)
+    for eng, stats in zip(engines, steps):
+        eng.add_step_observer(stats.append)
+        for i, n in enumerate((100, 150, 200)):
+            eng.add_request(list(range(1, n + 1)), SamplingParams(max_new_tokens=24, ignore_eos=True),
+                            request_id=f"r{i}")
+        drain(eng)
+    draft = engines[0]._executor.cost.of_model(model_spec("llama-2-7b"))
+    verifying = [(off, on) for off, on in zip(*steps) if on.num_verifies]
+    assert [s.num_tokens for s in steps[0]] == [s.num_tokens for s in steps[1]] and len(verifying) == len(granted) > 3
+    for (off, on), (contexts, ks) in zip(verifying, granted):
+        expected = sum(draft.step_time(BatchShape.of([1] * sum(k > j for k in ks),
+                                                     [c + j for c, k in zip(contexts, ks) if k > j]))
+                       for j in range(max(ks)))
+        assert off.draft_s == 0 and on.draft_s == pytest.approx(expected)
+        assert on.duration_s - off.duration_s == pytest.approx(expected)
+        assert expected > 0.1 * off.duration_s        # a 7B draft is not free beside a 70B target
+
+
+def test_synthetic_acceptance_drawn_from_a_measured_distribution(tmp_path):
+    """speculative.acceptance=measured:<file>: each request's rate is one of the measured rates, so over many
+    requests the share of first proposals accepted is the measured mean."""
+    rates = [0.1, 0.3, 0.6, 0.8, 0.95, 1.0]
+    path = MeasuredAcceptance(rates, meta={"made": "by hand"}).save(tmp_path / "rates.json")
+    config = compose_config(["speculative=synthetic", f"speculative.acceptance=measured:{path}"]).speculative
+    proposer = make_proposer(config)
+    reqs = [Request(f"r{i}", [1], SamplingParams(), 0.0) for i in range(4000)]
+    first = np.array([d[0] for d in proposer.propose(reqs, [1] * len(reqs))])
+    assert np.mean(first == 0) == pytest.approx(np.mean(rates), abs=0.03)
+    shipped = MeasuredAcceptance.load("smollm2-ngram-quote")
+    assert shipped.meta["proposer"] == "ngram" and 0 < shipped.mean <= 1
+    with pytest.raises(ValueError, match="measured:"):
+        build_engine(compose_config(["executor=simulated", "speculative=synthetic", "speculative.acceptance=x"]))
 
 
 @pytest.mark.slow      # a server and two engines over a 49k vocabulary: ~1 min on the shared 2-core machine

@@ -115,8 +115,12 @@ class CostModel(WorkModel):
         if dtype not in DTYPE_BYTES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
         super().__init__(spec, DTYPE_BYTES[dtype], tensor_parallel)
-        self.device, self.profile = device, profile or Profile()
+        self.dtype, self.device, self.profile = dtype, device, profile or Profile()
         self._linear_cache: dict[float, tuple[float, float, float]] = {}
+
+    def of_model(self, spec: ModelSpec) -> "CostModel":
+        """Another model on the same devices (datasheet, dtype, tensor parallelism, profile): a draft model's."""
+        return CostModel(spec, self.device, self.dtype, self.tp, self.profile)
 
     # -- time ------------------------------------------------------------------------------------------------
     def allreduce_seconds(self, nbytes: float, profile: Profile | None = None) -> float:

@@ -47,12 +47,20 @@ class Proposer(ABC):
     def release(self, request: Request) -> None:
         """The request has left the engine (a proposer with per-sequence state frees it)."""
 
+    def attach(self, executor) -> None:
+        """The executor the target model runs on (a proposer that charges its own time on the simulator's clock
+        reads its device and clock there)."""
+
 
 PROPOSERS: Registry[Proposer] = Registry("speculative", "fastgen.speculative", SpeculativeConfig)
 register_proposer = PROPOSERS.register
 
 
-def make_proposer(config: SpeculativeConfig) -> Proposer | None:
-    """The proposer `config` names, or None when it never proposes (speculative=none, or k = 0)."""
+def make_proposer(config: SpeculativeConfig, executor=None) -> Proposer | None:
+    """The proposer `config` names, beside `executor`, or None when it never proposes (speculative=none, or k = 0)."""
     proposer = PROPOSERS.resolve(config)(config)
-    return proposer if proposer.k else None
+    if not proposer.k:
+        return None
+    if executor is not None:
+        proposer.attach(executor)
+    return proposer
