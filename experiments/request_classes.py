@@ -14,8 +14,8 @@ The runs themselves go to --runs (a temporary folder by default).
 The real CPU run through the server (SmolLM2-135M; minutes): start the server with each policy, drive it with
 run.py, then tabulate the two runs' per-class TTFT (their requests.jsonl) into cpu_server.md:
 
-    python -m fastgen.serve scheduler=priority scheduler.token_budget=128 port=8031       # then splitfuse
-    python run.py target=http target.url=http://127.0.0.1:8031 workload=priority-mix workload.num_requests=40 \
+    python -m fastgen.serve scheduler=priority scheduler.token_budget=32 port=8031        # then splitfuse
+    python run.py target=http target.url=http://127.0.0.1:8031 workload=priority-mix workload.num_requests=60 \
         workload.rate=1.0 hydra.run.dir=<runs>/priority                                   # then <runs>/fcfs
     python experiments/request_classes.py --cpu-runs fcfs=<runs>/fcfs priority=<runs>/priority
 """
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.cpu_runs:
         runs = {k: Path(v) for k, v in (x.split("=", 1) for x in args.cpu_runs)}
         text = (f"# priority-mix through the server on this CPU: per-class TTFT\n\nCommands: see "
-                f"experiments/request_classes.py's docstring. Wall-clock times on a shared, loaded machine; uptime "
+                f"experiments/request_classes.py's docstring. Wall-clock times; the machine's load (uptime) "
                 f"when tabulated: `{uptime()}`\n\n{cpu_table(runs)}\n")
         (args.out / "cpu_server.md").write_text(text)
         print(text)
