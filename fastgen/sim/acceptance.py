@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastgen.sim.cost_model import PROFILES_DIR
+from fastgen.sim.cost_model import PROFILES_DIR, read_named_json
 
 ACCEPTANCE_DIR = PROFILES_DIR / "acceptance"
 
@@ -36,14 +36,8 @@ class MeasuredAcceptance:
 
     @classmethod
     def load(cls, name_or_path: str) -> "MeasuredAcceptance":
-        path = Path(name_or_path)
-        if not path.suffix:
-            path = ACCEPTANCE_DIR / f"{name_or_path}.json"
-        if not path.exists():
-            known = ", ".join(sorted(p.stem for p in ACCEPTANCE_DIR.glob("*.json")))
-            raise FileNotFoundError(f"measured acceptance {name_or_path!r} not found (looked for {path}); shipped: "
-                                    f"{known or 'none'}; record one with python -m fastgen.calibration.acceptance")
-        return cls(**json.loads(path.read_text()))
+        return cls(**read_named_json(name_or_path, ACCEPTANCE_DIR, "measured acceptance",
+                                     "python -m fastgen.calibration.acceptance"))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

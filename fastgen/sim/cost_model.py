@@ -26,6 +26,18 @@ PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 DTYPE_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
 
+def read_named_json(name_or_path: str, folder: Path, what: str, make: str) -> dict:
+    """A shipped file by its name (folder/<name>.json) or any path; missing: the error lists the shipped names."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = folder / f"{name_or_path}.json"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in folder.glob("*.json")))
+        raise FileNotFoundError(f"{what} {name_or_path!r} not found (looked for {path}); shipped: {known or 'none'}; "
+                                f"make one with {make}")
+    return json.loads(path.read_text())
+
+
 @dataclass
 class Profile:
     """How far below the datasheet ceilings a device runs fastgen's step, and its fixed costs. The defaults are
@@ -82,14 +94,8 @@ class Profile:
 
     @classmethod
     def load(cls, name_or_path: str) -> "Profile":
-        path = Path(name_or_path)
-        if not path.suffix:
-            path = PROFILES_DIR / f"{name_or_path}.json"
-        if not path.exists():
-            known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.json")))
-            raise FileNotFoundError(f"simulator profile {name_or_path!r} not found (looked for {path}); shipped "
-                                    f"profiles: {known or 'none'}; make one with python -m fastgen.calibration.calibrate")
-        return cls(**json.loads(path.read_text()))
+        return cls(**read_named_json(name_or_path, PROFILES_DIR, "simulator profile",
+                                     "python -m fastgen.calibration.calibrate"))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
