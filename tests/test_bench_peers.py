@@ -9,6 +9,7 @@ import pytest
 
 import fastgen.peers.openvino as peer_openvino
 import fastgen.peers.vllm as peer_vllm
+from fastgen.peers.venv import venv_bin
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,7 +104,7 @@ def test_targets_say_met_or_missed(bench):
 @pytest.mark.slow
 def test_quick_run_against_vllm(bench, tmp_path):
     cfg = bench.compose_bench_config(["quick=true", "run=[chat]"])
-    if not peer_vllm.venv_python(cfg.vllm).exists():
+    if not venv_bin(cfg.vllm.venv).exists():
         pytest.skip(f"no vLLM venv at {cfg.vllm.venv}: {peer_vllm.create_venv_command(cfg.vllm)}")
     results = bench.run_bench(cfg, tmp_path)
     rows = {(r["system"], r["setting"]): r for r in results["workloads"]["chat"]["rows"]}

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from fastgen.peers.offline import warmup_requests
+from fastgen.peers.venv import ensure_peer_venv, venv_bin
 
 WORKER = Path(__file__).with_name("openvino_worker.py")
 PRECISIONS = ("f32", "default")
@@ -46,28 +47,19 @@ class OpenVINOConfig:
     timeout_s: float = 3600.0
 
 
-def venv_python(cfg: OpenVINOConfig) -> Path:
-    return Path(cfg.venv) / "bin" / "python"
-
-
 def create_venv_command(cfg: OpenVINOConfig) -> str:
     import sys
-    pip = Path(cfg.venv) / "bin" / "pip"
+    pip = venv_bin(cfg.venv, "pip")
     return (f"{sys.executable} -m venv {cfg.venv} && {pip} install " + " ".join(f'"{r}"' for r in cfg.requirements)
             + f" && {pip} uninstall -y torchvision")
 
 
 def ensure_venv(cfg: OpenVINOConfig, log: Callable[[str], Any] = print) -> None:
-    if venv_python(cfg).exists():
-        return
-    command = create_venv_command(cfg)
-    log(f"OpenVINO venv {cfg.venv} is missing; creating it: {command}")
-    if subprocess.run(command, shell=True).returncode != 0:
-        raise RuntimeError(f"creating the OpenVINO venv failed; run by hand: {command}")
+    ensure_peer_venv(cfg.venv, create_venv_command(cfg), "OpenVINO", log)
 
 
 def convert_command(cfg: OpenVINOConfig, hf_dir: Path) -> list[str]:
-    return [str(Path(cfg.venv) / "bin" / "optimum-cli"), "export", "openvino", "--model", str(hf_dir), "--task",
+    return [str(venv_bin(cfg.venv, "optimum-cli")), "export", "openvino", "--model", str(hf_dir), "--task",
             "text-generation-with-past", "--weight-format", "fp32", cfg.ir_dir]
 
 
@@ -117,7 +109,7 @@ def openvino_offline(cfg: OpenVINOConfig, setting: OpenVINOSetting, workloads: d
     result_path.unlink(missing_ok=True)
     # -P: the worker's folder is not put first on sys.path, where this module would shadow the `openvino` package
     with open(log_path, "w") as logf:
-        proc = subprocess.run([str(venv_python(cfg)), "-P", str(WORKER), str(job_path), str(result_path)],
+        proc = subprocess.run([str(venv_bin(cfg.venv)), "-P", str(WORKER), str(job_path), str(result_path)],
                               stdout=logf, stderr=subprocess.STDOUT, timeout=cfg.timeout_s)
     if proc.returncode != 0 or not result_path.exists():
         raise RuntimeError(f"OpenVINO offline run failed (exit {proc.returncode}); its log: {log_path}")

