@@ -483,6 +483,7 @@ class LLMEngine:
         return RequestOutput(last.request_id, [t for out in run for t in out.new_token_ids], last.trace,
                              last.finished, last.finish_reason, "".join(out.new_text for out in run), last.request,
                              logprobs or None, run[0].prompt_logprobs, index=last.index)
+
     def _gather(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """logits[rows], copied into a buffer kept between steps: a new [rows, vocab] tensor each step faults its
         pages in (on the CPU, 100 ms for 1,024 rows of a 49k vocabulary)."""

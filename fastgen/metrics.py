@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -205,12 +205,15 @@ def step_metrics(steps: Sequence[Mapping[str, Any]]) -> Metrics:
     return out | prefix_cache_metrics(steps) | speculative_metrics(steps)
 
 
+def _summed(steps: Sequence[Mapping[str, Any]]) -> Callable[[str], float]:
+    """key -> its sum over the steps (a step without it counts 0)."""
+    return lambda key: sum(s.get(key) or 0 for s in steps)
+
+
 def prefix_cache_metrics(steps: Sequence[Mapping[str, Any]]) -> Metrics:
     """Prefix caching over the run: the share of admitted requests' tokens (and full blocks) found cached, the
     tokens that saved, cached blocks evicted and copy-on-write block copies (None: the KV manager reports none)."""
-    def total(key: str) -> int:
-        return sum(s.get(key) or 0 for s in steps)
-
+    total = _summed(steps)
     queried, blocks = total("prefix_query_tokens"), total("prefix_query_blocks")
     return {"prefix_hit_rate_tokens": total("prefix_hit_tokens") / queried if queried else None,
             "prefix_hit_rate_blocks": total("prefix_hit_blocks") / blocks if blocks else None,
@@ -222,9 +225,7 @@ def speculative_metrics(steps: Sequence[Mapping[str, Any]]) -> Metrics:
     """Speculative decoding over the run: the share of proposals the target accepted, accepted proposals per
     verify (each verify also yields one token of the target's own), the share of computed tokens that were
     proposals, and the proposer's time (None: nothing was proposed)."""
-    def total(key: str) -> float:
-        return sum(s.get(key) or 0 for s in steps)
-
+    total = _summed(steps)
     proposed, verifies = total("num_proposed_tokens"), total("num_verifies")
     accepted, tokens = total("num_accepted_tokens"), total("num_tokens")
     return {"spec_verifies": verifies, "spec_proposed_tokens": proposed,

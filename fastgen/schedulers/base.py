@@ -302,8 +302,8 @@ class Scheduler:
     def speculation_k(self, req: Request) -> int:
         """Proposal slots a decode of `req` may take this step: the proposer's k, fewer near its max_new_tokens (its
         KV stays within max_kv_tokens), none for a request of several sequences or under a grammar (its matcher
-        advances one accepted token at a time). A policy may size it by the
-        request's acceptance so far (req.speculation)."""
+        advances one accepted token at a time). A policy may size it by the request's acceptance so far
+        (req.speculation)."""
         if not self.max_speculative or req.sampling.num_sequences > 1 or req.sampling.structured is not None:
             return 0
         return max(0, min(self.max_speculative, req.sampling.max_new_tokens - len(req.output_token_ids) - 1))
@@ -366,7 +366,7 @@ class Scheduler:
                         head_of_line: bool = True) -> int:
         """Running and waiting requests in order of `key` (smallest, the most urgent, first), each a decode token
         or as many prompt tokens as the budget leaves (SplitFuse's budget); a more urgent request takes budget
-        first and, when the pool is short, the KV of the least urgent running ones (preempted by recompute). A
+        first and, when the pool is short, the KV of the least urgent running ones (preempted: recomputed or swapped). A
         waiting request that cannot start even so stops the queue (head-of-line, as vLLM's priority policy does;
         head_of_line=False: it is skipped and the next one tried); a decode that cannot get a block waits a step.
         Returns the budget left."""
