@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
-from peers import (ROOT, FastgenConfig, HFGenerateConfig, check, fmt, hf_generate_rows, log,
+from peers import (ROOT, FastgenConfig, HFGenerateConfig, busy_neighbour, check, fmt, hf_generate_rows, log,
                    row, run_py, shrink, start_run, start_server, write_results)
 
 from fastgen.cli import hydra_script
@@ -107,6 +107,7 @@ class BenchConfig:
     openvino: OpenVINOConfig = field(default_factory=OpenVINOConfig)
     http: HTTPConfig = field(default_factory=HTTPConfig)
     roofline: RooflineConfig = field(default_factory=RooflineConfig)
+    neighbour: int = 0                   # busy processes beside every timed run (CPU contention); 0: none
     quick: bool = False
     out_dir: Optional[str] = None
 
@@ -248,27 +249,9 @@ def agreements(outputs: dict[str, list[list[int]]], bs1_n: int) -> dict:
     return out
 
 
-def run_bench(cfg: BenchConfig, out_dir: str | Path) -> dict:
-    out = start_run(cfg, out_dir, apply_quick, validate)
-    if "vllm" in cfg.systems:
-        ensure_venv(cfg.vllm, log)
-        ensure_tcmalloc(cfg.vllm, log)
-    if "openvino" in cfg.systems:
-        peer_openvino.ensure_venv(cfg.openvino, log)
-    machine = Machine.at_start()
-    results: dict[str, Any] = {"config": OmegaConf.to_container(OmegaConf.structured(cfg)), "workloads": {}}
-    log(f"loading {cfg.model} (transformers and fastgen, float32)")
-    hf, tok = load_hf(cfg.model, cfg.dtype)
-    if {"vllm", "openvino", "http"} & set(cfg.systems):
-        export_hf_dir(cfg.model, Path(cfg.vllm.model_dir))
-    if "openvino" in cfg.systems:
-        peer_openvino.ensure_ir(cfg.openvino, Path(cfg.vllm.model_dir), log)
-    fg_model = load_model(hf, dtype=cfg.dtype, tokenizer=tok)[0]
-    spec = model_spec(hf.config)
+def timed_runs(cfg: BenchConfig, out: Path, requests: dict, hf, tok, fg_model, results: dict) -> None:
+    """The peers' subprocess runs, every workload's rows, fastgen's limit probes and the HTTP rows, into `results`."""
     r = cfg.roofline
-    start_ceilings = ceilings_now(spec, r, "start")
-
-    requests = {name: make_requests(cfg.workloads[name], hf.config.vocab_size, tok) for name in cfg.run}
     peer_runs: dict[tuple[str, str], dict] = {}
     peers = [("vllm", s, lambda s, d: vllm_offline(cfg.vllm, s, requests, d), setup_line(cfg.vllm))
              for s in cfg.vllm.settings if "vllm" in cfg.systems]
@@ -294,6 +277,31 @@ def run_bench(cfg: BenchConfig, out_dir: str | Path) -> dict:
         results["limit"] = limit | {"loadavg": load_average()}
     if "http" in cfg.systems:
         results["http"] = http_rows(cfg, out)
+
+
+def run_bench(cfg: BenchConfig, out_dir: str | Path) -> dict:
+    out = start_run(cfg, out_dir, apply_quick, validate)
+    if "vllm" in cfg.systems:
+        ensure_venv(cfg.vllm, log)
+        ensure_tcmalloc(cfg.vllm, log)
+    if "openvino" in cfg.systems:
+        peer_openvino.ensure_venv(cfg.openvino, log)
+    machine = Machine.at_start()
+    results: dict[str, Any] = {"config": OmegaConf.to_container(OmegaConf.structured(cfg)), "workloads": {}}
+    log(f"loading {cfg.model} (transformers and fastgen, float32)")
+    hf, tok = load_hf(cfg.model, cfg.dtype)
+    if {"vllm", "openvino", "http"} & set(cfg.systems):
+        export_hf_dir(cfg.model, Path(cfg.vllm.model_dir))
+    if "openvino" in cfg.systems:
+        peer_openvino.ensure_ir(cfg.openvino, Path(cfg.vllm.model_dir), log)
+    fg_model = load_model(hf, dtype=cfg.dtype, tokenizer=tok)[0]
+    spec = model_spec(hf.config)
+    r = cfg.roofline
+    start_ceilings = ceilings_now(spec, r, "start")
+
+    requests = {name: make_requests(cfg.workloads[name], hf.config.vocab_size, tok) for name in cfg.run}
+    with busy_neighbour(cfg.neighbour):
+        timed_runs(cfg, out, requests, hf, tok, fg_model, results)
     ceilings = best_ceilings(start_ceilings, ceilings_now(spec, r, "end"))
     results["ceilings"] = asdict(ceilings)
     for w in results["workloads"].values():
@@ -358,6 +366,9 @@ def markdown(results: dict) -> str:
     m, c = results["machine"], results["ceilings"]
     lines = [f"# fastgen vs its CPU peers ({results['config']['model']}, float32)", "",
              machine_line(m), "",
+             *([f"**Under CPU contention**: {results['config']['neighbour']} busy process(es) (a pure-Python loop "
+                "each) ran beside every timed run; the ceilings were measured without them.", ""]
+               if results["config"].get("neighbour") else []),
              f"**Ceilings** (best of the start and the end of the run, loads "
              f"{[x['loadavg'][0] for x in c['meta']['measurements']]}): float32 GEMM {c['gemm_flops'] / 1e9:.1f} "
              f"GFLOP/s (square {c['meta']['gemm_n']}^3: {c['meta']['square_gemm_flops'] / 1e9:.1f}; the model's "

@@ -5,6 +5,7 @@ is on sys.path).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))          # run from a checkout without installing fastgen
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import fastgen.openmp  # noqa: E402,F401  (before torch: fastgen's OpenMP wait policy, as in fastgen's own apps)
 import torch  # noqa: E402
 
 from fastgen.machine import load_average  # noqa: E402
@@ -105,6 +107,21 @@ def checkpoint(kind: str, item: dict) -> None:
     if kind == "row":
         log(f"  {item['system']} {item['setting']} {item['dtype']}: {item['wall_s']:.1f} s, "
             f"{item['total_tok_s']:.1f} total tok/s, {item['output_tok_s']:.1f} output tok/s")
+
+
+@contextlib.contextmanager
+def busy_neighbour(processes: int):
+    """`processes` other processes, each keeping a core busy with a pure-Python loop while the block runs: the CPU
+    contention a benchmark puts every system under alike (issue 33: another process keeping both cores busy)."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    if procs:
+        log(f"neighbour: {processes} busy process(es) {[p.pid for p in procs]}")
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def fmt(x, spec=".2f") -> str:

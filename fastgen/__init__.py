@@ -1,5 +1,7 @@
 """fastgen: a research framework for LLM serving schedulers on one ragged forward pass."""
 
+import fastgen.openmp  # noqa: F401  (first: the OpenMP wait policy is read when torch loads)
+
 from fastgen.compose import build_engine
 from fastgen.conf import compose_config
 from fastgen.engine import LLMEngine, RequestOutput
