@@ -19,13 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))          # run from a checkout without installing fastgen
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import fastgen.openmp  # noqa: E402,F401  (before torch: fastgen's OpenMP wait policy, as in fastgen's own apps)
-import torch  # noqa: E402
-
+# fastgen before torch: importing fastgen sets its OpenMP wait policy (fastgen.openmp), read when torch loads
 from fastgen.machine import load_average  # noqa: E402
 from fastgen.peers import servers  # noqa: E402
 from fastgen.peers.hf import hf_generate  # noqa: E402
 from fastgen.peers.offline import Req  # noqa: E402
+
+import torch  # noqa: E402,I001
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """fastgen: a research framework for LLM serving schedulers on one ragged forward pass."""
 
-import fastgen.openmp  # noqa: F401  (first: the OpenMP wait policy is read when torch loads)
+from fastgen.openmp import set_wait_policy
+
+set_wait_policy()   # first: the OpenMP runtime reads its wait policy when torch loads it
 
 from fastgen.compose import build_engine
 from fastgen.conf import compose_config

@@ -7,7 +7,7 @@ until the spinner is descheduled. On the embedded model on 2 cores with two busy
 8x slower than alone and sleeping 2x, its fair half of the CPU (experiments/results/cpu_contention/).
 
 The runtime reads the variable once, when it loads, i.e. when torch is first imported: fastgen's __init__ imports
-this module before anything that imports torch. A wait policy or GNU spin count already in the environment wins
+and calls it before anything that imports torch. A wait policy or GNU spin count already in the environment wins
 (OMP_WAIT_POLICY=ACTIVE restores spinning); if torch was imported before fastgen, nothing changes.
 """
 from __future__ import annotations
@@ -29,5 +29,3 @@ def set_wait_policy(environ=os.environ, modules=sys.modules) -> str | None:
     environ["OMP_WAIT_POLICY"] = WAIT_POLICY
     return WAIT_POLICY
 
-
-set_wait_policy()
