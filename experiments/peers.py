@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))          # run from a checkout without installing fastgen
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# fastgen before torch: importing fastgen sets its OpenMP wait policy (fastgen.openmp), read when torch loads
+# fastgen before torch: importing fastgen sets its OpenMP spin count (fastgen.openmp), read when torch loads
 from fastgen.machine import load_average  # noqa: E402
 from fastgen.peers import servers  # noqa: E402
 from fastgen.peers.hf import hf_generate  # noqa: E402

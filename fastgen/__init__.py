@@ -1,8 +1,8 @@
 """fastgen: a research framework for LLM serving schedulers on one ragged forward pass."""
 
-from fastgen.openmp import set_wait_policy
+from fastgen.openmp import set_spin_count
 
-set_wait_policy()   # first: the OpenMP runtime reads its wait policy when torch loads it
+set_spin_count()   # first: the OpenMP runtime reads its spin count when torch loads it
 
 from fastgen.compose import build_engine
 from fastgen.conf import compose_config
