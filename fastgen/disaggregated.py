@@ -8,9 +8,9 @@ the decode pool's arrive decoding).
 
 Engines are on one shared clock (real engines: the wall clock; in this process, a step of one engine runs at a
 time, in turn; in processes of their own (fastgen.engine_process), every engine with work steps at once, and
-transfers land on their decode engines between these steps), or each on its own virtual clock (simulated engines): then this is a discrete-event simulation, each
-step being the earliest event of all engines (an idle engine's clock catches up with the deployment's when work
-reaches it), and a transfer of n bytes lands connector.seconds(n) after the step that exported it. Transfers do
+transfers land on their decode engines between these steps), or each on its own virtual clock (simulated
+engines): then this is a discrete-event simulation, each step being the earliest event of all engines (an idle
+engine's clock catches up with the deployment's when work reaches it), and a transfer of n bytes lands connector.seconds(n) after the step that exported it. Transfers do
 not queue on a link (each pair of engines moves its requests' KV independently).
 
 Faults: `fail_decode(i)` marks a decode engine dead; the transfers bound to it go to another live one, the
@@ -142,6 +142,9 @@ class DisaggregatedEngine:
         return EngineSnapshot(running, waiting + len(self.transfers), total, free, steps)
 
     def close(self) -> None:
+        if self.concurrent:                    # every worker process asked to stop before any is waited for
+            for e in self.prefill + self.decode:
+                e.stop()
         for e in self.prefill + self.decode:
             e.close()
 

@@ -231,9 +231,11 @@ def pools_idle(engine: DisaggregatedEngine) -> bool:
                                         for s in shots)
 
 
-def test_engines_in_processes_of_their_own_decode_exactly_on_one_clock_and_exit_at_close():
+def test_engines_in_processes_of_their_own_decode_exactly_survive_a_killed_decode_engine_and_exit_at_close():
     """placement=process (the default for real engines): greedy outputs equal the co-located engine's and
-    transformers'; the timestamps the workers put in the traces are on this process's clock; close() reaps them."""
+    transformers', with the workers' timestamps on this process's clock. Then a decode process is killed while it
+    decodes a request and another is bound for it: the first fails alone, the second finishes on the other decode
+    engine, every request ends once and no KV block is left held. close() reaps the workers."""
     _, model = tiny("llama")
     prompts, news, ref = workload("llama")
     colocated, _ = run_all(compose_engine(model, "splitfuse", num_blocks=64, block_size=16, **KNOBS).engine,
@@ -251,43 +253,32 @@ def test_engines_in_processes_of_their_own_decode_exactly_on_one_clock_and_exit_
             times = [r.arrival_time, *r.trace.token_times, r.trace.finish_time]
             assert start <= times[0] and times == sorted(times) and times[-1] <= end
             assert r.trace.kv_transfer_bytes > 0 and r.trace.kv_transfer_s > 0
-    finally:
-        deployment.close()
-    assert all(not e.process.is_alive() and e.process.exitcode == 0 for e in engines)
 
-
-def test_a_killed_decode_process_fails_what_it_decoded_alone_and_its_transfers_go_elsewhere():
-    _, model = tiny("llama")
-    prompts, news, ref = workload("llama")
-    deployment = process_pools(model)
-    try:
         ids = [deployment.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True))
                for p, n in zip(prompts, news)]
         outputs = []
         while not (deployment.decode[0].has_unfinished() and any(t.target == 0 for t in deployment.transfers)):
             assert deployment.has_unfinished(), "never had a request decoding on engine 0 and one bound for it"
             outputs += deployment.step()
-        decoding = {r for r, (pool, i) in deployment._where.items() if (pool, i) == (1, 0)} - \
+        decoding = {r for r, where in deployment._where.items() if where == (1, 0)} - \
             {t.handoff.request_id for t in deployment.transfers}
         bound = {t.handoff.request_id for t in deployment.transfers if t.target == 0}
-        victim = deployment.decode[0].process
-        os.kill(victim.pid, signal.SIGKILL)
-        victim.join(30)
+        os.kill(deployment.decode[0].process.pid, signal.SIGKILL)
+        deployment.decode[0].process.join(30)
         while deployment.has_unfinished():
             outputs += deployment.step()
         ends = [o for o in outputs if o.finished]
         assert sorted(o.request_id for o in ends) == sorted(ids)              # each request ends once
         failed = {o.request_id: o.error for o in ends if o.finish_reason == "error"}
-        assert set(failed) == decoding and all("decode instance 0 failed" in e and "exited with code -9" in e
-                                               for e in failed.values())
-        for o in ends:
-            if o.request_id not in failed:
-                assert o.request.output_token_ids == ref[ids.index(o.request_id)]
-        assert bound and not bound & set(failed)                           # rerouted to the live decode engine
+        assert failed and set(failed) == decoding
+        assert all("decode instance 0 failed" in e and "exited with code -9" in e for e in failed.values())
+        assert all(o.request.output_token_ids == ref[ids.index(o.request_id)] for o in ends
+                   if o.request_id not in failed)
+        assert bound and not bound & set(failed)                            # rerouted to the live decode engine
         assert not deployment.has_unfinished() and pools_idle(deployment)
     finally:
         deployment.close()
-    assert not any(e.process.is_alive() for e in deployment.prefill + deployment.decode)
+    assert [e.process.exitcode for e in engines] == [0, -signal.SIGKILL, 0]
 
 
 def test_placement_is_checked():
@@ -303,9 +294,9 @@ def test_pipeline_runs_the_disaggregated_deployment():
     import fastgen
     hf, _ = tiny("llama")
     prompts, news, ref = workload("llama")
-    with fastgen.pipeline(hf, hardware="cpu", overrides=[
-            "deployment=disaggregated", "deployment.decode_replicas=2", "+deployment.prefill_scheduler.token_budget=16",
-            "+deployment.decode_scheduler.max_seqs=4", "kv.num_blocks=64", "kv.block_size=16"]) as pipe:
+    with fastgen.pipeline(hf, hardware="cpu", overrides=[       # inline: the processes are tested above
+            "deployment=disaggregated", "deployment.placement=inline", "deployment.decode_replicas=2",
+            "+deployment.prefill_scheduler.token_budget=16", "+deployment.decode_scheduler.max_seqs=4", "kv.num_blocks=64", "kv.block_size=16"]) as pipe:
         assert isinstance(pipe.engine, DisaggregatedEngine)
         assert pipe.engine.prefill[0]._scheduler.config.token_budget == 16
         assert pipe.engine.decode[1]._scheduler.config.max_seqs == 4
@@ -362,7 +353,8 @@ def test_link_model():
 @pytest.fixture(scope="module")
 def served_pools():
     import serving
-    engine = build_deployment(serving.ENGINE_CFG, DeploymentConfig(name="disaggregated", decode_replicas=2),
+    engine = build_deployment(serving.ENGINE_CFG, DeploymentConfig(name="disaggregated", decode_replicas=2,
+                                                                   placement="inline"),
                               model=serving.tiny_model(), tokenizer=serving.tokenizer())
     with serving.served(engine=engine, reference=True) as s:
         yield s
