@@ -10,8 +10,9 @@ Engines are on one shared clock (real engines: the wall clock; in this process, 
 time, in turn; in processes of their own (fastgen.engine_process), every engine with work steps at once, and
 transfers land on their decode engines between these steps), or each on its own virtual clock (simulated
 engines): then this is a discrete-event simulation, each step being the earliest event of all engines (an idle
-engine's clock catches up with the deployment's when work reaches it), and a transfer of n bytes lands connector.seconds(n) after the step that exported it. Transfers do
-not queue on a link (each pair of engines moves its requests' KV independently).
+engine's clock catches up with the deployment's when work reaches it), and a transfer of n bytes lands
+connector.seconds(n) after the step that exported it. Transfers do not queue on a link (each pair of engines
+moves its requests' KV independently).
 
 Faults: `fail_decode(i)` marks a decode engine dead; the transfers bound to it go to another live one, the
 requests it was decoding fail alone (their KV is lost) with an error naming it; with no live decode engine left, a

@@ -296,7 +296,8 @@ def test_pipeline_runs_the_disaggregated_deployment():
     prompts, news, ref = workload("llama")
     with fastgen.pipeline(hf, hardware="cpu", overrides=[       # inline: the processes are tested above
             "deployment=disaggregated", "deployment.placement=inline", "deployment.decode_replicas=2",
-            "+deployment.prefill_scheduler.token_budget=16", "+deployment.decode_scheduler.max_seqs=4", "kv.num_blocks=64", "kv.block_size=16"]) as pipe:
+            "+deployment.prefill_scheduler.token_budget=16", "+deployment.decode_scheduler.max_seqs=4",
+            "kv.num_blocks=64", "kv.block_size=16"]) as pipe:
         assert isinstance(pipe.engine, DisaggregatedEngine)
         assert pipe.engine.prefill[0]._scheduler.config.token_budget == 16
         assert pipe.engine.decode[1]._scheduler.config.max_seqs == 4
