@@ -86,15 +86,15 @@ def serve_engine(cfg: EngineConfig, model, tokenizer, inbox: ProcessConnector, o
         staged[request_id] = engine.read_kv(request_id)
         return handoff
 
-    calls: dict[str, Callable] = {
-        "add_request": lambda args: engine.add_request(*args[:4], **args[4]),
-        "step": lambda args: step(),
-        "export_request": lambda args: export(*args),
-        "release": lambda args: engine.release(*args),
-        "import_request": lambda args: engine.import_request(*args),
-        "abort": lambda args: _slim(engine.abort(*args)),
+    calls: dict[str, Callable] = {       # (args, the KV contents that came with them) -> the result
+        "add_request": lambda args, _: engine.add_request(*args[:4], **args[4]),
+        "step": lambda args, _: step(),
+        "export_request": lambda args, _: export(*args),
+        "release": lambda args, _: engine.release(*args),
+        "import_request": lambda args, contents: engine.import_request(*args, contents),
+        "abort": lambda args, _: _slim(engine.abort(*args)),
     }
-    outbox.send(("ready", (engine.spec, engine.vocab_size, engine.max_model_len)))
+    outbox.send(("ready", (engine.spec, engine.vocab_size, engine.max_model_len, engine.snapshot())))
     while True:
         try:
             (method, args), contents = inbox.recv(timeout=1.0)
@@ -104,13 +104,18 @@ def serve_engine(cfg: EngineConfig, model, tokenizer, inbox: ProcessConnector, o
             continue
         if method == "close":
             break
+        out = None
         try:
-            result = calls[method](args if contents is None else (*args, contents))
-            reply = ("ok", (result, engine.has_unfinished(), engine.snapshot()))
+            reply = ("ok", (calls[method](args, contents), engine.has_unfinished(), engine.snapshot()))
+            out = staged.pop(args[0]) if method == "export_request" else None
         except Exception as e:
             reply = ("error", _picklable(e))
-        out = staged.pop(args[0], None) if method == "export_request" and reply[0] == "ok" else None
-        outbox.send(reply, out)
+        try:
+            outbox.send(reply, out)
+        except OSError:                      # the parent is gone
+            break
+        except Exception as e:               # a result that cannot be pickled: the caller gets why
+            outbox.send(("error", RuntimeError(f"{method}'s result cannot be sent to the parent: {e}")))
     engine.close()
 
 
@@ -128,12 +133,12 @@ class EngineProcess:
         self._observers: list[StepObserver] = []
         self._known: dict[str, Request] = {}        # what the parent last saw of each request: to fail it if we die
         self._staged: dict[str, torch.Tensor | None] = {}
-        self._has_work, self._snapshot = False, EngineSnapshot(0, 0, 0, 0, 0)
+        self._has_work, self._snapshot, self._last_contents = False, EngineSnapshot(0, 0, 0, 0, 0), None
         self._stepping = self._stopping = self.dead = False
 
     def ready(self) -> "EngineProcess":
-        """Waits for the worker to have built its engine, and takes its model's description."""
-        self.spec, self.vocab_size, self.max_model_len = self._reply()
+        """Waits for the worker to have built its engine, and takes its model's description and first state."""
+        self.spec, self.vocab_size, self.max_model_len, self._snapshot = self._reply()
         return self
 
     # -- the engine's interface -----------------------------------------------------------------------------------
