@@ -150,29 +150,38 @@ def link(_args, _out: Path) -> str:
 
 
 def real(_args, out: Path) -> str:
-    """The embedded model on this CPU: greedy outputs co-located vs disaggregated, and the move's cost."""
+    """The embedded model on this CPU: greedy outputs co-located vs disaggregated (engines in this process, and each
+    in a process of its own), and the move's cost."""
     import fastgen
     from fastgen.bench import run_benchmark
     from fastgen.conf import compose_config
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "The three laws of robotics"]
     disagg = ["deployment=disaggregated", "deployment.decode_replicas=2"]
-    with fastgen.pipeline(overrides=["kv.num_blocks=256"]) as pipe:
-        colocated = [o.token_ids for o in pipe(prompts, max_new_tokens=16)]
-    with fastgen.pipeline(overrides=["kv.num_blocks=256", *disagg]) as pipe:
-        split = [o.token_ids for o in pipe(prompts, max_new_tokens=16)]
+    cases = {"colocated": [], "disaggregated 1:2 inline": disagg + ["deployment.placement=inline"],
+             "disaggregated 1:2 process": disagg + ["deployment.placement=process"]}
+    greedy = {}
+    for name, extra in cases.items():
+        with fastgen.pipeline(overrides=["kv.num_blocks=256", *extra]) as pipe:
+            greedy[name] = [o.token_ids for o in pipe(prompts, max_new_tokens=16)]
+    same = {name: "identical" if tokens == greedy["colocated"] else "DIFFERENT" for name, tokens in greedy.items()}
     base = ["workload.num_requests=8", "workload.clients=2", "workload.prompt.mean=128", "workload.output.mean=16",
             "kv.num_blocks=256", "progress=false"]
     rows = []
-    for name, extra in (("colocated", []), ("disaggregated 1:2", disagg)):
-        m = run_benchmark(compose_config(base + extra), out / "runs" / "real" / name.split()[0])
+    for name, extra in cases.items():
+        m = run_benchmark(compose_config(base + extra), out / "runs" / "real" / "-".join(name.split()[::2]))
         rows.append([name, fmt(m["request_throughput"]), fmt(m["ttft_s_p50"]), fmt(m["tpot_s_p50"]),
-                     fmt(m["step_time_s_mean"]), fmt(m["kv_transfer_s"]), fmt(m["kv_transfer_bytes"])])
-    return (f"Greedy outputs of {len(prompts)} prompts x 16 tokens, co-located vs disaggregated (1 prefill, 2 decode "
-            f"engines in this process): {'identical' if colocated == split else 'DIFFERENT'}.\n\n"
+                     fmt(m["step_time_s_mean"]), fmt(m.get("kv_transfer_s")), fmt(m.get("kv_transfer_bytes")),
+                     fmt(m.get("busy_frac_prefill")), fmt(m.get("busy_frac_decode"))])
+    return (f"Greedy outputs of {len(prompts)} prompts x 16 tokens against co-located: disaggregated, 1 prefill + 2 "
+            f"decode engines in this process taking turns (inline): {same['disaggregated 1:2 inline']}; each engine "
+            f"in a process of its own, stepping at once (process): {same['disaggregated 1:2 process']}.\n\n"
             f"Benchmark overrides: `{' '.join(base)}` (SmolLM2-135M, wall clock, 2 shared cores: the speed is not "
-            "the point; the move's cost beside a step's is)\n\n"
+            "the point, the move's cost beside a step's is; with processes each engine gets 2 // 3 -> 1 torch "
+            "thread, and three processes share two cores). KV move: read out, carried (process: in shared memory "
+            "through this process) and written in, per request. Busy: the share of the run a pool's engines were "
+            "stepping (summed over its engines).\n\n"
             + markdown_table(["deployment", "req/s", "TTFT P50 s", "TPOT P50 s", "step mean s", "KV move mean s",
-                              "KV bytes moved"], rows))
+                              "KV bytes moved", "busy prefill", "busy decode"], rows))
 
 
 PARTS = {"link": ("The KV-transfer link against measured send/recv", link),

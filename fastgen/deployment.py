@@ -6,8 +6,12 @@ and decode pools joined by a KV connector (`disaggregated`, fastgen.disaggregate
 
 Each pool runs the run's `scheduler` with its own knobs over it (`prefill_scheduler`, e.g. the prompt budget
 token_budget; `decode_scheduler`, e.g. the batch limit max_seqs); both pools are picked by routers of the run's
-`router` kind. Real engines (executor=real) run in this process, sharing the model's weights, each with its own KV
-pool, one step at a time; simulated ones (executor=simulated) each on its own virtual clock, the transfer charged
+`router` kind. Real engines (executor=real) run, with `placement=process` (the default), each in an OS process of
+its own (fastgen.engine_process), all stepping at once, each with hardware.threads torch threads if set, else its
+share of this machine's cores (cores // engines, at least 1); the model is loaded once here and its weights shared
+with them through shared memory, and a request's KV moves from process to process in shared memory. With
+`placement=inline` they run in this process, sharing the model's weights, one step at a time. Simulated ones
+(always inline) (executor=simulated) each on its own virtual clock, the transfer charged
 by the link: `nvlink` (within a node: the send/recv fit of the hardware's measured profile, else its datasheet
 link_*) or `internode` (hardware.sim.internode_bandwidth_gbs and internode_latency_us).
 """
@@ -25,6 +29,7 @@ from fastgen.routers import ROUTERS, RouterConfig, make_router
 
 DEPLOYMENTS = ("colocated", "disaggregated")
 LINKS = ("nvlink", "internode")
+PLACEMENTS = ("process", "inline")
 
 
 @dataclass
@@ -35,6 +40,7 @@ class DeploymentConfig:
     prefill_scheduler: dict[str, Any] = field(default_factory=dict)   # knobs of `scheduler` in the prefill pool
     decode_scheduler: dict[str, Any] = field(default_factory=dict)    # ... and in the decode pool
     link: str = "nvlink"                     # simulated: nvlink (within a node) | internode
+    placement: str = "process"               # real engines: process (one OS process each) | inline (this one)
 
     def validate(self) -> None:
         if self.name not in DEPLOYMENTS:
@@ -44,6 +50,9 @@ class DeploymentConfig:
                              f"{self.prefill_replicas} and {self.decode_replicas}")
         if self.link not in LINKS:
             raise ValueError(f"deployment.link must be one of {', '.join(LINKS)}, got {self.link!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"deployment.placement must be process (each engine in an OS process of its own) or "
+                             f"inline (all in this process), got {self.placement!r}")
 
     @property
     def disaggregated(self) -> bool:
@@ -100,8 +109,18 @@ def build_deployment(cfg: EngineConfig, deployment: DeploymentConfig, router: Ro
                                       device=cfg.hardware.device, tokenizer=tokenizer)
     prefill_cfg = pool_config(cfg, deployment.prefill_scheduler, "prefill")
     decode_cfg = pool_config(cfg, deployment.decode_scheduler, "decode")
-    prefill = [build_engine(prefill_cfg, model, tokenizer, clock) for _ in range(deployment.prefill_replicas)]
-    decode = [build_engine(decode_cfg, model, tokenizer, clock) for _ in range(deployment.decode_replicas)]
+    if deployment.placement == "process" and not simulated:
+        if clock is not None:
+            raise ValueError("deployment.placement=process times its engines' steps on the wall clock, which every "
+                             "process shares; for another clock (timer=cpu) use deployment.placement=inline")
+        from fastgen.engine_process import start_engines
+        engines = start_engines([(f"prefill{i}", prefill_cfg) for i in range(deployment.prefill_replicas)] +
+                                [(f"decode{i}", decode_cfg) for i in range(deployment.decode_replicas)],
+                                model, tokenizer)
+        prefill, decode = engines[:deployment.prefill_replicas], engines[deployment.prefill_replicas:]
+    else:
+        prefill = [build_engine(prefill_cfg, model, tokenizer, clock) for _ in range(deployment.prefill_replicas)]
+        decode = [build_engine(decode_cfg, model, tokenizer, clock) for _ in range(deployment.decode_replicas)]
     connector = SimulatedConnector(simulated_link(cfg, deployment.link), cfg.hardware.tensor_parallel) \
         if simulated else CopyConnector()
     router = router or ROUTERS.config("round_robin")

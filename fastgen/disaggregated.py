@@ -6,15 +6,19 @@ room on the decode side. Prefill and decode engines are picked by routers (fastg
 outstanding requests; any scheduler runs either pool (the prefill pool's requests leave it at their first token,
 the decode pool's arrive decoding).
 
-Engines are on one shared clock (in-process real engines: the wall clock; a step of one engine runs at a time,
-in turn), or each on its own virtual clock (simulated engines): then this is a discrete-event simulation, each
-step being the earliest event of all engines (an idle engine's clock catches up with the deployment's when work
-reaches it), and a transfer of n bytes lands connector.seconds(n) after the step that exported it. Transfers do
-not queue on a link (each pair of engines moves its requests' KV independently).
+Engines are on one shared clock (real engines: the wall clock; in this process, a step of one engine runs at a
+time, in turn; in processes of their own (fastgen.engine_process), every engine with work steps at once, and
+transfers land on their decode engines between these steps), or each on its own virtual clock (simulated
+engines): then this is a discrete-event simulation, each step being the earliest event of all engines (an idle
+engine's clock catches up with the deployment's when work reaches it), and a transfer of n bytes lands
+connector.seconds(n) after the step that exported it. Transfers do not queue on a link (each pair of engines
+moves its requests' KV independently).
 
 Faults: `fail_decode(i)` marks a decode engine dead; the transfers bound to it go to another live one, the
 requests it was decoding fail alone (their KV is lost) with an error naming it; with no live decode engine left, a
-request fails alone with an error saying so. Nothing is lost or finished twice.
+request fails alone with an error saying so. Nothing is lost or finished twice. A decode engine in a process of its
+own that exits is failed so when a call to it finds its process gone (its failed requests come out of the next
+step).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from typing import Callable, Sequence
 import torch
 
 from fastgen.engine import LLMEngine, RequestOutput, StepObserver
+from fastgen.engine_process import EngineDied, EngineProcess
 from fastgen.handoff import Handoff
 from fastgen.request import Request
 from fastgen.routers import Router
@@ -61,6 +66,7 @@ class DisaggregatedEngine:
         engines = self.prefill + self.decode
         clocks = {id(e.clock) for e in engines}
         self.virtual = len(clocks) == len(engines) and all(isinstance(e.clock, VirtualClock) for e in engines)
+        self.concurrent = all(isinstance(e, EngineProcess) for e in engines)
         if not self.virtual and len(clocks) > 1:
             raise ValueError("a disaggregated deployment's engines share one clock (in-process real engines) or "
                              "each has its own virtual clock (executor=simulated)")
@@ -80,6 +86,7 @@ class DisaggregatedEngine:
         self._turn = itertools.count()
         self._last_run = [0] * len(engines)
         self._ids = itertools.count()
+        self._pending: list[RequestOutput] = []   # outputs made between steps (a decode engine found dead)
 
     # -- the engine's interface -----------------------------------------------------------------------------------
     def add_request(self, prompt, sampling: SamplingParams | None = None, request_id: str | None = None,
@@ -100,7 +107,7 @@ class DisaggregatedEngine:
         return request_id
 
     def has_unfinished(self) -> bool:
-        return bool(self.transfers) or any(e.has_unfinished() for e in self.prefill + self.decode)
+        return bool(self.transfers or self._pending) or any(e.has_unfinished() for e in self.prefill + self.decode)
 
     def add_step_observer(self, observer: StepObserver) -> None:
         """Every engine's steps, each labelled with its pool (`StepStats.pool`)."""
@@ -120,16 +127,25 @@ class DisaggregatedEngine:
             return self.prefill[transfer.source].abort(request_id)
         pool, i = where
         self.outstanding[pool][i] -= 1
-        return (self.prefill, self.decode)[pool][i].abort(request_id)
+        try:
+            return (self.prefill, self.decode)[pool][i].abort(request_id)
+        except EngineDied as e:
+            if pool == 0:
+                raise
+            self._pending += self.fail_decode(i, str(e))
+            return None
 
     def snapshot(self) -> EngineSnapshot:
-        """Both pools together: requests whose KV is moving count as waiting; their blocks are held (on the
-        prefill side) until they land."""
-        shots = [e.snapshot() for e in self.prefill + self.decode]
+        """Both pools together (decode engines that failed left out): requests whose KV is moving count as
+        waiting; their blocks are held (on the prefill side) until they land."""
+        shots = [e.snapshot() for e in self.prefill + self._live_decode()]
         running, waiting, total, free, steps = (sum(col) for col in zip(*(dataclasses.astuple(s) for s in shots)))
         return EngineSnapshot(running, waiting + len(self.transfers), total, free, steps)
 
     def close(self) -> None:
+        if self.concurrent:                    # every worker process asked to stop before any is waited for
+            for e in self.prefill + self.decode:
+                e.stop()
         for e in self.prefill + self.decode:
             e.close()
 
@@ -141,9 +157,11 @@ class DisaggregatedEngine:
     def step(self) -> list[RequestOutput]:
         """Runs the earliest event: a prefill engine's step (its requests that got their first token leave it with
         their KV), or a decode engine's (first taking in the transfers that have landed there)."""
+        if self.concurrent:
+            return self._step_all()
         events = self._events()
         if not events:
-            return []
+            return self._take_pending()
         _, k = min(events, key=lambda e: (e[0], self._last_run[e[1]]))
         self._last_run[k] = next(self._turn) + 1
         if k < len(self.prefill):
@@ -162,12 +180,57 @@ class DisaggregatedEngine:
             self._set_now(start)
             outputs = self._land(d)
             if engine.has_unfinished():
-                for out in engine.step():
-                    outputs.append(out)
-                    if out.finished:
-                        self._done(out.request_id)
+                outputs += self._decoded(engine.step())
         self.step_end = engine.clock()
+        return self._take_pending() + outputs
+
+    def _step_all(self) -> list[RequestOutput]:
+        """Engines in processes of their own: the transfers that have landed go in, then every engine with work
+        steps at once; a decode engine found dead on the way is failed (fail_decode)."""
+        for d in range(len(self.decode)):
+            if self.alive[d] and any(t.target == d for t in self.transfers):
+                self._pending += self._on_decode(d, lambda: self._land(d))
+        started, num_prefill = [], len(self.prefill)
+        # decode engines start first: one found dead is failed before any prefill engine is busy with a step
+        for k in sorted((k for _, k in self._events()), key=lambda k: k < num_prefill):
+            try:
+                (self.prefill + self.decode)[k].start_step()
+                started.append(k)
+            except EngineDied as e:
+                self._pending += self.fail_decode(k - num_prefill, str(e))
+        outputs = self._take_pending()
+        for k in sorted(started):
+            if k < num_prefill:
+                engine, steps = self.prefill[k], self.prefill[k].snapshot().num_steps
+                outputs += self._prefill_outputs(k, engine.finish_step())
+                if engine.snapshot().num_steps == steps:
+                    self.blocked.add(k)
+            else:
+                d = k - num_prefill
+                outputs += self._on_decode(d, lambda: self._decoded(self.decode[d].finish_step()))
+        self.step_end = self.clock()
+        return outputs + self._take_pending()
+
+    def _on_decode(self, d: int, call: Callable):
+        """call()'s result, or, if decode engine d's process is found gone, the outputs of failing it."""
+        try:
+            return call()
+        except EngineDied as e:
+            log.warning("decode engine %d is gone: %s", d, e)
+            return self.fail_decode(d, str(e))
+
+    def _decoded(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        for out in outputs:
+            if out.finished:
+                self._done(out.request_id)
         return outputs
+
+    def _live_decode(self) -> list:
+        return [e for e, alive in zip(self.decode, self.alive) if alive]
+
+    def _take_pending(self) -> list[RequestOutput]:
+        pending, self._pending = self._pending, []
+        return pending
 
     def fail_decode(self, index: int, reason: str = "it stopped") -> list[RequestOutput]:
         """Decode engine `index` is gone: what it was decoding fails (its KV was there); what was bound for it goes

@@ -69,7 +69,7 @@ class RunConfig(EngineConfig):
         self.deployment.validate()
         if self.deployment.disaggregated and (self.replicas > 1 or self.target.name != "engine"):
             raise ValueError("deployment=disaggregated sizes its pools with deployment.prefill_replicas and "
-                             "deployment.decode_replicas (leave replicas=1) and runs the in-process engines "
+                             "deployment.decode_replicas (leave replicas=1) and runs its engines from this process "
                              "(target=engine)")
         if self.target.name == "http" and not self.target.url:
             raise ValueError("target=http needs target.url, e.g. target.url=http://127.0.0.1:8000")

@@ -3,6 +3,9 @@ transformers), prefix caching on the prefill side, no leaked KV and no lost or d
 dying decode engine, the simulated transfer's charge and the link fit against Vidur's measured send/recv rows."""
 import functools
 import math
+import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -11,15 +14,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastgen.bench import run_benchmark
+from fastgen.compose import EngineConfig
 from fastgen.calibration.measured import link_of, send_recv_series
 from fastgen.conf import compose_config
 from fastgen.deployment import DeploymentConfig, build_deployment, simulated_link
 from fastgen.disaggregated import DisaggregatedEngine
+from fastgen.engine_process import EngineProcess
 from fastgen.kv.connector import CopyConnector, Link, ProcessConnector
+from fastgen.kv import KV_MANAGERS
 from fastgen.routers import ROUTERS, make_router
 from fastgen.sampling import SamplingParams
 from fastgen.sim.cost_model import Profile
-from tiny import compose_engine, drain, drive_with_aborts, fastgen_from_hf, reference_greedy, tiny_hf_model
+from tiny import (compose_engine, drain, drive_with_aborts, fastgen_from_hf, reference_greedy, scheduler_config,
+                  tiny_hf_model)
 
 
 @functools.lru_cache(maxsize=None)
@@ -207,13 +214,90 @@ def test_process_connector_moves_requests_and_their_kv_to_a_decode_engine_in_ano
     assert decoded == {"0": ref[0], "2": ref[2]}
 
 
+def process_pools(model, d=2):
+    """A disaggregated deployment whose 1 prefill and d decode engines each run in a spawned process."""
+    cfg = EngineConfig(scheduler=scheduler_config("splitfuse", **KNOBS),
+                       kv=KV_MANAGERS.config("blocked", block_size=16, num_blocks=64))
+    deployment = build_deployment(cfg, DeploymentConfig(name="disaggregated", decode_replicas=d), model=model)
+    assert all(isinstance(e, EngineProcess) and e.process.pid != os.getpid()
+               for e in deployment.prefill + deployment.decode)
+    return deployment
+
+
+def pools_idle(engine: DisaggregatedEngine) -> bool:
+    """No request and no KV block held on either pool (its live engines), nothing moving between them."""
+    shots = [e.snapshot() for e in engine.prefill + [e for e, alive in zip(engine.decode, engine.alive) if alive]]
+    return not engine.transfers and all(s.num_running == s.num_waiting == 0 and s.kv_blocks_free == s.kv_blocks_total
+                                        for s in shots)
+
+
+def test_engines_in_processes_of_their_own_decode_exactly_survive_a_killed_decode_engine_and_exit_at_close():
+    """placement=process (the default for real engines): greedy outputs equal the co-located engine's and
+    transformers', with the workers' timestamps on this process's clock. Then a decode process is killed while it
+    decodes a request and another is bound for it: the first fails alone, the second finishes on the other decode
+    engine, every request ends once and no KV block is left held. close() reaps the workers."""
+    _, model = tiny("llama")
+    prompts, news, ref = workload("llama")
+    colocated, _ = run_all(compose_engine(model, "splitfuse", num_blocks=64, block_size=16, **KNOBS).engine,
+                           prompts, news)
+    deployment = process_pools(model)
+    engines = deployment.prefill + deployment.decode
+    try:
+        assert deployment.concurrent
+        start = time.perf_counter()
+        got, reqs = run_all(deployment, prompts, news)
+        end = time.perf_counter()
+        assert got == ref == colocated
+        assert all(e.snapshot().num_steps > 0 for e in engines) and pools_idle(deployment)
+        for r in reqs:
+            times = [r.arrival_time, *r.trace.token_times, r.trace.finish_time]
+            assert start <= times[0] and times == sorted(times) and times[-1] <= end
+            assert r.trace.kv_transfer_bytes > 0 and r.trace.kv_transfer_s > 0
+
+        ids = [deployment.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True))
+               for p, n in zip(prompts, news)]
+        outputs = []
+        while not (deployment.decode[0].has_unfinished() and any(t.target == 0 for t in deployment.transfers)):
+            assert deployment.has_unfinished(), "never had a request decoding on engine 0 and one bound for it"
+            outputs += deployment.step()
+        decoding = {r for r, where in deployment._where.items() if where == (1, 0)} - \
+            {t.handoff.request_id for t in deployment.transfers}
+        bound = {t.handoff.request_id for t in deployment.transfers if t.target == 0}
+        os.kill(deployment.decode[0].process.pid, signal.SIGKILL)
+        deployment.decode[0].process.join(30)
+        while deployment.has_unfinished():
+            outputs += deployment.step()
+        ends = [o for o in outputs if o.finished]
+        assert sorted(o.request_id for o in ends) == sorted(ids)              # each request ends once
+        failed = {o.request_id: o.error for o in ends if o.finish_reason == "error"}
+        assert failed and set(failed) == decoding
+        assert all("decode instance 0 failed" in e and "exited with code -9" in e for e in failed.values())
+        assert all(o.request.output_token_ids == ref[ids.index(o.request_id)] for o in ends
+                   if o.request_id not in failed)
+        assert bound and not bound & set(failed)                            # rerouted to the live decode engine
+        assert not deployment.has_unfinished() and pools_idle(deployment)
+    finally:
+        deployment.close()
+    assert [e.process.exitcode for e in engines] == [0, -signal.SIGKILL, 0]
+
+
+def test_placement_is_checked():
+    with pytest.raises(ValueError, match="placement must be process .* or inline"):
+        DeploymentConfig(name="disaggregated", placement="ray").validate()
+    cfg = compose_config(["deployment=disaggregated"])
+    assert cfg.deployment.placement == "process"
+    with pytest.raises(ValueError, match="use deployment.placement=inline"):
+        build_deployment(cfg, cfg.deployment, model=tiny("llama")[1], clock=time.process_time)
+
+
 def test_pipeline_runs_the_disaggregated_deployment():
     import fastgen
     hf, _ = tiny("llama")
     prompts, news, ref = workload("llama")
-    with fastgen.pipeline(hf, hardware="cpu", overrides=[
-            "deployment=disaggregated", "deployment.decode_replicas=2", "+deployment.prefill_scheduler.token_budget=16",
-            "+deployment.decode_scheduler.max_seqs=4", "kv.num_blocks=64", "kv.block_size=16"]) as pipe:
+    with fastgen.pipeline(hf, hardware="cpu", overrides=[       # inline: the processes are tested above
+            "deployment=disaggregated", "deployment.placement=inline", "deployment.decode_replicas=2",
+            "+deployment.prefill_scheduler.token_budget=16", "+deployment.decode_scheduler.max_seqs=4",
+            "kv.num_blocks=64", "kv.block_size=16"]) as pipe:
         assert isinstance(pipe.engine, DisaggregatedEngine)
         assert pipe.engine.prefill[0]._scheduler.config.token_budget == 16
         assert pipe.engine.decode[1]._scheduler.config.max_seqs == 4
@@ -270,17 +354,11 @@ def test_link_model():
 @pytest.fixture(scope="module")
 def served_pools():
     import serving
-    engine = build_deployment(serving.ENGINE_CFG, DeploymentConfig(name="disaggregated", decode_replicas=2),
+    engine = build_deployment(serving.ENGINE_CFG, DeploymentConfig(name="disaggregated", decode_replicas=2,
+                                                                   placement="inline"),
                               model=serving.tiny_model(), tokenizer=serving.tokenizer())
     with serving.served(engine=engine, reference=True) as s:
         yield s
-
-
-def pools_idle(engine: DisaggregatedEngine) -> bool:
-    """No request and no KV block held on either pool, nothing moving between them."""
-    shots = [e.snapshot() for e in engine.prefill + engine.decode]
-    return not engine.transfers and all(s.num_running == s.num_waiting == 0 and s.kv_blocks_free == s.kv_blocks_total
-                                        for s in shots)
 
 
 def test_server_over_pools_streams_the_colocated_greedy_outputs(served_pools):

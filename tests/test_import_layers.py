@@ -14,7 +14,7 @@ UPPER = ("fastgen.engine", "fastgen.compose", "fastgen.conf", "fastgen.cli", "fa
          "fastgen.capacity", "fastgen.serve", "fastgen.driver", "fastgen.calibration", "fastgen.pipeline",
          "fastgen.run_config", "fastgen.analysis", "fastgen.peers", "fastgen.result_cache", "fastgen.tracking",
          "fastgen.wandb_offline", "fastgen.ablate", "fastgen.class_figures", "fastgen.deployment",
-         "fastgen.disaggregated")
+         "fastgen.disaggregated", "fastgen.engine_process")
 # The engine's parts and what they stand on: they never import a floor above them.
 LOWER = ("fastgen.kernels", "fastgen.models", "fastgen.sim", "fastgen.kv", "fastgen.schedulers", "fastgen.executors",
          "fastgen.speculative", "fastgen.routers", "fastgen.workloads", "fastgen.config", "fastgen.request",

@@ -3,8 +3,9 @@ it (disaggregated prefill and decode; vLLM's name for the seam). The engines exp
 (fastgen.handoff.Handoff); the executors read and write the contents; a connector carries them between the two.
 
 - `copy`: both engines in one process: the contents read from one cache (a copy) are written into the other.
-- `process`: the engines in two processes: the handoff and its contents go through a torch.multiprocessing queue,
-  whose tensors travel in shared memory (no serialisation of the contents).
+- `process`: the engines in two processes: the handoff and its contents go through a pipe, the contents in shared
+  memory (torch.multiprocessing: no serialisation of the contents); fastgen.engine_process carries every call to an
+  engine in another process this way.
 - `simulated`: no contents (simulated executors hold none); the transfer takes `Link.seconds(nbytes)` on the
   virtual clock: latency + bytes / bandwidth, per device pair (tensor-parallel shards move in parallel), fitted
   to Vidur's measured send/recv times within a node (NVLink; fastgen.calibration.measured) or the machine's
@@ -13,9 +14,11 @@ it (disaggregated prefill and decode; vLLM's name for the seam). The engines exp
 from __future__ import annotations
 
 from dataclasses import dataclass
+import queue
 from typing import Any
 
 import torch
+import torch.multiprocessing as tmp      # registers the reductions that send tensors through shared memory
 
 
 @dataclass(frozen=True)
@@ -64,24 +67,30 @@ class SimulatedConnector:
 
 
 class ProcessConnector:
-    """One direction between two processes: send() in one, recv() in the other. Made before the processes start
-    (it holds a torch.multiprocessing queue); a tensor put on it moves to shared memory once and is read there."""
+    """One direction between two processes: send() in one, recv() in the other, over a pipe made before the
+    processes start. A tensor sent moves to shared memory once and only its handle crosses (torch.multiprocessing);
+    a message is pickled by its sender, so one that cannot be fails there, not silently on the way."""
 
     name = "process"
 
     def __init__(self, context: Any = None):
-        import torch.multiprocessing as tmp
-        self._queue = (context or tmp.get_context("spawn")).Queue()
+        self.reader, self._writer = (context or tmp.get_context("spawn")).Pipe(duplex=False)
 
     def send(self, message: Any, contents: torch.Tensor | None = None) -> None:
         if contents is not None:
             contents.share_memory_()
-        self._queue.put((message, contents))
+        self._writer.send((message, contents))
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        """Whether a message is waiting (after up to `timeout` seconds)."""
+        return self.reader.poll(timeout)
 
     def recv(self, timeout: float | None = None) -> tuple[Any, torch.Tensor | None]:
         """The next (message, contents); queue.Empty after `timeout` seconds without one."""
-        return self._queue.get(timeout=timeout)
+        if timeout is not None and not self.reader.poll(timeout):
+            raise queue.Empty
+        return self.reader.recv()
 
     def close(self) -> None:
-        self._queue.close()
-
+        self.reader.close()
+        self._writer.close()

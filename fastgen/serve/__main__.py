@@ -2,7 +2,7 @@
 
 Binds 127.0.0.1:8000 unless told otherwise (host=0.0.0.0 port=9000); the API key comes from FASTGEN_API_KEY.
 replicas=N (> 1) serves N engine replicas on Ray Serve behind router=NAME (fastgen/serve/replicas.py);
-deployment=disaggregated serves prefill and decode pools (fastgen.deployment) from this process.
+deployment=disaggregated serves prefill and decode pools (fastgen.deployment) behind this process's front.
 """
 import logging
 
@@ -25,7 +25,11 @@ def main(dict_cfg: DictConfig) -> None:
         logging.getLogger(__name__).warning("serving on %s without an api_key: anyone who can reach it can use it; "
                                             "set FASTGEN_API_KEY", cfg.host)
     if cfg.replicas == 1:
-        uvicorn_server(create_app(build_deployment(cfg, cfg.deployment, cfg.router), cfg), cfg).run()
+        engine = build_deployment(cfg, cfg.deployment, cfg.router)
+        try:
+            uvicorn_server(create_app(engine, cfg), cfg).run()
+        finally:
+            engine.close()                  # deployment.placement=process: its engines' worker processes end
         return
     from fastgen.serve.replicas import ReplicaSet      # Ray only where replicas are asked for
     replicas = ReplicaSet(cfg)

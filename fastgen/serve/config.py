@@ -135,7 +135,7 @@ class ServeConfig(EngineConfig):
         self.replica.validate()
         self.deployment.validate()
         if self.deployment.disaggregated and self.replicas > 1:
-            raise ValueError("deployment=disaggregated serves its pools from this process, sized by "
+            raise ValueError("deployment=disaggregated serves its pools behind this process's front, sized by "
                              "deployment.prefill_replicas and deployment.decode_replicas: leave replicas=1")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
