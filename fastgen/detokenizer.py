@@ -12,6 +12,8 @@ ends before the stop string (or after it, with `include_stop`, when nothing need
 """
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Sequence
 
 REPLACEMENT = "\ufffd"
@@ -29,6 +31,7 @@ class IncrementalDetokenizer:
         if not spaces_between_special_tokens:
             self.decode_kwargs["spaces_between_special_tokens"] = False
         self._decode_fn = decoder(tokenizer, self.decode_kwargs)
+        self._token_lengths = token_lengths(tokenizer, self.decode_kwargs)
         self.longest_stop = max(map(len, self.stop), default=0)
         self.stops_by_first: dict[str, list[str]] = {}
         for stop_string in self.stop:
@@ -44,15 +47,19 @@ class IncrementalDetokenizer:
     def push(self, token_ids: Sequence[int], match_stop: bool = True) -> None:
         """Adds tokens. With `match_stop`, the text they add is searched for the stop strings (the engine passes
         False until min_new_tokens are out: a stop string there does not count)."""
-        self.token_ids.extend(token_ids)
+        self.token_ids += token_ids
+        if self.tokenizer is None:
+            return
         before = len(self.text)
         self._decode(force=False)
-        if match_stop and self.stop and self.stop_at is None and len(self.text) > before:
-            start = max(0, before - self.longest_stop + 1)
-            found = [(i, -len(s)) for s, i in ((s, self.text.find(s, start)) for s in self.stop) if i >= 0]
-            if found:
-                self.stop_at, minus_len = min(found)
-                self.stop_end = self.stop_at - minus_len
+        if len(self.text) > before and match_stop and self.stop and self.stop_at is None:
+            start, text, found = max(0, before - self.longest_stop + 1), self.text, None
+            for stop_string in self.stop:       # the first one in the text (the longest, if several start there)
+                at = text.find(stop_string, start)
+                if at >= 0 and (found is None or (at, -len(stop_string)) < found):
+                    found = at, -len(stop_string)
+            if found is not None:
+                self.stop_at, self.stop_end = found[0], found[0] - found[1]
 
     def delta(self, finished: bool = False) -> str:
         """The text not returned yet: all of it when finished (up to the stop string, if one was found), else
@@ -62,8 +69,13 @@ class IncrementalDetokenizer:
             return self._emit(self.final_text)
         if self.include_stop:      # whatever comes, the text up to here is output: nothing to hold back
             return self._emit(self.final_text)
-        end = len(self.text) if self.stop_at is None else self.stop_at
-        return self._emit(self.text[:end][:max(self.sent, end - self._stop_prefix_len(end))])
+        end, sent = len(self.text) if self.stop_at is None else self.stop_at, self.sent
+        if self.stop:
+            end -= self._stop_prefix_len(end)
+        if end <= sent:
+            return ""
+        self.sent = end
+        return self.text[sent:end]
 
     @property
     def final_text(self) -> str:
@@ -72,32 +84,53 @@ class IncrementalDetokenizer:
         return self.text[:self.stop_end if self.include_stop else self.stop_at]
 
     def _decode(self, force: bool) -> None:
-        if self.tokenizer is None or self.read_offset == len(self.token_ids):
+        ids, start = self.token_ids, self.prefix_offset
+        if self.tokenizer is None or self.read_offset == len(ids):
             return
-        settled = self._decode_ids(self.token_ids[self.prefix_offset:self.read_offset])
-        window = self._decode_ids(self.token_ids[self.prefix_offset:])
-        if force or (len(window) > len(settled) and not window.endswith(REPLACEMENT)):
-            self.text += window[len(settled):]
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
-
-    def _decode_ids(self, token_ids: list[int]) -> str:
-        return self._decode_fn(token_ids)
+        if self.read_offset - start == 1:     # usually: the window starts at the one token emitted last time
+            settled = self._token_lengths.get(ids[start])
+            if settled is None:
+                settled = self._token_lengths[ids[start]] = len(self._decode_fn(ids[start:start + 1]))
+        else:
+            settled = len(self._decode_fn(ids[start:self.read_offset]))
+        window = self._decode_fn(ids[start:])
+        if force or (len(window) > settled and window[-1] != REPLACEMENT):
+            self.text += window[settled:]
+            self.prefix_offset, self.read_offset = self.read_offset, len(ids)
 
     def _stop_prefix_len(self, end: int) -> int:
         """Length of the longest tail of text[:end] that is a proper prefix of a stop string. Only unsent text can
         be such a tail (sent text never ends in the start of a stop string), and only where a stop string's first
         character stands: at most longest_stop - 1 positions, each checked against the stops starting there."""
         tail = self.text[end - min(self.longest_stop - 1, end - self.sent):end] if end > self.sent else ""
-        for p, char in enumerate(tail):
-            candidates = self.stops_by_first.get(char)
-            if candidates and any(s.startswith(tail[p:]) for s in candidates):
-                return len(tail) - p
-        return 0
+        first = len(tail)        # the earliest position where a stop string could begin
+        for char, candidates in self.stops_by_first.items():
+            p = tail.find(char)
+            while 0 <= p < first:
+                if any(s.startswith(tail[p:]) for s in candidates):
+                    first = p
+                    break
+                p = tail.find(char, p + 1)
+        return len(tail) - first
 
     def _emit(self, text: str) -> str:
         delta = text[self.sent:]
         self.sent = max(self.sent, len(text))
         return delta
+
+
+_TOKEN_LENGTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def token_lengths(tokenizer, decode_kwargs: dict) -> dict[int, int]:
+    """len(tokenizer.decode([id], **decode_kwargs)) by token id, filled as tokens are met and shared by every
+    detokenizer of the tokenizer: the text a window already had is, most tokens, that of one token, so each token
+    costs one decode rather than two."""
+    try:
+        by_kwargs = _TOKEN_LENGTHS.setdefault(tokenizer, {})
+    except TypeError:          # None, or a tokenizer that cannot be weakly referenced or hashed: this one's own
+        return {}
+    return by_kwargs.setdefault(tuple(sorted(decode_kwargs.items())), {})
 
 
 def decoder(tokenizer, decode_kwargs: dict):
@@ -114,5 +147,5 @@ def decoder(tokenizer, decode_kwargs: dict):
             kind._decode is PreTrainedTokenizerFast._decode and not tokenizer.clean_up_tokenization_spaces and \
             set(decode_kwargs) == {"skip_special_tokens"}:
         backend, skip = tokenizer.backend_tokenizer, decode_kwargs["skip_special_tokens"]
-        return lambda token_ids: backend.decode(token_ids, skip_special_tokens=skip)
-    return lambda token_ids: tokenizer.decode(token_ids, **decode_kwargs)
+        return functools.partial(backend.decode, skip_special_tokens=skip)
+    return functools.partial(tokenizer.decode, **decode_kwargs)

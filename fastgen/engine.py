@@ -32,7 +32,6 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 from fastgen.detokenizer import IncrementalDetokenizer
@@ -42,7 +41,8 @@ from fastgen.model_spec import eos_ids
 from fastgen.ragged import SeqChunk
 from fastgen.request import Request
 from fastgen.request_trace import DEFAULT_TENANT, SLO, check_class
-from fastgen.sampling import ParameterError, Sampler, SamplingParams, SamplingRow, TokenLogprob, token_logprobs
+from fastgen.sampling import (ParameterError, Sampler, SamplingParams, SamplingRow, TokenLogprob, argmax,
+                              token_logprobs)
 from fastgen.schedulers.base import ScheduledChunk, Scheduler, SchedulerOutput
 from fastgen.speculative.base import Proposer
 from fastgen.step_stats import EngineSnapshot, StepStats
@@ -336,16 +336,28 @@ class LLMEngine:
         self._report(StepStats(
             index=self._num_steps, start=start, duration_s=now - start, schedule_s=scheduled - start,
             prepare_s=prepare_s, forward_s=forward_s, sample_s=now - executed,
-            num_tokens=plan.num_tokens, num_seqs=len(plan.chunks),
-            num_prefill_tokens=sum(c.num_tokens for c in plan.chunks if c.num_tokens > 1),
-            num_preempted=len(plan.preempted), num_block_copies=len(plan.copies),
-            num_swapped_blocks=len(plan.swap_out) + len(plan.swap_in),
-            num_pad_tokens=plan.num_pad_tokens, grammar_mask_s=self._mask_s,
-            num_constrained_seqs=sum(c.constrained for c in plan.step_chunks), draft_s=draft_s,
-            num_verifies=sum(1 for c in plan.chunks if c.num_proposed),
-            num_proposed_tokens=sum(c.num_proposed for c in plan.chunks),
-            num_accepted_tokens=sum(c.num_accepted for c in plan.chunks), **self._scheduler.step_counts()))
+            num_seqs=len(plan.chunks), num_preempted=len(plan.preempted), num_block_copies=len(plan.copies),
+            num_swapped_blocks=len(plan.swap_out) + len(plan.swap_in), grammar_mask_s=self._mask_s,
+            draft_s=draft_s, **self._chunk_counts(plan), **self._scheduler.step_counts()))
         return outputs
+
+    @staticmethod
+    def _chunk_counts(plan: SchedulerOutput) -> dict[str, int]:
+        """The step's token counts for its stats, in one pass over its chunks (a step can have thousands)."""
+        tokens = prefill = pad = verifies = proposed = accepted = 0
+        for c in plan.chunks:
+            n, k = c.num_tokens, c.num_proposed
+            tokens += n + k
+            if n > 1:
+                prefill += n
+            if c.num_pad:
+                pad += c.num_pad
+            if k:
+                verifies, proposed = verifies + 1, proposed + k
+            accepted += c.num_accepted
+        return {"num_tokens": tokens, "num_prefill_tokens": prefill, "num_pad_tokens": pad, "num_verifies": verifies,
+                "num_proposed_tokens": proposed, "num_accepted_tokens": accepted,
+                "num_constrained_seqs": sum(c.constrained for c in plan.step_chunks)}
 
     def _propose(self, plan: SchedulerOutput) -> float:
         """Fills the proposal slots the scheduler granted (each chunk's tokens get its proposals, and logits for
@@ -389,7 +401,7 @@ class LLMEngine:
         samples its own from the same logits. A failure that belongs to some requests ends only those. Then the
         scheduler commits the step (computed tokens, forks, finished requests) in one call."""
         chunks = plan.step_chunks
-        first_rows = np.cumsum([0] + [c.num_logits for c in chunks])
+        first_rows = [0, *itertools.accumulate(1 if not c.all_logits else c.num_logits for c in chunks)]
         outputs = self._record_prompt_logprobs(plan, chunks, logits, first_rows[:-1])
         failed = {out.request_id for out in outputs}
         sampled = [i for i, c in enumerate(plan.chunks)
@@ -398,13 +410,13 @@ class LLMEngine:
         if verified:
             outputs += self._verify([plan.chunks[i] for i in verified],
                                     [list(chunks[i].token_ids[1:]) for i in verified],
-                                    [int(first_rows[i]) for i in verified], logits)
+                                    [first_rows[i] for i in verified], logits)
             sampled = [i for i in sampled if not plan.chunks[i].num_proposed]
         reqs = [plan.chunks[i].request for i in sampled]
-        rows = list(first_rows[1:][sampled] - 1)
+        rows = [first_rows[i + 1] - 1 for i in sampled]
         forks = []
         for row, req in zip(list(rows), list(reqs)):
-            if req.sampling.num_sequences > 1 and req.index == 0 and not req.output_token_ids:
+            if not req.output_token_ids and req.index == 0 and req.sampling.num_sequences > 1:
                 children = self._fork(req)
                 forks += [(req, child) for child in children]
                 reqs += children
@@ -419,7 +431,7 @@ class LLMEngine:
         outputs = []
         if rows != list(range(logits.shape[0])):       # not every row in order (a decode step): a copy of those
             logits = self._gather(logits, rows)
-        results = self._sample(logits, [self._sampling_row(r) for r in reqs])
+        results = self._sample(logits, reqs)
         self._score_best_of(logits, reqs, results)
         now = self.clock()
         for req, result in zip(reqs, results):
@@ -531,14 +543,29 @@ class LLMEngine:
                                          index=index))
         return outputs
 
-    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[tuple[int, TokenLogprob | None]
-                                                                               | Exception]:
-        """All rows in one batched pass (see _each_alone_if_batch_fails)."""
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[tuple[int, TokenLogprob | None]
+                                                                         | Exception]:
+        """Row i of the logits is reqs[i]'s. Plain greedy rows (SamplingParams.plain_greedy, past min_new_tokens:
+        most greedy requests) take one argmax together, with no per-row objects; the others go through the sampler
+        in one batched pass (see _each_alone_if_batch_fails)."""
+        others = [i for i, r in enumerate(reqs)
+                  if not (r.sampling.plain_greedy and len(r.output_token_ids) >= r.sampling.min_new_tokens)]
+        if not others:
+            return [(token, None) for token in argmax(logits).tolist()]
+        rows = [self._sampling_row(reqs[i]) for i in others]
+        chosen = logits if len(others) == len(reqs) else logits[others]
+
         def sample(which: list[int]) -> list:
-            out = self._sampler(logits if len(which) == len(rows) else logits[which], [rows[i] for i in which])
+            out = self._sampler(chosen if len(which) == len(rows) else chosen[which], [rows[i] for i in which])
             self._mask_s += out.mask_s
             return list(zip(out.token_ids, out.logprobs))
-        return self._each_alone_if_batch_fails(sample, [r.generator for r in rows], "sampling")
+        sampled = self._each_alone_if_batch_fails(sample, [r.generator for r in rows], "sampling")
+        if len(others) == len(reqs):
+            return sampled
+        results = [(token, None) for token in argmax(logits).tolist()]
+        for i, result in zip(others, sampled):
+            results[i] = result
+        return results
 
     @staticmethod
     def _each_alone_if_batch_fails(run: Callable[[list[int]], list], generators: Sequence[torch.Generator | None],
@@ -561,7 +588,7 @@ class LLMEngine:
         return results
 
     def _record_prompt_logprobs(self, plan: SchedulerOutput, chunks: list[SeqChunk], logits: torch.Tensor,
-                                first_rows: np.ndarray) -> list[RequestOutput]:
+                                first_rows: Sequence[int]) -> list[RequestOutput]:
         """The prompt logprobs of this step's all-logits chunks, in one pass: the row at position p scores prompt
         token p + 1. Positions already scored (before a preemption) are skipped. If the pass fails, the requests
         that asked for it fail (outputs returned)."""
@@ -616,7 +643,7 @@ class LLMEngine:
         if req.detokenizer is not None:
             req.detokenizer.push([token], match_stop=past_min)
             stop_string = req.detokenizer.stop_at is not None
-        if past_min and (token in req.stop_ids or stop_string) or req.grammar is not None and \
+        if past_min and (stop_string or req.is_stop_token(token)) or req.grammar is not None and \
                 req.grammar.is_terminated():
             return "stop"
         if n >= req.sampling.max_new_tokens or req.num_tokens >= self.max_model_len:

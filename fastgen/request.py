@@ -97,11 +97,12 @@ class Request:            # compare identities, not every field of every request
     @property
     def num_pending_tokens(self) -> int:
         """Tokens still to run through the model before the next token can be sampled."""
-        return self.num_tokens - self.num_computed_tokens
+        return len(self.prompt_token_ids) + len(self.output_token_ids) - self.num_computed_tokens
 
     @property
-    def is_decode(self) -> bool:
-        return bool(self.output_token_ids) and self.num_pending_tokens == 1
+    def is_decode(self) -> bool:       # (spelled out: schedulers ask it of every running request every step)
+        output = self.output_token_ids
+        return bool(output) and len(self.prompt_token_ids) + len(output) - self.num_computed_tokens == 1
 
     @property
     def max_kv_tokens(self) -> int:
@@ -126,6 +127,10 @@ class Request:            # compare identities, not every field of every request
     def stop_ids(self) -> frozenset[int]:
         ids = frozenset(self.sampling.stop_token_ids)
         return ids if self.sampling.ignore_eos else ids | self.eos_token_ids
+
+    def is_stop_token(self, token: int) -> bool:
+        """token in stop_ids, without making the set (asked for every token)."""
+        return token in self.sampling.stop_token_ids or not self.sampling.ignore_eos and token in self.eos_token_ids
 
     def fork(self, index: int) -> "Request":
         """Sequence `index` of this request: a copy of it as it stands, with its own trace and, for a seeded

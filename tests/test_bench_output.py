@@ -87,6 +87,6 @@ def test_the_backend_shortcut_decodes_as_the_tokenizer(tokenizer, generation, sk
     special = tokenizer.all_special_ids[:3]
     ids = generation[:300] + special + generation[300:310] + tokenizer.encode("é😀 ü", add_special_tokens=False)
     fast = decoder(tokenizer, {"skip_special_tokens": skip})
-    assert fast.__code__ is not decoder(None, {}).__code__          # the shortcut is the one taken
+    assert fast.func == tokenizer.backend_tokenizer.decode          # the shortcut is the one taken
     for lo, hi in [(0, len(ids)), (295, 306), (len(ids) - 5, len(ids) - 1), (3, 4)]:
         assert fast(ids[lo:hi]) == tokenizer.decode(ids[lo:hi], skip_special_tokens=skip)

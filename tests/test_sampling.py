@@ -238,6 +238,27 @@ def test_underflowing_temperature_and_top_p_are_greedy():
     assert SamplingParams(temperature=1e-320).greedy and not SamplingParams(temperature=1e-4).greedy
 
 
+def test_plain_greedy_rows_and_processed_rows_in_one_step_get_what_each_gets_alone():
+    """The engine takes plain greedy rows (SamplingParams.plain_greedy, past min_new_tokens) with one argmax and
+    no per-row objects, and sends the others through the sampler: in steps that mix both, each request gets the
+    tokens and logprobs it gets alone."""
+    mixed = [SamplingParams(max_new_tokens=8, ignore_eos=True),
+             SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=2),
+             SamplingParams(max_new_tokens=8, ignore_eos=True, logit_bias={17: 4.0}),
+             SamplingParams(max_new_tokens=8, ignore_eos=True, temperature=0.8, seed=5),
+             SamplingParams(max_new_tokens=8, min_new_tokens=3, stop_token_ids=[17, 42]),
+             SamplingParams(max_new_tokens=8, ignore_eos=True, repetition_penalty=1.5)]
+    assert [p.plain_greedy for p in mixed] == [True, False, False, False, True, False]
+
+    def run(which: list[int]) -> list[tuple]:
+        eng = engine().engine
+        ids = [eng.add_request(PROMPTS[i % len(PROMPTS)], mixed[i]) for i in which]
+        done = drain(eng)
+        return [(done[i].output_token_ids, [(lp.token_id, lp.logprob) for lp in done[i].logprobs]) for i in ids]
+    together = run(list(range(len(mixed))))
+    assert together == [run([i])[0] for i in range(len(mixed))] and together[1][1]
+
+
 # -- fault isolation -----------------------------------------------------------------------------------------------
 def test_a_request_whose_sampling_fails_ends_alone():
     """The issue's reproduction at the engine: top_k=2**63 overflowed the sampler's tensor and killed the whole

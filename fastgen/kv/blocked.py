@@ -102,6 +102,12 @@ class BlockedKVManager(KVManager):
                               f"blocks but only {self.allocator.num_free} are free")
 
     def try_allocate(self, req: Request, num_new_tokens: int) -> bool:
+        seq, computed = req.seq_id, req.num_computed_tokens
+        table, end = self.tables.get(seq), computed + num_new_tokens
+        if table is not None and end <= len(table) * self.block_size and \
+                (computed % self.block_size == 0 or self._writable(table[computed // self.block_size])):
+            self.tokens[seq] = end      # the usual decode: its own blocks have room and it may write them (no plan)
+            return True
         plan = self._plan(req, num_new_tokens)
         if plan is None:       # its cached prefix was evicted after it was planned: plan again from what is left
             req.num_computed_tokens = self.cached_prefix(req)

@@ -143,7 +143,7 @@ class Scheduler:
             req, start = c.request, c.request.num_computed_tokens
             out.step_chunks.append(SeqChunk(
                 req.token_slice(start, c.num_tokens), start, self.kv.block_table(req),
-                all_logits=req.needs_prompt_logits and start < len(req.prompt_token_ids) - 1, num_pad=c.num_pad,
+                all_logits=start < len(req.prompt_token_ids) - 1 and req.needs_prompt_logits, num_pad=c.num_pad,
                 constrained=req.sampling.structured is not None and c.num_tokens == req.num_pending_tokens))
         out.copies = self.kv.take_copies()
         out.swap_out, out.swap_in = self.kv.take_swaps()
@@ -291,10 +291,11 @@ class Scheduler:
                          speculate: bool = True) -> int:
         """One token for every running request that is decoding, oldest first, then (`speculate`) proposal slots
         for them from what is left of the budget; returns the budget left."""
+        chunks, max_seqs, running = out.chunks, self.config.max_seqs, RequestStatus.RUNNING
         for req in list(self.running):
-            if budget < 1 or len(out.chunks) >= self.config.max_seqs:
+            if budget < 1 or len(chunks) >= max_seqs:
                 break
-            if req.status is RequestStatus.RUNNING and req.is_decode and self.reserve(req, 1, out, preempt):
+            if req.status is running and req.is_decode and self.reserve(req, 1, out, preempt):
                 budget -= 1
         return budget - self.schedule_speculation(out, budget) if speculate else budget
 
