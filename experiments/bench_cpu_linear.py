@@ -17,7 +17,8 @@ rate and the streaming bandwidth; at M rows a weight read once allows M/2 flop p
 min(GEMM rate, M/2 x bandwidth).
 
 Variants: `mkl` F.linear on the plain weight (MKL sgemm), `onednn` oneDNN on the weight reordered once
-(fastgen.kernels.linear), `auto` what hardware.linear=auto picks for this row count after its calibration, and with
+(fastgen.kernels.linear), `auto` which of the two hardware.linear=auto picked for this row count, calibrated in this run (its
+calibration times wall-clock, so under load on one thread it may disagree with the CPU-time columns), and with
 --inductor `inductor`: torch.compile with max-autotune restricted to inductor's C++ GEMM template
 (max_autotune_gemm_backends="CPP", freezing so that the weights are constants it packs).
 """
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from fastgen.kernels.linear import ReorderedWeight  # noqa: E402
+from fastgen.kernels.linear import Calibration, onednn_linear, reorder  # noqa: E402
 from fastgen.models import load_config, model_class  # noqa: E402
 from fastgen.roofline import measure_bandwidth, measure_gemm_flops  # noqa: E402
 
@@ -82,9 +83,12 @@ def inductor_pass(weights: list[torch.Tensor], x: torch.Tensor) -> Callable[[], 
             return [lin(x) for lin in self.layers]
 
     compiled = torch.compile(Pass().eval(), dynamic=False)
-    with torch.no_grad():
-        compiled(x)
-    return lambda: compiled(x)
+
+    def run():
+        with torch.no_grad():
+            return compiled(x)
+    run()
+    return run
 
 
 def main():
@@ -101,7 +105,7 @@ def main():
     shapes = {k: v for k, v in shapes.items() if args.shapes is None or k in args.shapes}
     torch.manual_seed(0)
     weights = {k: [torch.randn(o, i) * 0.02 for _ in range(n)] for k, (o, i, n) in shapes.items()}
-    reordered = {k: [ReorderedWeight.of(w, "onednn", (1, None)).packed for w in ws] for k, ws in weights.items()}
+    reordered = {k: [reorder(w) for w in ws] for k, ws in weights.items()}
     timings = {"1 thread, CPU time": (1, time.thread_time), f"{args.threads} threads, wall": (args.threads,
                                                                                                time.perf_counter)}
     lines = [f"load average at start {tuple(round(x, 2) for x in os.getloadavg())}, torch {torch.__version__}, "
@@ -109,7 +113,8 @@ def main():
     with torch.inference_mode():
         for title, (threads, clock) in timings.items():
             torch.set_num_threads(threads)
-            gemm, bw = measure_gemm_flops(), measure_bandwidth()
+            gemm, bw = measure_gemm_flops(clock=clock), measure_bandwidth(clock=clock)
+            calibrations = {k: Calibration.measure(weights[k], reordered[k]) for k in shapes}
             lines += ["", f"## {title}: square GEMM {gemm / 1e9:.1f} GFLOP/s, bandwidth {bw / 1e9:.1f} GB/s, "
                       f"load {os.getloadavg()[0]:.2f}", "",
                       "| layer | rows | variant | ms/layer | GFLOP/s | weights GB/s | % square GEMM | % roofline |",
@@ -118,7 +123,7 @@ def main():
                 for m in args.rows:
                     x = torch.randn(m, i)
                     variants = {"mkl": lambda: [F.linear(x, w) for w in weights[k]],
-                                "onednn": lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in reordered[k]]}
+                                "onednn": lambda: [onednn_linear(x, p, None) for p in reordered[k]]}
                     if args.inductor:
                         torch.set_num_threads(threads)
                         variants["inductor"] = inductor_pass(weights[k], x)
@@ -128,7 +133,9 @@ def main():
                         t = best(fn, clock, args.repeats)
                         lines.append(f"| {k} {i}->{o} | {m} | {name} | {t / n * 1e3:.3f} | {flops / t / 1e9:.1f} | "
                                      f"{nbytes / t / 1e9:.1f} | {flops / t / gemm:.0%} | {flops / t / roof:.0%} |")
-                    print("\n".join(lines[-len(variants):]), flush=True)
+                    pick = "onednn" if calibrations[k].uses_onednn(m) else "mkl"
+                    lines.append(f"| | | auto (calibrated at load) | {pick} | | | | |")
+                    print("\n".join(lines[-len(variants) - 1:]), flush=True)
     lines.append(f"\nload average at end {tuple(round(x, 2) for x in os.getloadavg())}")
     text = "\n".join(lines)
     print(text)
