@@ -2,7 +2,8 @@
 square-GEMM rate and the weight-read roofline (issue 33, item 2).
 
     python experiments/bench_cpu_linear.py                                  # all shapes and rows, both timings
-    python experiments/bench_cpu_linear.py --inductor --rows 1 8 32 64      # + torch.compile's C++ GEMM template
+    python experiments/bench_cpu_linear.py --inductor --rows 1 8 32 64 --shapes gate_up down --timings cpu
+                                                                            # + torch.compile's C++ GEMM template
     python experiments/bench_cpu_linear.py --out experiments/results/cpu_linear
 
 Shapes are SmolLM2-135M's (fastgen.model_spec): fused QKV, output, fused gate/up, down and the LM head. Each shape
@@ -12,13 +13,14 @@ disturbed one), per layer. Two timings, in one run, variants interleaved per (sh
 - `1 thread, CPU time`: torch.set_num_threads(1) and time.thread_time, which other processes on a loaded machine
   disturb least (shared caches and memory bandwidth still are);
 - `N threads, wall`: torch's default thread count and time.perf_counter, what a step sees on an idle machine.
-Each is held to ceilings measured in the same run at the same thread count (fastgen.roofline): the square-GEMM
-rate and the streaming bandwidth; at M rows a weight read once allows M/2 flop per byte, so a layer's roofline is
-min(GEMM rate, M/2 x bandwidth).
+Each is held to ceilings measured in the same run at the same thread count and on the same clock
+(fastgen.roofline): the square-GEMM rate (the better of MKL and oneDNN) and the streaming bandwidth; at M rows a
+weight read once allows M/2 flop per byte, so a layer's roofline is min(GEMM rate, M/2 x bandwidth).
 
 Variants: `mkl` F.linear on the plain weight (MKL sgemm), `onednn` oneDNN on the weight reordered once
-(fastgen.kernels.linear), `auto` which of the two hardware.linear=auto picked for this row count, calibrated in this run (its
-calibration times wall-clock, so under load on one thread it may disagree with the CPU-time columns), and with
+(fastgen.kernels.linear), `auto` which of the two hardware.linear=auto picked for this row count, calibrated in
+this run at that thread count (on one thread it times CPU time, on several wall time, so under load its
+picks may disagree with the columns where the two are close), and with
 --inductor `inductor`: torch.compile with max-autotune restricted to inductor's C++ GEMM template
 (max_autotune_gemm_backends="CPP", freezing so that the weights are constants it packs).
 """
@@ -99,6 +101,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="the wall-time timing's threads")
     ap.add_argument("--inductor", action="store_true", help="add torch.compile's C++ GEMM template (slow to build)")
+    ap.add_argument("--timings", choices=("both", "cpu", "wall"), default="both")
     ap.add_argument("--out", type=Path, default=None, help="a folder for linear.md")
     args = ap.parse_args()
     shapes = model_shapes(args.model)
@@ -108,15 +111,19 @@ def main():
     reordered = {k: [reorder(w) for w in ws] for k, ws in weights.items()}
     timings = {"1 thread, CPU time": (1, time.thread_time), f"{args.threads} threads, wall": (args.threads,
                                                                                                time.perf_counter)}
+    timings = {k: v for k, v in timings.items() if args.timings == "both" or (args.timings == "cpu") == (v[0] == 1)}
     lines = [f"load average at start {tuple(round(x, 2) for x in os.getloadavg())}, torch {torch.__version__}, "
              f"capability {torch.backends.cpu.get_cpu_capability()}"]
-    with torch.inference_mode():
+    with torch.no_grad():                 # (not inference mode: torch.compile's freezing needs normal tensors)
         for title, (threads, clock) in timings.items():
             torch.set_num_threads(threads)
             gemm, bw = measure_gemm_flops(clock=clock), measure_bandwidth(clock=clock)
+            start = time.perf_counter()
             calibrations = {k: Calibration.measure(weights[k], reordered[k]) for k in shapes}
+            calibrated_s = time.perf_counter() - start
             lines += ["", f"## {title}: square GEMM {gemm / 1e9:.1f} GFLOP/s, bandwidth {bw / 1e9:.1f} GB/s, "
-                      f"load {os.getloadavg()[0]:.2f}", "",
+                      f"load {os.getloadavg()[0]:.2f}; auto's calibration of these shapes took {calibrated_s:.2f} s",
+                      "",
                       "| layer | rows | variant | ms/layer | GFLOP/s | weights GB/s | % square GEMM | % roofline |",
                       "|---|---:|---|---:|---:|---:|---:|---:|"]
             for k, (o, i, n) in shapes.items():
