@@ -64,6 +64,8 @@ def test_auto_calibrates_each_weight_shape_once_and_keeps_copies_only_where_oned
         if got[a] is not None:
             assert got[a].calibration is got[b].calibration and got[a].calibration.rows == CALIBRATION_ROWS
             assert got[a].calibration.onednn_rows()
+    again = reorder_weights(weights, "auto")        # set up again in this process: the calibrations are reused
+    assert all(a is b is None or a.calibration is b.calibration for a, b in zip(again, got))
     assert reorder_weights(weights, "plain") == [None] * 4
     assert all(r.calibration is None for r in reorder_weights(weights, "onednn"))
     c = Calibration.measure(weights[:1], [reorder(weights[0])], rows=(1, 3))

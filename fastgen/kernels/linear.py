@@ -151,9 +151,15 @@ class ReorderedWeight:
         return self.calibration is None or self.calibration.uses_onednn(rows)
 
 
+# Calibrations made in this process, by (weight shape, dtype, layers of that shape, threads): a model set up again
+# (tests, a draft model beside its target) reuses them; the machine does not change under a process.
+_CALIBRATED: dict[tuple, Calibration] = {}
+
+
 def reorder_weights(weights: Sequence[torch.Tensor], mode: str) -> list[ReorderedWeight | None]:
     """Each weight's reordered copy for `mode` (a resolved `hardware.linear`): None under plain; under auto each
-    weight shape is calibrated once, on its weights, and gets None where oneDNN was faster at no row count."""
+    weight shape is calibrated once per process, on its weights, and gets None where oneDNN was faster at no row
+    count."""
     if mode == "plain":
         return [None] * len(weights)
     packed = [reorder(w) for w in weights]
@@ -165,7 +171,10 @@ def reorder_weights(weights: Sequence[torch.Tensor], mode: str) -> list[Reordere
     out: list[ReorderedWeight | None] = [None] * len(weights)
     start = time.perf_counter()
     for shape, idx in by_shape.items():
-        calibration = Calibration.measure([weights[i] for i in idx], [packed[i] for i in idx])
+        key = (shape, weights[idx[0]].dtype, len(idx), torch.get_num_threads())
+        if key not in _CALIBRATED:
+            _CALIBRATED[key] = Calibration.measure([weights[i] for i in idx], [packed[i] for i in idx])
+        calibration = _CALIBRATED[key]
         log.info("hardware.linear=auto: %d->%d (%d layers), F.linear time / oneDNN time at each row count: %s",
                  shape[1], shape[0], len(idx), calibration)
         if calibration.onednn_rows():
