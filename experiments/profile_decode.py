@@ -135,7 +135,7 @@ def main():
     cache = KVCache(spec, num_blocks, block_size, torch.float32)
     cache.k.normal_(); cache.v.normal_()
     sampler = Sampler(0)
-    ceilings = Ceilings(measure_gemm_flops(), measure_bandwidth())
+    ceilings = Ceilings(measure_gemm_flops(clock=CLOCK), measure_bandwidth(clock=CLOCK))   # on the steps' timer
     print(f"load average {os.getloadavg()}, threads {torch.get_num_threads()}, timer {args.timer}, linear "
           f"{args.linear}, kernels {backend.__name__.rsplit('.', 1)[-1]}; ceilings: GEMM "
           f"{ceilings.gemm_flops / 1e9:.1f} GFLOP/s, bandwidth "

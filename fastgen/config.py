@@ -72,7 +72,8 @@ class HardwareConfig:
     kernels: str = "auto"                # auto (CUDA -> triton, CPU -> cpu, or torch if its C++ kernel
                                          # cannot build) | torch | cpu | triton
     linear: str = "auto"                 # linear layers' GEMM: plain (F.linear) | onednn (weights reordered once,
-                                         # float32 CPU) | auto (onednn for decode-sized steps on a float32 CPU)
+                                         # float32 CPU) | auto (on a float32 CPU: per weight shape and row count
+                                         # the faster of the two, timed at load; fastgen.kernels.linear)
     tensor_parallel: int = 1             # devices the model is split over
     sim: DeviceSheet = field(default_factory=DeviceSheet)   # executor=simulated: the device's datasheet
     sla: SLAConfig = field(default_factory=SLAConfig)       # the SLA that fits it; defaults: the paper's

@@ -1,6 +1,6 @@
 """The CPU decode path: hardware.linear (the linear layers' GEMM on MKL, plain F.linear, or on weights reordered once
-for oneDNN; auto uses the reordered weights only for the row counts where they measured faster), and KV pools that
-are head-major in memory under their [blocks, slots, heads, dim] view."""
+for oneDNN; auto times the two per weight shape at load and uses the reordered weights only for the row counts where
+they measured faster), and KV pools that are head-major in memory under their [blocks, slots, heads, dim] view."""
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -8,8 +8,8 @@ from torch.profiler import ProfilerActivity, profile
 from fastgen.config import HardwareConfig
 from fastgen.kernels import reference
 from fastgen.kv.cache import KVCache
-from fastgen.kernels.linear import (PROJECTION_ROWS, VOCABULARY_ROWS, ReorderedWeight, affordable, linear,
-                                    resolve_linear)
+from fastgen.kernels.linear import (CALIBRATION_ROWS, Calibration, ReorderedWeight, affordable, linear, reorder,
+                                    reorder_weights, resolve_linear)
 from fastgen.models.layers import Reorderable
 from fastgen.ragged import RaggedBatch, SeqChunk
 from fastgen.sampling import SamplingParams
@@ -42,17 +42,34 @@ def test_resolution_and_bad_values():
 
 @onednn
 @pytest.mark.parametrize("rows", [1, 2, 8, 33, 200])
-def test_reordered_weight_equals_f_linear_and_is_used_only_where_auto_says(rows):
+def test_reordered_weight_equals_f_linear_and_is_used_only_where_the_calibration_says(rows):
     torch.manual_seed(0)
     w, b, x = torch.randn(96, 64), torch.randn(96), torch.randn(rows, 64)
     want = torch.nn.functional.linear(x, w, b)
-    for mode, rows_range in (("onednn", PROJECTION_ROWS), ("auto", PROJECTION_ROWS), ("auto", VOCABULARY_ROWS)):
-        r = ReorderedWeight.of(w, mode, rows_range)
-        lo, hi = (1, None) if mode == "onednn" else rows_range
-        used = lo <= rows and (hi is None or rows <= hi)
+    # oneDNN faster at 2 and 4 rows, and again from 32 rows on (each count decides up to the next one)
+    faster = Calibration((1, 2, 4, 8, 32), plain_s=(1.0, 2.0, 2.0, 1.0, 2.0), onednn_s=(2.0, 1.0, 1.0, 2.0, 1.0))
+    assert faster.onednn_rows() == [2, 4, 32]
+    for r, used in ((ReorderedWeight(reorder(w)), True), (ReorderedWeight(reorder(w), faster), rows in (2, 33, 200))):
         assert onednn_calls(lambda: linear(x, w, b, r)) == int(used)
         torch.testing.assert_close(linear(x, w, b, r), want, rtol=1e-5, atol=1e-5)
-    assert ReorderedWeight.of(w, "plain", PROJECTION_ROWS) is None
+
+
+@onednn
+def test_auto_calibrates_each_weight_shape_once_and_keeps_copies_only_where_onednn_won():
+    torch.manual_seed(0)
+    weights = [torch.randn(48, 32), torch.randn(16, 32), torch.randn(48, 32), torch.randn(16, 32)]
+    got = reorder_weights(weights, "auto")
+    for a, b in ((0, 2), (1, 3)):                  # one calibration per shape, shared by its layers
+        assert (got[a] is None) == (got[b] is None)
+        if got[a] is not None:
+            assert got[a].calibration is got[b].calibration and got[a].calibration.rows == CALIBRATION_ROWS
+            assert got[a].calibration.onednn_rows()
+    again = reorder_weights(weights, "auto")        # set up again in this process: the calibrations are reused
+    assert all(a is b is None or a.calibration is b.calibration for a, b in zip(again, got))
+    assert reorder_weights(weights, "plain") == [None] * 4
+    assert all(r.calibration is None for r in reorder_weights(weights, "onednn"))
+    c = Calibration.measure(weights[:1], [reorder(weights[0])], rows=(1, 3))
+    assert c.rows == (1, 3) and all(0 < t < 1 for t in c.plain_s + c.onednn_s)
 
 
 def greedy(model, prompts, news, linear_mode):
@@ -74,9 +91,11 @@ def test_each_mode_is_greedy_equal_to_transformers_and_plain_switches_it_off():
     for mode in ("onednn", "auto", "plain"):
         got = greedy(model, prompts, news, mode)
         layers = [m for m in model.modules() if isinstance(m, Reorderable)]
-        assert layers and all((m.reordered is None) == (mode == "plain") for m in layers)
+        kept = [m.reordered for m in layers if m.reordered is not None]
+        assert layers and len(kept) == {"onednn": len(layers), "plain": 0}.get(mode, len(kept))
+        assert all((r.calibration is None) == (mode == "onednn") for r in kept)
         calls = onednn_calls(lambda: greedy(model, prompts[:3], [3, 3, 3], mode))
-        assert (calls > 0) == (mode != "plain"), (mode, calls)
+        assert (calls > 0) == (mode == "onednn") if mode != "auto" else kept or not calls, (mode, calls)
         assert got == ref, mode
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from fastgen.distributed import Slice, current
 from fastgen.kv.cache import KVCache
 from fastgen.model_spec import ModelSpec, eos_ids
-from fastgen.kernels.linear import ReorderedWeight, affordable
+from fastgen.kernels.linear import affordable, reorder_weights
 from fastgen.models.layers import ColumnParallelLinear, KernelUser, Reorderable, Sharded
 from fastgen.models.weights import StateDictWeights, WeightSource
 from fastgen.ragged import RaggedBatch
@@ -73,12 +73,12 @@ class CausalLM(nn.Module):
 
     def use_linear(self, mode: str) -> "CausalLM":
         """Runs every linear layer's GEMM the way `mode` (a resolved `hardware.linear`: plain, onednn, auto) says,
-        reordering the weights once now (auto: only if the copy fits in memory); call it again after changing the
-        weights."""
+        reordering the weights once now (auto: only if the copy fits in memory, and timing the two GEMMs per weight
+        shape; fastgen.kernels.linear); call it again after changing the weights."""
         layers = [m for m in self.modules() if isinstance(m, Reorderable)]
         mode = affordable(mode, sum(m.matrix().nbytes for m in layers))
-        for module in layers:
-            module.reordered = ReorderedWeight.of(module.matrix(), mode, module.auto_rows)
+        for module, reordered in zip(layers, reorder_weights([m.matrix() for m in layers], mode)):
+            module.reordered = reordered
         return self
 
     def forward(self, batch: RaggedBatch, kv: KVCache) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import nn
 
 from fastgen.distributed import Slice, Split, all_reduce, current, gather_to_first
 from fastgen.kernels import reference
-from fastgen.kernels.linear import PROJECTION_ROWS, VOCABULARY_ROWS, ReorderedWeight, linear
+from fastgen.kernels.linear import ReorderedWeight, linear
 from fastgen.ragged import RaggedBatch
 
 
@@ -68,7 +68,6 @@ class Reorderable(nn.Module):
     `CausalLM.use_linear` sets `reordered` on every one (None: F.linear on the plain weight)."""
 
     reordered: ReorderedWeight | None = None
-    auto_rows = PROJECTION_ROWS          # rows for which hardware.linear=auto uses the reordered weight
 
     def matrix(self) -> torch.Tensor:
         return self.weight
@@ -268,8 +267,6 @@ class MLP(nn.Module):
 class LMHead(VocabParallelEmbedding, Reorderable):
     """Projects only the rows that need logits; shares the embedding matrix when the model ties them. Split over
     ranks like the embedding (each rank scores its share of the vocabulary); rank 0 gathers the full logits."""
-
-    auto_rows = VOCABULARY_ROWS
 
     def __init__(self, hidden: int, vocab: int, tied_to: VocabParallelEmbedding | None = None):
         super().__init__(vocab, hidden)
