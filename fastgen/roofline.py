@@ -59,30 +59,33 @@ def roofline_s(work: StepWork, ceilings: Ceilings) -> float:
 
 
 # -- measuring the ceilings ------------------------------------------------------------------------------------
-def _best_s(fn: Callable[[], object], repeats: int) -> float:
+def _best_s(fn: Callable[[], object], repeats: int, clock: Callable[[], float] = time.perf_counter) -> float:
     """Fastest of `repeats` timed calls after one warm-up: a ceiling is what the machine can do, so on a shared
-    machine the least disturbed run is the best estimate of it."""
+    machine the least disturbed run is the best estimate of it. `clock`: time.thread_time measures one thread's
+    CPU time (single-threaded runs on a loaded machine)."""
     fn()
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return best
 
 
-def measure_gemm_flops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+def measure_gemm_flops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32,
+                       clock: Callable[[], float] = time.perf_counter) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n ** 3 / _best_s(lambda: a @ b, repeats)
+    return 2 * n ** 3 / _best_s(lambda: a @ b, repeats, clock)
 
 
-def measure_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+def measure_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5,
+                      clock: Callable[[], float] = time.perf_counter) -> float:
     """Bytes/s of reading a buffer far larger than the caches: the better of a sum and a matrix-vector product
     (the way decode reads weights)."""
     x = torch.ones(nbytes // 4, dtype=torch.float32)
     matrix = x.view(-1, 4096)
     vector = torch.ones(4096, dtype=torch.float32)
-    return max(nbytes / _best_s(x.sum, repeats), nbytes / _best_s(lambda: matrix @ vector, repeats))
+    return max(nbytes / _best_s(x.sum, repeats, clock), nbytes / _best_s(lambda: matrix @ vector, repeats, clock))
 
 
 def measure_linear_flops(spec: ModelSpec, tokens: Sequence[int], repeats: int = 3,
