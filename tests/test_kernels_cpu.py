@@ -1,6 +1,6 @@
-"""The CPU backend (hardware.kernels=cpu): its C++ ops (decode attention reading the KV blocks in place, one-pass
-norm, rotary, KV write, gated activation) against the PyTorch backend and against transformers' greedy tokens; and
-how auto falls back to the PyTorch backend where they cannot be built."""
+"""The CPU backend (hardware.kernels=cpu): its C++ ops (decode and prompt-chunk attention reading the KV blocks in
+place, one-pass norm, rotary, KV write, gated activation) against the PyTorch backend and against transformers'
+greedy tokens; and how auto falls back to the PyTorch backend where they cannot be built."""
 from __future__ import annotations
 
 import pytest
@@ -49,6 +49,27 @@ def test_in_place_decodes_equal_the_gathering_path(dtype, head_dim, heads, kv_he
 
 
 @needs_kernel
+@pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 9, 3), (24, 4, 4), (128, 8, 1), (32, 6, 2)])
+@pytest.mark.parametrize("window,softcap", [(None, None), (37, None), (None, 3.0)])
+def test_in_place_prompt_chunks_equal_the_gathering_path(head_dim, heads, kv_heads, window, softcap):
+    """Float32 prompt chunks read in place, flash-style: a first chunk (no prefix) longer than a query tile, chunks
+    over cached prefixes that start and end mid-block, blocks scattered at random, beside a decode. The outputs of
+    the PyTorch backend's gather + SDPA to float rounding, whatever the grouping (GQA, MQA, none), head size (24: not
+    a multiple of a vector register), window or soft cap."""
+    bs = 16
+    k, v = pools(64, bs, kv_heads, head_dim, torch.float32, True)
+    g = torch.Generator().manual_seed(4)
+    perm = torch.randperm(64, generator=g).tolist()
+    chunks = [SeqChunk(list(range(70)), 0, perm[0:5]), SeqChunk(list(range(45)), 83, perm[5:13]),
+              SeqChunk([1], 30, perm[13:15]), SeqChunk([1, 2, 3], 160, perm[15:26])]
+    q = torch.randn(sum(len(c.token_ids) for c in chunks), heads, head_dim, generator=g)
+    got = cpu.attention(q, k, v, RaggedBatch.build(chunks, bs).attn, head_dim ** -0.5, window, softcap)
+    want = reference.attention(q, k, v, RaggedBatch.build(chunks, bs).attn, head_dim ** -0.5, window, softcap)
+    err = ((got.double() - want.double()).norm() / want.double().norm()).item()
+    assert err <= TOL[torch.float32], err
+
+
+@needs_kernel
 def test_pointwise_ops_equal_the_pytorch_backend():
     """The one-pass ops on the layouts the model hands them: a norm with and without a residual; rotary on q and k
     that are strided views of a fused QKV output, partly rotated (Phi-3's partial rotary); the KV write into
@@ -92,6 +113,10 @@ def test_kernel_rejects_bad_input_with_a_clear_error():
         cpu_ops.paged_decode_attention(torch.randn(1, 4, 64), k, v, blocks, start, start, 0.1)
     with pytest.raises(RuntimeError, match="heads must match"):
         cpu_ops.paged_decode_attention(torch.randn(1, 3, 64), k, v, blocks, start, end, 0.1)
+    with pytest.raises(RuntimeError, match="own keys"):
+        cpu_ops.paged_chunk_attention(torch.randn(3, 4, 64), k, v, blocks[0], 0, 2, 0.1)
+    with pytest.raises(RuntimeError, match="lie in its blocks"):
+        cpu_ops.paged_chunk_attention(torch.randn(3, 4, 64), k, v, blocks[0], 0, 9, 0.1)
 
 
 @needs_kernel

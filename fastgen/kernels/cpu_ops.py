@@ -3,8 +3,9 @@
 Why: the PyTorch path copies every decode sequence's KV blocks into a gathered tensor in every layer before SDPA
 reads it (the decode profile of issue 20 measured those gathers and SDPA's padded math at 59% of a 32-sequence
 step), and spends several PyTorch ops per norm, rotary, KV write and gated activation, whose fixed costs exceed
-their arithmetic at a decode step's few rows. `paged_decode_attention` reads the blocks where they lie; the
-per-token ops (`add_rms_norm`, `rotary`, `kv_write`, `silu_and_mul`) are one pass each.
+their arithmetic at a decode step's few rows. `paged_decode_attention` reads the blocks where they lie, and
+`paged_chunk_attention` a prompt chunk's cached prefix and own keys too (flash-style, float32); the per-token
+ops (`add_rms_norm`, `rotary`, `kv_write`, `silu_and_mul`) are one pass each.
 
 They are compiled with torch.utils.cpp_extension for the instruction set torch found on this CPU
 (`torch.backends.cpu.get_cpu_capability()`, never a hard-coded feature); the build's name carries the capability
@@ -25,7 +26,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("paged_decode_attention.cpp", "pointwise.cpp")
+SOURCES = ("paged_decode_attention.cpp", "paged_chunk_attention.cpp", "pointwise.cpp")
 
 # Instruction-set flags for each capability torch reports (the same levels its own CPU kernels are built for).
 ISA_FLAGS = {
@@ -66,6 +67,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     blocks [B, nb] int64, the blocks each sequence reads in order; it reads keys [start[b], end[b]) counted from
     the first slot of blocks[b, 0]. Returns [B, H, D]."""
     return _ops().paged_decode_attention(q.contiguous(), k_cache, v_cache, blocks, start, end, scale, softcap or 0.0)
+
+
+def paged_chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
+                          start: int, end: int, scale: float, window: int | None = None,
+                          softcap: float | None = None) -> torch.Tensor:
+    """One prompt chunk's causal attention over its cached prefix and itself, float32, flash-style: q [n, H, D];
+    blocks [nb] int64, the chunk's blocks in order; it reads keys [start, end) counted from the first slot of
+    blocks[0], query j sitting at key end - n + j. Returns [n, H, D]."""
+    return _ops().paged_chunk_attention(q.contiguous(), k_cache, v_cache, blocks, start, end, scale, window or 0,
+                                        softcap or 0.0)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,

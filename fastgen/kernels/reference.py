@@ -115,7 +115,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
     the blocks are consecutive), and the plan behind the gathers is built once per step and reused by every layer.
     Slots past a context are read and masked, so they must hold finite values (KVCache zero-fills its pools).
     `softcap` (Gemma-2) squashes each score s to softcap * tanh(s / softcap) before the softmax. `paged` runs
-    the decodes instead through the C++ kernel that reads the blocks in place (fastgen.kernels.cpu_ops).
+    the decodes instead through the C++ kernel that reads the blocks in place (fastgen.kernels.cpu_ops), and
+    float32 prompt chunks through its flash-style chunk kernel.
     """
     sdpa = F.scaled_dot_product_attention if softcap is None else functools.partial(softcapped_sdpa, softcap=softcap)
     plan = _plan(meta, k_cache.shape[1], window, paged)
@@ -133,7 +134,12 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
         vd = plan.gather(v_cache, d.blocks, "v").view(num_kv_heads, b, -1, head_dim).transpose(0, 1)
         od = sdpa(qd.view(b, num_kv_heads, -1, head_dim), kd, vd, attn_mask=d.mask, scale=scale)
         out[d.rows] = od.reshape(b, num_heads, head_dim)
+    in_place = paged and q.dtype == k_cache.dtype == v_cache.dtype == torch.float32
     for c in plan.chunks:
+        if in_place:
+            out[c.rows] = cpu_ops.paged_chunk_attention(q[c.rows], k_cache, v_cache, c.block_ids, c.first,
+                                                        c.first + c.length, scale, window, softcap)
+            continue
         kc = plan.gather(k_cache, c.blocks, "k").flatten(1, 2).narrow(1, c.first, c.length)  # [Hkv, C, D]
         vc = plan.gather(v_cache, c.blocks, "v").flatten(1, 2).narrow(1, c.first, c.length)
         # 4-D inputs: SDPA's fused CPU kernel; 3-D ones fall back to the much slower math path.

@@ -3,7 +3,7 @@ layers run) and shared by every layer.
 
 Decode rows (one query each) run as padded batches that each read the same number of whole KV blocks, in groups
 small enough that the gathered K/V stays in the CPU's cache, or, for the CPU backend's kernel that reads the blocks
-in place, as one `PagedDecodes`; each prompt chunk runs on its own.
+in place, as one `PagedDecodes` (and then each chunk also carries its block ids); each prompt chunk runs on its own.
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ class ChunkPlan:
     first: int
     length: int
     mask: torch.Tensor | None                 # [n, length] bool; None = plain causal (queries == keys)
+    block_ids: torch.Tensor | None = None     # [nb] int64 block ids, for a kernel that reads them in place
 
 
 @dataclass
@@ -132,5 +133,6 @@ def build_plan(meta: AttentionMetadata, block_size: int, window: int | None,
             if window:
                 mask &= kpos[None, :] > qpos[:, None] - window
             mask = mask.to(device)
-        chunks.append(ChunkPlan(slice(int(qs[s]), int(qs[s + 1])), blocks, low - fb * block_size, c - low, mask))
+        ids = tables[s, fb:fb + nb].to(device) if paged else None
+        chunks.append(ChunkPlan(slice(int(qs[s]), int(qs[s + 1])), blocks, low - fb * block_size, c - low, mask, ids))
     return TorchAttentionPlan(decodes, chunks, paged_decodes)

@@ -35,6 +35,7 @@ constexpr int64_t W = 4;
 typedef float vec __attribute__((vector_size(W * sizeof(float))));
 typedef float vec4 __attribute__((vector_size(4 * sizeof(float))));
 constexpr int64_t MAX_CHUNKS = 256 / W;  // head_dim <= 256
+constexpr int64_t MAX_BLOCK = 256;        // block_size <= 256
 
 // Chunk c (W elements) of a head_dim-D row as float32, zero-padded past D; DT != 0 means D == DT is a multiple of W.
 template <typename scalar_t, int64_t DT>
@@ -79,34 +80,38 @@ inline vec4 hsum4(vec a, vec b, vec c, vec d) {
 #endif
 }
 
-// Calls visit(first_row, n, j) for each run of keys of [lo, hi) that lie in one block: n keys whose rows start at
-// first_row (head h's, one token stride apart), the first of them key j counted from lo. Before each run it asks
-// for the next block's rows (row_bytes each) to be prefetched.
-template <typename scalar_t, typename F>
-inline void for_each_run(const scalar_t* pool, int64_t blk_stride, const int64_t* table, int64_t BS, int64_t lo,
-                         int64_t hi, int64_t tok_stride, int64_t row_bytes, F&& visit) {
-  const int64_t last = (hi - 1) / BS;
-  for (int64_t blk = lo / BS; blk <= last; ++blk) {
-    const int64_t t0 = std::max(lo - blk * BS, int64_t(0)), t1 = std::min(hi - blk * BS, BS);
-    if (blk < last) {  // the next block lies elsewhere in the pool, where the hardware prefetcher cannot guess
-      const char* next = reinterpret_cast<const char*>(pool + table[blk + 1] * blk_stride);
-      for (int64_t t = 0; t < std::min(hi - (blk + 1) * BS, BS); ++t)
-        for (int64_t byte = 0; byte < row_bytes; byte += 64)
-          __builtin_prefetch(next + t * tok_stride * sizeof(scalar_t) + byte);
-    }
-    visit(pool + table[blk] * blk_stride + t0 * tok_stride, t1 - t0, blk * BS + t0 - lo);
-  }
+// Lines of one row (row_bytes from p) asked for ahead of use: the next blocks lie elsewhere in the pool, where the
+// hardware prefetcher cannot guess them, so each key's row of the block PREFETCH_BLOCKS ahead is requested while
+// the current block is read (spread over the block's keys rather than issued in one burst; 0 turns it off). Four
+// blocks measured best of 0, 1, 2 and 4 (experiments/results/cpu_attention: bench_cpu_attention.py --variants).
+#ifndef PREFETCH_BLOCKS
+#define PREFETCH_BLOCKS 4
+#endif
+inline void prefetch_row(const void* p, int64_t row_bytes) {
+  for (int64_t byte = 0; byte < row_bytes; byte += 64) __builtin_prefetch(static_cast<const char*>(p) + byte);
 }
+
+// One item of work: query heads [g0, g0 + GT) of KV head h of sequence b over its keys [lo, hi), counted from the
+// first slot of its first block. `part` >= 0 when the sequence's keys are split over several items (split-K), whose
+// partial results are merged afterwards; -1 when the item writes the output itself.
+struct Item {
+  int64_t b, h, g0, lo, hi, part;
+};
 
 // DT: head_dim fixed at compile time (a multiple of W: the common sizes, fully unrolled), or 0 to read it from q.
 // GT: query heads of a KV head that go through the key loops together (G is a multiple of GT): each key and value
 // row is loaded once for all of them and their accumulators stay in registers, where running the heads one after
 // another re-reads every row per head. KB keys are reduced together, so that one transposing reduction serves
-// KB * GT <= 4 dot products.
+// four dot products.
+//
+// One pass per block with an online softmax (flash-decoding): a block's scores are computed, exponentiated against
+// the running maximum and applied to the same block's values at once, so each block's keys and values are read
+// while the next block's are on their way, and the scores never leave the L1 cache.
 template <typename scalar_t, int64_t DT, int64_t GT>
 void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& blocks,
             const at::Tensor& start, const at::Tensor& end, double scale, double softcap, at::Tensor& out) {
-  constexpr int64_t KB = 4 / GT;
+  constexpr int64_t KB = GT >= 4 ? 2 : 4;
+  static_assert(KB * GT % 4 == 0, "the reductions take four dot products at a time");
   const int64_t B = q.size(0), H = q.size(1), HKV = k_cache.size(2), G = H / HKV, BS = k_cache.size(1);
   const int64_t nb = blocks.size(1), head_dim = q.size(2);
   const int64_t k_blk = k_cache.stride(0), k_tok = k_cache.stride(1), k_head = k_cache.stride(2);
@@ -119,80 +124,156 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const int64_t* ep = end.data_ptr<int64_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
+  const int64_t row_bytes = head_dim * int64_t(sizeof(scalar_t));
+
+  // Split-K: with more threads than work items (a few sequences), long contexts are cut, at block boundaries, into
+  // parts of at least MIN_PART keys, so that every thread reads its share of the KV.
+  constexpr int64_t MIN_PART = 512;
+  const int64_t threads = at::get_num_threads(), groups = HKV * (G / GT);
+  int64_t total = 0;
+  for (int64_t b = 0; b < B; ++b) total += ep[b] - sp[b];
+  const int64_t part_keys = threads > 1 && B * groups < 4 * threads
+                                ? std::max(MIN_PART, (total * groups / (4 * threads) + BS - 1) / BS * BS)
+                                : INT64_MAX;
+  std::vector<Item> items;
+  int64_t parts = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t lo = sp[b], hi = ep[b];
+    const bool split = hi - lo > part_keys;
+    for (int64_t h = 0; h < HKV; ++h)
+      for (int64_t g0 = 0; g0 < G; g0 += GT)
+        for (int64_t a = lo; a < hi;) {
+          const int64_t z = split ? std::min(hi, (a / BS) * BS + part_keys) : hi;
+          items.push_back({b, h, g0, a, z, split ? parts++ : -1});
+          a = z;
+        }
+  }
+  // A split part's (maximum, sum, unnormalised output) per head, merged below.
+  std::vector<float> partial(parts * GT * (head_dim + 2));
 
   // Items are handed out one at a time to torch's threads (a shared counter), not in one contiguous range per
   // thread: contexts differ from sequence to sequence, and a batch lists its oldest (longest) sequences first,
   // where an even split measured 1.32x slower (32 sequences of 100-900 keys, longest first; 1.09x shuffled).
-  const int64_t items = B * HKV * (G / GT);
+  const int64_t n_items = static_cast<int64_t>(items.size());
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, std::min<int64_t>(threads, n_items), 1, [&](int64_t, int64_t) {
     // Here, not outside: captured by the lambda they would be loads, and the chunk loops would not unroll.
     const int64_t D = DT ? DT : head_dim, NC = (D + W - 1) / W;
-    std::vector<float> scores;
-    for (int64_t item; (item = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
-      const int64_t b = item / (HKV * (G / GT)), h = item / (G / GT) % HKV, g0 = item % (G / GT) * GT;
-      const int64_t lo = sp[b], hi = ep[b], m = hi - lo;
-      const int64_t* table = bp + b * nb;
-      const int64_t row0 = (b * H + h * G + g0) * D;   // the first of the GT query (and output) rows
-      scores.resize(GT * m);
-      float* s = scores.data();
+    float s[GT][MAX_BLOCK];
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n_items;) {
+      const Item it = items[i];
+      const int64_t* table = bp + it.b * nb;
+      const int64_t row0 = (it.b * H + it.h * G + it.g0) * D;   // the first of the GT query (and output) rows
+      const scalar_t* kh = kp + it.h * k_head;
+      const scalar_t* vh = vp + it.h * v_head;
       vec qv[GT][MAX_CHUNKS];
       for (int64_t g = 0; g < GT; ++g)
         for (int64_t c = 0; c < NC; ++c) qv[g][c] = load_chunk<scalar_t, DT>(qp + row0 + g * D, c, D) * sc;
+      float mx[GT], sum[GT];
+      vec acc[GT][MAX_CHUNKS] = {};
+      for (int64_t g = 0; g < GT; ++g) mx[g] = -INFINITY, sum[g] = 0.f;
 
-      // Scores q_g . k_j, KB keys x GT heads per reduction.
-      for_each_run(kp + h * k_head, k_blk, table, BS, lo, hi, k_tok, D * int64_t(sizeof(scalar_t)),
-                   [&](const scalar_t* k, int64_t n, int64_t j) {
-        auto dots = [&](const scalar_t* k0, int64_t keys) {   // keys <= KB rows from k0; scores to s[g * m + j]
-          vec acc[4] = {};
-          for (int64_t kb = 0; kb < keys; ++kb)
+      const int64_t last = (it.hi - 1) / BS;
+      for (int64_t blk = it.lo / BS; blk <= last; ++blk) {
+        const int64_t t0 = std::max(it.lo - blk * BS, int64_t(0)), n = std::min(it.hi - blk * BS, BS) - t0;
+        const scalar_t* k = kh + table[blk] * k_blk + t0 * k_tok;
+        const scalar_t* v = vh + table[blk] * v_blk + t0 * v_tok;
+        // The rows of the block PREFETCH_BLOCKS ahead (this item's, or past its end: any of the pool's slots).
+        const int64_t nxt = table[std::min<int64_t>(blk + PREFETCH_BLOCKS, nb - 1)];
+        const scalar_t* kn = kh + nxt * k_blk;
+        const scalar_t* vn = vh + nxt * v_blk;
+
+        // Scores q_g . k_t for KB keys x GT heads per reduction.
+        auto dots = [&](int64_t t, int64_t keys) {
+          vec a[KB * GT] = {};
+          for (int64_t kb = 0; kb < keys; ++kb) {
+            const scalar_t* row = k + (t + kb) * k_tok;
             for (int64_t c = 0; c < NC; ++c) {
-              const vec kv = load_chunk<scalar_t, DT>(k0 + kb * k_tok, c, D);
-              for (int64_t g = 0; g < GT; ++g) acc[kb * GT + g] += qv[g][c] * kv;
+              const vec kv = load_chunk<scalar_t, DT>(row, c, D);
+              for (int64_t g = 0; g < GT; ++g) a[kb * GT + g] += qv[g][c] * kv;
             }
-          const vec4 d = hsum4(acc[0], acc[1], acc[2], acc[3]);
-          for (int64_t kb = 0; kb < keys; ++kb)
-            for (int64_t g = 0; g < GT; ++g) s[g * m + j + kb] = d[kb * GT + g];
+          }
+          for (int64_t r = 0; r < KB * GT; r += 4) {
+            const vec4 d = hsum4(a[r], a[r + 1], a[r + 2], a[r + 3]);
+            for (int64_t x = 0; x < 4; ++x)
+              if ((r + x) / GT < keys) s[(r + x) % GT][t + (r + x) / GT] = d[x];
+          }
         };
         int64_t t = 0;
-        for (; t + KB <= n; t += KB, j += KB) dots(k + t * k_tok, KB);
-        for (; t < n; ++t, ++j) dots(k + t * k_tok, 1);
-      });
-      // Softmax of each head's row in float32 (soft-capped first when the model asks: Gemma-2), unnormalised.
-      float inv[GT];
-      for (int64_t g = 0; g < GT; ++g) {
-        float* sg = s + g * m;
-        if (cap > 0.f)
-          for (int64_t j = 0; j < m; ++j) sg[j] = cap * std::tanh(sg[j] / cap);
-        float mx = -INFINITY;
-#pragma omp simd reduction(max : mx)
-        for (int64_t j = 0; j < m; ++j) mx = sg[j] > mx ? sg[j] : mx;
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < m; ++j) {
-          sg[j] = fastgen_cpu::exp(sg[j] - mx);
-          sum += sg[j];
+        for (; t + KB <= n; t += KB) {
+          if (PREFETCH_BLOCKS)
+            for (int64_t kb = 0; kb < KB; ++kb) prefetch_row(kn + (t + kb) * k_tok, row_bytes);
+          dots(t, KB);
         }
-        inv[g] = 1.f / sum;
-      }
-      // Outputs sum_j p_gj v_j: each value row loaded once for the GT heads, their accumulators in registers.
-      vec acc[GT][MAX_CHUNKS] = {};
-      for_each_run(vp + h * v_head, v_blk, table, BS, lo, hi, v_tok, D * int64_t(sizeof(scalar_t)),
-                   [&](const scalar_t* v, int64_t n, int64_t j) {
-        for (int64_t t = 0; t < n; ++t, v += v_tok)
-          for (int64_t c = 0; c < NC; ++c) {
-            const vec vv = load_chunk<scalar_t, DT>(v, c, D);
-            for (int64_t g = 0; g < GT; ++g) acc[g][c] += s[g * m + j + t] * vv;
+        if (t < n) dots(t, n - t);
+
+        // Online softmax in float32 (soft-capped first when the model asks: Gemma-2): rescale what came before to
+        // the new maximum, exponentiate this block's scores.
+        float alpha[GT];
+        for (int64_t g = 0; g < GT; ++g) {
+          float* sg = s[g];
+          if (cap > 0.f)
+            for (int64_t j = 0; j < n; ++j) sg[j] = cap * std::tanh(sg[j] / cap);
+          float m = mx[g];
+#pragma omp simd reduction(max : m)
+          for (int64_t j = 0; j < n; ++j) m = sg[j] > m ? sg[j] : m;
+          float add = 0.f;
+#pragma omp simd reduction(+ : add)
+          for (int64_t j = 0; j < n; ++j) {
+            sg[j] = fastgen_cpu::exp(sg[j] - m);
+            add += sg[j];
           }
-      });
-      for (int64_t g = 0; g < GT; ++g)
-        for (int64_t c = 0; c < NC; ++c) {
-          const vec o = acc[g][c] * inv[g];
-          for (int64_t i = 0; i < std::min(W, D - c * W); ++i)
-            op[row0 + g * D + c * W + i] = static_cast<scalar_t>(o[i]);
+          alpha[g] = fastgen_cpu::exp(mx[g] - m);   // 0 on the first block (mx = -inf, clamped)
+          sum[g] = sum[g] * alpha[g] + add;
+          mx[g] = m;
         }
+        for (int64_t g = 0; g < GT; ++g)
+          for (int64_t c = 0; c < NC; ++c) acc[g][c] *= alpha[g];
+        // Outputs += p_gt v_t: each value row loaded once for the GT heads, their accumulators in registers.
+        for (int64_t u = 0; u < n; ++u) {
+          if (PREFETCH_BLOCKS) prefetch_row(vn + u * v_tok, row_bytes);
+          const scalar_t* row = v + u * v_tok;
+          for (int64_t c = 0; c < NC; ++c) {
+            const vec vv = load_chunk<scalar_t, DT>(row, c, D);
+            for (int64_t g = 0; g < GT; ++g) acc[g][c] += s[g][u] * vv;
+          }
+        }
+      }
+      for (int64_t g = 0; g < GT; ++g) {
+        const float inv = it.part < 0 ? 1.f / sum[g] : 1.f;
+        float* dst = it.part < 0 ? nullptr : partial.data() + (it.part * GT + g) * (head_dim + 2);
+        if (dst) dst[0] = mx[g], dst[1] = sum[g];
+        for (int64_t c = 0; c < NC; ++c) {
+          const vec o = acc[g][c] * inv;
+          for (int64_t x = 0; x < std::min(W, D - c * W); ++x) {
+            if (dst) dst[2 + c * W + x] = o[x];
+            else op[row0 + g * D + c * W + x] = static_cast<scalar_t>(o[x]);
+          }
+        }
+      }
     }
   });
+  if (!parts) return;
+  // Merge each split sequence's parts (consecutive items): rescale each to the largest maximum, then normalise.
+  for (int64_t i = 0; i < n_items;) {
+    if (items[i].part < 0) { ++i; continue; }
+    int64_t j = i;
+    while (j < n_items && items[j].b == items[i].b && items[j].h == items[i].h && items[j].g0 == items[i].g0) ++j;
+    for (int64_t g = 0; g < GT; ++g) {
+      auto part = [&](int64_t x) { return partial.data() + (items[x].part * GT + g) * (head_dim + 2); };
+      float m = -INFINITY, total_sum = 0.f;
+      for (int64_t x = i; x < j; ++x) m = std::max(m, part(x)[0]);
+      std::vector<float> o(head_dim, 0.f);
+      for (int64_t x = i; x < j; ++x) {
+        const float w = std::exp(part(x)[0] - m);
+        total_sum += w * part(x)[1];
+        for (int64_t d = 0; d < head_dim; ++d) o[d] += w * part(x)[2 + d];
+      }
+      const int64_t row = (items[i].b * H + items[i].h * G + items[i].g0 + g) * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) op[row + d] = static_cast<scalar_t>(o[d] / total_sum);
+    }
+    i = j;
+  }
 }
 
 // The largest group of query heads (<= 4) that divides G.
@@ -231,6 +312,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
               "q and the KV pools must share a dtype");
   TORCH_CHECK(q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(2) == 0, "q's heads must match the pools'");
   TORCH_CHECK(q.size(2) <= 256, "paged_decode_attention supports head_dim <= 256, got ", q.size(2));
+  TORCH_CHECK(k_cache.size(1) <= MAX_BLOCK, "paged_decode_attention supports block_size <= ", MAX_BLOCK, ", got ",
+              k_cache.size(1));
   TORCH_CHECK(blocks.scalar_type() == at::kLong && start.scalar_type() == at::kLong && end.scalar_type() == at::kLong,
               "blocks, start and end must be int64");
   TORCH_CHECK(blocks.is_contiguous() && blocks.size(0) == q.size(0), "blocks must be a contiguous [B, nb] tensor");
