@@ -109,11 +109,15 @@ def checkpoint(kind: str, item: dict) -> None:
             f"{item['total_tok_s']:.1f} total tok/s, {item['output_tok_s']:.1f} output tok/s")
 
 
+# A busy loop that ends when its parent does (also when the parent is killed before it can stop it).
+NEIGHBOUR = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    for _ in range(10**6): pass"
+
+
 @contextlib.contextmanager
 def busy_neighbour(processes: int):
     """`processes` other processes, each keeping a core busy with a pure-Python loop while the block runs: the CPU
     contention a benchmark puts every system under alike (issue 33: another process keeping both cores busy)."""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    procs = [subprocess.Popen([sys.executable, "-c", NEIGHBOUR]) for _ in range(processes)]
     if procs:
         log(f"neighbour: {processes} busy process(es) {[p.pid for p in procs]}")
     try:

@@ -4,8 +4,8 @@ GOMP_SPINCOUNT=20000 rounds instead of GNU OpenMP's default 300,000.
 Why: a decode step runs hundreds of parallel regions. When another process also wants the cores, a thread spinning
 at a region's end holds a core that the thread still at work (or the neighbour) needs, and the next region waits
 until the spinner is descheduled. Measured on the embedded model on 2 cores (experiments/results/cpu_contention/):
-with two busy neighbour processes the default spin ran 8x slower than alone, 20,000 rounds about 2x (its fair half
-of the CPU, as sleeping at once does); alone, 20,000 rounds ran as fast as the default, where sleeping at once
+with two busy neighbour processes the default spin kept 21% of fastgen's throughput alone, 20,000 rounds 40% (as
+much as OpenVINO GenAI kept, 38%); alone, 20,000 rounds ran as fast as the default, where sleeping at once
 (OMP_WAIT_POLICY=PASSIVE) cost 8-13% of throughput.
 
 The runtime reads its settings once, when it loads, i.e. when torch is first imported: fastgen's __init__ calls
