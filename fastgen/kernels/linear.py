@@ -175,12 +175,12 @@ def reorder_weights(weights: Sequence[torch.Tensor], mode: str) -> list[Reordere
         if key not in _CALIBRATED:
             _CALIBRATED[key] = Calibration.measure([weights[i] for i in idx], [packed[i] for i in idx])
         calibration = _CALIBRATED[key]
-        log.info("hardware.linear=auto: %d->%d (%d layers), F.linear time / oneDNN time at each row count: %s",
+        log.debug("hardware.linear=auto: %d->%d (%d layers), F.linear time / oneDNN time at each row count: %s",
                  shape[1], shape[0], len(idx), calibration)
         if calibration.onednn_rows():
             for i in idx:
                 out[i] = ReorderedWeight(packed[i], calibration)
-    log.info("hardware.linear=auto: %d weight shapes calibrated in %.2f s", len(by_shape),
+    log.info("hardware.linear=auto: %d weight shapes calibrated in %.2f s (the picks: log level DEBUG)", len(by_shape),
              time.perf_counter() - start)
     return out
 
