@@ -40,7 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from fastgen.kernels.linear import Calibration, onednn_linear, reorder  # noqa: E402
 from fastgen.models import load_config, model_class  # noqa: E402
-from fastgen.roofline import measure_bandwidth, measure_gemm_flops  # noqa: E402
+from fastgen.roofline import best_s, measure_bandwidth, measure_gemm_flops  # noqa: E402
 
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 768)
 
@@ -54,16 +54,6 @@ def model_shapes(name: str) -> dict[str, tuple[int, int, int]]:
             "gate_up": (mlp_out, spec.hidden, spec.num_layers),
             "down": (spec.hidden, spec.intermediate, spec.num_layers),
             "lm_head": (spec.vocab_size, spec.hidden, 1)}
-
-
-def best(fn: Callable[[], object], clock: Callable[[], float], repeats: int) -> float:
-    fn()
-    t = float("inf")
-    for _ in range(repeats):
-        s = clock()
-        fn()
-        t = min(t, clock() - s)
-    return t
 
 
 def inductor_pass(weights: list[torch.Tensor], x: torch.Tensor) -> Callable[[], object]:
@@ -137,7 +127,7 @@ def main():
                     flops, nbytes = 2 * m * o * i * n, 4 * o * i * n
                     roof = min(gemm, m / 2 * bw)
                     for name, fn in variants.items():
-                        t = best(fn, clock, args.repeats)
+                        t = best_s(fn, args.repeats, clock)
                         lines.append(f"| {k} {i}->{o} | {m} | {name} | {t / n * 1e3:.3f} | {flops / t / 1e9:.1f} | "
                                      f"{nbytes / t / 1e9:.1f} | {flops / t / gemm:.0%} | {flops / t / roof:.0%} |")
                     pick = "onednn" if calibrations[k].uses_onednn(m) else "mkl"

@@ -60,7 +60,7 @@ def roofline_s(work: StepWork, ceilings: Ceilings) -> float:
 
 
 # -- measuring the ceilings ------------------------------------------------------------------------------------
-def _best_s(fn: Callable[[], object], repeats: int, clock: Callable[[], float] = time.perf_counter) -> float:
+def best_s(fn: Callable[[], object], repeats: int, clock: Callable[[], float] = time.perf_counter) -> float:
     """Fastest of `repeats` timed calls after one warm-up: a ceiling is what the machine can do, so on a shared
     machine the least disturbed run is the best estimate of it. `clock`: wall time, or time.thread_time for one
     thread's CPU time on a loaded machine (with torch.set_num_threads(1))."""
@@ -79,10 +79,10 @@ def measure_gemm_flops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = tor
     a reordered matrix, which the linear layers may use (fastgen.kernels.linear) and which beat MKL's square rate
     on an AVX-512 EPYC (experiments/results/cpu_linear/)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    best = _best_s(lambda: a @ b, repeats, clock)
+    best = best_s(lambda: a @ b, repeats, clock)
     if dtype == torch.float32 and torch.backends.mkldnn.is_available():
         packed = reorder(b)
-        best = min(best, _best_s(lambda: onednn_linear(a, packed, None), repeats, clock))
+        best = min(best, best_s(lambda: onednn_linear(a, packed, None), repeats, clock))
     return 2 * n ** 3 / best
 
 
@@ -93,7 +93,7 @@ def measure_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5,
     x = torch.ones(nbytes // 4, dtype=torch.float32)
     matrix = x.view(-1, 4096)
     vector = torch.ones(4096, dtype=torch.float32)
-    return max(nbytes / _best_s(x.sum, repeats, clock), nbytes / _best_s(lambda: matrix @ vector, repeats, clock))
+    return max(nbytes / best_s(x.sum, repeats, clock), nbytes / best_s(lambda: matrix @ vector, repeats, clock))
 
 
 def measure_linear_flops(spec: ModelSpec, tokens: Sequence[int], repeats: int = 3,
@@ -112,7 +112,7 @@ def measure_linear_flops(spec: ModelSpec, tokens: Sequence[int], repeats: int = 
             for weights in layers:
                 for w in weights:
                     torch.nn.functional.linear(xs[w.shape[1]], w)
-        out[int(m)] = 2 * m * spec.num_layers * spec.layer_params / _best_s(run, repeats)
+        out[int(m)] = 2 * m * spec.num_layers * spec.layer_params / best_s(run, repeats)
     return out
 
 
