@@ -22,16 +22,8 @@
 
 namespace {
 
-// One register of float32 lanes in GCC/Clang vector extensions, as wide as the build's -m flags allow (the flags
-// come from the capability torch detected at run time, cpu_ops.py): no instruction set is assumed here.
-#if defined(__AVX512F__)
-constexpr int64_t W = 16;
-#elif defined(__AVX__)
-constexpr int64_t W = 8;
-#else
-constexpr int64_t W = 4;
-#endif
-typedef float vec __attribute__((vector_size(W * sizeof(float))));
+using fastgen_cpu::vec;
+using fastgen_cpu::W;
 
 constexpr int64_t KT = 64;                 // keys per tile
 constexpr int64_t NV = KT / W;             // registers per row of a score tile

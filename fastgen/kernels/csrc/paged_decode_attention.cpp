@@ -22,17 +22,8 @@
 
 namespace {
 
-// One register of float32 lanes, in GCC/Clang vector extensions, as wide as the build's -m flags allow (16 lanes
-// with AVX-512, 8 with AVX2, 4 otherwise): the flags come from the capability torch detected at run time
-// (cpu_ops.py), so no instruction set is assumed here.
-#if defined(__AVX512F__)
-constexpr int64_t W = 16;
-#elif defined(__AVX__)
-constexpr int64_t W = 8;
-#else
-constexpr int64_t W = 4;
-#endif
-typedef float vec __attribute__((vector_size(W * sizeof(float))));
+using fastgen_cpu::vec;
+using fastgen_cpu::W;
 typedef float vec4 __attribute__((vector_size(4 * sizeof(float))));
 constexpr int64_t MAX_CHUNKS = 256 / W;  // head_dim <= 256
 constexpr int64_t MAX_BLOCK = 256;        // block_size <= 256
