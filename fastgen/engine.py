@@ -401,7 +401,7 @@ class LLMEngine:
         samples its own from the same logits. A failure that belongs to some requests ends only those. Then the
         scheduler commits the step (computed tokens, forks, finished requests) in one call."""
         chunks = plan.step_chunks
-        first_rows = [0, *itertools.accumulate(1 if not c.all_logits else c.num_logits for c in chunks)]
+        first_rows = [0, *itertools.accumulate(c.num_logits for c in chunks)]
         outputs = self._record_prompt_logprobs(plan, chunks, logits, first_rows[:-1])
         failed = {out.request_id for out in outputs}
         sampled = [i for i, c in enumerate(plan.chunks)
