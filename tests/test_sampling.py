@@ -111,8 +111,9 @@ def test_greedy_generation_with_penalties_equals_transformers_generate(settings)
     finished = drain(eng)
     for prompt, rid in zip(PROMPTS, ids):
         p = SamplingParams(max_new_tokens=n, **settings)
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=0, pad_token_id=0,
-                          logits_processor=hf_processors(len(prompt), p, eos=0))
+        x = torch.tensor([prompt])
+        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, eos_token_id=0,
+                          pad_token_id=0, logits_processor=hf_processors(len(prompt), p, eos=0))
         expected = out[0, len(prompt):].tolist()
         got = finished[rid].output_token_ids
         assert got == expected[:len(got)] and (len(got) == n or got[-1] == 0), (settings, got, expected)

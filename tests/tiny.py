@@ -134,8 +134,9 @@ def reference_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
     cache) disagrees with transformers' own cache-free forward on long prompts; there the reference is greedy
     decoding with the cache-free forward, which is the model's definition."""
     if getattr(hf_model.config, "sliding_window", None) is None:
-        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                eos_token_id=None, pad_token_id=0)
+        ids = torch.tensor([prompt])   # an explicit mask: else generate() masks every prompt token equal to pad
+        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                do_sample=False, eos_token_id=None, pad_token_id=0)
         return out[0, len(prompt):].tolist()
     ids = list(prompt)
     with torch.no_grad():
