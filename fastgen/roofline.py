@@ -2,7 +2,8 @@
 
 The ceilings are measured, not taken from a datasheet: the float32 GEMM rate of a large square matmul (and, for
 reference, of the model's own linear shapes at a few token counts) and the bandwidth of a large streaming read.
-A step's work follows from the model's spec (fastgen.model_spec) and each sequence's (new tokens, context after the step):
+A step's work follows from the model's spec (fastgen.model_spec) and each sequence's (new tokens, context after
+the step):
 
 - prefill work (prompt chunks): the linear layers' flops for their tokens, their attention flops and their LM-head
   rows, all at the GEMM rate;
@@ -23,6 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from fastgen.hugepages import huge_zeros
 from fastgen.kernels.linear import onednn_linear, reorder
 from fastgen.model_spec import ModelSpec
 from fastgen.sim.work import DECODE, MIXED, PREFILL, BatchShape, StepWork, WorkModel  # noqa: F401 (kinds)
@@ -88,12 +90,14 @@ def measure_gemm_flops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = tor
 
 def measure_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5,
                       clock: Callable[[], float] = time.perf_counter) -> float:
-    """Bytes/s of reading a buffer far larger than the caches: the better of a sum and a matrix-vector product
-    (the way decode reads weights)."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32)
-    matrix = x.view(-1, 4096)
+    """Bytes/s of reading a buffer far larger than the caches: the best of a sum and a matrix-vector product (the
+    way decode reads weights), on torch's memory and on huge pages (where the KV pools live: fastgen.hugepages)."""
     vector = torch.ones(4096, dtype=torch.float32)
-    return max(nbytes / best_s(x.sum, repeats, clock), nbytes / best_s(lambda: matrix @ vector, repeats, clock))
+
+    def rate(x: torch.Tensor) -> float:
+        matrix = x.view(-1, 4096)
+        return max(nbytes / best_s(x.sum, repeats, clock), nbytes / best_s(lambda: matrix @ vector, repeats, clock))
+    return max(rate(torch.ones(nbytes // 4)), rate(huge_zeros((nbytes // 4,), torch.float32).fill_(1.0)))
 
 
 def measure_linear_flops(spec: ModelSpec, tokens: Sequence[int], repeats: int = 3,

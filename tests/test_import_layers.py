@@ -20,7 +20,8 @@ LOWER = ("fastgen.kernels", "fastgen.models", "fastgen.sim", "fastgen.kv", "fast
          "fastgen.speculative", "fastgen.routers", "fastgen.workloads", "fastgen.config", "fastgen.request",
          "fastgen.ragged", "fastgen.model_spec", "fastgen.registry", "fastgen.sampling", "fastgen.detokenizer",
          "fastgen.metrics", "fastgen.qoe", "fastgen.roofline", "fastgen.step_stats", "fastgen.request_trace",
-         "fastgen.distributed", "fastgen.structured", "fastgen.handoff", "fastgen.openmp")
+         "fastgen.distributed", "fastgen.structured", "fastgen.handoff", "fastgen.openmp",
+         "fastgen.hugepages")
 
 
 def modules(package_dir: Path) -> dict[str, Path]:

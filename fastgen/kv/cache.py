@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from fastgen.hugepages import huge_zeros
 from fastgen.model_spec import ModelSpec
 
 
@@ -25,9 +26,13 @@ class KVCache:
             raise ValueError(f"KV cache needs num_blocks >= 1 and block_size >= 1, got {num_blocks} and {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (spec.num_layers, spec.kv_heads_per_device(tensor_parallel), num_blocks, block_size, spec.head_dim)
-        # Zero-filled: attention reads whole blocks and masks the slots past a context, which must stay finite.
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Zero-filled: attention reads whole blocks and masks the slots past a context, which must stay finite. On
+        # a CPU, on huge pages (fastgen.hugepages says why).
+        if torch.device(device).type == "cpu":
+            self.k, self.v = huge_zeros(shape, dtype), huge_zeros(shape, dtype)
+        else:
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
         host = (*shape[:2], host_blocks, *shape[3:])
         pin = self.k.device.type == "cuda"
         self.host_k = torch.zeros(host, dtype=dtype, device="cpu", pin_memory=pin)

@@ -73,13 +73,19 @@ inline vec4 hsum4(vec a, vec b, vec c, vec d) {
 
 // Lines of one row (row_bytes from p) asked for ahead of use: the next blocks lie elsewhere in the pool, where the
 // hardware prefetcher cannot guess them, so each key's row of the block PREFETCH_BLOCKS ahead is requested while
-// the current block is read (spread over the block's keys rather than issued in one burst; 0 turns it off). Four
-// blocks measured best of 0, 1, 2 and 4 (experiments/results/cpu_attention: bench_cpu_attention.py --variants).
+// the current block is read (spread over the block's keys rather than issued in one burst; 0 turns it off), into
+// the L2 cache (PREFETCH_LOCALITY 2: prefetcht1), not the L1 (3: prefetcht0), which the rows in use hold. Measured
+// side by side on a 2-core AVX-512 EPYC (experiments/results/cpu_attention, bench_cpu_attention.py --variants):
+// into L2 1.5-1.9x faster than into L1 with blocks at random in the pool; 1, 2 and 4 blocks ahead within 5%.
+#ifndef PREFETCH_LOCALITY
+#define PREFETCH_LOCALITY 2
+#endif
 #ifndef PREFETCH_BLOCKS
-#define PREFETCH_BLOCKS 4
+#define PREFETCH_BLOCKS 2
 #endif
 inline void prefetch_row(const void* p, int64_t row_bytes) {
-  for (int64_t byte = 0; byte < row_bytes; byte += 64) __builtin_prefetch(static_cast<const char*>(p) + byte);
+  for (int64_t byte = 0; byte < row_bytes; byte += 64)
+    __builtin_prefetch(static_cast<const char*>(p) + byte, 0, PREFETCH_LOCALITY);
 }
 
 // One item of work: query heads [g0, g0 + GT) of KV head h of sequence b over its keys [lo, hi), counted from the
@@ -151,7 +157,11 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
     // Here, not outside: captured by the lambda they would be loads, and the chunk loops would not unroll.
     const int64_t D = DT ? DT : head_dim, NC = (D + W - 1) / W;
     float s[GT][MAX_BLOCK];
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n_items;) {
+    // Each thread claims its next item while it works on the current one, so that the prefetches run on from the
+    // current item's last blocks into the next item's first ones (one stream, not a cold start per item).
+    auto claim = [&]() { return next.fetch_add(1, std::memory_order_relaxed); };
+    for (int64_t i = claim(), following = i < n_items ? claim() : n_items; i < n_items;
+         i = following, following = i < n_items ? claim() : n_items) {
       const Item it = items[i];
       const int64_t* table = bp + it.b * nb;
       const int64_t row0 = (it.b * H + it.h * G + it.g0) * D;   // the first of the GT query (and output) rows
@@ -169,10 +179,20 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         const int64_t t0 = std::max(it.lo - blk * BS, int64_t(0)), n = std::min(it.hi - blk * BS, BS) - t0;
         const scalar_t* k = kh + table[blk] * k_blk + t0 * k_tok;
         const scalar_t* v = vh + table[blk] * v_blk + t0 * v_tok;
-        // The rows of the block PREFETCH_BLOCKS ahead (this item's, or past its end: any of the pool's slots).
-        const int64_t nxt = table[std::min<int64_t>(blk + PREFETCH_BLOCKS, nb - 1)];
-        const scalar_t* kn = kh + nxt * k_blk;
-        const scalar_t* vn = vh + nxt * v_blk;
+        // The rows of the block PREFETCH_BLOCKS ahead: this item's, past its last block the following item's first
+        // ones (past those, the current block's again: a no-op).
+        const scalar_t* kn = k;
+        const scalar_t* vn = v;
+        if (blk + PREFETCH_BLOCKS <= last) {
+          kn = kh + table[blk + PREFETCH_BLOCKS] * k_blk, vn = vh + table[blk + PREFETCH_BLOCKS] * v_blk;
+        } else if (following < n_items) {
+          const Item& f = items[following];
+          const int64_t j = f.lo / BS + blk + PREFETCH_BLOCKS - last - 1;
+          if (j <= (f.hi - 1) / BS) {
+            const int64_t fb = bp[f.b * nb + j];
+            kn = kp + f.h * k_head + fb * k_blk, vn = vp + f.h * v_head + fb * v_blk;
+          }
+        }
 
         // Scores q_g . k_t for KB keys x GT heads per reduction.
         auto dots = [&](int64_t t, int64_t keys) {
