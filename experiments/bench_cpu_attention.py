@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from fastgen.hugepages import huge_zeros  # noqa: E402
 from fastgen.kernels import cpu, cpu_ops, reference  # noqa: E402
 from fastgen.ragged import RaggedBatch, SeqChunk  # noqa: E402
 from fastgen.roofline import measure_bandwidth, measure_gemm_flops  # noqa: E402
@@ -60,14 +61,18 @@ class Layers:
     """`n` layers' worth of attention inputs over one head-major pool: each layer's sequences own their own blocks,
     placed at random, and its metadata is prepared once (the per-step plan, before the layers run)."""
 
-    def __init__(self, q_lens: list[int], ctx_lens: list[int], block_size: int, seed: int = 0):
+    def __init__(self, q_lens: list[int], ctx_lens: list[int], block_size: int, seed: int = 0,
+                 small_pages: bool = False):
         per_seq = [-(-c // block_size) for c in ctx_lens]
         kv_bytes = 2 * sum(ctx_lens) * KV_HEADS * HEAD_DIM * 4
         self.n = max(1, math.ceil(FOOTPRINT / kv_bytes))
         g = torch.Generator().manual_seed(seed)
         num_blocks = self.n * sum(per_seq)
         shape = (KV_HEADS, num_blocks, block_size, HEAD_DIM)
-        self.k, self.v = (torch.randn(shape, generator=g).permute(1, 2, 0, 3) for _ in range(2))
+        # On huge pages, as the engine's pools (fastgen.kv.cache); --small-pages: torch's own memory.
+        pool = torch.randn if small_pages else lambda s, generator: huge_zeros(s, torch.float32).normal_(
+            generator=generator)
+        self.k, self.v = (pool(shape, generator=g).permute(1, 2, 0, 3) for _ in range(2))
         ids = torch.randperm(num_blocks, generator=g).split(per_seq * self.n)
         self.metas = []
         for layer in range(self.n):
@@ -97,7 +102,7 @@ def decode_rows(args, clock, bandwidth: float, kernels: dict) -> list[str]:
     scale = HEAD_DIM ** -0.5
     for ctx in args.contexts:
         for b in args.batches:
-            layers = Layers([1] * b, [ctx] * b, args.block_size, seed=ctx * 1000 + b)
+            layers = Layers([1] * b, [ctx] * b, args.block_size, seed=ctx * 1000 + b, small_pages=args.small_pages)
             for meta in layers.metas:
                 cpu.prepare(meta, args.block_size, [None])
 
@@ -122,7 +127,7 @@ def chunk_rows(args, clock, gemm: float) -> list[str]:
     scale = HEAD_DIM ** -0.5
     for prefix in args.prefixes:
         for n in args.chunks:
-            layers = Layers([n], [prefix + n], args.block_size, seed=prefix * 1000 + n)
+            layers = Layers([n], [prefix + n], args.block_size, seed=prefix * 1000 + n, small_pages=args.small_pages)
             for meta in layers.metas:
                 cpu.prepare(meta, args.block_size, [None])
                 reference.prepare(meta, args.block_size, [None])
@@ -151,6 +156,8 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, nargs="+", default=[128, 512])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip", choices=["decode", "chunks"], nargs="*", default=[])
+    ap.add_argument("--small-pages", action="store_true", help="the KV pool on torch's memory (4 KiB pages), not on "
+                    "huge pages as the engine's")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -169,7 +176,8 @@ def main() -> None:
         bandwidth = measure_bandwidth(clock=clock)
         gemm = measure_gemm_flops(clock=clock)
         out = [f"{torch.backends.cpu.get_cpu_capability()} build, torch {torch.__version__}, {args.threads} thread(s), "
-               f"timer {args.timer}, block size {args.block_size}, load average before "
+               f"timer {args.timer}, block size {args.block_size}, KV pool on "
+               f"{'torch memory (4 KiB pages)' if args.small_pages else 'huge pages'}, load average before "
                f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; ceilings on the same threads: streaming read "
                f"{bandwidth / 1e9:.1f} GB/s, square GEMM {gemm / 1e9:.1f} GFLOP/s", ""]
         print("\n".join(out), flush=True)
