@@ -14,8 +14,9 @@ checks, the scheduler's update and stats; wall-clock medians, the engine's StepS
 time on the engine's thread (time.thread_time; torch runs `--threads 1`), which other jobs on a shared machine
 barely change; the wall-clock median is beside it, and the mean CPU time, which counts the garbage collector's
 full collections (rare steps, invisible in a median). The start-up heap is frozen first, as `python -m
-fastgen.serve` does (fastgen.engine.freeze_startup_heap; `--no-freeze-heap` leaves it). The sampler's argmax over N x vocab logits is included: on a CPU
-it is the engine's work (on a GPU it would be the device's; `--vocab-size 1024` leaves it out, nearly).
+fastgen.serve` does (fastgen.engine.freeze_startup_heap; `--no-freeze-heap` leaves it). The sampler's argmax over
+N x vocab logits is included: on a CPU it is the engine's work (on a GPU it would be the device's; `--vocab-size
+1024` leaves it out, nearly).
 """
 from __future__ import annotations
 
@@ -148,7 +149,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rows.append(measure(scheduler, caching == "on", n, args, config, tokenizer))
                 r = rows[-1]
                 print(f"{scheduler} prefix_caching={caching} N={n}: {r['step_ms']:.2f} ms/step, "
-                      f"{r['per_seq_us']:.1f} us/seq, mean {r['mean_step_ms']:.2f} (schedule {r['schedule_ms']:.2f}, commit {r['commit_ms']:.2f})",
+                      f"{r['per_seq_us']:.1f} us/seq, mean {r['mean_step_ms']:.2f} (schedule {r['schedule_ms']:.2f}, "
+                      f"commit {r['commit_ms']:.2f})",
                       flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     record = machine_record(machine)
