@@ -12,12 +12,16 @@ batch_size raised to N where lower). Once every request is decoding, `--steps` s
 per sequence, and its split (schedule: the scheduler's plan; commit: sampling from the logits, detokenization, stop
 checks, the scheduler's update and stats; wall-clock medians, the engine's StepStats). The headline is the step's CPU
 time on the engine's thread (time.thread_time; torch runs `--threads 1`), which other jobs on a shared machine
-barely change; the wall-clock median is beside it. The sampler's argmax over N x vocab logits is included: on a CPU
-it is the engine's work (on a GPU it would be the device's; `--vocab-size 1024` leaves it out, nearly).
+barely change; the wall-clock median is beside it, and the mean CPU time, which counts the garbage collector's
+full collections (rare steps, invisible in a median). The start-up heap is frozen first, as `python -m
+fastgen.serve` does (fastgen.engine.freeze_startup_heap; `--no-freeze-heap` leaves it). The sampler's argmax over
+N x vocab logits is included: on a CPU it is the engine's work (on a GPU it would be the device's; `--vocab-size
+1024` leaves it out, nearly).
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -33,6 +37,7 @@ import torch  # noqa: E402
 from fastgen.analysis import markdown_table  # noqa: E402
 from fastgen.compose import build_engine  # noqa: E402
 from fastgen.conf import compose_config  # noqa: E402
+from fastgen.engine import freeze_startup_heap  # noqa: E402
 from fastgen.machine import Machine, machine_line, machine_record, uptime  # noqa: E402
 from fastgen.models import load_config  # noqa: E402
 from fastgen.sampling import SamplingParams  # noqa: E402
@@ -59,6 +64,15 @@ def measure(scheduler: str, prefix_caching: bool, n: int, args, config, tokenize
                           f"kv.block_size={args.block_size}", f"kv.num_blocks={n * blocks_per_seq}",
                           *policy_overrides(scheduler, n)])
     engine = build_engine(cfg, config, tokenizer)
+    if args.freeze_heap:
+        freeze_startup_heap()                             # as the server does once its engine is built
+    try:
+        return timed(engine, scheduler, prefix_caching, n, args)
+    finally:
+        gc.unfreeze()                                     # this point's engine can be collected once it is gone
+
+
+def timed(engine, scheduler: str, prefix_caching: bool, n: int, args) -> dict:
     steps = []
     engine.add_step_observer(steps.append)
     rng = random.Random(0)
@@ -84,7 +98,8 @@ def measure(scheduler: str, prefix_caching: bool, n: int, args, config, tokenize
         raise RuntimeError(f"{scheduler}: a timed step was not {n} decodes: {bad}")
     step_s = statistics.median(cpus)
     return {"scheduler": scheduler, "prefix_caching": prefix_caching, "sequences": n, "steps": len(walls),
-            "step_ms": step_s * 1e3, "per_seq_us": step_s / n * 1e6, "wall_step_ms": statistics.median(walls) * 1e3,
+            "step_ms": step_s * 1e3, "per_seq_us": step_s / n * 1e6, "mean_step_ms": statistics.mean(cpus) * 1e3,
+            "wall_step_ms": statistics.median(walls) * 1e3,
             "schedule_ms": statistics.median(s.schedule_s for s in timed) * 1e3,
             "commit_ms": statistics.median(s.sample_s for s in timed) * 1e3}
 
@@ -96,13 +111,13 @@ def markdown(rows: list[dict], sizes: list[int], header: str) -> str:
         for n in sizes:
             r = next((r for r in rows if (r["scheduler"], r["prefix_caching"], r["sequences"]) ==
                       (scheduler, caching, n)), None)
-            cells += ["-"] * 5 if r is None else [f"{r['step_ms']:.2f}", f"{r['per_seq_us']:.1f}",
-                                                  f"{r['wall_step_ms']:.2f}", f"{r['schedule_ms']:.2f}",
-                                                  f"{r['commit_ms']:.2f}"]
+            cells += ["-"] * 6 if r is None else [f"{r['step_ms']:.2f}", f"{r['per_seq_us']:.1f}",
+                                                  f"{r['mean_step_ms']:.2f}", f"{r['wall_step_ms']:.2f}",
+                                                  f"{r['schedule_ms']:.2f}", f"{r['commit_ms']:.2f}"]
         table.append(cells)
     columns = ["scheduler", "prefix caching"]
     for n in sizes:
-        columns += [f"{n}: CPU ms/step", "CPU us/seq", "wall ms/step", "schedule ms", "commit ms"]
+        columns += [f"{n}: CPU ms/step", "CPU us/seq", "CPU mean ms", "wall ms/step", "schedule ms", "commit ms"]
     return f"{header}\n\n{markdown_table(columns, table)}\n"
 
 
@@ -119,6 +134,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="the logits' width (executor.vocab_size); default: the model's vocabulary")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the host work is one thread)")
+    parser.add_argument("--no-freeze-heap", dest="freeze_heap", action="store_false",
+                        help="leave the start-up heap to the garbage collector (the server freezes it)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -132,7 +149,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rows.append(measure(scheduler, caching == "on", n, args, config, tokenizer))
                 r = rows[-1]
                 print(f"{scheduler} prefix_caching={caching} N={n}: {r['step_ms']:.2f} ms/step, "
-                      f"{r['per_seq_us']:.1f} us/seq (schedule {r['schedule_ms']:.2f}, commit {r['commit_ms']:.2f})",
+                      f"{r['per_seq_us']:.1f} us/seq, mean {r['mean_step_ms']:.2f} (schedule {r['schedule_ms']:.2f}, "
+                      f"commit {r['commit_ms']:.2f})",
                       flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     record = machine_record(machine)
@@ -141,7 +159,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{machine_line(record)}\n\n`uptime` before: {load}; after: {uptime()}.\n\n"
               f"Command: `python experiments/host_time.py {' '.join(argv if argv is not None else sys.argv[1:])}`. "
               f"Prompts of {args.prompt} tokens (half shared), outputs of {args.output} (EOS ignored), "
-              f"detokenized with one stop string; median of {args.steps} steps with every sequence decoding.")
+              f"detokenized with one stop string; median (and mean) of {args.steps} steps with every sequence decoding"
+              f"{'' if args.freeze_heap else '; start-up heap not frozen'}.")
     (args.out / "results.json").write_text(json.dumps({"rows": rows, "machine": record, "args": {
         k: str(v) for k, v in vars(args).items()}}, indent=2))
     md = markdown(rows, args.sizes, header)

@@ -9,6 +9,10 @@ stop string could straddle, so the cost per token does not grow with the output;
 fastgen.sampling (MAX_STOP_STRINGS x MAX_STOP_STRING_CHARS) it stays bounded per token too. Text that could be the
 start of a stop string is held back from the deltas, so everything streamed is a prefix of the final text, which
 ends before the stop string (or after it, with `include_stop`, when nothing needs holding back).
+
+The text is kept as one string only from the first character not yet returned (or that a stop string could still
+straddle) on, and in pieces before that, so adding a token's text costs what is left to send, not the whole output
+(a string grown with `+=` is copied whole each time: O(n) per token, O(n^2) per request).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import weakref
 from collections.abc import Sequence
 
 REPLACEMENT = "\ufffd"
+SETTLE_CHARS = 256     # text this far behind what must stay searchable moves out of the string that grows
 
 
 class IncrementalDetokenizer:
@@ -37,9 +42,11 @@ class IncrementalDetokenizer:
         for stop_string in self.stop:
             self.stops_by_first.setdefault(stop_string[0], []).append(stop_string)
         self.token_ids: list[int] = []
-        self.text = ""              # the text of token_ids[:read_offset]
+        self._head: list[str] = []  # text[:_base] (returned already, never searched again), in pieces
+        self._base = 0
+        self._tail = ""             # text[_base:]: the text of token_ids[:read_offset] is _head + _tail
         self.prefix_offset = 0      # the decode window starts here ...
-        self.read_offset = 0        # ... and its part up to here is already in self.text
+        self.read_offset = 0        # ... and its part up to here is already in the text
         self.sent = 0               # characters of text already returned as deltas
         self.stop_at: int | None = None   # where the first stop string found begins in text ...
         self.stop_end: int | None = None  # ... and ends
@@ -50,38 +57,50 @@ class IncrementalDetokenizer:
         self.token_ids += token_ids
         if self.tokenizer is None:
             return
-        before = len(self.text)
+        before = self._base + len(self._tail)
         self._decode(force=False)
-        if len(self.text) > before and match_stop and self.stop and self.stop_at is None:
-            start, text, found = max(0, before - self.longest_stop + 1), self.text, None
+        if self._base + len(self._tail) > before and match_stop and self.stop and self.stop_at is None:
+            base, tail, found = self._base, self._tail, None
+            start = max(0, before - self.longest_stop + 1) - base      # >= 0: _extend keeps that much
             for stop_string in self.stop:       # the first one in the text (the longest, if several start there)
-                at = text.find(stop_string, start)
+                at = tail.find(stop_string, start)
                 if at >= 0 and (found is None or (at, -len(stop_string)) < found):
                     found = at, -len(stop_string)
             if found is not None:
-                self.stop_at, self.stop_end = found[0], found[0] - found[1]
+                self.stop_at, self.stop_end = base + found[0], base + found[0] - found[1]
+
+    @property
+    def text(self) -> str:
+        """The text of token_ids[:read_offset]."""
+        return "".join(self._head) + self._tail if self._head else self._tail
 
     def delta(self, finished: bool = False) -> str:
         """The text not returned yet: all of it when finished (up to the stop string, if one was found), else
         what cannot turn out to be part of a stop string."""
         if finished:
             self._decode(force=True)
-            return self._emit(self.final_text)
+            return self._emit(self._final_end)
         if self.include_stop:      # whatever comes, the text up to here is output: nothing to hold back
-            return self._emit(self.final_text)
-        end, sent = len(self.text) if self.stop_at is None else self.stop_at, self.sent
+            return self._emit(self._final_end)
+        end, sent = self._base + len(self._tail) if self.stop_at is None else self.stop_at, self.sent
         if self.stop:
             end -= self._stop_prefix_len(end)
         if end <= sent:
             return ""
         self.sent = end
-        return self.text[sent:end]
+        return self._tail[sent - self._base:end - self._base]
 
     @property
     def final_text(self) -> str:
+        text = self.text
+        return text if self.stop_at is None else text[:self._final_end]
+
+    @property
+    def _final_end(self) -> int:
+        """Where the final text ends: at the end, or at (after, with include_stop) the stop string found."""
         if self.stop_at is None:
-            return self.text
-        return self.text[:self.stop_end if self.include_stop else self.stop_at]
+            return self._base + len(self._tail)
+        return self.stop_end if self.include_stop else self.stop_at
 
     def _decode(self, force: bool) -> None:
         ids, start = self.token_ids, self.prefix_offset
@@ -95,14 +114,25 @@ class IncrementalDetokenizer:
             settled = len(self._decode_fn(ids[start:self.read_offset]))
         window = self._decode_fn(ids[start:])
         if force or (len(window) > settled and window[-1] != REPLACEMENT):
-            self.text += window[settled:]
+            self._extend(window[settled:])
             self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+
+    def _extend(self, piece: str) -> None:
+        """Appends to the text. What lies more than SETTLE_CHARS before both the first unsent character and the
+        stop-string search's start (the old end less longest_stop) moves to _head, so the tail stays short."""
+        base, tail = self._base, self._tail
+        cut = min(self.sent, base + len(tail) - self.longest_stop) - base
+        if cut > SETTLE_CHARS:
+            self._head.append(tail[:cut])
+            self._base, tail = base + cut, tail[cut:]
+        self._tail = tail + piece
 
     def _stop_prefix_len(self, end: int) -> int:
         """Length of the longest tail of text[:end] that is a proper prefix of a stop string. Only unsent text can
         be such a tail (sent text never ends in the start of a stop string), and only where a stop string's first
         character stands: at most longest_stop - 1 positions, each checked against the stops starting there."""
-        tail = self.text[end - min(self.longest_stop - 1, end - self.sent):end] if end > self.sent else ""
+        tail = self._tail[end - min(self.longest_stop - 1, end - self.sent) - self._base:end - self._base] \
+            if end > self.sent else ""
         first = len(tail)        # the earliest position where a stop string could begin
         for char, candidates in self.stops_by_first.items():
             p = tail.find(char)
@@ -113,10 +143,11 @@ class IncrementalDetokenizer:
                 p = tail.find(char, p + 1)
         return len(tail) - first
 
-    def _emit(self, text: str) -> str:
-        delta = text[self.sent:]
-        self.sent = max(self.sent, len(text))
-        return delta
+    def _emit(self, end: int) -> str:
+        """The text from the first unsent character up to `end`, now sent."""
+        sent = self.sent
+        self.sent = max(sent, end)
+        return self._tail[sent - self._base:end - self._base] if end > sent else ""
 
 
 _TOKEN_LENGTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

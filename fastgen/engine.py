@@ -26,6 +26,7 @@ that step; either way their KV blocks are freed and the engine goes on serving t
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -73,6 +74,17 @@ class RequestOutput:
 
 
 StepObserver = Callable[[StepStats], None]
+
+
+def freeze_startup_heap() -> None:
+    """Takes every object alive now (the libraries, the model, the engine) out of the garbage collector's full
+    collections, as vLLM does once it has started (vllm.utils.gc_utils.freeze_gc_heap): those collections then scan
+    only what serving creates. Without it, each one scans the whole start-up heap (hundreds of thousands of objects
+    with torch and transformers loaded): at 1,024 running sequences a step that meets one takes 10-20x the median.
+    Call once, when the engine is built and before traffic; garbage is collected first (frozen garbage would stay),
+    and gc.unfreeze() undoes it."""
+    gc.collect()
+    gc.freeze()
 
 
 class LLMEngine:
@@ -404,26 +416,34 @@ class LLMEngine:
         first_rows = [0, *itertools.accumulate(c.num_logits for c in chunks)]
         outputs = self._record_prompt_logprobs(plan, chunks, logits, first_rows[:-1])
         failed = {out.request_id for out in outputs}
-        sampled = [i for i, c in enumerate(plan.chunks)
-                   if c.num_tokens == c.request.num_pending_tokens and c.request.request_id not in failed]
-        verified = [i for i in sampled if plan.chunks[i].num_proposed]
+        reqs, rows, verified, firsts = [], [], [], []     # one pass over the chunks (a step can have thousands)
+        for i, c in enumerate(plan.chunks):
+            req = c.request
+            if c.num_tokens != req.num_pending_tokens or failed and req.request_id in failed:
+                continue
+            if c.num_proposed:
+                verified.append(i)
+                continue
+            if not req.output_token_ids:
+                firsts.append(len(reqs))
+            reqs.append(req)
+            rows.append(first_rows[i + 1] - 1)
         if verified:
             outputs += self._verify([plan.chunks[i] for i in verified],
                                     [list(chunks[i].token_ids[1:]) for i in verified],
                                     [first_rows[i] for i in verified], logits)
-            sampled = [i for i in sampled if not plan.chunks[i].num_proposed]
-        reqs = [plan.chunks[i].request for i in sampled]
-        rows = [first_rows[i + 1] - 1 for i in sampled]
         forks = []
-        for row, req in zip(list(rows), list(reqs)):
-            if not req.output_token_ids and req.index == 0 and req.sampling.num_sequences > 1:
+        for k in firsts:
+            req, row = reqs[k], rows[k]
+            if req.index == 0 and req.sampling.num_sequences > 1:
                 children = self._fork(req)
                 forks += [(req, child) for child in children]
                 reqs += children
                 rows += [row] * len(children)
         if reqs:
             outputs += self._sample_and_append(reqs, rows, logits)
-        ended = [r for r in [c.request for c in plan.chunks] + [child for _, child in forks] if r.finish_reason]
+        ended = [c.request for c in plan.chunks if c.request.finish_reason] + \
+            [child for _, child in forks if child.finish_reason]
         self._scheduler.update_from_output(plan, forks, ended)
         return outputs
 
@@ -432,18 +452,23 @@ class LLMEngine:
         if rows != list(range(logits.shape[0])):       # not every row in order (a decode step): a copy of those
             logits = self._gather(logits, rows)
         results = self._sample(logits, reqs)
-        self._score_best_of(logits, reqs, results)
-        now = self.clock()
+        best_of = self._best_of
+        if best_of:
+            self._score_best_of(logits, reqs, results)
+        now, append = self.clock(), self._append
         for req, result in zip(reqs, results):
             if isinstance(result, Exception):
                 outputs.append(self._fail(req, f"sampling failed: {type(result).__name__}: {result}"))
                 continue
             try:
-                out = self._append(req, *result, now)
+                out = append(req, *result, now)
             except Exception as e:      # noqa: BLE001  (its detokenizer or stop check failed: only it ends)
                 outputs.append(self._fail(req, f"processing its output failed: {type(e).__name__}: {e}"))
                 continue
-            outputs += self._best_of_outputs(req, out.finish_reason) if req.request_id in self._best_of else [out]
+            if best_of and req.request_id in best_of:
+                outputs += self._best_of_outputs(req, out.finish_reason)
+            else:
+                outputs.append(out)
         return outputs
 
     @staticmethod
@@ -618,35 +643,34 @@ class LLMEngine:
         return []
 
     def _append(self, req: Request, token: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:
-        if req.grammar is not None and not req.grammar.accept_token(token):
+        """Adds a sampled token to its sequence, ends the sequence if the token stops it, and returns its output.
+        (Called for every token of every step: its request's attributes are read once each.)"""
+        grammar, detokenizer, output = req.grammar, req.detokenizer, req.output_token_ids
+        if grammar is not None and not grammar.accept_token(token):
             raise RuntimeError(f"token {token} is not allowed by its grammar")
-        req.output_token_ids.append(token)
+        output.append(token)
         req.trace.token_times.append(now)
         if logprob is not None:
             req.logprobs.append(logprob)
         reason = self._stop_reason(req, token)
-        text = ""
-        if req.detokenizer is not None:
-            text = req.detokenizer.delta(finished=reason is not None)
-        first = len(req.output_token_ids) == 1
+        text = "" if detokenizer is None else detokenizer.delta(finished=reason is not None)
         if reason:
             self._finish(req, reason, now)
         return RequestOutput(req.request_id, [token], req.trace, reason is not None, reason, text,
-                             req if reason else None, [logprob] if logprob is not None else None,
-                             req.prompt_logprobs if first and req.sampling.prompt_logprobs is not None else None,
-                             index=req.index)
+                             req if reason else None, None if logprob is None else [logprob],
+                             req.prompt_logprobs if len(output) == 1 and req.sampling.prompt_logprobs is not None
+                             else None, index=req.index)
 
     def _stop_reason(self, req: Request, token: int) -> str | None:
-        n = len(req.output_token_ids)
-        past_min = n >= req.sampling.min_new_tokens
-        stop_string = False
-        if req.detokenizer is not None:
-            req.detokenizer.push([token], match_stop=past_min)
-            stop_string = req.detokenizer.stop_at is not None
-        if past_min and (stop_string or req.is_stop_token(token)) or req.grammar is not None and \
-                req.grammar.is_terminated():
+        sampling, detokenizer, n = req.sampling, req.detokenizer, len(req.output_token_ids)
+        past_min = n >= sampling.min_new_tokens
+        if detokenizer is not None:
+            detokenizer.push((token,), match_stop=past_min)
+            if past_min and detokenizer.stop_at is not None:
+                return "stop"
+        if past_min and req.is_stop_token(token) or req.grammar is not None and req.grammar.is_terminated():
             return "stop"
-        if n >= req.sampling.max_new_tokens or req.num_tokens >= self.max_model_len:
+        if n >= sampling.max_new_tokens or len(req.prompt_token_ids) + n >= self.max_model_len:
             return "length"
         return None
 

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import httpx
 import numpy as np
@@ -503,6 +504,29 @@ def test_detokenizer_streams_exactly_the_final_text_and_never_a_stop_string(text
         expected = text[:at - minus] if include else text[:at]
     assert streamed == detok.final_text == expected
     assert include or not any(s in streamed for s in stops)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet="abc", max_size=60), stops=st.lists(st.text(alphabet="abc", min_size=1, max_size=5),
+                                                                   max_size=3),
+       include=st.booleans(), settle=st.integers(0, 4))
+def test_detokenizer_that_settles_its_text_early_streams_the_same(text, stops, include, settle):
+    """Text moved out of the string that grows (fastgen.detokenizer.SETTLE_CHARS: what lies that far behind the
+    unsent text and the stop-string search) changes nothing: the same deltas, stop and final text as keeping it all
+    in one string."""
+    def run(settle_chars: int) -> tuple:
+        with mock.patch("fastgen.detokenizer.SETTLE_CHARS", settle_chars):
+            detok = IncrementalDetokenizer(CharTokenizer(), stops, include_stop=include)
+            deltas = []
+            for i, char in enumerate(text):
+                detok.push([ord(char)])
+                finished = detok.stop_at is not None or i == len(text) - 1
+                deltas.append(detok.delta(finished=finished))
+                if finished:
+                    break
+            return deltas, detok.stop_at, detok.stop_end, detok.final_text, detok.text, detok._base > 0
+    settled, whole = run(settle), run(len(text) + 1)
+    assert settled[:-1] == whole[:-1] and not whole[-1]
 
 
 def test_serve_config_composes_from_conf(monkeypatch):

@@ -139,12 +139,14 @@ class Scheduler:
                 if not self.kv.is_swapped(req):
                     req.num_computed_tokens = self.kv.cached_prefix(req)
         out = self.schedule()
+        step_chunks, block_table = out.step_chunks, self.kv.block_table     # (a step can have thousands of chunks)
         for c in out.chunks:
-            req, start = c.request, c.request.num_computed_tokens
-            out.step_chunks.append(SeqChunk(
-                req.token_slice(start, c.num_tokens), start, self.kv.block_table(req),
-                all_logits=start < len(req.prompt_token_ids) - 1 and req.needs_prompt_logits, num_pad=c.num_pad,
-                constrained=req.sampling.structured is not None and c.num_tokens == req.num_pending_tokens))
+            req, n = c.request, c.num_tokens
+            start = req.num_computed_tokens
+            step_chunks.append(SeqChunk(
+                req.token_slice(start, n), start, block_table(req),
+                start < len(req.prompt_token_ids) - 1 and req.needs_prompt_logits, c.num_pad,
+                req.sampling.structured is not None and n == req.num_pending_tokens))
         out.copies = self.kv.take_copies()
         out.swap_out, out.swap_in = self.kv.take_swaps()
         return out
@@ -292,10 +294,15 @@ class Scheduler:
         """One token for every running request that is decoding, oldest first, then (`speculate`) proposal slots
         for them from what is left of the budget; returns the budget left."""
         chunks, max_seqs, running = out.chunks, self.config.max_seqs, RequestStatus.RUNNING
+        try_allocate = self.kv.try_allocate
         for req in list(self.running):
             if budget < 1 or len(chunks) >= max_seqs:
                 break
-            if req.status is running and req.is_decode and self.reserve(req, 1, out, preempt):
+            if req.status is running and req.is_decode:
+                if try_allocate(req, 1):       # the usual case, as reserve() would add it (without its calls)
+                    chunks.append(ScheduledChunk(req, 1))
+                elif not self.reserve(req, 1, out, preempt):
+                    continue
                 budget -= 1
         return budget - self.schedule_speculation(out, budget) if speculate else budget
 
@@ -351,9 +358,9 @@ class Scheduler:
         """KV for n more tokens of req (a waiting request: room for all its pending tokens, as SplitFuse starts a
         prompt), preempting, while the pool is short, the least urgent running request that is less urgent than
         req (by `key`); on success adds the chunk."""
-        rank = key(req)
-        need = req.num_pending_tokens if req.status is RequestStatus.WAITING else n
-        while not (self.kv.can_allocate(req, need) and self.kv.try_allocate(req, n)):
+        rank, kv = key(req), self.kv
+        need = req.num_pending_tokens if req.status is RequestStatus.WAITING else None   # None: try_allocate checks
+        while not (kv.try_allocate(req, n) if need is None else kv.can_allocate(req, need) and kv.try_allocate(req, n)):
             victim = self.worst_running(out, key, rank)
             if victim is None:
                 return False

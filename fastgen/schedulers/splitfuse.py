@@ -68,6 +68,8 @@ class SplitFuseScheduler(Scheduler):
         return self.prefill_candidates()
 
     def schedule_prompts(self, out: SchedulerOutput, budget: int) -> int:
+        if budget < 1 or len(out.chunks) >= self.config.max_seqs:    # no room: the candidates need not be listed
+            return budget
         for req in self.prompt_order():
             if budget < 1 or len(out.chunks) >= self.config.max_seqs:
                 break

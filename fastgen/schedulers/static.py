@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fastgen.request import RequestStatus
 from fastgen.schedulers.base import BatchSizeConfig, Scheduler, SchedulerOutput, register_scheduler
 
 
@@ -26,7 +27,7 @@ class StaticBatchingScheduler(Scheduler):
                 self.reserve(req, req.num_pending_tokens, out, preempt=False)
             return out
         for req in list(self.running):
-            if req in self.running:
+            if req.status is RequestStatus.RUNNING:     # not preempted for one before it (`in self.running`: O(n))
                 self.reserve(req, req.num_pending_tokens, out, preempt=True)
         self.schedule_speculation(out)
         return out

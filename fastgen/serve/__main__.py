@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from fastgen.cli import run_hydra
 from fastgen.conf import CONF_DIR
 from fastgen.deployment import build_deployment
+from fastgen.engine import freeze_startup_heap
 from fastgen.serve.app import create_app
 from fastgen.serve.config import LOOPBACK_HOSTS, ServeConfig
 from fastgen.serve.edge import uvicorn_server
@@ -26,6 +27,7 @@ def main(dict_cfg: DictConfig) -> None:
                                             "set FASTGEN_API_KEY", cfg.host)
     if cfg.replicas == 1:
         engine = build_deployment(cfg, cfg.deployment, cfg.router)
+        freeze_startup_heap()
         try:
             uvicorn_server(create_app(engine, cfg), cfg).run()
         finally:
