@@ -4,7 +4,8 @@ Layout: keys and values of layer l are `layer(l)`, each with shape [num_blocks, 
 views whose memory is head-major: `k[l]` is [num_kv_heads, num_blocks, block_size, head_dim], so that one KV head's
 keys of a block, and of a gathered run of blocks, are one contiguous [tokens, head_dim] matrix: the PyTorch
 backend's attention then runs 1.06-1.16x faster on CPU (decode_phase2.md); kernels that read the pools through
-their strides (Triton's) see no difference. A sequence's token at position p lives in block `block_table[p // block_size]`, offset `p % block_size`. Which
+their strides (Triton's) see no difference. On a CPU the pools live on transparent huge pages (fastgen.hugepages).
+A sequence's token at position p lives in block `block_table[p // block_size]`, offset `p % block_size`. Which
 blocks a sequence owns is decided by a KV manager (fastgen.kv); this class only holds the tensors.
 """
 from __future__ import annotations
