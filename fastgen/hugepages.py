@@ -41,5 +41,8 @@ def huge_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if not available() or nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
     region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # private: anonymous THP
-    region.madvise(mmap.MADV_HUGEPAGE)
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:         # a kernel or sandbox that refuses the advice: plain pages, still zeros
+        pass
     return torch.frombuffer(region, dtype=dtype, count=numel).view(shape)   # anonymous memory reads as zeros
