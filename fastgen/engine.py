@@ -670,7 +670,7 @@ class LLMEngine:
                 return "stop"
         if past_min and req.is_stop_token(token) or req.grammar is not None and req.grammar.is_terminated():
             return "stop"
-        if n >= sampling.max_new_tokens or len(req.prompt_token_ids) + n >= self.max_model_len:
+        if n >= sampling.max_new_tokens or req.num_tokens >= self.max_model_len:
             return "length"
         return None
 

@@ -14,6 +14,7 @@ with MADV_HUGEPAGE; where that is unavailable (not Linux, THP `never`), it is pl
 """
 from __future__ import annotations
 
+import math
 import mmap
 from pathlib import Path
 
@@ -34,10 +35,8 @@ def available() -> bool:
 def huge_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zero-filled CPU tensor whose memory is advised to the kernel as huge pages (torch.zeros where they are not
     available). The mapping lives as long as the tensor (torch.frombuffer holds it)."""
-    numel = 1
-    for n in shape:
-        numel *= n
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    numel = math.prod(shape)
+    nbytes = numel * dtype.itemsize
     if not available() or nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
     region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # private: anonymous THP

@@ -128,7 +128,7 @@ class SamplingParams:
         """Greedy with nothing to apply to its logits or to report but the token (no logit_bias, penalties, logprobs
         or structured output): once no stop token is banned (min_new_tokens), its token is the raw logits' argmax,
         which the engine takes for all such rows at once, with no SamplingRow each."""
-        return self.temperature < GREEDY_BELOW and self.logprobs is None and not self.logit_bias and \
+        return self.greedy and self.logprobs is None and not self.logit_bias and \
             self.structured is None and self.repetition_penalty == 1 and self.frequency_penalty == 0 and \
             self.presence_penalty == 0
 

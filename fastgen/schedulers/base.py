@@ -294,15 +294,10 @@ class Scheduler:
         """One token for every running request that is decoding, oldest first, then (`speculate`) proposal slots
         for them from what is left of the budget; returns the budget left."""
         chunks, max_seqs, running = out.chunks, self.config.max_seqs, RequestStatus.RUNNING
-        try_allocate = self.kv.try_allocate
         for req in list(self.running):
             if budget < 1 or len(chunks) >= max_seqs:
                 break
-            if req.status is running and req.is_decode:
-                if try_allocate(req, 1):       # the usual case, as reserve() would add it (without its calls)
-                    chunks.append(ScheduledChunk(req, 1))
-                elif not self.reserve(req, 1, out, preempt):
-                    continue
+            if req.status is running and req.is_decode and self.reserve(req, 1, out, preempt):
                 budget -= 1
         return budget - self.schedule_speculation(out, budget) if speculate else budget
 
@@ -360,7 +355,7 @@ class Scheduler:
         req (by `key`); on success adds the chunk."""
         rank, kv = key(req), self.kv
         need = req.num_pending_tokens if req.status is RequestStatus.WAITING else None   # None: try_allocate checks
-        while not (kv.try_allocate(req, n) if need is None else kv.can_allocate(req, need) and kv.try_allocate(req, n)):
+        while not ((need is None or kv.can_allocate(req, need)) and kv.try_allocate(req, n)):
             victim = self.worst_running(out, key, rank)
             if victim is None:
                 return False
